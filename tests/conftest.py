@@ -1,0 +1,55 @@
+"""Shared fixtures. Every test runs with Prefect and MLflow pointed at temporary folders, never
+the user's home; flow tests share one session-scoped ``prefect_test_harness``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports Prefect: keep its home, database and result storage out of ~/.prefect.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="dermt2im-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_SESSION_HOME / "prefect" / "storage")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_HOME / 'mlflow.db'}"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_DERMOSCOPY = SHARED_DATA / "real-dermoscopy"
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    from dermt2im.workdir import Workdir
+
+    return Workdir.at(tmp_path / "work")
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    """A fresh SQLite MLflow store for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (SQLite) for all flow tests in the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def real_dermoscopy() -> Path:
+    """130 real CC0 ISIC images from ../shared/data; tests using this skip when it is absent."""
+    if not (REAL_DERMOSCOPY / "labels.csv").is_file():
+        pytest.skip(f"real dermoscopy fixture not found at {REAL_DERMOSCOPY} (../shared is absent)")
+    return REAL_DERMOSCOPY

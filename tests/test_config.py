@@ -1,0 +1,63 @@
+import pytest
+
+from dermt2im.config import ConfigError, FactoryConfig, load_config
+
+
+def test_presets_load_and_differ():
+    smoke = load_config("smoke")
+    paper = load_config("paper")
+    assert smoke.train.base_model == "tiny"
+    assert paper.train.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    # Table II
+    assert (paper.train.train_batch_size, paper.train.epochs, paper.train.optimizer) == (2, 120, "adamw8bit")
+    assert paper.train.mixed_precision == "fp16" and not paper.train.train_text_encoder
+    assert paper.generate.guidance_scale == 7.0 and set(paper.generate.samplers) == {"euler", "euler_a", "plms"}
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  rnak: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert "train.rnak" in str(err.value) and str(bad) in str(err.value) and "unknown key" in str(err.value)
+
+
+def test_wrong_type_names_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generate:\n  per_class: many\n")
+    with pytest.raises(ConfigError, match=r"generate\.per_class"):
+        load_config(bad)
+
+
+def test_overrides_apply_and_are_validated():
+    cfg = load_config("smoke", ["train.rank=8", "validate.epochs=5"])
+    assert cfg.train.rank == 8 and cfg.validation.epochs == 5
+    with pytest.raises(ConfigError, match=r"train\.rank"):
+        load_config("smoke", ["train.rank=-1"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config("smoke", ["train.rank"])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="must be 1.0"):
+        load_config("smoke", ["ingest.splits.train=0.9"])
+    with pytest.raises(ConfigError, match="steps_max"):
+        load_config("smoke", ["generate.steps_min=30"])
+
+
+def test_missing_preset_lists_presets():
+    with pytest.raises(ConfigError, match="smoke"):
+        load_config("nope")
+
+
+def test_digest_tracks_section_changes():
+    a, b = load_config("smoke"), load_config("smoke", ["train.rank=8"])
+    assert a.digest("train") != b.digest("train")
+    assert a.digest("generate") == b.digest("generate")
+    assert isinstance(FactoryConfig().digest(), str)
+
+
+def test_label_map_override():
+    cfg = load_config("smoke", ["ingest.diagnosis_labels={Atypical_Nevus: benign}"])
+    m = cfg.ingest.label_map()
+    assert m["atypical nevus"] == "benign" and m["melanoma"] == "malignant"
