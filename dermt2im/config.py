@@ -152,6 +152,7 @@ class TrainConfig(Strict):
     prior_preservation: bool = False
     prior_loss_weight: float = Field(1.0, ge=0)
     num_class_images: int = Field(100, ge=1)
+    class_image_steps: int = Field(25, ge=1, description="sampling steps for prior-preservation class images")
     seed: int = 42
     checkpoint_every: int = Field(500, ge=1)
     checkpoints_keep: int = Field(3, ge=1)
@@ -201,10 +202,15 @@ class GenerateConfig(Strict):
 class QualityConfig(Strict):
     min_std: float = Field(8.0, ge=0, description="below this grey-level std the image is blank / low contrast")
     max_saturated_fraction: float = Field(0.5, ge=0, le=1)
-    max_high_frequency_ratio: float = Field(0.6, ge=0, le=1, description="noise-like above this")
+    max_high_frequency_ratio: float = Field(
+        0.35, ge=0, le=1, description="noise-like above this (white noise ~0.8, skin photographs < 0.2)"
+    )
     min_sharpness: float = Field(5.0, ge=0, description="variance of the Laplacian; blurrier is rejected")
     min_lesion_fraction: float = Field(0.005, ge=0, le=1)
     max_lesion_fraction: float = Field(0.95, ge=0, le=1)
+    min_lesion_contrast: float = Field(
+        10.0, ge=0, description="grey levels by which the (smoothed) lesion must be darker than the skin around it"
+    )
     near_duplicate_hamming: int = Field(4, ge=0, le=64)
     memorisation_threshold: float = Field(0.1, ge=0, description="embedding distance below which a sample is a near-copy")
     exclude_memorised: bool = True
@@ -237,6 +243,17 @@ class TrackingConfig(Strict):
     experiment: str = "derm-t2im"
 
 
+class OrchestrationConfig(Strict):
+    """How the CPU parent flow reaches the GPU stages."""
+
+    gpu_deployments: bool = Field(
+        False, description="run train / generate through run_deployment on the cuda work pool instead of in-process"
+    )
+    train_deployment: str = "train/train-cuda"
+    generate_deployment: str = "generate/generate-cuda"
+    deployment_timeout_s: float | None = Field(None, gt=0, description="None waits for as long as the run takes")
+
+
 class FactoryConfig(Strict):
     # YAML key `validate`; the attribute is `validation` because BaseModel.validate exists.
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, populate_by_name=True)
@@ -250,6 +267,7 @@ class FactoryConfig(Strict):
     quality: QualityConfig = QualityConfig()
     validation: ValidateConfig = Field(ValidateConfig(), alias="validate")
     tracking: TrackingConfig = TrackingConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @field_validator("name")
     @classmethod

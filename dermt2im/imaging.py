@@ -8,6 +8,8 @@ applied so that pixels are upright.
 from __future__ import annotations
 
 import io
+import re
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -66,43 +68,62 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+# Pillow warns between its limit and twice it, and raises above. We check our own limit from the
+# header before decoding, so its warning is noise; ignoring it once at import (rather than toggling
+# global state per call) keeps decoding thread-safe.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError)
+
+
+def _too_many_pixels(width: int, height: int, limit: int) -> DecodeError:
+    return DecodeError(
+        f"too many pixels: {width}x{height} = {width * height:,} exceeds the limit of {limit:,} "
+        "(possible decompression bomb)"
+    )
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode ``data`` fully into upright 8-bit RGB, or raise ``DecodeError`` saying why not."""
+    """Decode ``data`` fully into upright 8-bit RGB, or raise ``DecodeError`` saying why not.
+
+    Thread-safe: no global Pillow settings are changed.
+    """
     if len(data) == 0:
         raise DecodeError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        previous_limit = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None  # we apply our own limit from the header, before decoding
-        try:
-            try:
-                img = Image.open(io.BytesIO(data))
-            except UnidentifiedImageError:
-                kind = "text" if _looks_like_text(data) else "unknown binary data"
-                raise DecodeError(f"not an image: content is {kind} ({len(data)} bytes)") from None
-            width, height = img.size
-            if width <= 0 or height <= 0:
-                raise DecodeError(f"invalid image size {width}x{height}")
-            if width * height > max_pixels:
-                raise DecodeError(
-                    f"too many pixels: {width}x{height} = {width * height:,} exceeds the limit of "
-                    f"{max_pixels:,} (possible decompression bomb)"
-                )
-            mode = img.mode
-            try:
-                img.load()
-            except (OSError, SyntaxError, ValueError, EOFError) as err:
-                raise DecodeError(f"truncated or corrupt {img.format or 'image'} data: {err}") from None
-            orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
-            rotated = orientation not in (None, 1)
-            if rotated:
-                img = ImageOps.exif_transpose(img)
-            try:
-                rgb = _to_rgb(img)
-            except (OSError, ValueError) as err:
-                raise DecodeError(f"cannot convert {mode} image to RGB: {err}") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous_limit
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        kind = "text" if _looks_like_text(data) else "unknown binary data"
+        raise DecodeError(f"not an image: content is {kind} ({len(data)} bytes)") from None
+    except Image.DecompressionBombError as err:  # Pillow refuses above twice its own limit, before we see the size
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        count = f"{int(found.group(1)):,}" if found else "more than twice Pillow's limit"
+        raise DecodeError(f"too many pixels: {count} exceeds the limit (possible decompression bomb)") from None
+    except _DECODE_ERRORS as err:
+        raise DecodeError(f"truncated or corrupt image header: {err}") from None
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise DecodeError(f"invalid image size {width}x{height}")
+    if width * height > max_pixels:
+        raise _too_many_pixels(width, height, max_pixels)
+    mode = img.mode
+    try:
+        img.load()
+    except Image.DecompressionBombError as err:
+        raise DecodeError(f"too many pixels (possible decompression bomb): {err}") from None
+    except _DECODE_ERRORS as err:
+        raise DecodeError(f"truncated or corrupt {img.format or 'image'} data: {err}") from None
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except _DECODE_ERRORS:
+        orientation = 1  # unreadable EXIF: keep the pixels as stored
+    rotated = orientation not in (None, 1)
+    try:
+        if rotated:
+            img = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(img)
+    except _DECODE_ERRORS as err:
+        raise DecodeError(f"cannot convert {mode} image to RGB: {err}") from None
     return DecodedImage(rgb=np.ascontiguousarray(rgb), mode=mode, exif_rotated=rotated)
 
 

@@ -204,14 +204,14 @@ SYNTHETIC = register(
         schema=pa.schema(
             PLAN.schema.remove(PLAN.schema.get_field_index("shard"))
             .append(pa.field("shard", pa.int64()))
-            .append(_s("path"))
+            .append(_s("path"))  # absolute path of the PNG (W/synthetic/<label>/<sample_key>.png)
             .append(_s("sha256"))
-            .append(_s("base_model"))
+            .append(_s("base_model"))  # content identity (dermt2im.models.base_model_identity)
             .append(_s("base_revision"))
-            .append(_s("lora_path"))
+            .append(_s("lora_path"))  # weights file used for this label; null when rendered with the base model
             .append(_s("lora_sha256"))
             .append(_s("library_versions"))  # JSON: torch, diffusers, peft, transformers, python
-            .append(_s("status"))  # accepted | rejected
+            .append(_s("status"))  # rendered (not yet assessed) | accepted | rejected
             .append(_s("reason"))
             .append(pa.field("sharpness", pa.float64()))
             .append(pa.field("high_frequency_ratio", pa.float64()))
@@ -220,6 +220,14 @@ SYNTHETIC = register(
             .append(_s("nearest_seed"))  # sample_id of the closest seed image
             .append(pa.field("nearest_seed_distance", pa.float64()))
             .append(pa.field("memorised", pa.bool_()))
+            # sha256 of (render parameters, base model identity, LoRA sha256): what the pixels depend on
+            .append(_s("render_key"))
+            .append(_s("dtype"))  # torch dtype the pipeline ran in (fp16 and fp32 give different pixels)
+            .append(_s("device"))  # cpu | cuda (+ device name)
+            .append(pa.field("grey_std", pa.float64()))
+            .append(pa.field("saturated_fraction", pa.float64()))
+            .append(pa.field("lesion_contrast", pa.float64()))
+            .append(_s("duplicate_of"))  # sample_key of the kept image for exact / near duplicates
         ),
     )
 )

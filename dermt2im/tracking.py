@@ -28,3 +28,21 @@ def use_tracking(workdir: Workdir, cfg: TrackingConfig, experiment: str | None =
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def tracking_client(workdir: Workdir, cfg: TrackingConfig, experiment: str | None = None):
+    """``(MlflowClient, experiment_id)`` for this workdir's store, the experiment created if needed.
+
+    Code that logs with explicit run ids (child runs, Prefect task threads) uses the client rather
+    than MLflow's fluent API, whose active-run stack is per process / thread."""
+    from mlflow import MlflowClient
+
+    exp_id = use_tracking(workdir, cfg, experiment)
+    return MlflowClient(tracking_uri(workdir, cfg)), exp_id
+
+
+def metric_key(*parts: str) -> str:
+    """Join parts with '.' after replacing characters MLflow does not allow in metric / param names."""
+    import re
+
+    return ".".join(re.sub(r"[^A-Za-z0-9_\-/ ]", "_", str(p)) for p in parts)

@@ -86,3 +86,31 @@ def configure_runtime(workdir: Workdir) -> None:
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(workdir.prefect_home / "storage"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", workdir.mlflow_uri)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    # Let Prefect's UI show the domain layer's own log lines inside task runs.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dermt2im")
+
+
+CONFIG_SNAPSHOT = "config.yaml"
+
+
+def workdir_config(workdir: Workdir, config: str | Path | None = None, overrides: list[str] | None = None):
+    """The factory config for this workdir.
+
+    An explicit ``config`` (preset name or file) plus ``overrides`` is resolved, validated and saved
+    as ``W/config.yaml`` so that later stages run against the same settings; with no ``config`` the
+    saved snapshot is used (overrides on top), and a fresh workdir falls back to the smoke preset.
+    """
+    import yaml
+
+    from dermt2im.config import config_from_dict, load_config
+    from dermt2im.fileio import atomic_write_text
+
+    snapshot = workdir.root / CONFIG_SNAPSHOT
+    if config is None and snapshot.is_file():
+        cfg = config_from_dict(yaml.safe_load(snapshot.read_text()) or {}, str(snapshot), overrides)
+        if not overrides:
+            return cfg
+    else:
+        cfg = load_config(config or "smoke", overrides)
+    atomic_write_text(snapshot, yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+    return cfg

@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` (the whole factory, offline smoke preset) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+# A CPU build of torch first, so that resolving the project does not pull a multi-GB CUDA build.
+# On a GPU machine install the CUDA build of torch into the venv before `make install`.
+TORCH_SPEC ?= torch==2.13.0
+PIP_FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PYTEST_ARGS ?= -n 2
+
+.PHONY: install demo test bench clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(PIP_FIND_LINKS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check $(PIP_FIND_LINKS) -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/dermt2im run --config smoke --workdir $(WORKDIR)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/preprocess.py
+	$(PY) bench/train.py
+	$(PY) bench/generate.py
+
+clean-demo:
+	rm -rf $(WORKDIR)

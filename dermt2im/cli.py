@@ -1,0 +1,295 @@
+"""The ``dermt2im`` command line: one command per stage, plus ``run`` for the whole factory.
+
+Stage commands call the domain functions directly (no server, no orchestration overhead);
+``run`` executes the factory as a Prefect flow. Every command takes ``--workdir`` and reads the
+workdir's saved config unless ``--config`` / ``--set`` say otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dermt2im.workdir import Workdir, configure_runtime, workdir_config
+
+app = typer.Typer(
+    name="dermt2im",
+    help="Derm-T2IM synthetic dermoscopy data factory: ingest -> preprocess -> train -> generate -> validate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+WorkdirOpt = Annotated[Path, typer.Option("--workdir", "-w", help="factory working directory")]
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", "-c", help="preset name (smoke, paper) or YAML file; default: the workdir's saved config, else smoke"),
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="override a config value, e.g. --set train.rank=8 (repeatable)")
+]
+DEFAULT_WORKDIR = Path("dermt2im-work")
+
+
+def _setup(workdir: Path, config: str | None, overrides: list[str] | None):
+    w = Workdir.at(workdir)
+    configure_runtime(w)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    return w, _guard(lambda: workdir_config(w, config, overrides))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by input or configuration: shown as one clear message, not a traceback."""
+    from dermt2im.config import ConfigError
+    from dermt2im.imaging import DecodeError
+    from dermt2im.manifest import ManifestError
+
+    errors: list[type[BaseException]] = [ConfigError, ManifestError, DecodeError, FileNotFoundError]
+    for module, name in (
+        ("dermt2im.ingest", "IngestError"),
+        ("dermt2im.training", "TrainingError"),
+        ("dermt2im.validation", "ValidationError"),
+        ("dermt2im.generation", "GenerationError"),
+    ):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except _user_errors() as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+def _echo(text: str) -> None:
+    typer.echo(text)
+
+
+@app.command()
+def phantoms(
+    out: Annotated[Path, typer.Argument(help="output folder: class folders plus labels.csv")],
+    n: Annotated[int, typer.Option("--n", help="number of images, split evenly between classes")] = 24,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    style: Annotated[str, typer.Option(help="isic or ham: colour and lighting style")] = "isic",
+    size: Annotated[int, typer.Option(help="side length in pixels")] = 256,
+    hair_probability: Annotated[float, typer.Option(help="share of images with drawn hair")] = 0.3,
+) -> None:
+    """Make procedural dermoscopy-like phantom images with known labels."""
+    from dermt2im.phantoms import make_phantoms
+
+    if style not in ("isic", "ham"):
+        raise typer.BadParameter("style must be isic or ham", param_hint="--style")
+    labels = make_phantoms(out, n, seed=seed, style=style, size=size, hair_probability=hair_probability)
+    _echo(f"wrote {n} phantoms ({style} style) to {out}; labels: {labels}")
+
+
+@app.command()
+def ingest(
+    source: Annotated[Path, typer.Argument(help="folder of seed images (ISIC, HAM10000, class folders or CSV)")],
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    layout: Annotated[str, typer.Option(help="auto | isic | ham10000 | folders | csv")] = "auto",
+    test_set: Annotated[
+        str | None, typer.Option("--test-set", help="ingest SOURCE as the unseen real test set NAME instead of as seeds")
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Ingest seed images into W/manifests/seeds.parquet (bad files are quarantined with a reason)."""
+    w, cfg = _setup(workdir, config, overrides)
+    from dermt2im.ingest import ingest_source
+
+    manifest = w.test_set_manifest(test_set) if test_set else w.seeds_manifest
+    report = _guard(lambda: ingest_source(source, manifest, cfg.ingest, layout=None if layout == "auto" else layout,
+                                          split="test" if test_set else None))
+    _echo(report.summary())
+
+
+@app.command()
+def preprocess(
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    test_set: Annotated[str | None, typer.Option("--test-set", help="preprocess test set NAME instead of the seeds")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Remove hair (DullRazor) and resize / centre-crop every accepted image; cached by content."""
+    w, cfg = _setup(workdir, config, overrides)
+    from dermt2im.preprocess import preprocess_manifest
+
+    manifest = w.test_set_manifest(test_set) if test_set else w.seeds_manifest
+    if not manifest.is_file():
+        typer.secho(f"error: {manifest} does not exist: run `dermt2im ingest` first", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    report = _guard(lambda: preprocess_manifest(manifest, w.processed, cfg.preprocess, max_pixels=cfg.ingest.max_pixels))
+    _echo(report.summary())
+
+
+@app.command()
+def train(
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder to resume from")] = None,
+    run_id: Annotated[str | None, typer.Option(help="name of the run folder under W/lora/")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Fine-tune Stable Diffusion with DreamBooth + LoRA on the accepted training-split seeds."""
+    w, cfg = _setup(workdir, config, overrides)
+    from dermt2im.training import train_lora
+
+    result = _guard(lambda: train_lora(w, cfg, resume=resume, run_id=run_id))
+    _echo(f"LoRA run {result.run_id}: {result.steps} steps, final loss {result.final_loss:.4f}, "
+          f"optimizer {result.optimizer} on {result.device}")
+    for label, path in result.weights.items():
+        _echo(f"  {label}: {path} (sha256 {result.sha256[label][:12]})")
+
+
+@app.command()
+def generate(
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    lora: Annotated[Path | None, typer.Option(help="LoRA run folder or .safetensors; default: newest in W/lora")] = None,
+    per_class: Annotated[int | None, typer.Option("--per-class", help="images per class (extends the plan)")] = None,
+    shard: Annotated[list[int] | None, typer.Option(help="render only these shards (repeatable)")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Plan, render (Euler / Euler a / PLMS ...), then quality-gate and audit synthetic lesions."""
+    w, cfg = _setup(workdir, config, overrides)
+    from dermt2im.generation import generate as run_generate
+    from dermt2im.quality import assess
+
+    report = _guard(lambda: run_generate(w, cfg, lora=lora, per_class=per_class, shards=shard))
+    _echo(report.summary())
+    _echo(_guard(lambda: assess(w, cfg)).summary())
+
+
+@app.command()
+def quality(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Re-run the quality gate and memorisation audit over W/manifests/synthetic.parquet."""
+    w, cfg = _setup(workdir, config, overrides)
+    from dermt2im.quality import assess
+
+    _echo(_guard(lambda: assess(w, cfg)).summary())
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="output folder")],
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    format: Annotated[str, typer.Option("--format", help="imagefolder")] = "imagefolder",
+    include_rejected: Annotated[bool, typer.Option(help="also export rejected images")] = False,
+) -> None:
+    """Export the accepted synthetic set (class folders + metadata.csv, Hugging Face imagefolder)."""
+    w, _cfg = _setup(workdir, None, None)
+    if format != "imagefolder":
+        raise typer.BadParameter("only 'imagefolder' is supported", param_hint="--format")
+    from dermt2im.export import export_imagefolder
+
+    _echo(f"exported to {_guard(lambda: export_imagefolder(w, out, include_rejected=include_rejected))}")
+
+
+def _parse_test_sets(items: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, src = item.partition("=")
+        if not sep or not name or not src:
+            raise typer.BadParameter(f"{item!r} must look like NAME=SOURCE", param_hint="--test-set")
+        out[name] = src
+    return out
+
+
+@app.command()
+def validate(
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    test_set: Annotated[list[str] | None, typer.Option("--test-set", help="NAME=SOURCE of an unseen real test set (repeatable)")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Fine-tune ViT / MobileNetV2 on baseline vs hybrid data and test on unseen real test sets (MLflow)."""
+    w, cfg = _setup(workdir, config, overrides)
+    from dermt2im.ingest import ingest_source
+    from dermt2im.preprocess import preprocess_manifest
+    from dermt2im.validation import validate as run_validate
+
+    def go():
+        sets: dict[str, Path] = {}
+        for name, src in {**cfg.validation.test_sets, **_parse_test_sets(test_set)}.items():
+            manifest = w.test_set_manifest(name)
+            _echo(ingest_source(Path(src), manifest, cfg.ingest, split="test").summary())
+            preprocess_manifest(manifest, w.processed, cfg.preprocess, max_pixels=cfg.ingest.max_pixels)
+            sets[name] = manifest
+        return run_validate(w, cfg, test_sets=sets or None)
+
+    _echo(_guard(go).summary())
+
+
+@app.command()
+def report(
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    parent_run_id: Annotated[str | None, typer.Option(help="comparison run id; default: the newest")] = None,
+) -> None:
+    """Rebuild Table IV (model x regime x test set, mean +- 95% CI) and Fig. 10 from MLflow alone."""
+    w, cfg = _setup(workdir, None, None)
+    from dermt2im.report import build_report
+
+    for name, path in _guard(lambda: build_report(w, cfg, parent_run_id=parent_run_id)).items():
+        _echo(f"{name}: {path}")
+
+
+@app.command()
+def run(
+    source: Annotated[Path | None, typer.Argument(help="seed images; omit to use phantoms (smoke preset)")] = None,
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    layout: Annotated[str, typer.Option(help="auto | isic | ham10000 | folders | csv")] = "auto",
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Run the whole factory as one Prefect flow (temporary local Prefect server, SQLite MLflow)."""
+    w, cfg = _setup(workdir, config, overrides)
+    from flows.factory import factory
+
+    result = _guard(lambda: factory(str(w.root), str(source) if source else None, None, None,
+                                    None if layout == "auto" else layout))
+    _echo(f"factory finished in {w.root}")
+    _echo(_format_result(result))
+
+
+def _format_result(result: Any, indent: int = 2) -> str:
+    lines = []
+    if isinstance(result, dict):
+        for k, v in result.items():
+            if isinstance(v, dict):
+                lines.append(" " * indent + f"{k}:")
+                lines.append(_format_result(v, indent + 2))
+            else:
+                lines.append(" " * indent + f"{k}: {v}")
+    return "\n".join(lines)
+
+
+@app.command("config")
+def show_config(
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Print the resolved configuration for a workdir (and save it as W/config.yaml)."""
+    import yaml
+
+    _w, cfg = _setup(workdir, config, overrides)
+    _echo(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

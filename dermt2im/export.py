@@ -1,0 +1,131 @@
+"""Export the synthetic set as a Hugging Face ``imagefolder`` dataset.
+
+``OUT/<label>/<sample_key>.png`` plus ``OUT/metadata.csv`` whose ``file_name`` column is relative
+to OUT (``datasets.load_dataset("imagefolder", data_dir=OUT)`` reads it; the ``label`` column
+carries the class, since imagefolder does not infer labels from folders when metadata exists).
+The export is built in a temporary folder beside OUT and renamed into place, so OUT is always
+either the previous complete export or the new complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from dermt2im.fileio import sha256_file
+from dermt2im.manifest import SYNTHETIC, read_manifest
+from dermt2im.workdir import Workdir
+
+log = logging.getLogger(__name__)
+
+METADATA_COLUMNS = [
+    "file_name",
+    "label",
+    "sample_key",
+    "prompt",
+    "negative_prompt",
+    "transformation",
+    "sampler",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "width",
+    "height",
+    "lora_scale",
+    "lora_sha256",
+    "base_model",
+    "base_revision",
+    "sha256",
+    "status",
+    "reason",
+    "nearest_seed_distance",
+    "memorised",
+]
+
+
+class ExportError(ValueError):
+    pass
+
+
+def select_for_export(df: pd.DataFrame, *, include_rejected: bool = False, include_memorised: bool = False) -> pd.DataFrame:
+    if df.empty:
+        return df
+    assessed = df["status"].isin(["accepted", "rejected"])
+    if not assessed.any():
+        raise ExportError("no synthetic image has been assessed yet: run `dermt2im quality` first")
+    keep = df["status"] == "accepted"
+    if include_rejected:
+        keep |= df["status"] == "rejected"
+    if not include_memorised:
+        keep &= ~df["memorised"].fillna(False).astype(bool)
+    return df[keep]
+
+
+def export_imagefolder(
+    workdir: Workdir, out: Path, *, include_rejected: bool = False, include_memorised: bool = False
+) -> Path:
+    """Write accepted (and not memorised) synthetic images as an imagefolder dataset at ``out``.
+
+    ``include_rejected`` adds the rejected ones (their ``status`` / ``reason`` are in the metadata);
+    near-copies of seed images stay out unless ``include_memorised`` is also set. Returns ``out``.
+    """
+    out = Path(out).expanduser().resolve()
+    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    if df.empty:
+        raise ExportError(f"no synthetic images in {workdir.synthetic_manifest}: run `dermt2im generate` first")
+    rows = select_for_export(df, include_rejected=include_rejected, include_memorised=include_memorised)
+    if rows.empty:
+        raise ExportError(
+            f"nothing to export: 0 of {len(df)} synthetic images are accepted "
+            f"({df['reason'].dropna().str.split(':').str[0].value_counts().to_dict()}); "
+            "see W/reports/quality.md, or pass --include-rejected"
+        )
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        records = []
+        for r in rows.to_dict("records"):
+            src = Path(r["path"])
+            if not src.is_absolute():
+                src = workdir.root / src
+            if not src.is_file():
+                raise ExportError(f"{r['sample_key']}: {src} is missing (render again with `dermt2im generate`)")
+            if r.get("sha256") and sha256_file(src) != r["sha256"]:
+                raise ExportError(f"{r['sample_key']}: {src} does not match its recorded sha256")
+            rel = f"{r['label']}/{r['sample_key']}.png"
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            records.append({**{c: r.get(c) for c in METADATA_COLUMNS}, "file_name": rel})
+        meta = pd.DataFrame(records, columns=METADATA_COLUMNS)
+        meta.to_csv(tmp / "metadata.csv", index=False)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %d images (%s) to %s", len(meta), meta["label"].value_counts().to_dict(), out)
+    return out
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put ``new`` at ``target``: rename the old folder aside, rename the new one in, then delete the old."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.rmdir(old)
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

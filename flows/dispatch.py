@@ -1,0 +1,34 @@
+"""How a CPU parent flow reaches a GPU stage: in-process, or on the cuda work pool via run_deployment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prefect import get_run_logger
+
+from dermt2im.config import OrchestrationConfig
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def run_gpu_stage(flow_fn: Callable[..., Any], deployment: str, parameters: dict, orch: OrchestrationConfig) -> Any:
+    """Run ``flow_fn`` as a subflow here, or, when GPU deployments are configured, as a run of
+    ``deployment`` on the cuda pool. Stages exchange data through the workdir's manifests, so the
+    parent needs only to know that the run completed."""
+    if not orch.gpu_deployments:
+        return flow_fn(**parameters)
+    from prefect.deployments import run_deployment
+
+    log = get_run_logger()
+    log.info("dispatching %s to its work pool", deployment)
+    run = run_deployment(name=deployment, parameters=parameters, timeout=orch.deployment_timeout_s)
+    state = run.state
+    if state is None or not state.is_completed():
+        raise StageFailed(f"deployment {deployment} (flow run {run.id}) ended as {state.name if state else 'unknown'}")
+    try:
+        return state.result()
+    except Exception:  # noqa: BLE001 - results may live on the worker's storage; the manifests are what count
+        return {"flow_run_id": str(run.id), "state": state.name}

@@ -1,0 +1,47 @@
+"""Validation flow: plan -> one cached task per (model, regime, seed) -> McNemar -> Table IV artifact."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dermt2im.workdir import Workdir, workdir_config
+from tasks.validate import cell_task, finish_task, plan_task, report_task, segmentation_task
+
+
+# Cells run one at a time in this process: they share the device, and torch's global RNG is seeded
+# per cell (determinism). Spread cells over machines by deploying this flow per model / regime.
+@flow(name="validate", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def validate(
+    workdir: str,
+    config: str | None = "smoke",
+    overrides: list[str] | None = None,
+    test_sets: dict[str, str] | None = None,
+    log_model: bool = True,
+) -> dict:
+    """Validate the synthetic images of ``workdir`` (config: a preset or file; None: the workdir's
+    saved config). ``test_sets``: name -> ingested test-set manifest; default: every manifest under
+    W/manifests/test_sets plus the seeds' own test split."""
+    log = get_run_logger()
+    w = Workdir.at(workdir)
+    cfg = workdir_config(w, config, overrides)
+    plan = plan_task(str(w.root), cfg, test_sets)
+    for name, why in sorted(plan.skipped.items()):
+        log.warning("regime %s skipped: %s", name, why)
+    gpu = cfg.validation.device != "cpu"
+    cell = cell_task.with_options(tags=["gpu" if gpu else "cpu", "validate"])
+    futures = [cell.submit(str(w.root), cfg, plan, c, log_model) for c in plan.cells]
+    results = [f.result() for f in futures]
+    closed = finish_task(str(w.root), cfg, plan, results)
+    report = report_task(str(w.root), cfg, plan.parent_run_id)
+    out = {**closed, "report": report}
+    if cfg.validation.segmentation_samples > 0:
+        out["segmentation"] = segmentation_task(str(w.root), cfg)
+    log.info("Table IV: %s", report["table_md"])
+    return out
+
+
+if __name__ == "__main__":  # python -m flows.validate WORKDIR [CONFIG]
+    import sys
+
+    validate(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "smoke")

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks: caching, retries, tags and artifacts around dermt2im domain functions."""

@@ -1,0 +1,27 @@
+"""Reading back what Prefect recorded, for cache and flow tests."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+
+def task_states(flow_state) -> dict[str, list[str]]:
+    """Task name -> state names (e.g. Completed, Cached) for every task run of a flow run and its subflows."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    root = flow_state.state_details.flow_run_id
+    out: dict[str, list[str]] = defaultdict(list)
+    with get_client(sync_client=True) as client:
+        flow_ids, frontier = {root}, [root]
+        while frontier:  # subflows are flow runs whose parent task run belongs to a known flow run
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))
+            )
+            frontier = [c.id for c in children if c.id not in flow_ids]
+            flow_ids.update(frontier)
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_ids))))
+    for r in runs:
+        base = r.name.rsplit("-", 1)[0]
+        out[base].append(r.state.name if r.state else "?")
+    return dict(out)
