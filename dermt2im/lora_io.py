@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dermt2im.fileio import atomic_path, atomic_write_text, sha256_file
+from dermt2im.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "dermt2im_lora_kohya.safetensors"
@@ -225,13 +225,25 @@ def _header(extra: Mapping[str, str], metadata: Mapping[str, Any] | None) -> dic
     return header
 
 
-def save_safetensors(state_dict: Mapping[str, Any], path: str | Path, header: Mapping[str, str]) -> Path:
-    from safetensors.torch import save_file
+def canonical_safetensors(data: bytes) -> bytes:
+    """Re-serialise a safetensors header with sorted keys and no whitespace.
 
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata=dict(header))
-    return path
+    safetensors writes ``__metadata__`` from a hash map whose order changes from call to call, so
+    the same tensors and metadata can give different bytes (and sha256); this makes them stable.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
+
+
+def save_safetensors(state_dict: Mapping[str, Any], path: str | Path, header: Mapping[str, str]) -> Path:
+    """Write tensors with string metadata, atomically and byte-for-byte reproducibly."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, metadata=dict(header))
+    return atomic_write_bytes(path, canonical_safetensors(data))
 
 
 def save_lora_files(

@@ -226,7 +226,7 @@ def check_image(rgb: np.ndarray, cfg: QualityConfig) -> tuple[str | None, dict]:
 
 def reason_code(reason: str | None) -> str | None:
     """'noise: ...' -> 'noise'; 'near-copy of seed X' -> 'memorised'."""
-    if not reason:
+    if not isinstance(reason, str) or not reason:
         return None
     if reason.startswith("near-copy of seed"):
         return "memorised"

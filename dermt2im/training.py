@@ -1067,6 +1067,18 @@ def _cached_result(lora_dir: Path, key: str) -> TrainResult | None:
     )
 
 
+def find_trained(workdir: Workdir, cfg: FactoryConfig, run_id: str | None = None) -> TrainResult | None:
+    """The finished, intact LoRA for these inputs, if there is one (no model is loaded)."""
+    from dermt2im.models import base_model_identity
+
+    try:
+        images = check_inputs(workdir)
+        key = cache_key(seeds_digest(workdir, images), cfg, base_model_identity(cfg.train.base_model, cfg.train.revision))
+        return _cached_result(workdir.lora / (run_id or default_run_id(key)), key)
+    except (TrainingError, ValueError, OSError, KeyError):
+        return None
+
+
 def train_lora(
     workdir: Workdir,
     cfg: FactoryConfig,
@@ -1155,7 +1167,8 @@ def train_lora(
     if t.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if t.train_text_encoder:
-            pipe.text_encoder.gradient_checkpointing_enable()
+            te = pipe.text_encoder
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
     ctx = _Ctx(
         cfg=cfg,
         train=t,

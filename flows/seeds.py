@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from dermt2im.workdir import Workdir, workdir_config
-from tasks.seeds import ingest_task, make_phantoms_task, phantom_sets, preprocess_task
+from tasks.seeds import ingest, make_phantoms, phantom_sets, preprocess
 
 
 @flow(name="prepare-seeds", log_prints=True)
@@ -32,21 +32,21 @@ def prepare_seeds(
     if source is None:
         seed_dir, phantom_tests = phantom_sets(w.data, cfg.phantoms)
         p = cfg.phantoms
-        make_phantoms_task(str(seed_dir), p.n_seed, p.seed, p.seed_style, p.size, p.hair_probability)
+        make_phantoms(str(seed_dir), p.n_seed, p.seed, p.seed_style, p.size, p.hair_probability)
         for i, (name, folder) in enumerate(sorted(phantom_tests.items()), start=1):
             style = name.removeprefix("phantom-")
-            make_phantoms_task(str(folder), p.n_test, p.seed + 1000 * i, style, p.size, p.hair_probability)
+            make_phantoms(str(folder), p.n_test, p.seed + 1000 * i, style, p.size, p.hair_probability)
             tests.setdefault(name, str(folder))
         source = str(seed_dir)
         log.info("no SOURCE given: using phantom seeds in %s", source)
 
-    seeds = ingest_task(source, str(w.seeds_manifest), cfg.ingest, layout)
-    prep = preprocess_task(seeds["manifest"], str(w.processed), cfg.preprocess, cfg.ingest.max_pixels)
+    seeds = ingest(source, str(w.seeds_manifest), cfg.ingest, layout)
+    prep = preprocess(seeds["manifest"], str(w.processed), cfg.preprocess, cfg.ingest.max_pixels)
     out = {"seeds": prep["manifest"], "seeds_digest": prep["digest"], "test_sets": {}}
     for name, src in sorted(tests.items()):
         manifest = w.test_set_manifest(name)
-        ingest_task(src, str(manifest), cfg.ingest, layout, "test")
-        t = preprocess_task(str(manifest), str(w.processed), cfg.preprocess, cfg.ingest.max_pixels)
+        ingest(src, str(manifest), cfg.ingest, layout, "test")
+        t = preprocess(str(manifest), str(w.processed), cfg.preprocess, cfg.ingest.max_pixels)
         out["test_sets"][name] = t["manifest"]
     log.info("seeds: %s accepted, %s quarantined", seeds["accepted"], seeds["quarantined"])
     return out

@@ -18,7 +18,7 @@ from tasks.caching import content_key, retry_transient_only, source_of, tree_lis
 def _phantoms_key(context, p) -> str:
     out = Path(p["out"])
     return content_key("phantoms", p["n"], p["seed"], p["style"], p["size"], p["hair_probability"],
-                       str(out), (out / "labels.csv").is_file(), source_of(phantoms_mod.render_phantom))
+                       str(out), source_of(phantoms_mod.render_phantom))
 
 
 @task(name="make_phantoms", cache_key_fn=_phantoms_key, persist_result=True, retries=2,
@@ -39,7 +39,7 @@ def _ingest_key(context, p) -> str:
     cfg: IngestConfig = p["cfg"]
     manifest = Path(p["manifest"])
     return content_key("ingest", tree_listing(p["source"]), cfg.model_dump(mode="json"), p.get("layout"),
-                       p.get("split"), str(manifest), manifest.is_file(), source_of(ingest_mod))
+                       p.get("split"), str(manifest), source_of(ingest_mod))
 
 
 @task(name="ingest", cache_key_fn=_ingest_key, persist_result=True, retries=2,
@@ -56,17 +56,28 @@ def ingest_task(source: str, manifest: str, cfg: IngestConfig, layout: str | Non
             "quarantined": report.quarantined, "digest": digest(report.manifest_path, SEEDS)}
 
 
+def _ingested_rows(manifest: Path) -> list:
+    """What ingest decided, ignoring the quarantines preprocess adds itself."""
+    df = read_manifest(manifest, SEEDS)
+    by_preprocess = df["reason"].fillna("").str.startswith("preprocess:")
+    status = df["status"].where(~by_preprocess, "accepted")
+    return sorted(zip(df["source_path"], df["sample_id"].fillna(""), status))
+
+
 def _preprocess_key(context, p) -> str:
     cfg: PreprocessConfig = p["cfg"]
-    manifest = Path(p["manifest"])
+    return content_key("preprocess", _ingested_rows(Path(p["manifest"])),
+                       cfg.model_dump(mode="json", exclude={"workers"}), p["out_dir"], source_of(preprocess_mod))
+
+
+def preprocess_outputs_missing(manifest: Path, cfg: PreprocessConfig) -> bool:
     df = read_manifest(manifest, SEEDS)
     accepted = df[df["status"] == "accepted"]
-    expected = {preprocess_mod.preprocess_key(s, cfg) for s in accepted["sample_id"]}
-    done = set(accepted["preprocess_key"].dropna())
-    files_ok = bool(accepted["processed_path"].map(lambda x: isinstance(x, str) and Path(x).is_file()).all())
-    return content_key("preprocess", digest(manifest, SEEDS, ["source_path", "sample_id", "status"]),
-                       sorted(expected), expected <= done and files_ok, cfg.model_dump(mode="json", exclude={"workers"}),
-                       p["out_dir"], source_of(preprocess_mod))
+    if accepted.empty:
+        return not manifest.is_file()
+    keys_ok = (accepted["preprocess_key"] == accepted["sample_id"].map(lambda s: preprocess_mod.preprocess_key(s, cfg))).all()
+    files_ok = accepted["processed_path"].map(lambda x: isinstance(x, str) and Path(x).is_file()).all()
+    return not (keys_ok and files_ok)
 
 
 @task(name="preprocess", cache_key_fn=_preprocess_key, persist_result=True, retries=2,
@@ -82,4 +93,23 @@ def preprocess_task(manifest: str, out_dir: str, cfg: PreprocessConfig, max_pixe
             "failed": report.failed, "digest": digest(Path(manifest), SEEDS)}
 
 
-__all__ = ["ingest_task", "make_phantoms_task", "phantom_sets", "preprocess_task"]
+# Cache keys hash inputs only; these wrappers refresh the cache when a task's outputs are gone
+# (a deleted manifest or processed folder), so a cache hit never hands back files that no longer exist.
+
+
+def make_phantoms(out: str, n: int, seed: int, style: str, size: int, hair_probability: float) -> str:
+    missing = not (Path(out) / "labels.csv").is_file()
+    return make_phantoms_task.with_options(refresh_cache=missing)(out, n, seed, style, size, hair_probability)
+
+
+def ingest(source: str, manifest: str, cfg: IngestConfig, layout: str | None = None, split: str | None = None) -> dict:
+    missing = not Path(manifest).is_file()
+    return ingest_task.with_options(refresh_cache=missing)(source, manifest, cfg, layout, split)
+
+
+def preprocess(manifest: str, out_dir: str, cfg: PreprocessConfig, max_pixels: int) -> dict:
+    missing = preprocess_outputs_missing(Path(manifest), cfg)
+    return preprocess_task.with_options(refresh_cache=missing)(manifest, out_dir, cfg, max_pixels)
+
+
+__all__ = ["ingest", "make_phantoms", "preprocess", "ingest_task", "make_phantoms_task", "phantom_sets", "preprocess_task"]

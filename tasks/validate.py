@@ -71,7 +71,7 @@ def plan_task(workdir: str, cfg: FactoryConfig, test_sets: dict[str, str] | None
 
 
 @task(name="validate-cell", cache_key_fn=_cell_cache_key, persist_result=True, retries=2, retry_delay_seconds=5,
-      retry_condition_fn=retry_cell, task_run_name="validate-cell-{cell.model}-{cell.regime}-seed{cell.seed}")
+      retry_condition_fn=retry_cell)
 def cell_task(workdir: str, cfg: FactoryConfig, plan: val.ValidationPlan, cell: val.Cell,
               log_model: bool = True) -> val.CellResult:
     """Fine-tune and test one (model, regime, seed) in its own MLflow child run."""

@@ -5,8 +5,23 @@ from __future__ import annotations
 from collections import defaultdict
 
 
-def task_states(flow_state) -> dict[str, list[str]]:
-    """Task name -> state names (e.g. Completed, Cached) for every task run of a flow run and its subflows."""
+def task_states(flow_state, timeout: float = 30.0) -> dict[str, list[str]]:
+    """Task name -> state names (e.g. Completed, Cached) for every task run of a flow run and its subflows.
+
+    Prefect 3 records task-run states asynchronously (through events), so this polls until every
+    task run has a final state."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        states = _task_states_once(flow_state)
+        pending = [s for names in states.values() for s in names if s in ("?", "Pending", "Running", "Scheduled")]
+        if not pending or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
+
+
+def _task_states_once(flow_state) -> dict[str, list[str]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 

@@ -80,71 +80,58 @@ def api_url(prefect_harness) -> str:
     return url
 
 
-@pytest.fixture(scope="module")
-def registered(api_url):
-    """Pools, `gpu` limit and every deployment, exactly as a user runs it: deployments/setup.sh."""
-    _require_entrypoints()
-    proc = _run_setup(api_url)
+def _read_back() -> dict:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         deployments = {}
         for d in client.read_deployments():
-            flow = client.read_flow(d.flow_id)
-            deployments[f"{flow.name}/{d.name}"] = d
+            deployments[f"{client.read_flow(d.flow_id).name}/{d.name}"] = d
         pools = {p.name: p for p in client.read_work_pools()}
-        gpu_limit = client.read_concurrency_limit_by_tag("gpu")
-    return {"log": proc.stdout, "deployments": deployments, "pools": pools, "gpu_limit": gpu_limit}
+        gpu_limit = client.read_concurrency_limit_by_tag("gpu").concurrency_limit
+    return {"deployments": deployments, "pools": pools, "gpu_limit": gpu_limit}
 
 
-def test_every_deployment_is_registered_on_its_pool(registered):
+def _check_every_deployment_is_registered_on_its_pool(got: dict, log: str) -> None:
     expected = {f"{_flow_name(d['entrypoint'])}/{d['name']}": d for d in _spec()["deployments"]}
-    got = registered["deployments"]
-    assert set(expected) <= set(got), f"not registered: {sorted(set(expected) - set(got))}\n{registered['log']}"
+    assert set(expected) <= set(got), f"not registered: {sorted(set(expected) - set(got))}\n{log}"
     for full_name, d in expected.items():
         dep = got[full_name]
         assert dep.work_pool_name == d["work_pool"]["name"], full_name
         assert dep.work_queue_name == d["work_pool"]["work_queue_name"], full_name
         assert dep.entrypoint == d["entrypoint"], full_name
-        assert dep.parameters == {k: v for k, v in d["parameters"].items()}, full_name
-        # The pull step is kept as a template, resolved on the worker at run time.
-        steps = [next(iter(s)) for s in dep.pull_steps]
-        assert steps[-1] == "prefect.deployments.steps.set_working_directory", full_name
-        assert dep.pull_steps[-1][steps[-1]]["directory"] == "{{ $DERMT2IM_PROJECT_ROOT }}"
+        assert dep.parameters == d["parameters"], full_name
+        # The pull step stays a template, resolved on the worker at run time.
+        step = dep.pull_steps[-1]
+        assert list(step) == ["prefect.deployments.steps.set_working_directory"], full_name
+        assert step["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $DERMT2IM_PROJECT_ROOT }}"
 
 
-def test_gpu_stages_run_on_cuda_and_the_rest_on_cpu(registered):
-    pools = {name: d.work_pool_name for name, d in registered["deployments"].items()}
-    assert pools["train/train-cuda"] == "cuda"
-    assert pools["generate/generate-cuda"] == "cuda"
+def _check_gpu_stages_run_on_cuda_and_the_rest_on_cpu(got: dict) -> None:
+    from dermt2im.config import OrchestrationConfig
+
+    pools = {name: d.work_pool_name for name, d in got.items()}
+    orch = OrchestrationConfig()  # the factory reaches the GPU stages by these names
+    assert pools[orch.train_deployment] == "cuda" and orch.train_deployment == "train/train-cuda"
+    assert pools[orch.generate_deployment] == "cuda" and orch.generate_deployment == "generate/generate-cuda"
     for name in ("derm-t2im-factory/factory-cpu", "derm-t2im-factory/factory-smoke", "validate/validate-cpu",
                  "regenerate/regenerate-weekly", "prepare-seeds/seeds-cpu"):
         assert pools[name] == "cpu", name
 
 
-def test_dispatch_names_in_the_config_are_deployments(registered):
-    """The factory reaches the GPU stages by the deployment names OrchestrationConfig holds."""
-    from dermt2im.config import OrchestrationConfig
-
-    orch = OrchestrationConfig()
-    assert orch.train_deployment in registered["deployments"]
-    assert orch.generate_deployment in registered["deployments"]
-
-
-def test_weekly_regeneration_schedule_is_visible(registered):
-    dep = registered["deployments"]["regenerate/regenerate-weekly"]
+def _check_weekly_regeneration_schedule(got: dict) -> None:
+    dep = got["regenerate/regenerate-weekly"]
     assert len(dep.schedules) == 1
     sched = dep.schedules[0]
     assert sched.active
     assert sched.schedule.cron == "0 3 * * 1"
     assert sched.schedule.timezone == "UTC"
-    for name, d in registered["deployments"].items():
+    for name, d in got.items():
         if name != "regenerate/regenerate-weekly":
-            assert not d.schedules, f"{name} should only run on demand"
+            assert not d.schedules, f"{name} should run on demand only"
 
 
-def test_pools_come_from_the_shipped_templates(registered):
-    pools = registered["pools"]
+def _check_pools_come_from_the_shipped_templates(pools: dict) -> None:
     assert pools["cpu"].type == "process"
     cuda = pools["cuda"]
     assert cuda.type == "docker"
@@ -154,8 +141,54 @@ def test_pools_come_from_the_shipped_templates(registered):
     assert dev["driver"] == "nvidia" and dev["capabilities"] == [["gpu"]]
 
 
-def test_gpu_tag_concurrency_limit(registered):
-    assert registered["gpu_limit"].concurrency_limit == 1
+def _check_a_worker_runs_a_deployment(api_url: str, tmp_path: Path) -> None:
+    """A cpu process worker, started outside the checkout, picks a run of a registered deployment,
+    runs prefect.yaml's pull steps (cd to DERMT2IM_PROJECT_ROOT) and the flow completes."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from dermt2im.workdir import Workdir
+
+    work = tmp_path / "work"
+    params = {"workdir": str(work), "source": None, "config": "smoke",
+              "overrides": ["phantoms.n_seed=4", "phantoms.n_test=2", "phantoms.size=32", "preprocess.size=24"]}
+    run = run_deployment("prepare-seeds/seeds-cpu", parameters=params, timeout=0)
+    env = dict(os.environ, PREFECT_API_URL=api_url, DERMT2IM_PROJECT_ROOT=str(ROOT))
+    cmd = _prefect_command().split() + ["worker", "start", "--pool", "cpu", "--type", "process", "--run-once"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run.id).state
+    log = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert state is not None and state.is_completed(), f"{state}\n{log}"
+    # The worker ran in tmp_path: only the pull step's cd makes `flows/seeds.py` resolvable.
+    assert Workdir.at(work).seeds_manifest.is_file()
+
+
+def test_setup_script_creates_pools_limit_and_every_deployment(api_url, tmp_path):
+    """One test on purpose: setup.sh is a chain of prefect CLI calls (seconds each), run once here
+    and then again, as compose's `setup` service does on every `docker compose up`; in between a
+    worker runs one of the registered deployments."""
+    _require_entrypoints()
+    log = _run_setup(api_url).stdout
+    state = _read_back()
+    _check_every_deployment_is_registered_on_its_pool(state["deployments"], log)
+    _check_gpu_stages_run_on_cuda_and_the_rest_on_cpu(state["deployments"])
+    _check_weekly_regeneration_schedule(state["deployments"])
+    _check_pools_come_from_the_shipped_templates(state["pools"])
+    assert state["gpu_limit"] == 1
+    _check_a_worker_runs_a_deployment(api_url, tmp_path)
+
+    _run_setup(api_url, "--no-deploy", "--gpu-slots", "2", timeout=180)  # a re-run updates in place
+    again = _read_back()
+    try:
+        assert again["gpu_limit"] == 2
+        assert again["pools"]["cuda"].type == "docker" and again["pools"]["cpu"].type == "process"
+        assert set(again["deployments"]) == set(state["deployments"])
+    finally:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            client.create_concurrency_limit(tag="gpu", concurrency_limit=1)
 
 
 def test_kubernetes_template_is_accepted_by_the_server(api_url):
@@ -171,20 +204,6 @@ def test_kubernetes_template_is_accepted_by_the_server(api_url):
     container = pool.base_job_template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
     assert pool.base_job_template["variables"]["properties"]["gpu_count"]["default"] == 1
-
-
-def test_setup_is_idempotent_and_updates_the_gpu_limit(registered, api_url):
-    """compose's `setup` service runs on every `docker compose up`: a re-run must succeed."""
-    from prefect.client.orchestration import get_client
-
-    _run_setup(api_url, "--no-deploy", "--gpu-slots", "2", timeout=180)
-    with get_client(sync_client=True) as client:
-        try:
-            assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == 2
-            assert client.read_work_pool("cuda").type == "docker"
-            assert client.read_work_pool("cpu").type == "process"
-        finally:
-            client.create_concurrency_limit(tag="gpu", concurrency_limit=1)
 
 
 def test_setup_refuses_to_run_without_an_api_url():

@@ -163,3 +163,18 @@ def test_lora_weights_for_run_layouts(tmp_path):
     assert lora_io.lora_weights_for(f, "whatever") == f
     with pytest.raises(lora_io.LoraError):
         lora_io.lora_weights_for(tmp_path / "nope", "benign")
+
+
+def test_files_are_byte_reproducible(tmp_path):
+    sds, _ = _random_lora(text_encoder=True)
+    meta = {"b": 1, "a": {"z": 2, "y": [1, 2]}, "c": "x"}
+    shas = set()
+    for i in range(4):
+        paths = lora_io.save_lora_files(tmp_path / str(i), sds, rank=4, alpha=4.0, metadata=meta)
+        shas.add((lora_io.sha256_file(paths["diffusers"]), lora_io.sha256_file(paths["kohya"])))
+    assert len(shas) == 1
+    from safetensors.torch import load_file
+
+    loaded = load_file(paths["diffusers"])
+    assert all(torch.equal(loaded[f"unet.{k}"], v) for k, v in sds["unet"].items())
+    assert lora_io.read_dermt2im_metadata(paths["diffusers"]) == meta

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from dermt2im.config import LABELS, FactoryConfig, config_from_dict
 from dermt2im.imaging import encode_png
@@ -142,7 +143,7 @@ def make_validation_data(
     return FixtureData(workdir, seeds, synthetic, test_sets)
 
 
-def tiny_config(**validate: object) -> FactoryConfig:
+def tiny_config(experiment: str = "test-validation", **validate: object) -> FactoryConfig:
     """A FactoryConfig for fast CPU tests; keyword arguments override the ``validate`` section."""
     section = {
         "tiny": True,
@@ -159,4 +160,15 @@ def tiny_config(**validate: object) -> FactoryConfig:
         "segmentation_samples": 0,
     }
     section.update(validate)
-    return config_from_dict({"name": "test", "validate": section, "tracking": {"experiment": "test-validation"}})
+    return config_from_dict({"name": "test", "validate": section, "tracking": {"experiment": experiment}})
+
+
+@pytest.fixture(autouse=False)
+def one_torch_thread():
+    """Tiny models train fastest on one thread when the CPU is shared (no OpenMP spinning)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

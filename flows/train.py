@@ -1,0 +1,47 @@
+"""The train stage as a Prefect flow: DreamBooth + LoRA fine-tuning on the processed seeds.
+
+Deployable on its own to a CUDA work pool (``flows/train.py:train``, deployment ``train/train-cuda``;
+the factory reaches it through run_deployment). With no ``config`` the workdir's saved W/config.yaml
+is used (a fresh workdir falls back to the smoke preset).
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from dermt2im.training import find_trained
+from dermt2im.workdir import Workdir, workdir_config
+from tasks.train import train_lora_task
+
+
+@flow(name="train", log_prints=True)
+def train(workdir: str, config: str | None = None, overrides: list[str] | None = None,
+          resume: str | None = "latest") -> dict:
+    """Train the LoRA(s) of the config; returns run_id, lora_dir, weights, sha256 and training figures.
+
+    ``resume``: "latest" (default) continues an interrupted run of the same inputs from its newest
+    checkpoint; None starts over.
+    """
+    log = get_run_logger()
+    w = Workdir.at(workdir)
+    cfg = workdir_config(w, config, overrides)
+    done = find_trained(w, cfg)
+    # a cached task result is only trusted while the LoRA it names is still on disk
+    out = train_lora_task.with_options(refresh_cache=(done is None) or None)(workdir, cfg, resume)
+    log.info("LoRA %s in %s (%s)", out["run_id"], out["lora_dir"], "cached" if out["cached"] else "trained")
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from dermt2im.workdir import configure_runtime
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("workdir")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--no-resume", action="store_true")
+    args = ap.parse_args()
+    configure_runtime(Workdir.at(args.workdir))
+    print(train(args.workdir, args.config, args.overrides or None, None if args.no_resume else "latest"))

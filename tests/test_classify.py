@@ -1,0 +1,96 @@
+"""The tiny classifiers learn the fixture lesions well above chance, deterministically per seed."""
+
+import pandas as pd
+import pytest
+import torch
+
+from dermt2im import classify
+from dermt2im.manifest import SEEDS, read_manifest
+from dermt2im.metrics import binary_metrics
+from dermt2im.regimes import real_rows
+from tests.validate_fixtures import make_validation_data, one_torch_thread, tiny_config  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from dermt2im.workdir import Workdir
+
+    w = Workdir.at(tmp_path_factory.mktemp("classify"))
+    fx = make_validation_data(w, n_train=16, n_val=4, n_test=2, n_synthetic=0, extra_rejected=0,
+                              extra_memorised=0, n_external=8)
+    seeds = read_manifest(w.seeds_manifest, SEEDS)
+    return real_rows(seeds, "train"), real_rows(seeds, "val"), pd.read_parquet(fx.test_sets["phantom-isic"])
+
+
+def _train(kind, data, seed=0, **over):
+    train, val, _ = data
+    opts = {"models": [kind], "learning_rate": 1e-3, "epochs": 6, "early_stopping_patience": 3, **over}
+    cfg = tiny_config(**opts).validation
+    model, processor = classify.build_classifier(kind, cfg, seed)
+    tx, ty = classify.load_images(list(train["path"]), processor), classify.labels_to_tensor(train["label"])
+    vx, vy = classify.load_images(list(val["path"]), processor), classify.labels_to_tensor(val["label"])
+    fit = classify.fit(model, processor, tx, ty, vx, vy, cfg, seed)
+    return model, processor, fit
+
+
+@pytest.mark.parametrize("kind", ["vit", "mobilenet_v2"])
+def test_tiny_classifier_learns_well_above_chance(kind, data):
+    model, processor, fit = _train(kind, data)
+    test = data[2]
+    x = classify.load_images(list(test["processed_path"]), processor)
+    assert x.dtype == torch.uint8 and tuple(x.shape[1:]) == (3, 32, 32)
+    m = binary_metrics(classify.labels_to_tensor(test["label"]).numpy(), classify.predict_proba(model, x, processor))
+    assert m["balanced_accuracy"] >= 0.8, m
+    assert m["roc_auc"] >= 0.9, m
+    assert 1 <= fit.best_epoch <= fit.epochs_run <= 6
+    assert set(fit.history[0]) >= {"train_loss", "val_loss", "val_balanced_accuracy"}
+
+
+def test_training_is_deterministic_per_seed(data):
+    test = data[2]
+    a, pa, _ = _train("vit", data, seed=1, epochs=1)
+    b, pb, _ = _train("vit", data, seed=1, epochs=1)
+    c, pc, _ = _train("vit", data, seed=2, epochs=1)
+    x = classify.load_images(list(test["processed_path"]), pa)
+    prob = [classify.predict_proba(m, x, p) for m, p in ((a, pa), (b, pb), (c, pc))]
+    assert (prob[0] == prob[1]).all()
+    assert not (prob[0] == prob[2]).all()
+
+
+def test_early_stopping_restores_the_best_epoch(data):
+    train, val, _ = data
+    cfg = tiny_config(learning_rate=1e-3, epochs=8, early_stopping_patience=1).validation
+    model, processor = classify.build_classifier("vit", cfg, 0)
+    vx, vy = classify.load_images(list(val["path"]), processor), classify.labels_to_tensor(val["label"])
+    # train on shuffled labels: validation does not improve for long, so training stops early
+    shuffled = train.assign(label=train["label"].sample(frac=1, random_state=0).to_numpy())
+    tx, ty = classify.load_images(list(shuffled["path"]), processor), classify.labels_to_tensor(shuffled["label"])
+    fit = classify.fit(model, processor, tx, ty, vx, vy, cfg, 0)
+    best = fit.history[fit.best_epoch - 1]
+    assert fit.epochs_run == fit.best_epoch + 1 or fit.epochs_run == 8
+    for row in fit.history:
+        assert (row["val_balanced_accuracy"], -row["val_loss"]) <= (best["val_balanced_accuracy"], -best["val_loss"])
+    p = classify.predict_proba(model, vx, processor)
+    yv = vy.numpy()
+    import numpy as np
+
+    restored = float(-np.mean(yv * np.log(np.clip(p, 1e-7, 1)) + (1 - yv) * np.log(np.clip(1 - p, 1e-7, 1))))
+    assert restored == pytest.approx(best["val_loss"], rel=1e-4)
+
+
+def test_augmentation_keeps_shape_and_range():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    y = classify.augment(x, g)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert float(y.min()) >= 0 and float(y.max()) <= 255
+    flat = x[:1].float()
+    assert torch.allclose(flat.sum(), y[:1].sum(), rtol=0.35)  # flips / rotations and a small jitter only
+
+
+def test_missing_pretrained_model_gives_a_clear_message():
+    cfg = tiny_config(tiny=False, vit_model="/nonexistent/vit-model").validation
+    with pytest.raises(classify.ModelUnavailable, match="cannot load vit model '/nonexistent/vit-model'.*validate.tiny"):
+        classify.build_classifier("vit", cfg, 0)

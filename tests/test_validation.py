@@ -1,0 +1,152 @@
+"""validate(): model x regime x seed in MLflow child runs, leakage and no-synthetic guards, the flow."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from dermt2im.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
+from dermt2im.validation import CELL_TAGS, ValidationError, validate
+from tests.validate_fixtures import make_validation_data, one_torch_thread, tiny_config  # noqa: F401
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+
+def _children(client, parent):
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def test_validate_logs_a_comparison_with_identical_child_runs(workdir):
+    make_validation_data(workdir)
+    cfg = tiny_config("validation-e2e", epochs=2)
+    report = validate(workdir, cfg)
+    assert report.runs == 2 and report.reused == 0 and not report.skipped
+    assert report.table_path == workdir.reports / "table_iv.md"
+    assert "hybrid" in report.summary().lower()
+
+    client = MlflowClient()
+    parent = client.get_run(report.parent_run_id)
+    assert parent.data.tags["dermt2im.kind"] == "comparison" and parent.info.status == "FINISHED"
+    children = _children(client, report.parent_run_id)
+    assert sorted(r.data.tags["regime"] for r in children) == ["baseline", "hybrid"]
+    assert len({frozenset(r.data.params) for r in children}) == 1  # identical param keys
+    for r in children:
+        assert r.info.status == "FINISHED"
+        for k in CELL_TAGS:
+            assert k in r.data.tags and k in r.data.params
+        for test_set in ("phantom-isic", "phantom-ham", "seeds-test"):
+            for m in ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1", "tp"):
+                assert f"test.{test_set}.{m}" in r.data.metrics
+        history = client.get_metric_history(r.info.run_id, "val_balanced_accuracy")
+        assert [h.step for h in history] == [1, 2]
+        assert {h.step for h in client.get_metric_history(r.info.run_id, "train_loss")} == {1, 2}
+        contexts = {(i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"])
+                    for i in r.inputs.dataset_inputs}
+        assert ("val", "validation") in contexts and ("test-phantom-ham", "test") in contexts
+        assert any(c == "training" for _, c in contexts)
+        arts = {a.path for a in client.list_artifacts(r.info.run_id, "figures")}
+        assert "figures/confusion_phantom-ham.png" in arts and "figures/roc_phantom-ham.png" in arts
+        assert any(a.path.endswith(".safetensors") for a in client.list_artifacts(r.info.run_id, "model"))
+
+    hybrid = next(r for r in children if r.data.tags["regime"] == "hybrid")
+    assert (hybrid.data.tags["n_real"], hybrid.data.tags["n_synthetic"]) == ("6", "18")  # 24 real -> 75% of 24
+    baseline = next(r for r in children if r.data.tags["regime"] == "baseline")
+    assert baseline.data.metrics["test.phantom-isic.balanced_accuracy"] >= 0.75
+    assert "mcnemar.vit.hybrid.phantom-ham.seed0.p_value" in parent.data.metrics
+
+    # the report's numbers are MLflow's numbers (one seed: the mean is the run's value)
+    table = pd.read_csv(workdir.reports / "table_iv.csv")
+    for r in children:
+        row = table[(table["regime"] == r.data.tags["regime"]) & (table["test_set"] == "phantom-ham")].iloc[0]
+        assert row["balanced_accuracy_mean"] == r.data.metrics["test.phantom-ham.balanced_accuracy"]
+
+    # the same comparison again: the parent is resumed and finished cells are read back, not retrained
+    again = validate(workdir, cfg)
+    assert again.parent_run_id == report.parent_run_id and again.reused == 2
+    assert len(_children(client, report.parent_run_id)) == 2
+
+
+def test_a_lesion_in_training_and_test_data_is_refused(workdir):
+    fx = make_validation_data(workdir, n_synthetic=2)
+    seeds = read_manifest(workdir.seeds_manifest, SEEDS)
+    leaked = seeds[seeds["split"] == "train"]["lesion_id"].iloc[3]
+    path = fx.test_sets["phantom-ham"]
+    test = read_manifest(path, SEEDS)
+    test.loc[0, "lesion_id"] = leaked
+    write_manifest(test, path, SEEDS)
+    with pytest.raises(ValidationError, match=f"lesion '{leaked}' is in the seeds' 'train' split and in test set 'phantom-ham'"):
+        validate(workdir, tiny_config("validation-leak"))
+
+
+def test_the_same_image_in_val_and_test_is_refused(workdir):
+    fx = make_validation_data(workdir, n_synthetic=2)
+    seeds = read_manifest(workdir.seeds_manifest, SEEDS)
+    val_row = seeds[seeds["split"] == "val"].iloc[0]
+    test = read_manifest(fx.test_sets["phantom-isic"], SEEDS)
+    test.loc[0, "sample_id"] = val_row["sample_id"]
+    write_manifest(test, fx.test_sets["phantom-isic"], SEEDS)
+    with pytest.raises(ValidationError, match="image .* is in the seeds' 'val' split"):
+        validate(workdir, tiny_config("validation-leak-image"))
+
+
+def test_no_accepted_synthetic_images_runs_the_baseline_and_says_why(workdir):
+    make_validation_data(workdir, synthetic_status="rejected", n_synthetic=2)
+    cfg = tiny_config("validation-nosyn", epochs=1)
+    report = validate(workdir, cfg, log_model=False, test_sets={
+        "phantom-ham": workdir.test_set_manifest("phantom-ham")})
+    assert report.runs == 1 and set(report.skipped) == {"hybrid"}
+    assert "no accepted synthetic images" in report.skipped["hybrid"]
+    assert "0 accepted" in report.skipped["hybrid"]
+    text = report.table_path.read_text()
+    assert "hybrid: no accepted synthetic images" in text and "The hybrid regime was not run" in text
+    parent = MlflowClient().get_run(report.parent_run_id)
+    assert "hybrid" in json.loads(parent.data.tags["dermt2im.skipped"])
+    children = _children(MlflowClient(), report.parent_run_id)
+    assert {k.split(".")[1] for k in children[0].data.metrics if k.startswith("test.")} == {"phantom-ham"}
+
+
+def test_only_synthetic_regimes_without_synthetic_images_is_a_clear_error(workdir):
+    make_validation_data(workdir, n_synthetic=2)
+    syn = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    write_manifest(syn.assign(status=None), workdir.synthetic_manifest, SYNTHETIC)  # gate not run yet
+    cfg = tiny_config("validation-onlysyn", regimes=["hybrid", "synthetic_only"])
+    with pytest.raises(ValidationError, match="nothing to validate.*not yet through the quality gate.*include 'baseline'"):
+        validate(workdir, cfg)
+
+
+def test_missing_seeds_is_a_clear_error(workdir):
+    with pytest.raises(ValidationError, match="no seeds manifest"):
+        validate(workdir, tiny_config("validation-empty"))
+
+
+def test_validate_flow_runs_cells_as_cached_tasks(prefect_harness, workdir):
+    from flows.validate import validate as validate_flow
+    from tests.prefect_utils import task_states
+
+    make_validation_data(workdir, n_train=8, n_val=2, n_test=2, n_synthetic=8, n_external=4)
+    overrides = ["validate.models=[vit]", "validate.regimes=[baseline, hybrid]", "validate.seeds=[0]",
+                 "validate.epochs=1", "validate.segmentation_samples=0", "tracking.experiment=validation-flow",
+                 "validate.learning_rate=0.003"]
+    state = validate_flow(str(workdir.root), "smoke", overrides, log_model=False, return_state=True)
+    out = state.result()
+    assert out["runs"] == 2 and out["skipped"] == {}
+    assert (workdir.reports / "table_iv.md").is_file() and out["report"]["fig10"].endswith("fig10.png")
+    states = task_states(state)
+    assert sorted(states["validate-cell"]) == ["Completed", "Completed"]
+    assert states["table-iv"] == ["Completed"]
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts()
+    assert any(a.key == "table-iv" for a in artifact)
+
+    again = validate_flow(str(workdir.root), "smoke", overrides, log_model=False, return_state=True)
+    assert again.result()["parent_run_id"] == out["parent_run_id"]
+    assert set(task_states(again)["validate-cell"]) == {"Cached"}
+    children = _children(MlflowClient(), out["parent_run_id"])
+    assert len(children) == 2
+    assert np.isfinite([c.data.metrics["test.seeds-test.accuracy"] for c in children]).all()
