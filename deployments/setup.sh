@@ -13,8 +13,8 @@
 #                               (deployments/work-pools/cuda-kubernetes.json)
 #                   process     flows run as subprocesses of a worker that already sits on a GPU
 #                               (docker/compose.yaml's gpu worker, or a bare GPU host)
-#                 A pool keeps the type it was created with: to change it, first run
-#                 `prefect work-pool delete cuda`.
+#                 A pool keeps the type it was created with: setup.sh stops when the
+#                 existing `cuda` pool has another type (`prefect work-pool delete cuda` first).
 #   --gpu-slots   tasks tagged `gpu` that may run at once across all workers (default: 1; set it
 #                 to the number of GPUs serving the cuda pool)
 #   --no-deploy   create pools and the limit only
@@ -64,6 +64,18 @@ cd "$ROOT"  # prefect.yaml's entrypoints are relative to the repository root
 # PREFECT may be a command with arguments (e.g. "python -m prefect"): split it on purpose.
 # shellcheck disable=SC2086
 pf() { $PREFECT --no-prompt "$@"; }
+
+# A pool keeps the type it was created with, and `work-pool create --overwrite` would silently
+# give an existing pool of another type that type's default template (no GPU request): refuse.
+PY="$(command -v python3 || command -v python || true)"
+if [[ -n "$PY" ]] && inspected="$(pf work-pool inspect cuda --output json 2>/dev/null)"; then
+  have="$(printf '%s' "$inspected" | "$PY" -c 'import json, sys; print(json.load(sys.stdin).get("type", ""))' 2>/dev/null || true)"
+  if [[ -n "$have" && "$have" != "$CUDA_POOL_TYPE" ]]; then
+    echo "setup.sh: work pool 'cuda' exists with type '$have', not '$CUDA_POOL_TYPE'." >&2
+    echo "          Keep it (--cuda-type $have) or remove it first: prefect work-pool delete cuda" >&2
+    exit 1
+  fi
+fi
 
 echo "==> work pool 'cpu' (process) on $PREFECT_API_URL"
 pf work-pool create cpu --type process --overwrite

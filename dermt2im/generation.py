@@ -263,6 +263,10 @@ def _fuse(pipe, lora: LoraChoice, scale: float) -> None:
     log.info("fused LoRA %s (sha256 %s) at scale %g", lora.weights, (lora.sha256 or "")[:12], scale)
 
 
+def _lora_state(sha256: str | None, scale: float | None) -> tuple:
+    return (sha256, scale) if sha256 else (None, None)
+
+
 def prepared_pipeline(cfg: FactoryConfig, lora: LoraChoice, scale: float, *, pipe=None) -> Prepared:
     """The pipeline to render with, LoRA fused at ``scale``.
 
@@ -278,10 +282,7 @@ def prepared_pipeline(cfg: FactoryConfig, lora: LoraChoice, scale: float, *, pip
             if prep is None:
                 prep = Prepared(pipe, SamplerSwitch(pipe), None, None)
                 _PASSED[pipe] = prep
-        if (prep.lora_sha256, prep.lora_scale if prep.lora_sha256 else None) != (
-            lora.sha256,
-            scale if lora.sha256 else None,
-        ):
+        if _lora_state(prep.lora_sha256, prep.lora_scale) != _lora_state(lora.sha256, scale):
             if prep.lora_sha256 is not None:
                 log.warning("replacing the LoRA fused into the given pipeline (unfuse is not bit-exact)")
                 from dermt2im.lora_io import unload_lora
@@ -296,7 +297,7 @@ def prepared_pipeline(cfg: FactoryConfig, lora: LoraChoice, scale: float, *, pip
 
     device = resolve_device(cfg.generate.device)
     dtype = _resolve_dtype(cfg.generate.dtype, device)
-    key = (_base_identity(cfg), cfg.train.revision, device, str(dtype), lora.sha256, scale if lora.sha256 else None)
+    key = (_base_identity(cfg), cfg.train.revision, device, str(dtype), *_lora_state(lora.sha256, scale))
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -549,9 +550,11 @@ def render_shard(workdir: Workdir, cfg: FactoryConfig, shard: int, *, lora: Path
 
     from dermt2im.models import resolve_device
 
-    device = resolve_device(cfg.generate.device)
-    dtype_name = _dtype_name(pipe.dtype if pipe is not None else _resolve_dtype(cfg.generate.dtype, device))
-    device_name = str(pipe.device) if pipe is not None else device
+    if pipe is not None:
+        dtype_name, device_name = _dtype_name(pipe.dtype), str(pipe.device)
+    else:
+        device_name = resolve_device(cfg.generate.device)
+        dtype_name = _dtype_name(_resolve_dtype(cfg.generate.dtype, device_name))
     if device_name.startswith("cuda") and torch.cuda.is_available():
         device_name = f"{device_name} ({torch.cuda.get_device_name()})"
     for r in state.todo:

@@ -250,7 +250,9 @@ def phash_hex(value: int) -> str:
 
 
 def hamming_matrix(hashes: list[int]) -> np.ndarray:
-    bits = np.array([[(h >> (63 - i)) & 1 for i in range(64)] for h in hashes], np.float32).reshape(-1, 64)
+    """Pairwise Hamming distances between 64-bit hashes (a matrix product over bit vectors)."""
+    raw = np.array(hashes, dtype=np.uint64).reshape(-1, 1).view(np.uint8)
+    bits = np.unpackbits(raw, axis=1).astype(np.float32)  # bit order does not matter for distances
     ones = bits.sum(1)
     return (ones[:, None] + ones[None, :] - 2 * bits @ bits.T).round().astype(np.int32)
 
@@ -412,16 +414,17 @@ def assess(workdir: Workdir, cfg: FactoryConfig) -> QualityReport:
     order = [i for i in order if reasons[i] is None]
     if len(order) > 1:
         ham = hamming_matrix([measured[i]["phash"] for i in order])
-        kept: list[int] = []
+        kept = np.zeros(len(order), bool)
         for a, i in enumerate(order):
-            close = [b for b in kept if ham[a, b] <= q.near_duplicate_hamming]
-            if close:
-                j = order[close[0]]
-                reasons[i] = (f"near-duplicate: perceptual hash within {int(ham[a, close[0]])} bits "
+            close = np.flatnonzero(kept & (ham[a] <= q.near_duplicate_hamming))
+            if close.size:
+                b = int(close[0])
+                j = order[b]
+                reasons[i] = (f"near-duplicate: perceptual hash within {int(ham[a, b])} bits "
                               f"of {out.at[j, 'sample_key']}")
                 out.at[i, "duplicate_of"] = out.at[j, "sample_key"]
             else:
-                kept.append(a)
+                kept[a] = True
 
     out["reason"] = reasons
     out["status"] = ["rejected" if r else "accepted" for r in reasons]
@@ -441,7 +444,8 @@ def assess(workdir: Workdir, cfg: FactoryConfig) -> QualityReport:
         files=files,
         seeds_compared=len(seeds.ids),
     )
-    log.info("%s", report.summary())
+    log.info("quality gate: %d accepted, %d rejected %s; %d near-copies of seeds", report.accepted,
+             report.rejected, report.reasons, report.memorised)
     return report
 
 

@@ -25,6 +25,7 @@ from dermt2im.config import FactoryConfig
 from dermt2im.fileio import atomic_path, atomic_write_text
 from dermt2im.metrics import METRICS, mean_ci
 from dermt2im.tracking import metric_key, tracking_client
+from dermt2im.validation import ValidationError
 from dermt2im.workdir import Workdir
 
 PRIMARY = "balanced_accuracy"
@@ -39,8 +40,9 @@ LABELS_SHOWN = {
 MODEL_ORDER = {"vit": 0, "mobilenet_v2": 1}
 
 
-class ReportError(ValueError):
-    """No comparison to report on, or the one named is not a comparison."""
+class ReportError(ValidationError):
+    """No comparison to report on, or the one named is not a comparison (a ``ValidationError``, so
+    the CLI shows it as a message, not a traceback)."""
 
 
 # --- per-run figures --------------------------------------------------------------------------
@@ -294,7 +296,7 @@ def fig10(table: pd.DataFrame, out: Path) -> Path:
         t = table[table["model"] == model]
         sets = sorted(t["test_set"].unique())
         regimes = sorted(t["regime"].unique(), key=_regime_order)
-        width = 0.8 / max(len(regimes), 1)
+        width = 0.8 / max(len(regimes), 2)
         x = np.arange(len(sets))
         for i, m in enumerate(metrics):
             ax = axes[i][j]

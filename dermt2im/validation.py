@@ -578,8 +578,14 @@ def run_cell(
         for i in range(0, len(items), 500):
             client.log_batch(run_id, metrics=items[i : i + 500])
         client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as err:
+        try:
+            client.set_tag(run_id, "dermt2im.error", f"{type(err).__name__}: {err}"[:5000])
+            client.set_terminated(run_id, "FAILED")
+        except Exception:  # noqa: BLE001 - never hide the original error behind a logging one
+            log.exception("could not mark run %s as failed", run_id)
+        if isinstance(err, classify.ModelUnavailable):
+            raise ValidationError(str(err)) from err
         raise
     finally:
         if torch.cuda.is_available():

@@ -14,13 +14,16 @@ from tasks.validate import cell_task, finish_task, plan_task, report_task, segme
 @flow(name="validate", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def validate(
     workdir: str,
-    config: str | None = "smoke",
+    config: str | None = None,
     overrides: list[str] | None = None,
     test_sets: dict[str, str] | None = None,
     log_model: bool = True,
 ) -> dict:
-    """Validate the synthetic images of ``workdir`` (config: a preset or file; None: the workdir's
-    saved config). ``test_sets``: name -> ingested test-set manifest; default: every manifest under
+    """Validate the synthetic images of ``workdir``.
+
+    ``config``: a preset or file, saved as the workdir's config; None (the default, as the factory
+    and the deployments call it): the workdir's saved config, or the smoke preset in a fresh
+    workdir. ``test_sets``: name -> ingested test-set manifest; default: every manifest under
     W/manifests/test_sets plus the seeds' own test split."""
     log = get_run_logger()
     w = Workdir.at(workdir)
@@ -44,4 +47,4 @@ def validate(
 if __name__ == "__main__":  # python -m flows.validate WORKDIR [CONFIG]
     import sys
 
-    validate(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "smoke")
+    validate(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

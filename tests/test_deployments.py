@@ -61,13 +61,13 @@ def _prefect_command() -> str:
     return str(exe) if exe.is_file() else f"{sys.executable} -m prefect"
 
 
-def _run_setup(api_url: str, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
+def _run_setup(api_url: str, *args: str, timeout: float = 420, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, PREFECT_API_URL=api_url, PREFECT=_prefect_command(), PREFECT_CLI_PROMPT="false",
                COLUMNS="200", CUDA_POOL_TYPE="docker")
     env.pop("DERMT2IM_PROJECT_ROOT", None)
     proc = subprocess.run(["bash", str(SETUP), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
-    assert proc.returncode == 0, f"setup.sh {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0 or not check, f"setup.sh {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
 
@@ -169,6 +169,29 @@ def test_setup_script_creates_pools_limit_and_every_deployment(api_url, tmp_path
     and then again, as compose's `setup` service does on every `docker compose up`; in between a
     worker runs one of the registered deployments."""
     _require_entrypoints()
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:  # the session's server may hold another test's pool
+        try:
+            client.delete_work_pool("cuda")
+        except ObjectNotFound:
+            pass
+        try:
+            gpu_limit_before = client.read_concurrency_limit_by_tag("gpu").concurrency_limit
+        except ObjectNotFound:
+            gpu_limit_before = None
+    try:
+        _setup_deploy_run_and_rerun(api_url, tmp_path)
+    finally:  # leave the session's server as other flow tests expect it: no `gpu` limit of ours
+        with get_client(sync_client=True) as client:
+            if gpu_limit_before is None:
+                client.delete_concurrency_limit_by_tag("gpu")
+            else:
+                client.create_concurrency_limit(tag="gpu", concurrency_limit=gpu_limit_before)
+
+
+def _setup_deploy_run_and_rerun(api_url: str, tmp_path: Path) -> None:
     log = _run_setup(api_url).stdout
     state = _read_back()
     _check_every_deployment_is_registered_on_its_pool(state["deployments"], log)
@@ -179,16 +202,12 @@ def test_setup_script_creates_pools_limit_and_every_deployment(api_url, tmp_path
     _check_a_worker_runs_a_deployment(api_url, tmp_path)
 
     _run_setup(api_url, "--no-deploy", "--gpu-slots", "2", timeout=180)  # a re-run updates in place
+    refused = _run_setup(api_url, "--no-deploy", "--cuda-type", "process", timeout=180, check=False)
+    assert refused.returncode != 0 and "exists with type 'docker'" in refused.stderr, refused.stderr
     again = _read_back()
-    try:
-        assert again["gpu_limit"] == 2
-        assert again["pools"]["cuda"].type == "docker" and again["pools"]["cpu"].type == "process"
-        assert set(again["deployments"]) == set(state["deployments"])
-    finally:
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as client:
-            client.create_concurrency_limit(tag="gpu", concurrency_limit=1)
+    assert again["gpu_limit"] == 2
+    assert again["pools"]["cuda"].type == "docker" and again["pools"]["cpu"].type == "process"
+    assert set(again["deployments"]) == set(state["deployments"])
 
 
 def test_kubernetes_template_is_accepted_by_the_server(api_url):

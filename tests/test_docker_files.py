@@ -215,6 +215,10 @@ def test_templates_use_the_image_user_and_names_compose_defines():
         assert vol.split(":")[0] in volume_names, vol
     assert docker["networks"]["default"] == [compose["networks"]["default"]["name"]]
     assert docker["image"]["default"] == compose["services"]["gpu-worker"]["image"]
+    # Flow-run containers join that network and reach the servers by service name, like the workers.
+    worker_env = compose["services"]["gpu-worker"]["environment"]
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "DERMT2IM_PROJECT_ROOT"):
+        assert docker["env"]["default"][key] == worker_env[key], key
 
     k8s = json.loads((DEPLOYMENTS / "work-pools" / "cuda-kubernetes.json").read_text())
     uid = k8s["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
@@ -421,3 +425,15 @@ def test_env_example_defines_every_variable_compose_reads():
     assert used <= set(example), f"missing from docker/.env.example: {sorted(used - set(example))}"
     assert example["POSTGRES_PASSWORD"] == "", "ship no password: compose refuses to start until one is set"
     assert example["BIND_ADDRESS"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("deployment", [d["name"] for d in _prefect_yaml()["deployments"]])
+def test_deployment_config_and_overrides_load(deployment):
+    """A typo in an override would only surface when the run starts on a worker: load it here."""
+    from dermt2im.config import load_config
+
+    d = next(d for d in _prefect_yaml()["deployments"] if d["name"] == deployment)
+    params = d.get("parameters", {})
+    presets = [params["config"]] if params.get("config") else ["smoke", "paper"]  # None: the workdir's own
+    for preset in presets:
+        load_config(preset, params.get("overrides") or [])

@@ -188,11 +188,14 @@ def test_interrupted_shard_resumes_to_exactly_the_plan(workdir, tmp_path, pipe, 
     assert len([p for p in files if p.suffix == ".png"]) == 6
     assert all(sha256_file(p) == s for p, s in zip(df["path"], df["sha256"]))
 
+    # the same images as an uninterrupted run (the resumed batches are composed differently, and
+    # CPU batched convolutions may round a pixel by one level: see test_an_image_does_not_depend_on_its_batch)
     clean = Workdir.at(tmp_path / "clean")
     _plan(clean, cfg)
     gen.render_shard(clean, cfg, 0, lora=None, pipe=pipe)
-    ref = read_manifest(clean.synthetic_manifest, SYNTHETIC).set_index("sample_key")["sha256"]
-    assert df.set_index("sample_key")["sha256"].sort_index().equals(ref.sort_index())
+    ref = read_manifest(clean.synthetic_manifest, SYNTHETIC).set_index("sample_key")
+    for key, path in zip(df["sample_key"], df["path"]):
+        assert _max_diff(path, ref.loc[key, "path"]) <= 1
 
 
 def test_files_written_before_a_crash_are_recorded_without_rendering(workdir, pipe, monkeypatch):
@@ -212,19 +215,28 @@ def test_files_written_before_a_crash_are_recorded_without_rendering(workdir, pi
     assert again.sort_index()["sha256"].equals(full.set_index("sample_key").sort_index()["sha256"])
 
 
-def test_a_deleted_or_stale_image_is_rendered_again(workdir, pipe):
+def test_a_deleted_image_is_rendered_again(workdir, tmp_path, pipe):
     cfg = tiny_cfg()
     _plan(workdir, cfg)
     gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
     df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
     gone = df.iloc[1]
-    import os
+    import shutil
 
-    os.remove(gone["path"])
+    shutil.move(gone["path"], tmp_path / "before.png")
     assert gen.shard_missing(workdir, cfg, 0, None) == 1
     redone = gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
     assert [r["sample_key"] for r in redone] == [gone["sample_key"]]
-    assert sha256_file(gone["path"]) == gone["sha256"]  # bit for bit the same image
+    # the same image (rendered alone now, in a batch before: equal up to one level, see above)
+    assert redone[0]["render_key"] == gone["render_key"] and _max_diff(gone["path"], tmp_path / "before.png") <= 1
+    assert len(read_manifest(workdir.synthetic_manifest, SYNTHETIC)) == 6
+
+
+def _max_diff(a, b) -> int:
+    from PIL import Image
+
+    x, y = (np.asarray(Image.open(p).convert("RGB")).astype(int) for p in (a, b))
+    return int(np.abs(x - y).max())
 
 
 def _make_lora(folder):

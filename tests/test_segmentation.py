@@ -1,0 +1,63 @@
+"""The SAM segmentation check: prompts at the lesion, mask statistics, tiny SAM, offline message."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dermt2im.segmentation import lesion_prompt, mask_stats, segmentation_check
+from tests.validate_fixtures import make_validation_data, one_torch_thread, tiny_config  # noqa: F401
+
+
+def _disc(size=64, r=10, cx=30, cy=34):
+    yy, xx = np.mgrid[0:size, 0:size]
+    return np.hypot(xx - cx, yy - cy) < r
+
+
+def test_mask_statistics_of_a_disc_and_a_ragged_blob():
+    disc = mask_stats(_disc(size=128, r=30, cx=64, cy=64))
+    assert disc["area_fraction"] == pytest.approx(math.pi * 30**2 / 128**2, rel=0.03)
+    assert disc["irregularity"] == pytest.approx(1.0, abs=0.12)
+    yy, xx = np.mgrid[0:128, 0:128]
+    angle = np.arctan2(yy - 64, xx - 64)
+    star = np.hypot(xx - 64, yy - 64) < 30 * (1 + 0.4 * np.sin(7 * angle))
+    assert mask_stats(star)["irregularity"] > 1.5 * disc["irregularity"]
+    empty = mask_stats(np.zeros((8, 8), bool))
+    assert empty["area_fraction"] == 0 and math.isnan(empty["irregularity"])
+
+
+def test_prompt_finds_the_lesion_not_the_dark_vignette():
+    rgb = np.full((64, 64, 3), 210, np.uint8)
+    yy, xx = np.mgrid[0:64, 0:64]
+    rgb[np.hypot(xx - 32, yy - 32) > 36] = 5  # dermatoscope ring: darker than the lesion, at the border
+    rgb[_disc()] = 90
+    (px, py), (x0, y0, x1, y1), blob = lesion_prompt(rgb)
+    assert abs(px - 30) <= 9 and abs(py - 34) <= 9
+    assert x0 <= 21 and y0 <= 25 and x1 >= 39 and y1 >= 43 and x1 - x0 < 40
+    assert blob[34, 30] and not blob[0, 0]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_tiny_sam_reports_real_and_synthetic_side_by_side(workdir):
+    make_validation_data(workdir, n_train=3, n_val=1, n_test=1, n_synthetic=3, n_external=1)
+    report = segmentation_check(workdir, tiny_config(segmentation_samples=2))
+    assert report.status == "ok", report.message
+    table = pd.read_csv(report.paths["csv"])
+    counts = table.groupby(["source", "label"]).size().to_dict()
+    assert counts == {("real", "benign"): 2, ("real", "malignant"): 2,
+                      ("synthetic", "benign"): 2, ("synthetic", "malignant"): 2}
+    assert table["sam_area_fraction"].between(0, 1).all()
+    assert (table.groupby("label")["otsu_area_fraction"].mean()["malignant"]
+            > table.groupby("label")["otsu_area_fraction"].mean()["benign"])
+    md = report.paths["md"].read_text()
+    assert "| malignant | synthetic | 2 |" in md and "Tiny random SAM" in md
+
+
+def test_an_unavailable_sam_model_gives_a_message_not_a_crash(workdir):
+    make_validation_data(workdir, n_train=1, n_val=1, n_test=1, n_synthetic=1, n_external=1)
+    cfg = tiny_config(tiny=False, sam_model="/nonexistent/sam", segmentation_samples=1)
+    report = segmentation_check(workdir, cfg)
+    assert report.status == "unavailable"
+    assert "SAM model '/nonexistent/sam' is not available" in report.message
+    assert "validate.segmentation_samples=0" in report.paths["md"].read_text()
