@@ -55,6 +55,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("dermt2im.training", "TrainingError"),
         ("dermt2im.validation", "ValidationError"),
         ("dermt2im.generation", "GenerationError"),
+        ("dermt2im.export", "ExportError"),
+        ("dermt2im.report", "ReportError"),
     ):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))

@@ -38,7 +38,7 @@ from typing import Any
 
 from dermt2im import lora_io
 from dermt2im.config import LABELS, FactoryConfig, TrainConfig
-from dermt2im.fileio import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
+from dermt2im.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 from dermt2im.manifest import SEEDS, read_manifest
 from dermt2im.workdir import Workdir
 
@@ -409,6 +409,11 @@ def _class_images(ctx: _Ctx, label: str) -> list[Path]:
     import torch
 
     folder = ctx.lora_dir / CLASS_IMAGES / label
+    stamp = folder / ".cache_key"
+    if folder.is_dir() and (not stamp.is_file() or stamp.read_text() != ctx.key):
+        shutil.rmtree(folder)  # made for other inputs (a reused run_id)
+    if not stamp.is_file():
+        atomic_write_text(stamp, ctx.key)
     want = ctx.train.num_class_images
     paths = [folder / f"class-{i:05d}.png" for i in range(want)]
     todo = [i for i, p in enumerate(paths) if not p.is_file()]
@@ -1161,9 +1166,9 @@ def train_lora(
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False)
-    pipe.vae.to(accelerator.device, dtype=weight_dtype)
-    pipe.text_encoder.to(accelerator.device, dtype=weight_dtype)
-    pipe.unet.to(accelerator.device, dtype=weight_dtype)
+    cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
+    for m in (pipe.vae, pipe.text_encoder, pipe.unet):
+        m.to(accelerator.device, **cast)
     if t.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if t.train_text_encoder:

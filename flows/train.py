@@ -31,17 +31,3 @@ def train(workdir: str, config: str | None = None, overrides: list[str] | None =
     log.info("LoRA %s in %s (%s)", out["run_id"], out["lora_dir"], "cached" if out["cached"] else "trained")
     return out
 
-
-if __name__ == "__main__":
-    import argparse
-
-    from dermt2im.workdir import configure_runtime
-
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("workdir")
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--no-resume", action="store_true")
-    args = ap.parse_args()
-    configure_runtime(Workdir.at(args.workdir))
-    print(train(args.workdir, args.config, args.overrides or None, None if args.no_resume else "latest"))
