@@ -40,6 +40,9 @@ def _setup(workdir: Path, config: str | None, overrides: list[str] | None):
     w = Workdir.at(workdir)
     configure_runtime(w)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for chatty in ("httpx", "httpcore", "docket", "alembic", "urllib3"):  # per-request lines drown the stage logs
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # probes for CUDA kernels even on CPU-only runs
     return w, _guard(lambda: workdir_config(w, config, overrides))
 
 

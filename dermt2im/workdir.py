@@ -88,6 +88,9 @@ def configure_runtime(workdir: Workdir) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     # Let Prefect's UI show the domain layer's own log lines inside task runs.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dermt2im")
+    # Offline by default: no usage telemetry from the temporary local server.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
 CONFIG_SNAPSHOT = "config.yaml"
