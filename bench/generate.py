@@ -80,7 +80,6 @@ def make_lora(pipe, folder: Path, rank: int = 4) -> Path:
 
 
 def naive(pipe, rows, lora: Path, out: Path) -> list[np.ndarray]:
-    from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     from dermt2im.lora_io import load_lora

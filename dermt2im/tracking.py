@@ -23,7 +23,11 @@ def use_tracking(workdir: Workdir, cfg: TrackingConfig, experiment: str | None =
     name = experiment or cfg.experiment
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        exp_id = mlflow.create_experiment(name, artifact_location=workdir.mlflow_artifacts.as_uri())
+        uri = mlflow.get_tracking_uri()
+        # A local store keeps artifacts beside it in the workdir; a tracking server decides for itself.
+        local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+        location = workdir.mlflow_artifacts.as_uri() if local else None
+        exp_id = mlflow.create_experiment(name, artifact_location=location)
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)

@@ -1,6 +1,5 @@
 """The command line as a user runs it: phantoms -> ingest -> preprocess, and its error messages."""
 
-import pandas as pd
 from typer.testing import CliRunner
 
 from dermt2im.cli import app

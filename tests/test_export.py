@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermt2im.config import load_config
 from dermt2im.export import ExportError, export_imagefolder
 from dermt2im.quality import assess
+from tests.gate_config import smoke_with_full_gate
 from tests.test_quality import altered_copy, bad_images, phantom, seed_workdir, synthetic_workdir
 
 
@@ -30,7 +30,7 @@ def assessed(workdir):
     images["benign-000007"] = bad_images()["noise"]
     images["malignant-000008"] = altered_copy(seeds[1][1])  # memorised
     synthetic_workdir(workdir, images)
-    return assess(workdir, load_config("smoke", ["quality.exclude_memorised=false"]))
+    return assess(workdir, smoke_with_full_gate(["quality.exclude_memorised=false"]))
 
 
 def test_export_writes_class_folders_and_metadata_that_load_back(workdir, tmp_path, assessed):
@@ -69,7 +69,7 @@ def test_export_needs_assessed_images(workdir, tmp_path):
     with pytest.raises(ExportError, match="quality"):
         export_imagefolder(workdir, tmp_path / "x")
     synthetic_workdir(workdir, {"benign-000000": bad_images()["blank"]})
-    assess(workdir, load_config("smoke"))
+    assess(workdir, smoke_with_full_gate())
     with pytest.raises(ExportError, match="0 of 1 .*blank"):
         export_imagefolder(workdir, tmp_path / "x")
     assert not (tmp_path / "x").exists()

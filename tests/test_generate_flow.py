@@ -6,10 +6,11 @@ import pytest
 
 from dermt2im.manifest import SYNTHETIC, read_manifest
 from flows.generate import generate
+from tests.gate_config import FULL_GATE
 from tests.prefect_utils import task_states
 
 pytestmark = pytest.mark.slow
-SMALL = [
+SMALL = FULL_GATE + [
     "generate.per_class=2",
     "generate.shard_size=2",
     "generate.width=32",

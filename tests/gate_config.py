@@ -1,0 +1,13 @@
+"""The smoke preset relaxes two quality checks for its noise-drawing tiny model; gate tests need all of them."""
+
+from dermt2im.config import FactoryConfig, QualityConfig, load_config
+
+_DEFAULT = QualityConfig()
+FULL_GATE = [
+    f"quality.max_high_frequency_ratio={_DEFAULT.max_high_frequency_ratio}",
+    f"quality.min_lesion_contrast={_DEFAULT.min_lesion_contrast}",
+]
+
+
+def smoke_with_full_gate(overrides: list[str] | None = None) -> FactoryConfig:
+    return load_config("smoke", FULL_GATE + list(overrides or []))
