@@ -189,6 +189,13 @@ class GenerateConfig(Strict):
         ", on dark brown skin, Fitzpatrick type VI",
     )
     writer_threads: int = Field(2, ge=1)
+    lease_seconds: float = Field(
+        120.0, gt=0, description="a worker's claim on a shard lapses this long after its last renewal (scale-out)"
+    )
+    parallel_workers: int = Field(
+        0, ge=0, description="> 0: the generate flow renders through this many runs of worker_deployment (scale-out)"
+    )
+    worker_deployment: str = "generate-worker/generate-worker-cuda"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
 

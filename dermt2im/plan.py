@@ -102,33 +102,36 @@ _COMPARED = [c for c in PLAN.columns if c not in ("sample_key",)]
 
 
 def update_plan(plan_path: Path, cfg: GenerateConfig, *, token: str, per_class: int | None = None) -> pd.DataFrame:
-    """Create or extend the plan at ``plan_path`` and return the whole plan.
+    """Create, extend or re-plan the plan at ``plan_path`` and return the whole plan.
 
-    Existing rows are never changed or removed: asking for fewer samples than are planned keeps the
-    plan as it is, asking for more appends the missing indices. If the current config would plan an
-    existing row differently (e.g. the prompt template changed) the row is kept and a warning says
-    so: the plan is the record of what is (or will be) rendered; start a new workdir or delete
-    plan.parquet to re-plan from scratch.
+    The plan follows the config: asking for more samples appends the missing indices (existing rows
+    stay byte-identical); asking for fewer keeps what is planned; and rows that the current config
+    would plan differently (e.g. a new guidance scale or prompt template) are re-planned, with a
+    warning, so that the generate stage re-renders exactly those. Unchanged rows are never touched,
+    and an unchanged plan file is not rewritten.
     """
     plan_path = Path(plan_path)
-    wanted = build_plan(cfg, token=token, per_class=per_class)
     existing = read_manifest(plan_path, PLAN)
+    requested = cfg.per_class if per_class is None else int(per_class)
+    planned = int(existing.groupby("label")["index"].max().max()) + 1 if not existing.empty else 0
+    wanted = build_plan(cfg, token=token, per_class=max(requested, planned))
     if existing.empty:
         write_manifest(wanted, plan_path, PLAN)
         log.info("planned %d samples (%s) in %s", len(wanted), _counts(wanted), plan_path)
         return read_manifest(plan_path, PLAN)
 
     have = set(existing["sample_key"])
-    common = wanted[wanted["sample_key"].isin(have)]
-    _warn_on_drift(existing, common)
+    changed = _drifted(existing, wanted[wanted["sample_key"].isin(have)])
     new = wanted[~wanted["sample_key"].isin(have)]
-    if new.empty:
+    if new.empty and not changed:
         return existing
-    merged = pd.concat([existing, new], ignore_index=True)
+    keep = existing[~existing["sample_key"].isin(set(wanted["sample_key"]))]  # rows the config no longer plans
+    merged = pd.concat([keep, wanted], ignore_index=True)
     # class-major order, each class by index: the plan file reads the same however it grew
     merged = merged.sort_values(["label", "index"], key=_label_order, kind="stable").reset_index(drop=True)
     write_manifest(merged, plan_path, PLAN)
-    log.info("extended the plan by %d samples (%s) to %d", len(new), _counts(new), len(merged))
+    if new.size:
+        log.info("extended the plan by %d samples (%s) to %d", len(new), _counts(new), len(merged))
     return read_manifest(plan_path, PLAN)
 
 
@@ -139,18 +142,20 @@ def _label_order(col: pd.Series) -> pd.Series:
     return col
 
 
-def _warn_on_drift(existing: pd.DataFrame, wanted: pd.DataFrame) -> None:
+def _drifted(existing: pd.DataFrame, wanted: pd.DataFrame) -> list[str]:
+    """Columns in which already-planned rows differ from what the config plans now (logged)."""
     if wanted.empty:
-        return
+        return []
     a = existing.set_index("sample_key").loc[wanted["sample_key"], _COMPARED].reset_index(drop=True)
     b = wanted[_COMPARED].reset_index(drop=True)
     differing = [c for c in _COMPARED if not a[c].astype("string").equals(b[c].astype("string"))]
     if differing:
+        rows = int((a.astype("string") != b.astype("string")).any(axis=1).sum())
         log.warning(
-            "the existing plan differs from the current config in column(s) %s; planned rows are kept "
-            "as they are (delete the plan or use a new workdir to re-plan)",
-            ", ".join(differing),
+            "the config changed column(s) %s of %d planned sample(s): they are re-planned and will be "
+            "re-rendered", ", ".join(differing), rows,
         )
+    return differing
 
 
 def _counts(df: pd.DataFrame) -> str:

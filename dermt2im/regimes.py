@@ -131,13 +131,16 @@ def _is_true(v) -> bool:
 
 
 def usable_synthetic(synthetic: pd.DataFrame) -> pd.DataFrame:
-    """Rows that passed the quality gate and the memorisation audit, as (path, label, source)."""
+    """Rows that passed the quality gate and the memorisation audit, as (path, label, source, sha256).
+
+    ``sha256`` lets cache keys see a re-rendered image: synthetic paths are names, not content."""
     if synthetic is None or synthetic.empty:
-        return pd.DataFrame(columns=ITEM_COLUMNS)
+        return pd.DataFrame(columns=[*ITEM_COLUMNS, "sha256"])
     df = synthetic
     ok = (df["status"] == "accepted") & ~df["memorised"].map(_is_true) & df["label"].isin(LABELS)
     ok &= df["path"].notna()
     out = df.loc[ok, ["path", "label"]].copy()
+    out["sha256"] = df.loc[ok, "sha256"].values if "sha256" in df.columns else None
     out["source"] = SYNTHETIC
     return out.drop_duplicates("path").reset_index(drop=True)
 

@@ -294,7 +294,7 @@ def comparison_key(cfg: FactoryConfig, inputs: ValidationInputs) -> str:
         cfg.validation.model_dump(mode="json", exclude={"test_sets", "segmentation_samples", "sam_model"}),
         _frame_digest(inputs.real_train, ["path", "label", "key"]),
         _frame_digest(inputs.real_val, ["path", "label", "key"]) if len(inputs.real_val) else "none",
-        _frame_digest(inputs.synthetic, ["path", "label"]) if len(inputs.synthetic) else "none",
+        _frame_digest(inputs.synthetic, ["path", "label", "sha256"]) if len(inputs.synthetic) else "none",
         {name: ts.digest for name, ts in sorted(inputs.test_sets.items())},
         code_digest(),
     )
@@ -304,9 +304,12 @@ def cell_key(cfg: FactoryConfig, inputs: ValidationInputs, cell: Cell) -> str:
     """Content key of one cell: training rows, validation rows, test sets, config, model, regime, seed."""
     from dermt2im.classify import model_name
 
+    synthetic_paths = {path for path, _label, source in cell.mixture.items if source == rg.SYNTHETIC}
+    used = inputs.synthetic[inputs.synthetic["path"].isin(synthetic_paths)] if synthetic_paths else None
     return _content_key(
         "cell",
         cell.mixture.digest(),
+        _frame_digest(used, ["path", "sha256"]) if used is not None and len(used) else "no synthetic",
         _frame_digest(inputs.real_val, ["path", "label"]) if len(inputs.real_val) else "none",
         {name: ts.digest for name, ts in sorted(inputs.test_sets.items())},
         cfg.digest("validate"),

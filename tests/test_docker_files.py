@@ -30,8 +30,9 @@ FLOW_CONTRACT = {
     "flows/generate.py:generate": ("generate", {"workdir", "config", "overrides", "lora", "per_class"}),
     "flows/validate.py:validate": ("validate", {"workdir", "config", "overrides"}),
     "flows/regenerate.py:regenerate": ("regenerate", {"workdir", "config", "overrides", "per_class_increment"}),
+    "flows/generate_worker.py:generate_worker": ("generate-worker", {"workdir", "config", "overrides", "lora"}),
 }
-GPU_ENTRYPOINTS = {"flows/train.py:train", "flows/generate.py:generate"}
+GPU_ENTRYPOINTS = {"flows/train.py:train", "flows/generate.py:generate", "flows/generate_worker.py:generate_worker"}
 
 
 def _prefect_yaml() -> dict:
@@ -144,6 +145,9 @@ def test_dispatch_names_match_deployments():
     orch = OrchestrationConfig()
     assert orch.train_deployment in names
     assert orch.generate_deployment in names
+    from dermt2im.config import GenerateConfig
+
+    assert GenerateConfig().worker_deployment in names  # generate.parallel_workers fans out to it
 
 
 def test_only_the_regeneration_is_scheduled_weekly_in_utc():

@@ -68,14 +68,20 @@ def test_more_samples_extend_the_plan_without_changing_existing_rows(tmp_path):
     assert len(again) == 24
 
 
-def test_changed_config_keeps_planned_rows_and_says_so(tmp_path, caplog):
+def test_changed_config_replans_changed_rows_and_says_so(tmp_path, caplog):
     path = tmp_path / "plan.parquet"
     before = update_plan(path, CFG, token="sks", per_class=4)
     with caplog.at_level(logging.WARNING, logger="dermt2im.plan"):
         after = update_plan(path, CFG.model_copy(update={"guidance_scale": 5.0}), token="sks", per_class=6)
-    assert "guidance_scale" in caplog.text
-    pd.testing.assert_frame_equal(after[after["index"] < 4].reset_index(drop=True), before)
-    assert (after.loc[after["index"] >= 4, "guidance_scale"] == 5.0).all()
+    assert "guidance_scale" in caplog.text and "re-planned" in caplog.text
+    assert len(after) == 12 and (after["guidance_scale"] == 5.0).all()
+    # only the changed column differs: seeds, prompts and samplers of planned rows stay as they were
+    old = after[after["index"] < 4].reset_index(drop=True)
+    pd.testing.assert_frame_equal(old.drop(columns="guidance_scale"), before.drop(columns="guidance_scale"))
+    # an unchanged config leaves the file alone
+    mtime = path.stat().st_mtime_ns
+    update_plan(path, CFG.model_copy(update={"guidance_scale": 5.0}), token="sks", per_class=6)
+    assert path.stat().st_mtime_ns == mtime
 
 
 def test_bad_sampler_or_prompt_is_a_clear_error():

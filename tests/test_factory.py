@@ -1,0 +1,78 @@
+"""The whole factory as one Prefect flow on tiny models, and its cache behaviour across runs."""
+
+import mlflow
+import pytest
+
+from dermt2im.manifest import PLAN, SEEDS, SYNTHETIC, read_manifest
+from dermt2im.workdir import Workdir
+from flows.factory import factory
+from tests.prefect_utils import task_states
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "phantoms.n_seed=16", "phantoms.n_test=8", "phantoms.size=48", "preprocess.size=32",
+    "train.max_steps=6", "train.checkpoint_every=3", "train.validation_images_per_class=1",
+    "train.validation_steps=2",
+    "generate.per_class=4", "generate.shard_size=4", "generate.width=32", "generate.height=32",
+    "generate.steps_min=2", "generate.steps_max=3", "generate.batch_size=4",
+    "validate.models=[vit]", "validate.seeds=[0]", "validate.epochs=1", "validate.image_size=32",
+    "validate.segmentation_samples=1",
+]
+SEED_STAGES = {"make_phantoms", "ingest", "preprocess"}
+GENERATE_STAGES = {"plan", "render-shard", "assess"}
+COMPUTE = SEED_STAGES | {"train_lora"} | GENERATE_STAGES | {"validate-cell"}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _ran(states: dict[str, list[str]], names: set[str]) -> dict[str, set[str]]:
+    return {n: set(states.get(n, [])) for n in names}
+
+
+def test_factory_end_to_end_then_cache_then_partial_reruns(prefect_harness, workdir):
+    root = str(workdir.root)
+    first = factory(root, config="smoke", overrides=SMALL, return_state=True)
+    out = first.result()
+    w = Workdir.at(root)
+
+    # every stage wrote what the next one reads
+    seeds = read_manifest(w.seeds_manifest, SEEDS)
+    assert len(seeds) == 16 and seeds.loc[seeds["status"] == "accepted", "processed_path"].notna().all()
+    assert set(out["seeds"]["test_sets"]) == {"phantom-isic", "phantom-ham"}
+    assert (w.lora / out["lora"]["run_id"] / "pytorch_lora_weights.safetensors").is_file()
+    synthetic = read_manifest(w.synthetic_manifest, SYNTHETIC)
+    assert len(synthetic) == len(read_manifest(w.plan_manifest, PLAN)) == 8
+    assert set(synthetic["status"]) <= {"accepted", "rejected"} and synthetic["sha256"].notna().all()
+    assert (w.reports / "table_iv.md").is_file() and "hybrid" in (w.reports / "table_iv.md").read_text()
+    children = mlflow.search_runs(experiment_names=["derm-t2im"], filter_string="tags.regime = 'hybrid'")
+    assert len(children) >= 1
+    first_states = task_states(first)
+    assert all(s == {"Completed"} for s in _ran(first_states, COMPUTE).values()), first_states
+
+    # nothing changed: every compute task is served from cache
+    same = factory(root, return_state=True)
+    assert all(s == {"Cached"} for s in _ran(task_states(same), COMPUTE).values()), task_states(same)
+
+    # a generation setting changed: seeds and training stay cached, generation and validation re-run
+    gen = factory(root, overrides=["generate.guidance_scale=5.0"], return_state=True)
+    states = _ran(task_states(gen), COMPUTE)
+    assert all(states[n] == {"Cached"} for n in SEED_STAGES | {"train_lora"}), states
+    assert "Completed" in states["render-shard"] and "Completed" in states["validate-cell"], states
+    assert (read_manifest(w.synthetic_manifest, SYNTHETIC)["guidance_scale"] == 5.0).all()
+
+    # a training setting changed: training and everything after it re-run, seed stages stay cached
+    tr = factory(root, overrides=["train.max_steps=4"], return_state=True)
+    states = _ran(task_states(tr), COMPUTE)
+    assert all(states[n] == {"Cached"} for n in SEED_STAGES), states
+    assert states["train_lora"] == {"Completed"} and "Completed" in states["render-shard"], states
+    assert "Completed" in states["validate-cell"], states
+    assert tr.result()["lora"]["run_id"] != out["lora"]["run_id"]

@@ -1,0 +1,269 @@
+"""Scale-out against a real Prefect server: two process workers split one plan through shard leases;
+one is killed (SIGKILL, with its flow-run processes) mid-shard and the plan still completes with no
+duplicate and no missing sample.
+
+Everything runs here: a `prefect server start` subprocess with its own PREFECT_HOME (SQLite), a
+process work pool with a unique name and one work queue per worker (so the test knows which
+worker runs which flow run), the `generate-worker` flow deployed from this checkout with
+``flow.from_source``, and two `prefect worker start --limit 1` processes, each in its own process
+group. Both workers sleep before every PNG write (test-only DERMT2IM_TEST_WRITE_DELAY) so their
+shards overlap in time and worker 1 is reliably killed in the middle of a shard: after it finished
+at least one shard, and after some PNGs of the current one are written but not all.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+PER_CLASS, SHARD_SIZE = 8, 2  # 2 classes x 8 images in shards of 2: 8 shards
+OVERRIDES = [f"generate.per_class={PER_CLASS}", f"generate.shard_size={SHARD_SIZE}", "generate.width=32",
+             "generate.height=32", "generate.steps_min=2", "generate.steps_max=2", "generate.batch_size=1",
+             "generate.writer_threads=1", "generate.lease_seconds=4", "generate.samplers=[euler]"]
+WRITE_DELAY = {1: 1.5, 2: 1.0}  # seconds before each PNG write (test-only hook), per worker
+
+
+def _prefect() -> list[str]:
+    exe = Path(sys.executable).with_name("prefect")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "prefect"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _base_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PREFECT_LOGGING_LEVEL="INFO",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("DERMT2IM_TEST_WRITE_DELAY", None)
+    return env
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.25, on_fail=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"\n{on_fail()}" if on_fail else ""))
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc): the flow-run supervisor starts its own session, so
+    killing the worker's process group alone would leave the flow run rendering."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        for c in children.get(p, []):
+            out.append(c)
+            frontier.append(c)
+    return out
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a worker, its process group and every process it started (a machine lost)."""
+    for pid in _descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    stragglers = _descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    for pid in [proc.pid, *stragglers]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=15)
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    return f"--- {path.name} ---\n" + (path.read_text(errors="replace")[-n:] if path.exists() else "(none)")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists() or sys.platform == "win32", reason="needs Linux /proc")
+def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(tmp_path):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from dermt2im.generation import update_plan
+    from dermt2im.leases import read_lease
+    from dermt2im.manifest import PLAN, SYNTHETIC, read_manifest
+    from dermt2im.workdir import Workdir, workdir_config
+    from dermt2im.workers import leases_folder, shard_done
+
+    # the plan, in a fresh workdir; its config snapshot is what the workers read (config=None)
+    w = Workdir.at(tmp_path / "work")
+    cfg = workdir_config(w, "smoke", OVERRIDES)
+    plan = update_plan(w.plan_manifest, cfg.generate, token=cfg.train.instance_token)
+    shards = sorted(plan["shard"].unique().tolist())
+    assert len(plan) == 2 * PER_CLASS and len(shards) == 8
+    folder = leases_folder(w)
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    pool = f"scaleout-{uuid.uuid4().hex[:8]}"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs: dict[str, subprocess.Popen] = {}
+
+    def diagnostics() -> str:
+        return "\n".join(_tail(p) for p in sorted(logs.iterdir()))
+
+    def start(name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        out = open(logs / f"{name}.log", "w")
+        procs[name] = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        out.close()
+        return procs[name]
+
+    try:
+        start("server", _prefect() + ["server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui",
+                                      "--analytics-off"], _base_env(tmp_path / "server-home"))
+        _wait(lambda: _healthy(url) or procs["server"].poll() is not None, 90, "the Prefect server",
+              on_fail=diagnostics)
+        assert procs["server"].poll() is None, diagnostics()
+
+        with temporary_settings({PREFECT_API_URL: url}):
+            with get_client(sync_client=True) as client:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+                for q in ("w1", "w2"):
+                    client.create_work_queue(name=q, work_pool_name=pool)
+            worker_flow = flow.from_source(source=str(ROOT), entrypoint="flows/generate_worker.py:generate_worker")
+            worker_flow.deploy(name="scaleout", work_pool_name=pool, build=False, push=False,
+                               print_next_steps=False,
+                               parameters={"workdir": str(w.root), "poll_seconds": 0.5, "timeout_seconds": 240})
+
+            for i in (1, 2):
+                env = _base_env(tmp_path / f"worker{i}-home")
+                env.update(PREFECT_API_URL=url, PREFECT_WORKER_QUERY_SECONDS="1")
+                env["DERMT2IM_TEST_WRITE_DELAY"] = str(WRITE_DELAY[i])
+                start(f"worker{i}", _prefect() + ["worker", "start", "--pool", pool, "--work-queue", f"w{i}",
+                                                  "--type", "process", "--limit", "1"], env)
+
+            # One run per worker (its own queue); both write slowly (test hook) so that their shards
+            # overlap in time: worker 1 takes 3 s a shard, worker 2 2 s.
+            run_a = run_deployment("generate-worker/scaleout", timeout=0, work_queue_name="w1", as_subflow=False)
+            run_b = run_deployment("generate-worker/scaleout", timeout=0, work_queue_name="w2", as_subflow=False)
+            owner_a, owner_b = f"flow-run-{run_a.id}", f"flow-run-{run_b.id}"
+            rows_of = {s: plan[plan["shard"] == s] for s in shards}
+            seen: dict[str, set[int]] = {owner_a: set(), owner_b: set()}
+
+            def mid_shard() -> int | None:
+                """Worker 1 has finished a shard, worker 2 holds or held one, and worker 1 is inside another
+                with some of its PNGs written and some not."""
+                held = {s: lease.owner for s in shards if (lease := read_lease(folder, s)) is not None}
+                for s, owner in held.items():
+                    seen.setdefault(owner, set()).add(s)
+                recorded = read_manifest(w.synthetic_manifest, SYNTHETIC)
+                done = set(recorded.loc[recorded["sha256"].notna(), "shard"].value_counts()
+                           .loc[lambda c: c == SHARD_SIZE].index.tolist())
+                if not (seen[owner_a] & done) or not seen[owner_b]:
+                    return None
+                for s, owner in held.items():
+                    if owner == owner_a:
+                        rows = rows_of[s]
+                        written = sum((w.synthetic / lb / f"{k}.png").is_file()
+                                      for lb, k in zip(rows["label"], rows["sample_key"]))
+                        if 0 < written < len(rows):
+                            return s
+                return None
+
+            found: list[int] = []
+            _wait(lambda: (s := mid_shard()) is not None and not found.append(s), 150,
+                  "worker 1 to be inside a shard (after finishing one) while worker 2 works", interval=0.05,
+                  on_fail=diagnostics)
+            killed_shard = found[0]
+            _kill_tree(procs["worker1"])
+            lease = read_lease(folder, killed_shard)
+            assert lease is not None and lease.owner == owner_a, "worker 1 finished its shard before the kill"
+            finished_by_a = set(seen[owner_a]) - {killed_shard}
+
+            def finished():
+                with get_client(sync_client=True) as client:
+                    state = client.read_flow_run(run_b.id).state
+                return state if state is not None and state.is_final() else None
+
+            state_b = _wait(finished, 150, "worker 2's run to finish", interval=0.5, on_fail=diagnostics)
+            assert state_b.is_completed(), f"{state_b}\n{diagnostics()}"
+            with get_client(sync_client=True) as client:
+                state_a = client.read_flow_run(run_a.id).state
+            assert not state_a.is_completed()  # killed: it never reported back
+    finally:
+        for name in ("worker1", "worker2", "server"):
+            _stop(procs.get(name))
+
+    # Exactly the plan: every sample once, every PNG on disk and matching its row, nothing half-written.
+    df = read_manifest(w.synthetic_manifest, SYNTHETIC)
+    assert len(df) == len(plan) and df["sample_key"].is_unique
+    assert set(df["sample_key"]) == set(read_manifest(w.plan_manifest, PLAN)["sample_key"])
+    assert df["sha256"].notna().all() and (df["status"] == "rendered").all()
+    from dermt2im.fileio import sha256_file
+
+    assert all(Path(p).is_file() and sha256_file(p) == h for p, h in zip(df["path"], df["sha256"]))
+    pngs = list(w.synthetic.rglob("*.png"))
+    assert len(pngs) == len(plan) and {p.stem for p in pngs} == set(df["sample_key"])
+    assert not list(w.root.rglob("*.tmp")), list(w.root.rglob("*.tmp"))
+    assert all(shard_done(w, cfg, s, None) for s in shards)
+    # Every lease released; the killed worker's one was taken over by worker 2 (its tombstone is kept).
+    assert not list(folder.glob("shard-*.json"))
+    tombs = list((folder / "expired").glob(f"shard-{killed_shard:06d}.*.json"))
+    assert tombs and owner_a in tombs[0].read_text()
+    # Both workers rendered part of the plan: worker 1 finished shard(s) before it was killed.
+    assert finished_by_a and finished_by_a <= set(shards) and seen[owner_b] - finished_by_a
