@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Self
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class LeaseHeartbeat:
                 return
             self.lease = renewed
 
-    def __enter__(self) -> "LeaseHeartbeat":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dermt2im.fileio import atomic_path
+from dermt2im import storage
 
 SCHEMA_VERSION = 1
 
@@ -101,21 +101,30 @@ def conform(df: pd.DataFrame, kind: ManifestSchema) -> pa.Table:
         raise ManifestError(f"rows do not fit the {kind.name} schema: {err}") from err
 
 
-def write_manifest(df: pd.DataFrame, path: str | Path, kind: ManifestSchema) -> Path:
+def write_manifest(df: pd.DataFrame, path: str | Path, kind: ManifestSchema) -> Path | str:
+    """Write atomically; ``path`` is a local path or an fsspec URL (``s3://...``, ``memory://...``),
+    returned as a Path for local paths and unchanged for URLs (``dermt2im.storage``)."""
     table = conform(df, kind)
     dupes = _duplicate_keys(table.to_pandas(), kind)
     if dupes:
         raise ManifestError(f"{kind.name} manifest would hold duplicate keys {kind.key}: {dupes[:3]}")
-    with atomic_path(path) as tmp:
+    with storage.atomic_target(path) as tmp:
         pq.write_table(table, tmp)
-    return Path(path)
+    return str(path) if storage.is_remote(path) else storage.local_path(path)
 
 
 def read_manifest(path: str | Path, kind: ManifestSchema) -> pd.DataFrame:
-    path = Path(path)
-    if not path.exists():
-        return kind.empty()
-    table = pq.read_table(path)
+    """The manifest at a local path or fsspec URL; an empty frame of the schema when there is none."""
+    if storage.is_remote(path):
+        if not storage.exists(path):
+            return kind.empty()
+        with storage.open_read(path) as fh:
+            table = pq.read_table(fh)
+    else:
+        path = storage.local_path(path)
+        if not path.exists():
+            return kind.empty()
+        table = pq.read_table(path)
     meta = table.schema.metadata or {}
     name = meta.get(b"dermt2im.manifest", b"").decode()
     version = int(meta.get(b"dermt2im.schema_version", b"0") or 0)

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from dermt2im import validation as val
 from dermt2im.config import FactoryConfig
 from dermt2im.workdir import Workdir
-from tasks.caching import content_key, is_transient, retry_transient_only
+from tasks.caching import content_key, is_transient, retry_transient_only, source_of
 
 # cell key -> how many times the cell hit CUDA OOM in this process (each halves the batch size)
 _OOM_HALVINGS: dict[str, int] = {}
@@ -109,7 +109,22 @@ def report_task(workdir: str, cfg: FactoryConfig, parent_run_id: str) -> dict[st
     return {k: str(v) for k, v in paths.items()}
 
 
-@task(name="segmentation-check", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_transient_only, tags=["cpu"])
+def _segmentation_key(context, p) -> str:
+    from dermt2im import segmentation
+
+    cfg: FactoryConfig = p["cfg"]
+    images = segmentation.sample_images(Workdir.at(p["workdir"]), cfg)
+    files = []
+    for path in sorted(images["path"]) if not images.empty else []:
+        st = Path(path).stat()
+        files.append((path, st.st_size, st.st_mtime_ns))
+    v = cfg.validation
+    return content_key("segmentation", p["workdir"], files, v.tiny, v.sam_model, v.segmentation_samples,
+                       v.image_size, source_of(segmentation))
+
+
+@task(name="segmentation-check", cache_key_fn=_segmentation_key, persist_result=True, retries=1,
+      retry_condition_fn=retry_transient_only, tags=["cpu"])
 def segmentation_task(workdir: str, cfg: FactoryConfig) -> dict:
     """The zero-shot SAM check; an unavailable model gives a message, not a failure."""
     from dermt2im.segmentation import segmentation_check

@@ -21,7 +21,7 @@ SMALL = [
 ]
 SEED_STAGES = {"make_phantoms", "ingest", "preprocess"}
 GENERATE_STAGES = {"plan", "render-shard", "assess"}
-COMPUTE = SEED_STAGES | {"train_lora"} | GENERATE_STAGES | {"validate-cell"}
+COMPUTE = SEED_STAGES | {"train_lora"} | GENERATE_STAGES | {"validate-cell", "segmentation-check"}
 
 
 @pytest.fixture(autouse=True)

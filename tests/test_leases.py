@@ -65,7 +65,7 @@ def test_an_expired_lease_is_taken_over_by_exactly_one_of_two_contenders(tmp_pat
         barrier = threading.Barrier(2)
         won = []
 
-        def contender(name):
+        def contender(name, barrier=barrier, won=won):
             barrier.wait()
             got = claim(tmp_path, 5, name, ttl=60)
             if got is not None:

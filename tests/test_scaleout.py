@@ -134,8 +134,27 @@ def _tail(path: Path, n: int = 3000) -> str:
     return f"--- {path.name} ---\n" + (path.read_text(errors="replace")[-n:] if path.exists() else "(none)")
 
 
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A `prefect server start` subprocess with its own PREFECT_HOME (SQLite); yields its API URL."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log = home / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_prefect() + ["server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui",
+                                              "--analytics-off"], cwd=home, env=_base_env(home / "home"),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait(lambda: _healthy(url) or proc.poll() is not None, 90, "the Prefect server", on_fail=lambda: _tail(log))
+        assert proc.poll() is None, _tail(log)
+        yield url
+    finally:
+        _stop(proc)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists() or sys.platform == "win32", reason="needs Linux /proc")
-def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(tmp_path):
+def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(prefect_server, tmp_path):
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -156,8 +175,7 @@ def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(tmp_path):
     assert len(plan) == 2 * PER_CLASS and len(shards) == 8
     folder = leases_folder(w)
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
+    url = prefect_server
     pool = f"scaleout-{uuid.uuid4().hex[:8]}"
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -167,19 +185,12 @@ def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(tmp_path):
         return "\n".join(_tail(p) for p in sorted(logs.iterdir()))
 
     def start(name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-        out = open(logs / f"{name}.log", "w")
-        procs[name] = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-        out.close()
+        with open(logs / f"{name}.log", "w") as out:
+            procs[name] = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
         return procs[name]
 
     try:
-        start("server", _prefect() + ["server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui",
-                                      "--analytics-off"], _base_env(tmp_path / "server-home"))
-        _wait(lambda: _healthy(url) or procs["server"].poll() is not None, 90, "the Prefect server",
-              on_fail=diagnostics)
-        assert procs["server"].poll() is None, diagnostics()
-
         with temporary_settings({PREFECT_API_URL: url}):
             with get_client(sync_client=True) as client:
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
@@ -246,7 +257,7 @@ def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(tmp_path):
                 state_a = client.read_flow_run(run_a.id).state
             assert not state_a.is_completed()  # killed: it never reported back
     finally:
-        for name in ("worker1", "worker2", "server"):
+        for name in ("worker1", "worker2"):
             _stop(procs.get(name))
 
     # Exactly the plan: every sample once, every PNG on disk and matching its row, nothing half-written.
@@ -267,3 +278,62 @@ def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(tmp_path):
     assert tombs and owner_a in tombs[0].read_text()
     # Both workers rendered part of the plan: worker 1 finished shard(s) before it was killed.
     assert finished_by_a and finished_by_a <= set(shards) and seen[owner_b] - finished_by_a
+
+
+def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path):
+    """generate.parallel_workers=2: the generate flow plans, starts two runs of the worker deployment
+    (run_deployment, timeout=0), waits until every shard is done, then gates and audits as usual."""
+    import torch
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from dermt2im.manifest import SYNTHETIC, read_manifest
+    from dermt2im.workdir import Workdir
+    from flows.generate import generate
+
+    url = prefect_server
+    pool = f"fanout-{uuid.uuid4().hex[:8]}"
+    name = f"fanout-{uuid.uuid4().hex[:8]}"
+    w = Workdir.at(tmp_path / "work")
+    overrides = [o for o in OVERRIDES if not o.startswith("generate.per_class")] + [
+        "generate.per_class=4", "generate.parallel_workers=2", f"generate.worker_deployment=generate-worker/{name}"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs: list[subprocess.Popen] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            with get_client(sync_client=True) as client:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            flow.from_source(source=str(ROOT), entrypoint="flows/generate_worker.py:generate_worker").deploy(
+                name=name, work_pool_name=pool, build=False, push=False, print_next_steps=False,
+                parameters={"workdir": str(w.root), "poll_seconds": 0.5, "timeout_seconds": 240})
+            for i in (1, 2):
+                env = _base_env(tmp_path / f"worker{i}-home")
+                env.update(PREFECT_API_URL=url, PREFECT_WORKER_QUERY_SECONDS="1")
+                with open(logs / f"worker{i}.log", "w") as out:
+                    procs.append(subprocess.Popen(
+                        _prefect() + ["worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
+                        cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            out = generate(str(w.root), config="smoke", overrides=overrides)
+            with get_client(sync_client=True) as client:
+                deployment = client.read_deployment_by_name(f"generate-worker/{name}")
+                from prefect.client.schemas.filters import (
+                    DeploymentFilter,
+                    DeploymentFilterId,
+                )
+
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+    finally:
+        torch.set_num_threads(threads)
+        for proc in procs:
+            _stop(proc)
+    diagnostics = "\n".join(_tail(p) for p in sorted(logs.iterdir()))
+    assert out["planned"] == 8 and out["rendered"] == 8, diagnostics
+    assert len(runs) == 2, diagnostics
+    df = read_manifest(w.synthetic_manifest, SYNTHETIC)
+    assert len(df) == 8 and df["sample_key"].is_unique and df["status"].isin(["accepted", "rejected"]).all()
+    assert len(list(w.synthetic.rglob("*.png"))) == 8 and not list(w.root.rglob("*.tmp"))
