@@ -29,9 +29,14 @@ from tasks.caching import content_key, retry_transient_only, source_of
 # plan
 
 
+# How the work is run, not what is planned: changing these must not re-plan.
+RUNTIME_ONLY = {"batch_size", "writer_threads", "lease_seconds", "parallel_workers", "worker_deployment", "device"}
+
+
 def _plan_key(context, p) -> str:
     cfg: GenerateConfig = p["cfg"]
-    return content_key("plan", str(Path(p["workdir"]).resolve()), cfg.model_dump(mode="json"), p["token"],
+    planned = cfg.model_dump(mode="json", exclude=RUNTIME_ONLY)
+    return content_key("plan", str(Path(p["workdir"]).resolve()), planned, p["token"],
                        p.get("per_class"), source_of(update_plan))
 
 

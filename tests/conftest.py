@@ -23,6 +23,18 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_DERMOSCOPY = SHARED_DATA / "real-dermoscopy"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op thread per test process: tests run under xdist on two shared cores, where tiny
+    models train several times faster on one thread than with threads contending for the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def workdir(tmp_path):
     from dermt2im.workdir import Workdir

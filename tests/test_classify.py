@@ -8,9 +8,8 @@ from dermt2im import classify
 from dermt2im.manifest import SEEDS, read_manifest
 from dermt2im.metrics import binary_metrics
 from dermt2im.regimes import real_rows
-from tests.validate_fixtures import make_validation_data, one_torch_thread, tiny_config  # noqa: F401
+from tests.validate_fixtures import make_validation_data, tiny_config
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,6 @@ GENERATE_STAGES = {"plan", "render-shard", "assess"}
 COMPUTE = SEED_STAGES | {"train_lora"} | GENERATE_STAGES | {"validate-cell", "segmentation-check"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _ran(states: dict[str, list[str]], names: set[str]) -> dict[str, set[str]]:
     return {n: set(states.get(n, [])) for n in names}
 

@@ -13,6 +13,7 @@ at least one shard, and after some PNGs of the current one are written but not a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -283,7 +284,6 @@ def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(prefect_ser
 def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path):
     """generate.parallel_workers=2: the generate flow plans, starts two runs of the worker deployment
     (run_deployment, timeout=0), waits until every shard is done, then gates and audits as usual."""
-    import torch
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -291,7 +291,6 @@ def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path):
 
     from dermt2im.manifest import SYNTHETIC, read_manifest
     from dermt2im.workdir import Workdir
-    from flows.generate import generate
 
     url = prefect_server
     pool = f"fanout-{uuid.uuid4().hex[:8]}"
@@ -302,8 +301,6 @@ def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     procs: list[subprocess.Popen] = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
         with temporary_settings({PREFECT_API_URL: url}):
             with get_client(sync_client=True) as client:
@@ -318,7 +315,17 @@ def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path):
                     procs.append(subprocess.Popen(
                         _prefect() + ["worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
                         cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
-            out = generate(str(w.root), config="smoke", overrides=overrides)
+            # The parent flow in its own process: an in-process flow run would leave Prefect's event
+            # client of this test process bound to this module's server after it stops.
+            env = _base_env(tmp_path / "parent-home")
+            env["PREFECT_API_URL"] = url
+            script = ("import json, sys; from flows.generate import generate; "
+                      "out = generate(sys.argv[1], config='smoke', overrides=json.loads(sys.argv[2])); "
+                      "print('RESULT ' + json.dumps({k: out[k] for k in ('planned', 'rendered')}))")
+            parent = subprocess.run([sys.executable, "-c", script, str(w.root), json.dumps(overrides)], cwd=ROOT,
+                                    env=env, capture_output=True, text=True, timeout=300, check=False)
+            assert parent.returncode == 0, parent.stdout[-3000:] + parent.stderr[-3000:]
+            out = json.loads(parent.stdout.rsplit("RESULT ", 1)[1].splitlines()[0])
             with get_client(sync_client=True) as client:
                 deployment = client.read_deployment_by_name(f"generate-worker/{name}")
                 from prefect.client.schemas.filters import (
@@ -328,7 +335,6 @@ def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path):
 
                 runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
     finally:
-        torch.set_num_threads(threads)
         for proc in procs:
             _stop(proc)
     diagnostics = "\n".join(_tail(p) for p in sorted(logs.iterdir()))

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from dermt2im.segmentation import lesion_prompt, mask_stats, segmentation_check
-from tests.validate_fixtures import make_validation_data, one_torch_thread, tiny_config  # noqa: F401
+from tests.validate_fixtures import make_validation_data, tiny_config
 
 
 def _disc(size=64, r=10, cx=30, cy=34):
@@ -38,7 +38,6 @@ def test_prompt_finds_the_lesion_not_the_dark_vignette():
     assert blob[34, 30] and not blob[0, 0]
 
 
-@pytest.mark.usefixtures("one_torch_thread")
 def test_tiny_sam_reports_real_and_synthetic_side_by_side(workdir):
     make_validation_data(workdir, n_train=3, n_val=1, n_test=1, n_synthetic=3, n_external=1)
     report = segmentation_check(workdir, tiny_config(segmentation_samples=2))

@@ -15,14 +15,6 @@ from tests.train_fixtures import TINY_TRAIN, make_seed_manifest
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_train_flow_trains_then_serves_cache_and_redoes_a_deleted_lora(prefect_harness, workdir, tmp_path):
     make_seed_manifest(workdir, n_per_class=2, extra_val=False)
     config = tmp_path / "tiny.yaml"

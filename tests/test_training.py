@@ -18,15 +18,6 @@ from tests.train_fixtures import TINY_TRAIN, make_seed_manifest, tiny_config
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: one intra-op thread is several times faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _losses(lora_dir, name="all"):
     with open(lora_dir / training.LOSS_CSV) as f:
         return [float(r["loss"]) for r in csv.DictReader(f) if r["lora"] == name]

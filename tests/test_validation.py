@@ -9,9 +9,9 @@ from mlflow import MlflowClient
 
 from dermt2im.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
 from dermt2im.validation import CELL_TAGS, ValidationError, validate
-from tests.validate_fixtures import make_validation_data, one_torch_thread, tiny_config  # noqa: F401
+from tests.validate_fixtures import make_validation_data, tiny_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.slow
 
 
 def _children(client, parent):

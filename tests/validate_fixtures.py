@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from dermt2im.config import LABELS, FactoryConfig, config_from_dict
 from dermt2im.imaging import encode_png
@@ -163,12 +162,3 @@ def tiny_config(experiment: str = "test-validation", **validate: object) -> Fact
     return config_from_dict({"name": "test", "validate": section, "tracking": {"experiment": experiment}})
 
 
-@pytest.fixture(autouse=False)
-def one_torch_thread():
-    """Tiny models train fastest on one thread when the CPU is shared (no OpenMP spinning)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
