@@ -5,15 +5,15 @@ WORKDIR ?= runs/demo
 # A CPU build of torch first, so that resolving the project does not pull a multi-GB CUDA build.
 # On a GPU machine install the CUDA build of torch into the venv before `make install`.
 TORCH_SPEC ?= torch==2.13.0
-PIP_FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+WHEELS_OPT := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?= -n 2
 
 .PHONY: install demo test bench clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check $(PIP_FIND_LINKS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --disable-pip-version-check $(PIP_FIND_LINKS) -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check $(WHEELS_OPT) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check $(WHEELS_OPT) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dermt2im import storage
 from dermt2im.config import LABELS, ValidateConfig
 from dermt2im.metrics import binary_metrics
 
@@ -178,7 +179,7 @@ _CACHE = _ImageCache()
 def _decode(path: str) -> np.ndarray:
     from dermt2im.imaging import decode_image
 
-    return decode_image(Path(path).read_bytes()).rgb
+    return decode_image(storage.read_bytes(path)).rgb  # a local path or an fsspec URL
 
 
 def load_images(paths: Sequence[str], processor) -> torch.Tensor:
@@ -190,7 +191,7 @@ def load_images(paths: Sequence[str], processor) -> torch.Tensor:
     for i, p in enumerate(paths):
         p = str(p)
         try:
-            mtime = Path(p).stat().st_mtime_ns
+            mtime = storage.version_token(p)
         except OSError as err:
             raise FileNotFoundError(f"image not found: {p}") from err
         t = _CACHE.get((p, mtime, pkey))
@@ -205,7 +206,7 @@ def load_images(paths: Sequence[str], processor) -> torch.Tensor:
         for i, arr in zip(chunk, px):
             t = torch.from_numpy(np.ascontiguousarray(arr))
             out[i] = t
-            _CACHE.put((str(paths[i]), Path(paths[i]).stat().st_mtime_ns, pkey), t)
+            _CACHE.put((str(paths[i]), storage.version_token(str(paths[i])), pkey), t)
     if not out:
         return torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
     return torch.stack([t for t in out if t is not None])

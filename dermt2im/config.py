@@ -198,6 +198,19 @@ class GenerateConfig(Strict):
     worker_deployment: str = "generate-worker/generate-worker-cuda"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    image_store: str | None = Field(
+        None,
+        description="where rendered PNGs go: None = W/synthetic; else a local folder (relative to the workdir) or an "
+        "fsspec URL (s3://bucket/prefix, memory://...) holding <label>/<sample_key>.png; the workdir stays local",
+    )
+
+    @field_validator("image_store")
+    @classmethod
+    def _store_text(cls, v: str | None) -> str | None:
+        v = (v or "").strip()
+        if not v:
+            return None  # "" (e.g. an empty override) means the default, W/synthetic
+        return v.rstrip("/") or v  # "s3://b/p/" -> "s3://b/p"; "/" stays "/"
 
     @model_validator(mode="after")
     def _step_range(self) -> "GenerateConfig":

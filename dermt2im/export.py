@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dermt2im.fileio import sha256_file
+from dermt2im import storage
+from dermt2im.fileio import sha256_bytes, sha256_file
 from dermt2im.manifest import SYNTHETIC, read_manifest
 from dermt2im.workdir import Workdir
 
@@ -92,17 +93,21 @@ def export_imagefolder(
     try:
         records = []
         for r in rows.to_dict("records"):
-            src = Path(r["path"])
-            if not src.is_absolute():
-                src = workdir.root / src
-            if not src.is_file():
+            src = storage.resolve(r["path"], workdir.root)  # a local path or an image-store URL
+            if not storage.is_file(src):
                 raise ExportError(f"{r['sample_key']}: {src} is missing (render again with `dermt2im generate`)")
-            if r.get("sha256") and sha256_file(src) != r["sha256"]:
-                raise ExportError(f"{r['sample_key']}: {src} does not match its recorded sha256")
             rel = f"{r['label']}/{r['sample_key']}.png"
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
+            if storage.is_remote(src):  # one read: the bytes checked are the bytes written
+                data = storage.read_bytes(src)
+                if r.get("sha256") and sha256_bytes(data) != r["sha256"]:
+                    raise ExportError(f"{r['sample_key']}: {src} does not match its recorded sha256")
+                dst.write_bytes(data)
+            else:
+                if r.get("sha256") and sha256_file(src) != r["sha256"]:
+                    raise ExportError(f"{r['sample_key']}: {src} does not match its recorded sha256")
+                shutil.copyfile(src, dst)
             records.append({**{c: r.get(c) for c in METADATA_COLUMNS}, "file_name": rel})
         meta = pd.DataFrame(records, columns=METADATA_COLUMNS)
         meta.to_csv(tmp / "metadata.csv", index=False)

@@ -11,6 +11,9 @@
 * ``render_shard`` is idempotent: rows whose PNG exists with the recorded sha256 and render key are
   skipped; a PNG written before a crash but never recorded is adopted when its embedded render key
   matches; everything else is rendered again.
+* ``generate.image_store`` (optional) puts the PNGs on any fsspec filesystem (``s3://bucket/prefix``,
+  ...) as ``<store>/<label>/<sample_key>.png``, the URL in the manifest's ``path``; the workdir
+  (manifests' lock files, leases) stays on a POSIX filesystem.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dermt2im import __version__
+from dermt2im import __version__, storage
 from dermt2im.config import LABELS, FactoryConfig
 from dermt2im.fileio import atomic_write_bytes, sha256_bytes, sha256_file
 from dermt2im.imaging import encode_png
@@ -130,8 +133,20 @@ def manifest_lock(path: Path) -> Iterator[None]:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def png_path(workdir: Workdir, label: str, key: str) -> Path:
-    return workdir.synthetic / label / f"{key}.png"
+def image_root(workdir: Workdir, cfg: FactoryConfig | None = None) -> Path | str:
+    """Where rendered PNGs go: ``generate.image_store`` (a URL, or a local folder relative to the
+    workdir) when set, else W/synthetic."""
+    store = cfg.generate.image_store if cfg is not None else None
+    if not store:
+        return workdir.synthetic
+    return storage.resolve(store, workdir.root) if not storage.is_remote(store) else store
+
+
+def png_path(workdir: Workdir, label: str, key: str, cfg: FactoryConfig | None = None) -> Path | str:
+    """A PNG's location: a ``Path`` on the local filesystem, a ``str`` URL on an fsspec image store."""
+    if cfg is None or not cfg.generate.image_store:
+        return workdir.synthetic / label / f"{key}.png"
+    return storage.join(image_root(workdir, cfg), label, f"{key}.png")
 
 
 @functools.lru_cache(maxsize=1)
@@ -392,30 +407,39 @@ def png_text(row: dict) -> dict[str, str]:
     return {"parameters": params, PNG_KEY: json.dumps(meta, sort_keys=True), "Software": f"dermt2im {__version__}"}
 
 
-def _write_png(target: Path, data: bytes) -> Path:
+def _write_png(target: Path | str, data: bytes) -> Path | str:
+    if storage.is_remote(target):
+        return storage.atomic_put_bytes(target, data)  # one put of the whole object
     return atomic_write_bytes(target, data)
 
 
 def _encode_and_write(row: dict, rgb: np.ndarray) -> dict:
     data = encode_png(rgb, png_text(row))
-    _write_png(Path(row["path"]), data)
+    path = row["path"]
+    _write_png(path if storage.is_remote(path) else Path(path), data)
     return {**row, "sha256": sha256_bytes(data)}
 
 
-def _embedded_render_key(path: Path) -> str | None:
+def _embedded_render_key(path: Path | str) -> str | None:
     try:
+        import io
+
         from PIL import Image
 
-        with Image.open(path) as im:
+        src = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+        with Image.open(src) as im:
             return json.loads(im.text.get(PNG_KEY, "{}")).get("render_key")
     except Exception:  # noqa: BLE001 - unreadable: not adoptable
         return None
 
 
-def _remove_own_temporaries(rows: pd.DataFrame, workdir: Workdir) -> int:
+def _remove_own_temporaries(rows: pd.DataFrame, workdir: Workdir, cfg: FactoryConfig | None = None) -> int:
+    root = image_root(workdir, cfg)
+    if storage.is_remote(root):
+        return 0  # remote writes are single puts: they leave no temporaries
     n = 0
     for label, key in zip(rows["label"], rows["sample_key"]):
-        for tmp in (workdir.synthetic / label).glob(f".{key}.png.*.tmp"):
+        for tmp in (Path(root) / label).glob(f".{key}.png.*.tmp"):
             tmp.unlink(missing_ok=True)
             n += 1
     return n
@@ -450,7 +474,7 @@ def _expected_rows(workdir: Workdir, cfg: FactoryConfig, rows: pd.DataFrame, lor
         choice = choices[label]
         rec = {k: _plain(v) for k, v in rec.items()}
         rec.update(
-            path=str(png_path(workdir, label, rec["sample_key"])),
+            path=str(png_path(workdir, label, rec["sample_key"], cfg)),
             base_model=base,
             base_revision=cfg.train.revision,
             lora_path=str(choice.weights) if choice.weights else None,
@@ -471,16 +495,16 @@ def shard_state(workdir: Workdir, cfg: FactoryConfig, shard: int, lora: Path | N
     recorded = manifest.set_index("sample_key") if not manifest.empty else None
     todo, adopt, done = [], [], 0
     for rec in expected:
-        path = Path(rec["path"])
+        path = rec["path"] if storage.is_remote(rec["path"]) else Path(rec["path"])
         have = None
         if recorded is not None and rec["sample_key"] in recorded.index:
             have = recorded.loc[rec["sample_key"]]
         if have is not None and have["render_key"] == rec["render_key"] and isinstance(have["sha256"], str):
-            if path.is_file() and (not verify or sha256_file(path) == have["sha256"]):
+            if storage.is_file(path) and (not verify or storage.sha256(path) == have["sha256"]):
                 done += 1
                 continue
-        if path.is_file() and _embedded_render_key(path) == rec["render_key"]:
-            adopt.append({**rec, "sha256": sha256_file(path)})
+        if storage.is_file(path) and _embedded_render_key(path) == rec["render_key"]:
+            adopt.append({**rec, "sha256": storage.sha256(path)})
             continue
         todo.append(rec)
     return ShardState(todo, adopt, done)
@@ -495,7 +519,7 @@ def shard_cache_key_parts(workdir: Workdir, cfg: FactoryConfig, shard: int, lora
     """Content that determines a shard's output: its plan rows' render keys, base model and LoRA."""
     rows = _shard_rows(workdir, shard)
     expected = _expected_rows(workdir, cfg, rows, lora)
-    return {
+    parts = {
         "workdir": str(workdir.root),
         "shard": int(shard),
         "render_keys": [r["render_key"] for r in expected],
@@ -503,6 +527,9 @@ def shard_cache_key_parts(workdir: Workdir, cfg: FactoryConfig, shard: int, lora
         "lora_sha256": sorted({r["lora_sha256"] or "" for r in expected}),
         "dtype": cfg.generate.dtype,
     }
+    if cfg.generate.image_store:  # only when set: the default keeps its earlier cache keys
+        parts["image_store"] = str(image_root(workdir, cfg))
+    return parts
 
 
 def _batches(rows: list[dict], batch_size: int) -> list[list[dict]]:
@@ -532,7 +559,7 @@ def render_shard(workdir: Workdir, cfg: FactoryConfig, shard: int, *, lora: Path
     ``resolve_lora`` first). ``pipe`` optionally supplies the base pipeline (tests, benchmarks).
     """
     rows = _shard_rows(workdir, shard)
-    removed = _remove_own_temporaries(rows, workdir)
+    removed = _remove_own_temporaries(rows, workdir, cfg)
     if removed:
         log.info("shard %d: removed %d temporary file(s) left by an interrupted run", shard, removed)
     state = shard_state(workdir, cfg, shard, lora)

@@ -30,6 +30,7 @@ near-copy of a validation or test image would leak it into training as well.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from dermt2im import storage
 from dermt2im.config import LABELS, FactoryConfig, QualityConfig
 from dermt2im.fileio import atomic_write_bytes, atomic_write_text
 from dermt2im.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
@@ -289,18 +291,19 @@ def nearest(queries: np.ndarray, refs: np.ndarray, owners: np.ndarray) -> tuple[
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
+    """RGB pixels of a local image or one on an fsspec URL (``generate.image_store``)."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    src = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+    with Image.open(src) as im:
         return np.asarray(im.convert("RGB"))
 
 
-def _resolve(workdir: Workdir, p: str) -> Path:
-    q = Path(p)
-    return q if q.is_absolute() else workdir.root / q
+def _resolve(workdir: Workdir, p: str) -> Path | str:
+    return storage.resolve(p, workdir.root)
 
 
-def _measure(path: Path, q: QualityConfig) -> dict:
+def _measure(path: Path | str, q: QualityConfig) -> dict:
     """Everything assess needs from one image; the full-size pixels are not kept (thousands of images)."""
     import hashlib
 
@@ -339,7 +342,7 @@ def load_seeds(workdir: Workdir) -> SeedSet:
     ids, thumbs, refs, owners = [], [], [], []
     for sid, p in zip(seeds["sample_id"], seeds["processed_path"]):
         path = _resolve(workdir, p)
-        if not path.is_file():
+        if not storage.is_file(path):
             log.warning("seed %s: processed image %s is missing; left out of the audit", sid, path)
             continue
         rgb = load_rgb(path)

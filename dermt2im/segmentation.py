@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from dermt2im import storage
 from dermt2im.config import LABELS, FactoryConfig
 from dermt2im.fileio import atomic_path, atomic_write_text
 from dermt2im.manifest import SEEDS, SYNTHETIC, read_manifest
@@ -188,7 +189,8 @@ def sample_images(workdir: Workdir, cfg: FactoryConfig, seed: int = 0) -> pd.Dat
         frames.append(real[["path", "label", "source"]])
     syn = usable_synthetic(read_manifest(workdir.synthetic_manifest, SYNTHETIC))
     if len(syn):
-        syn["path"] = [p if Path(p).is_absolute() else str(workdir.root / p) for p in syn["path"]]
+        syn["path"] = [p if storage.is_remote(p) or Path(p).is_absolute() else str(workdir.root / p)
+                     for p in syn["path"]]  # image-store URLs as they are
         frames.append(syn)
     if not frames:
         return pd.DataFrame(columns=["path", "label", "source"])
@@ -253,7 +255,7 @@ def segmentation_check(workdir: Workdir, cfg: FactoryConfig, *, model=None, proc
             return SegmentationReport("unavailable", f"not run: {err}", {"md": md_path})
     rows = []
     for r in images.itertuples(index=False):
-        rgb = decode_image(Path(r.path).read_bytes()).rgb
+        rgb = decode_image(storage.read_bytes(r.path)).rgb
         point, box, blob = lesion_prompt(rgb)
         mask, score = segment(model, processor, rgb, point, box)
         sam, otsu = mask_stats(mask), mask_stats(blob)

@@ -11,6 +11,11 @@ A *location* is a local path (``str`` or ``Path``; ``file://`` URLs count as loc
 There is no cross-writer lock on object stores: concurrent read-modify-write of one manifest
 there (``manifest.upsert``) is last-writer-wins. Keep one writer per manifest object, or use a
 local / shared POSIX workdir where ``generation.manifest_lock`` applies.
+
+Synthetic images can live on such a location too (``generate.image_store``): the manifest's
+``path`` column then holds the image's URL and every reader goes through ``resolve`` /
+``is_file`` / ``read_bytes`` / ``sha256`` / ``version_token`` here. The workdir itself (manifest
+lock files, shard leases, reports) stays on a POSIX filesystem; only the image store moves.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from dermt2im.fileio import atomic_path, atomic_write_bytes
+from dermt2im.fileio import atomic_path, atomic_write_bytes, sha256_bytes, sha256_file
 
-__all__ = ["atomic_put_bytes", "atomic_target", "exists", "is_remote", "local_path", "open_read", "read_bytes",
-           "to_fs"]
+__all__ = ["atomic_put_bytes", "atomic_target", "exists", "is_file", "is_remote", "join", "local_path", "open_read",
+           "read_bytes", "resolve", "sha256", "to_fs", "version_token"]
 
 Location = str | Path
 
@@ -66,6 +71,48 @@ def exists(loc: Location) -> bool:
         return local_path(loc).exists()
     fs, path = to_fs(loc)
     return fs.exists(path)
+
+
+def is_file(loc: Location) -> bool:
+    """A regular file (local) or an object / file (remote) is at ``loc``."""
+    if not is_remote(loc):
+        return local_path(loc).is_file()
+    fs, path = to_fs(loc)
+    return fs.isfile(path)
+
+
+def resolve(loc: Location, root: Path) -> Location:
+    """A path from a manifest made usable: URLs unchanged (``str``), local paths as ``Path``,
+    relative ones taken relative to ``root`` (the workdir)."""
+    if is_remote(loc):
+        return _text(loc)
+    p = local_path(loc)
+    return p if p.is_absolute() else Path(root) / p
+
+
+def join(base: Location, *parts: str) -> Location:
+    """``base / parts`` for a local path (``Path``) or a URL (``str``, joined with ``/``)."""
+    if not is_remote(base):
+        return local_path(base).joinpath(*parts)
+    return "/".join([_text(base).rstrip("/"), *parts])
+
+
+def sha256(loc: Location) -> str:
+    """The hex sha256 of the file's bytes (local files are streamed)."""
+    if not is_remote(loc):
+        return sha256_file(local_path(loc))
+    return sha256_bytes(read_bytes(loc))
+
+
+def version_token(loc: Location) -> str | int:
+    """Something that changes when the file is replaced (cache keys): ``st_mtime_ns`` locally,
+    the filesystem's ``ukey`` (ETag / info hash) remotely. ``FileNotFoundError`` when absent."""
+    if not is_remote(loc):
+        return Path(local_path(loc)).stat().st_mtime_ns
+    fs, path = to_fs(loc)
+    if not fs.isfile(path):
+        raise FileNotFoundError(_text(loc))
+    return str(fs.ukey(path))
 
 
 @contextmanager

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from dermt2im import regimes as rg
+from dermt2im import storage
 from dermt2im.config import LABELS, FactoryConfig
 from dermt2im.manifest import SEEDS, SYNTHETIC, ManifestError, digest, read_manifest
 from dermt2im.metrics import CONFUSION, METRICS, THRESHOLD, binary_metrics, mcnemar_from_predictions
@@ -122,7 +123,8 @@ def load_inputs(workdir: Workdir, cfg: FactoryConfig, test_sets: dict[str, Path]
     synthetic_all = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
     synthetic = rg.usable_synthetic(synthetic_all)
     if not synthetic.empty:  # relative paths are relative to the workdir
-        synthetic["path"] = [p if Path(p).is_absolute() else str(workdir.root / p) for p in synthetic["path"]]
+        synthetic["path"] = [p if storage.is_remote(p) or Path(p).is_absolute() else str(workdir.root / p)
+                           for p in synthetic["path"]]  # image-store URLs as they are
 
     sets: dict[str, TestSet] = {}
     explicit = test_sets is not None
@@ -190,7 +192,7 @@ def _check_files(inputs: ValidationInputs) -> None:
     paths = list(inputs.real_train["path"]) + list(inputs.real_val["path"]) + list(inputs.synthetic["path"])
     for ts in inputs.test_sets.values():
         paths += list(ts.rows["path"])
-    missing = [p for p in paths if not Path(p).is_file()]
+    missing = [p for p in paths if not storage.is_file(p)]
     if missing:
         raise ValidationError(
             f"{len(missing)} image file(s) named in the manifests are missing, e.g. {missing[:3]}; "

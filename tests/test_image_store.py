@@ -1,0 +1,134 @@
+"""``generate.image_store``: rendered PNGs on an fsspec filesystem (memory:// here, s3:// through a
+local moto endpoint when the dev extra is installed), read back by every stage that reads them."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dermt2im import classify, storage
+from dermt2im import generation as gen
+from dermt2im.export import export_imagefolder
+from dermt2im.fileio import sha256_bytes
+from dermt2im.manifest import SYNTHETIC, read_manifest
+from dermt2im.models import build_tiny_pipeline
+from dermt2im.quality import assess, load_rgb
+from tests.test_generation import tiny_cfg
+from tests.test_quality import seed_workdir
+from tests.test_storage import s3_bucket  # noqa: F401  (fixture)
+from tests.validate_fixtures import tiny_config
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline(0)
+
+
+@pytest.fixture
+def mem_store():
+    import fsspec
+
+    root = f"memory://dermt2im-test/{uuid.uuid4().hex[:8]}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    path = root.split("://", 1)[1]
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _render(workdir, cfg, pipe) -> pd.DataFrame:
+    gen.update_plan(workdir.plan_manifest, cfg.generate, token=cfg.train.instance_token)
+    recorded = gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
+    assert len(recorded) == 6
+    return read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+
+
+def _assert_in_store(workdir, df: pd.DataFrame, store: str) -> None:
+    for r in df.itertuples(index=False):
+        assert r.path == f"{store}/{r.label}/{r.sample_key}.png"
+        assert sha256_bytes(storage.read_bytes(r.path)) == r.sha256
+    # nothing rendered into the workdir: its synthetic folder holds no image and no temporary
+    assert not [p for p in (workdir.root / "synthetic").rglob("*") if p.is_file()]
+
+
+def test_config_normalises_the_store():
+    assert tiny_cfg().generate.image_store is None
+    assert tiny_cfg("generate.image_store=''").generate.image_store is None
+    assert tiny_cfg("generate.image_store=s3://b/p/").generate.image_store == "s3://b/p"
+
+
+def test_render_assess_export_and_load_from_a_memory_store(workdir, tmp_path, pipe, mem_store):
+    cfg = tiny_cfg(f"generate.image_store={mem_store}")
+    df = _render(workdir, cfg, pipe)
+    assert all(p.startswith("memory://") for p in df["path"])
+    _assert_in_store(workdir, df, mem_store)
+    # the manifest stays local; the cache key of a shard names the store
+    assert workdir.synthetic_manifest.is_file()
+    assert gen.shard_cache_key_parts(workdir, cfg, 0, None)["image_store"] == mem_store
+    assert "image_store" not in gen.shard_cache_key_parts(workdir, tiny_cfg(), 0, None)
+
+    # idempotent: nothing to render or adopt, the manifest unchanged
+    state = gen.shard_state(workdir, cfg, 0, None)
+    assert (len(state.todo), len(state.adopt), state.done) == (0, 0, 6)
+    assert gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe) == []
+    pd.testing.assert_frame_equal(read_manifest(workdir.synthetic_manifest, SYNTHETIC), df)
+
+    # an image deleted from the store is rendered again, to the same bytes
+    lost = df.iloc[0]
+    fs, path = storage.to_fs(lost["path"])
+    fs.rm(path)
+    assert [r["sample_key"] for r in gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)] == [lost["sample_key"]]
+    assert sha256_bytes(storage.read_bytes(lost["path"])) == lost["sha256"]
+    # a PNG in the store that the manifest does not know of is adopted without rendering
+    rows = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    from dermt2im.manifest import write_manifest
+
+    write_manifest(rows.iloc[1:], workdir.synthetic_manifest, SYNTHETIC)
+    state = gen.shard_state(workdir, cfg, 0, None)
+    assert [r["sample_key"] for r in state.adopt] == [rows.iloc[0]["sample_key"]] and not state.todo
+
+    # the quality gate and memorisation audit read through the store
+    gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)  # records the adopted one
+    seed_workdir(workdir, n_seeds=2)
+    assess(workdir, cfg)
+    assessed = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    assert set(assessed["status"]) <= {"accepted", "rejected"} and len(assessed) == 6
+    assert not assessed["reason"].fillna("").str.startswith(("missing", "unreadable")).any()
+    assert assessed["nearest_seed_distance"].notna().all()  # audited: the pixels were read
+
+    # export copies them to a local imagefolder, byte for byte
+    out = export_imagefolder(workdir, tmp_path / "export", include_rejected=True, include_memorised=True)
+    meta = pd.read_csv(out / "metadata.csv")
+    assert len(meta) == 6
+    for r in meta.itertuples(index=False):
+        assert sha256_bytes((out / r.file_name).read_bytes()) == r.sha256
+
+    # validation's loader decodes an image-store URL (and caches it under the object's version)
+    url = df.iloc[1]["path"]
+    assert load_rgb(url).shape == (32, 32, 3)
+    _model, processor = classify.build_classifier("vit", tiny_config().validation, 0)
+    x = classify.load_images([url, url], processor)
+    assert x.dtype == torch.uint8 and x.shape[0] == 2 and np.array_equal(x[0].numpy(), x[1].numpy())
+    assert storage.is_file(url) and not storage.is_file(f"{mem_store}/benign/nope.png")
+
+
+def test_a_local_render_is_unchanged_by_the_option(workdir, pipe):
+    df = _render(workdir, tiny_cfg(), pipe)
+    assert all(p.startswith(str(workdir.synthetic)) for p in df["path"])
+    assert gen.png_path(workdir, "benign", "k") == workdir.synthetic / "benign" / "k.png"
+    # a local store is a folder, relative to the workdir unless absolute
+    assert gen.png_path(workdir, "benign", "k", tiny_cfg("generate.image_store=imgs")) == workdir.root / "imgs/benign/k.png"
+
+
+def test_render_round_trip_on_a_local_s3_endpoint(workdir, pipe, s3_bucket):  # noqa: F811
+    store = f"{s3_bucket}/synthetic"
+    cfg = tiny_cfg(f"generate.image_store={store}")
+    df = _render(workdir, cfg, pipe)
+    assert all(p.startswith("s3://") for p in df["path"])
+    _assert_in_store(workdir, df, store)
+    assert gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe) == []
+    assert load_rgb(df.iloc[0]["path"]).shape == (32, 32, 3)
