@@ -36,27 +36,9 @@ from dermt2im.workdir import Workdir  # noqa: E402
 
 
 def sd15_pipeline(device: str, dtype):
-    """Stable Diffusion v1.5's architecture (UNet, VAE, CLIP ViT-L text encoder) with random weights."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from dermt2im.models import build_sd15_random_pipeline
 
-    from dermt2im.models import SD15_SCHEDULE, build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
-    )
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
-                                      num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77,
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
-                                   scheduler=PNDMScheduler.from_config(dict(SD15_SCHEDULE, skip_prk_steps=True)),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    return build_sd15_random_pipeline().to(device, dtype)
 
 
 def make_lora(pipe, folder: Path, rank: int = 4) -> Path:

@@ -13,6 +13,7 @@ before the run (sampled every 2 ms), model loading and caching included for both
 and matplotlib are initialised and the same libraries imported in both processes before that baseline.
 
     python bench/train.py [--steps 60] [--resolution 64] [--batch 2] [--threads 1] [--device cpu]
+    python bench/train.py --arch sd15 --paper --device cuda --resolution 512 --steps 50   # paper preset on a GPU
 """
 
 from __future__ import annotations
@@ -73,10 +74,19 @@ def _setup(tmp: Path, args):
 
     w = Workdir.at(tmp / "work")
     make_seed_manifest(w, n_per_class=args.images, size=args.resolution, extra_val=False)
+    base = {}
+    if args.arch == "sd15":  # SD v1.5's architecture, random weights, loaded from a local diffusers folder
+        from dermt2im.models import build_sd15_random_pipeline
+
+        folder = tmp / "sd15-random"
+        build_sd15_random_pipeline().save_pretrained(folder, safe_serialization=True)
+        base = {"base_model": str(folder)}
+    paper = {"optimizer": "auto", "mixed_precision": "fp16", "gradient_checkpointing": True} if args.paper else \
+        {"optimizer": "adamw", "mixed_precision": "no" if args.device == "cpu" else "fp16"}
     cfg = tiny_config(
         resolution=args.resolution, train_batch_size=args.batch, max_steps=args.steps, lr_warmup_steps=5,
         learning_rate=1e-3, checkpoint_every=10**6, validation_images_per_class=0, device=args.device,
-        mixed_precision="no" if args.device == "cpu" else "fp16", optimizer="adamw",
+        **base, **paper,
     )
     # One-off costs outside the comparison, paid by both before the RSS baseline: imports (a few
     # hundred MB of Python modules), the MLflow store (SQLite schema migrations), matplotlib's fonts.
@@ -186,6 +196,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=6, help="training images per class")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (same for both)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--arch", choices=["tiny", "sd15"], default="tiny",
+                    help="sd15: Stable Diffusion v1.5's architecture with random weights (for GPU figures)")
+    ap.add_argument("--paper", action="store_true",
+                    help="the trainer with the paper preset's settings: fp16, 8-bit AdamW, gradient checkpointing (CUDA)")
     ap.add_argument("--variant", choices=["trainer", "reference"], help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -197,9 +211,11 @@ def main() -> None:
 
     results = {}
     for variant in ("reference", "trainer"):
-        cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k != "variant"
-        ]
+        cmd = [sys.executable, __file__, "--variant", variant]
+        for k, v in vars(args).items():
+            if k == "variant" or v is False:
+                continue
+            cmd.append(f"--{k}" if v is True else f"--{k}={v}")
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:
@@ -208,7 +224,7 @@ def main() -> None:
 
     ref, tr = results["reference"], results["trainer"]
     mem = "peak_gpu_mb" if ref["peak_gpu_mb"] is not None else "peak_rss_mb"
-    print(f"tiny SD, {args.resolution}px, batch {args.batch}, {args.steps} steps, {2 * args.images} images, "
+    print(f"{args.arch} SD{' (paper settings)' if args.paper else ''}, {args.resolution}px, batch {args.batch}, {args.steps} steps, {2 * args.images} images, "
           f"device {args.device}, {args.threads} thread(s)")
     print(f"{'':<34}{'steps/s':>10}{mem + ' (MB)':>22}{'final loss':>12}")
     print(f"{'reference (encode every step)':<34}{ref['steps_per_s']:>10.2f}{ref[mem]:>22.1f}{ref['final_loss']:>12.4f}")
