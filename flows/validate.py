@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dermt2im.workdir import Workdir, workdir_config
@@ -34,7 +35,12 @@ def validate(
     gpu = cfg.validation.device != "cpu"
     cell = cell_task.with_options(tags=["gpu" if gpu else "cpu", "validate"])
     futures = [cell.submit(str(w.root), cfg, plan, c, log_model) for c in plan.cells]
-    results = [f.result() for f in futures]
+    progress = create_progress_artifact(progress=0.0, key="validate-progress",
+                                        description="classifier runs (model x regime x seed) finished")
+    results = []
+    for f in futures:
+        results.append(f.result())
+        update_progress_artifact(artifact_id=progress, progress=100.0 * len(results) / max(1, len(futures)))
     closed = finish_task(str(w.root), cfg, plan, results)
     report = report_task(str(w.root), cfg, plan.parent_run_id)
     out = {**closed, "report": report}
