@@ -258,6 +258,9 @@ def run(
     overrides: SetOpt = None,
 ) -> None:
     """Run the whole factory as one Prefect flow (temporary local Prefect server, SQLite MLflow)."""
+    if source is not None and not source.exists():  # fail before starting a server and a flow run
+        typer.secho(f"error: source not found: {source}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
     w, cfg = _setup(workdir, config, overrides)
     from flows.factory import factory
 

@@ -51,3 +51,9 @@ def test_preprocess_before_ingest_says_what_to_do(tmp_path):
 def test_bad_test_set_argument(tmp_path):
     r = runner.invoke(app, ["validate", "--workdir", str(tmp_path / "w"), "--test-set", "nosource"])
     assert r.exit_code != 0 and "NAME=SOURCE" in r.output
+
+
+def test_run_with_missing_source_fails_before_any_work(tmp_path):
+    r = runner.invoke(app, ["run", str(tmp_path / "nope"), "--workdir", str(tmp_path / "w")])
+    assert r.exit_code == 2 and "source not found" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "w").exists()
