@@ -37,9 +37,30 @@ from pathlib import Path
 from typing import Any
 
 from dermt2im import lora_io
+from dermt2im.checkpoints import _load_checkpoint, _save_checkpoint, latest_checkpoint
 from dermt2im.config import LABELS, FactoryConfig, TrainConfig
 from dermt2im.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 from dermt2im.manifest import SEEDS, read_manifest
+from dermt2im.training_outputs import (
+    _final_loss,
+    _flat_params,
+    _mlflow_flush,
+    _mlflow_log_step,
+    _tensor_digest,
+    _write_loss_curve,
+)
+from dermt2im.training_state import (  # noqa: F401  (re-exported: tests and callers use training.*)
+    CHECKPOINTS,
+    CLASS_IMAGES,
+    LOSS_CSV,
+    LOSS_PNG,
+    VALIDATION,
+    TrainingError,
+    _Batch,
+    _Ctx,
+    _Data,
+    _Run,
+)
 from dermt2im.workdir import Workdir
 
 LOG = logging.getLogger(__name__)
@@ -50,16 +71,7 @@ TRAINER_VERSION = 1
 # Columns of the seeds manifest that decide what is trained on.
 SEED_COLUMNS = ["sample_id", "label", "split", "status", "processed_path", "preprocess_key"]
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-CHECKPOINTS = "checkpoints"
-LOSS_CSV = "loss.csv"
-LOSS_PNG = "loss.png"
-VALIDATION = "validation"
-CLASS_IMAGES = "class_images"
 MAX_CONSECUTIVE_SKIPS = 20
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or cannot go on; the message says why and what was (not) written."""
 
 
 @dataclass(frozen=True)
@@ -216,102 +228,6 @@ def git_revision() -> str | None:
 def planned_steps(train: TrainConfig, n_examples: int) -> int:
     per_step = train.train_batch_size * train.gradient_accumulation_steps
     return train.max_steps or max(1, math.ceil(train.epochs * n_examples / per_step))
-
-
-# ---------------------------------------------------------------------------------------------
-# state shared by the sub-runs of one call
-
-
-@dataclass
-class _Ctx:
-    cfg: FactoryConfig
-    train: TrainConfig
-    run_id: str
-    key: str
-    lora_dir: Path
-    device: Any
-    accelerator: Any
-    weight_dtype: Any
-    mixed_precision: str
-    optimizer_name: str
-    pipe: Any
-    noise_scheduler: Any
-    warnings: list[str]
-    header_meta: dict[str, Any]
-    mlflow_run: str | None = None
-    metrics_buffer: list = field(default_factory=list)
-
-
-@dataclass
-class _Data:
-    """Cached inputs of one sub-run: latent posteriors and conditioning per example."""
-
-    labels: list[str]  # example -> label
-    lat_mean: Any  # [N, C, h, w] float32 on device
-    lat_std: Any
-    embeds: dict[str, Any]  # label -> [1, L, D] (cached encoder states) ...
-    input_ids: dict[str, Any]  # ... or token ids when the text encoder trains
-    class_mean: Any = None  # prior preservation: [M, C, h, w] and label per class image
-    class_std: Any = None
-    class_labels: list[str] = field(default_factory=list)
-    class_by_label: dict[str, list[int]] = field(default_factory=dict)
-    class_embeds: dict[str, Any] = field(default_factory=dict)
-    class_ids: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Batch:
-    step: int
-    idx: list[int]
-    latents: Any
-    noise: Any
-    timesteps: Any
-    labels: list[str]
-    prior_latents: Any = None
-    prior_noise: Any = None
-    prior_timesteps: Any = None
-    prior_labels: list[str] = field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        return len(self.idx)
-
-
-@dataclass
-class _Run:
-    """One LoRA being trained (the shared one, or one class's)."""
-
-    name: str  # "all" or a label
-    out_dir: Path
-    data: _Data
-    total: int
-    params: list
-    optimizer: Any
-    lr_scheduler: Any
-    generator: Any
-    micro_batch: int
-    step: int = 0
-    losses: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss, lr)
-    skipped: list[int] = field(default_factory=list)
-    oom_events: list[int] = field(default_factory=list)
-    start_step: int = 0
-    loop_seconds: float = 0.0
-    _perm: tuple[int, Any] | None = None
-
-    @property
-    def ckpt_root(self) -> Path:
-        return self.out_dir / CHECKPOINTS
-
-    def example(self, position: int, seed: int) -> int:
-        """Example index at ``position`` of the endless stream of epoch permutations."""
-        import torch
-
-        n = len(self.data.labels)
-        epoch, offset = divmod(position, n)
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(n, generator=g).tolist())
-        return self._perm[1][offset]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,15 +416,6 @@ def _lora_state_dicts(ctx: _Ctx, name: str) -> dict[str, dict]:
     return out
 
 
-def _trainable(ctx: _Ctx) -> dict[str, Any]:
-    out = {}
-    for prefix, model in (("unet", ctx.pipe.unet), ("text_encoder", ctx.pipe.text_encoder)):
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                out[f"{prefix}::{n}"] = p
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # one step
 
@@ -659,186 +566,7 @@ def _optimizer_step(ctx: _Ctx, run: _Run, batch: _Batch) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def _flatten_optimizer(state: dict) -> tuple[dict[str, Any], dict[str, Any]]:
-    import torch
-
-    tensors, small = {}, {"param_groups": state["param_groups"], "state": {}}
-    for pid, entries in state["state"].items():
-        small["state"][str(pid)] = {}
-        for k, v in entries.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{pid}/{k}"] = v.detach().contiguous().cpu()
-            else:
-                small["state"][str(pid)][k] = v
-    return tensors, small
-
-
-def _unflatten_optimizer(tensors: dict[str, Any], small: dict[str, Any]) -> dict:
-    state: dict[int, dict] = {int(pid): dict(v) for pid, v in small["state"].items()}
-    for key, t in tensors.items():
-        pid, k = key.split("/", 1)
-        state.setdefault(int(pid), {})[k] = t
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in small["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def _rng_state(run: _Run) -> dict[str, Any]:
-    import torch
-
-    out = {"generator": run.generator.get_state(), "torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"torch_cuda_{i}"] = s
-    return out
-
-
-def _save_checkpoint(ctx: _Ctx, run: _Run) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    final = run.ckpt_root / f"step-{run.step:06d}"
-    tmp = run.ckpt_root / f".step-{run.step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: p.detach().float().contiguous().cpu() for k, p in _trainable(ctx).items()}, str(tmp / "lora.safetensors"))
-    opt_tensors, opt_small = _flatten_optimizer(run.optimizer.state_dict())
-    save_file(opt_tensors or {"_empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
-    save_file(_rng_state(run), str(tmp / "rng.safetensors"))
-    scaler = getattr(ctx.accelerator, "scaler", None)
-    state = {
-        "cache_key": ctx.key,
-        "run": run.name,
-        "step": run.step,
-        "total": run.total,
-        "micro_batch": run.micro_batch,
-        "losses": run.losses,
-        "skipped": run.skipped,
-        "oom_events": run.oom_events,
-        "optimizer": opt_small,
-        "lr_scheduler": run.lr_scheduler.state_dict(),
-        "grad_scaler": scaler.state_dict() if scaler is not None else None,
-        "data_order": "epoch e uses torch.randperm(n, Generator().manual_seed(seed * 1000003 + e))",
-    }
-    (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in _checkpoints(run.ckpt_root)[: -ctx.train.checkpoints_keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _json_default(o):
-    try:
-        import torch
-
-        if isinstance(o, torch.Tensor):
-            return o.item() if o.numel() == 1 else o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"cannot store {type(o).__name__} in a checkpoint's JSON")
-
-
-def _checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    found = _checkpoints(root)
-    return found[-1] if found else None
-
-
-def _load_checkpoint(ctx: _Ctx, run: _Run, path: Path) -> None:
-    import torch
-    from safetensors.torch import load_file
-
-    state = json.loads((path / "state.json").read_text())
-    if state.get("cache_key") != ctx.key:
-        raise TrainingError(
-            f"checkpoint {path} belongs to a different training (other inputs or config); "
-            "start fresh (no resume) or use a new run_id"
-        )
-    params = _trainable(ctx)
-    saved = load_file(str(path / "lora.safetensors"))
-    if set(saved) != set(params):
-        raise TrainingError(f"checkpoint {path} does not match this model's LoRA parameters")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(saved[k].to(p.device, p.dtype))
-    opt_tensors = {k: v for k, v in load_file(str(path / "optimizer.safetensors")).items() if k != "_empty"}
-    run.optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
-    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    scaler = getattr(ctx.accelerator, "scaler", None)
-    if scaler is not None and state.get("grad_scaler"):
-        scaler.load_state_dict(state["grad_scaler"])
-    rng = load_file(str(path / "rng.safetensors"))
-    run.generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    run.step = int(state["step"])
-    run.micro_batch = int(state["micro_batch"])
-    run.losses = [tuple(x) for x in state["losses"]]
-    run.skipped = list(state["skipped"])
-    run.oom_events = list(state["oom_events"])
-    LOG.info("resumed %s from %s (step %d of %d)", run.name, path, run.step, run.total)
-
-
-# ---------------------------------------------------------------------------------------------
 # outputs
-
-
-def _tensor_digest(sd: dict[str, Any]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        t = sd[k].detach().float().contiguous().cpu()
-        h.update(k.encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-def _write_loss_curve(runs: list[_Run], out_dir: Path) -> tuple[Path, Path]:
-    lines = ["step,lora,loss,lr"]
-    for run in runs:
-        lines += [f"{s},{run.name},{loss!r},{lr!r}" for s, loss, lr in run.losses]
-    csv = atomic_write_text(out_dir / LOSS_CSV, "\n".join(lines) + "\n")
-
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for run in runs:
-        xs = [s for s, loss, _ in run.losses if math.isfinite(loss)]
-        ys = [loss for _, loss, _ in run.losses if math.isfinite(loss)]
-        ax.plot(xs, ys, lw=0.8, alpha=0.5, label=f"{run.name}")
-        k = max(1, len(ys) // 20)
-        if len(ys) >= 2 * k and k > 1:
-            smooth = [sum(ys[i : i + k]) / k for i in range(len(ys) - k + 1)]
-            ax.plot(xs[k - 1 :], smooth, lw=1.6, label=f"{run.name} (mean of {k})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title("DreamBooth-LoRA training loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    png = atomic_write_bytes(out_dir / LOSS_PNG, buf.getvalue())
-    return csv, png
 
 
 def _validation_images(ctx: _Ctx, labels: list[str]) -> list[Path]:
@@ -868,45 +596,6 @@ def _validation_images(ctx: _Ctx, labels: list[str]) -> list[Path]:
             _save_png(img, path)
             out.append(path)
     return out
-
-
-def _final_loss(run: _Run) -> float:
-    finite = [loss for _, loss, _ in run.losses if math.isfinite(loss)]
-    tail = finite[-10:]
-    return float(sum(tail) / len(tail)) if tail else float("nan")
-
-
-# ---------------------------------------------------------------------------------------------
-# tracking
-
-
-def _mlflow_log_step(ctx: _Ctx, name: str, step: int, loss: float, lr: float, flush: bool = False) -> None:
-    if ctx.mlflow_run is None:
-        return
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    suffix = "" if name == "all" else f"_{name}"
-    if math.isfinite(loss):
-        ctx.metrics_buffer.append(Metric(f"loss{suffix}", loss, ts, step))
-    ctx.metrics_buffer.append(Metric(f"lr{suffix}", lr, ts, step))
-    if flush or len(ctx.metrics_buffer) >= 200:
-        _mlflow_flush(ctx)
-
-
-def _mlflow_flush(ctx: _Ctx) -> None:
-    if ctx.mlflow_run is None or not ctx.metrics_buffer:
-        return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    for i in range(0, len(ctx.metrics_buffer), 900):
-        client.log_batch(ctx.mlflow_run, metrics=ctx.metrics_buffer[i : i + 900])
-    ctx.metrics_buffer.clear()
-
-
-def _flat_params(train: TrainConfig) -> dict[str, str]:
-    return {f"train.{k}": json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v) for k, v in train.model_dump(mode="json").items()}
 
 
 # ---------------------------------------------------------------------------------------------
