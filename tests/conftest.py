@@ -65,3 +65,18 @@ def real_dermoscopy() -> Path:
     if not (REAL_DERMOSCOPY / "labels.csv").is_file():
         pytest.skip(f"real dermoscopy fixture not found at {REAL_DERMOSCOPY} (../shared is absent)")
     return REAL_DERMOSCOPY
+
+
+@pytest.fixture
+def memory_root():
+    """A unique prefix on fsspec's in-process memory filesystem, removed afterwards."""
+    import uuid
+
+    import fsspec
+
+    root = f"memory://dermt2im-test-{uuid.uuid4().hex[:8]}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    path = root.split("://", 1)[1]
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

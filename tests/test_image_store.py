@@ -3,7 +3,6 @@ local moto endpoint when the dev extra is installed), read back by every stage t
 
 from __future__ import annotations
 
-import uuid
 
 import numpy as np
 import pandas as pd
@@ -28,18 +27,6 @@ def pipe():
     return build_tiny_pipeline(0)
 
 
-@pytest.fixture
-def mem_store():
-    import fsspec
-
-    root = f"memory://dermt2im-test/{uuid.uuid4().hex[:8]}"
-    yield root
-    fs = fsspec.filesystem("memory")
-    path = root.split("://", 1)[1]
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 def _render(workdir, cfg, pipe) -> pd.DataFrame:
     gen.update_plan(workdir.plan_manifest, cfg.generate, token=cfg.train.instance_token)
     recorded = gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
@@ -61,14 +48,14 @@ def test_config_normalises_the_store():
     assert tiny_cfg("generate.image_store=s3://b/p/").generate.image_store == "s3://b/p"
 
 
-def test_render_assess_export_and_load_from_a_memory_store(workdir, tmp_path, pipe, mem_store):
-    cfg = tiny_cfg(f"generate.image_store={mem_store}")
+def test_render_assess_export_and_load_from_a_memory_store(workdir, tmp_path, pipe, memory_root):
+    cfg = tiny_cfg(f"generate.image_store={memory_root}")
     df = _render(workdir, cfg, pipe)
     assert all(p.startswith("memory://") for p in df["path"])
-    _assert_in_store(workdir, df, mem_store)
+    _assert_in_store(workdir, df, memory_root)
     # the manifest stays local; the cache key of a shard names the store
     assert workdir.synthetic_manifest.is_file()
-    assert gen.shard_cache_key_parts(workdir, cfg, 0, None)["image_store"] == mem_store
+    assert gen.shard_cache_key_parts(workdir, cfg, 0, None)["image_store"] == memory_root
     assert "image_store" not in gen.shard_cache_key_parts(workdir, tiny_cfg(), 0, None)
 
     # idempotent: nothing to render or adopt, the manifest unchanged
@@ -113,7 +100,7 @@ def test_render_assess_export_and_load_from_a_memory_store(workdir, tmp_path, pi
     _model, processor = classify.build_classifier("vit", tiny_config().validation, 0)
     x = classify.load_images([url, url], processor)
     assert x.dtype == torch.uint8 and x.shape[0] == 2 and np.array_equal(x[0].numpy(), x[1].numpy())
-    assert storage.is_file(url) and not storage.is_file(f"{mem_store}/benign/nope.png")
+    assert storage.is_file(url) and not storage.is_file(f"{memory_root}/benign/nope.png")
 
 
 def test_a_local_render_is_unchanged_by_the_option(workdir, pipe):

@@ -119,16 +119,12 @@ def _stop(proc: subprocess.Popen | None) -> None:
         proc.wait(timeout=15)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
-    for pid in [proc.pid, *stragglers]:
+    for pid in stragglers:  # started before SIGTERM, possibly in sessions of their own
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=15)
+    _kill_tree(proc)
 
 
 def _tail(path: Path, n: int = 3000) -> str:

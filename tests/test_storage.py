@@ -22,19 +22,6 @@ from dermt2im.manifest import (
 )
 
 
-@pytest.fixture
-def mem_root():
-    """A unique prefix on fsspec's in-process memory filesystem, removed afterwards."""
-    import fsspec
-
-    root = f"memory://dermt2im-test-{uuid.uuid4().hex[:8]}"
-    yield root
-    fs = fsspec.filesystem("memory")
-    path = root.split("://", 1)[1]
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 def _plan_rows(keys, shard=0) -> pd.DataFrame:
     return pd.DataFrame({"sample_key": keys, "label": "benign", "index": range(len(keys)), "prompt": "p",
                          "sampler": "euler", "steps": 2, "seed": [hash(k) % 1000 for k in keys], "shard": shard})
@@ -49,8 +36,8 @@ def test_locations_local_and_remote():
         storage.local_path("s3://bucket/x")
 
 
-def test_bytes_round_trip_on_memory_and_local(mem_root, tmp_path):
-    for loc in (f"{mem_root}/images/benign/a.png", str(tmp_path / "images" / "a.png"),
+def test_bytes_round_trip_on_memory_and_local(memory_root, tmp_path):
+    for loc in (f"{memory_root}/images/benign/a.png", str(tmp_path / "images" / "a.png"),
                 f"file://{tmp_path}/images/b.png"):
         assert not storage.exists(loc)
         storage.atomic_put_bytes(loc, b"\x89PNG data")
@@ -58,8 +45,8 @@ def test_bytes_round_trip_on_memory_and_local(mem_root, tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_manifest_write_read_upsert_digest_on_memory_fs(mem_root, tmp_path):
-    url = f"{mem_root}/manifests/plan.parquet"
+def test_manifest_write_read_upsert_digest_on_memory_fs(memory_root, tmp_path):
+    url = f"{memory_root}/manifests/plan.parquet"
     assert read_manifest(url, PLAN).empty  # nothing there yet: the empty schema
     out = write_manifest(_plan_rows(["b-0", "b-1"]), url, PLAN)
     assert out == url and storage.exists(url)
@@ -78,8 +65,8 @@ def test_manifest_write_read_upsert_digest_on_memory_fs(mem_root, tmp_path):
     assert digest(url, PLAN) == digest(local, PLAN)
 
 
-def test_a_failed_write_leaves_the_remote_object_untouched(mem_root, monkeypatch):
-    url = f"{mem_root}/manifests/plan.parquet"
+def test_a_failed_write_leaves_the_remote_object_untouched(memory_root, monkeypatch):
+    url = f"{memory_root}/manifests/plan.parquet"
     write_manifest(_plan_rows(["b-0"]), url, PLAN)
     before = storage.read_bytes(url)
 
@@ -96,8 +83,8 @@ def test_a_failed_write_leaves_the_remote_object_untouched(mem_root, monkeypatch
     assert storage.read_bytes(url) == before
 
 
-def test_a_foreign_manifest_is_refused_on_memory_fs(mem_root):
-    url = f"{mem_root}/manifests/seeds.parquet"
+def test_a_foreign_manifest_is_refused_on_memory_fs(memory_root):
+    url = f"{memory_root}/manifests/seeds.parquet"
     write_manifest(pd.DataFrame({"source_path": ["/x.png"], "status": ["accepted"]}), url, SEEDS)
     with pytest.raises(ManifestError, match="is a seeds manifest, expected plan"):
         read_manifest(url, PLAN)
