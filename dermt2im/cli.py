@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from dermt2im import storage
 from dermt2im.workdir import Workdir, configure_runtime, workdir_config
 
 app = typer.Typer(
@@ -43,7 +44,8 @@ def _setup(workdir: Path, config: str | None, overrides: list[str] | None):
     for chatty in ("httpx", "httpcore", "docket", "alembic", "urllib3"):  # per-request lines drown the stage logs
         logging.getLogger(chatty).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # probes for CUDA kernels even on CPU-only runs
-    return w, _guard(lambda: workdir_config(w, config, overrides))
+    cfg = _guard(lambda: workdir_config(w, config, overrides))
+    return w.using(cfg), cfg
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -131,7 +133,7 @@ def preprocess(
     from dermt2im.preprocess import preprocess_manifest
 
     manifest = w.test_set_manifest(test_set) if test_set else w.seeds_manifest
-    if not manifest.is_file():
+    if not storage.is_file(manifest):
         typer.secho(f"error: {manifest} does not exist: run `dermt2im ingest` first", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     report = _guard(lambda: preprocess_manifest(manifest, w.processed, cfg.preprocess, max_pixels=cfg.ingest.max_pixels))
@@ -174,6 +176,41 @@ def generate(
     report = _guard(lambda: run_generate(w, cfg, lora=lora, per_class=per_class, shards=shard))
     _echo(report.summary())
     _echo(_guard(lambda: assess(w, cfg)).summary())
+
+
+@app.command()
+def worker(
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    lora: Annotated[Path | None, typer.Option(help="LoRA run folder or .safetensors; default: newest in W/lora")] = None,
+    owner: Annotated[str | None, typer.Option(help="name in this worker's leases; default host:pid:random")] = None,
+    timeout: Annotated[float | None, typer.Option(help="give up after this many seconds (default: never)")] = None,
+    poll: Annotated[float, typer.Option(help="seconds between looks at shards other workers hold")] = 2.0,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Render shards of the existing plan until it is complete, alongside any number of other workers.
+
+    Start one per GPU or machine (all must see the workdir: leases live there); each first makes or
+    extends the plan from the config (under a lock, so starting many at once is safe), then they
+    split it through shard leases, and a dead worker's shards are taken over when its lease expires.
+    Run `dermt2im quality` once every worker is done (it also folds in rows appended on an object store).
+    """
+    w, cfg = _setup(workdir, config, overrides)
+    from dermt2im.generation import resolve_lora
+    from dermt2im.manifest import writer_lock
+    from dermt2im.plan import update_plan
+    from dermt2im.workers import run_worker
+
+    def go():
+        with writer_lock(w.plan_manifest, w.locks):
+            update_plan(w.plan_manifest, cfg.generate, token=cfg.train.instance_token)
+        return run_worker(w, cfg, lora=resolve_lora(w, lora), owner=owner, poll_seconds=poll, timeout=timeout)
+
+    out = _guard(go)
+    _echo(f"worker {out['owner']}: {out['images']} image(s) in shard(s) {out['shards']} ({out['takeovers']} taken "
+          f"over); {out['done_shards']}/{out['planned_shards']} shards done")
+    if not out["complete"]:
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -225,7 +262,7 @@ def validate(
     from dermt2im.validation import validate as run_validate
 
     def go():
-        sets: dict[str, Path] = {}
+        sets: dict[str, str | Path] = {}
         for name, src in {**cfg.validation.test_sets, **_parse_test_sets(test_set)}.items():
             manifest = w.test_set_manifest(name)
             _echo(ingest_source(Path(src), manifest, cfg.ingest, split="test").summary())

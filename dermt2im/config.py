@@ -57,6 +57,13 @@ def normalise_diagnosis(name: str) -> str:
     return " ".join(str(name).strip().lower().replace("_", " ").replace("-", " ").split())
 
 
+def normalise_location(v: str | None) -> str | None:
+    """A storage location as given: "" (e.g. an empty override) means the default (None); a trailing
+    slash goes ("s3://b/p/" -> "s3://b/p"; "/" stays "/")."""
+    v = (v or "").strip()
+    return (v.rstrip("/") or v) if v else None
+
+
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who wrote the file."""
 
@@ -207,10 +214,7 @@ class GenerateConfig(Strict):
     @field_validator("image_store")
     @classmethod
     def _store_text(cls, v: str | None) -> str | None:
-        v = (v or "").strip()
-        if not v:
-            return None  # "" (e.g. an empty override) means the default, W/synthetic
-        return v.rstrip("/") or v  # "s3://b/p/" -> "s3://b/p"; "/" stays "/"
+        return normalise_location(v)  # None: W/synthetic
 
     @model_validator(mode="after")
     def _step_range(self) -> "GenerateConfig":
@@ -274,6 +278,21 @@ class OrchestrationConfig(Strict):
     deployment_timeout_s: float | None = Field(None, gt=0, description="None waits for as long as the run takes")
 
 
+class StorageConfig(Strict):
+    """Where the factory's records live (images: ``generate.image_store``)."""
+
+    manifests: str | None = Field(
+        None,
+        description="where the Parquet manifests go: None = W/manifests; else a local folder (relative to the "
+        "workdir) or an fsspec URL (s3://bucket/prefix, ...); the config snapshot, leases and weights stay in W",
+    )
+
+    @field_validator("manifests")
+    @classmethod
+    def _location_text(cls, v: str | None) -> str | None:
+        return normalise_location(v)  # None: W/manifests
+
+
 class FactoryConfig(Strict):
     # YAML key `validate`; the attribute is `validation` because BaseModel.validate exists.
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, populate_by_name=True)
@@ -288,6 +307,7 @@ class FactoryConfig(Strict):
     validation: ValidateConfig = Field(ValidateConfig(), alias="validate")
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    storage: StorageConfig = StorageConfig()
 
     @field_validator("name")
     @classmethod

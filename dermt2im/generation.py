@@ -6,19 +6,19 @@
 * A shard renders in batches of ``generate.batch_size`` rows sharing (sampler, steps, size, CFG,
   LoRA scale), one CPU ``torch.Generator`` per image, so an image does not depend on its batch.
 * PNG encoding and writing run in ``generate.writer_threads`` threads while the next batch renders;
-  every file is written atomically with its generation parameters in tEXt chunks; the manifest is
-  upserted (under a file lock) after every batch.
+  every file is written atomically with its generation parameters in tEXt chunks; the rows are
+  recorded after every batch (``manifest.record_rows``: an upsert under a file lock locally, an
+  appended part on an object store, folded in by ``generate`` / the generate flow at the end).
 * ``render_shard`` is idempotent: rows whose PNG exists with the recorded sha256 and render key are
   skipped; a PNG written before a crash but never recorded is adopted when its embedded render key
   matches; everything else is rendered again.
 * ``generate.image_store`` (optional) puts the PNGs on any fsspec filesystem (``s3://bucket/prefix``,
-  ...) as ``<store>/<label>/<sample_key>.png``, the URL in the manifest's ``path``; the workdir
-  (manifests' lock files, leases) stays on a POSIX filesystem.
+  ...) as ``<store>/<label>/<sample_key>.png``, the URL in the manifest's ``path``; ``storage.manifests``
+  moves the manifests likewise. The workdir (config, leases, LoRA weights) stays on a POSIX filesystem.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import hashlib
@@ -28,7 +28,6 @@ import platform
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from dermt2im import __version__, storage
 from dermt2im.config import LABELS, FactoryConfig
 from dermt2im.fileio import atomic_write_bytes, sha256_bytes, sha256_file
 from dermt2im.imaging import encode_png
-from dermt2im.manifest import PLAN, SYNTHETIC, read_manifest, upsert
+from dermt2im.manifest import PLAN, SYNTHETIC, compact, read_manifest, record_rows, writer_lock
 from dermt2im.plan import build_plan, shards_of, update_plan  # noqa: F401  (re-exported)
 from dermt2im.sampling import SAMPLERS, SamplerSwitch, UnknownSamplerError  # noqa: F401  (re-exported)
 from dermt2im.workdir import Workdir
@@ -106,31 +105,6 @@ class GenerateReport:
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
-
-
-@contextlib.contextmanager
-def manifest_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock beside ``path`` (processes on one host; released if one dies).
-
-    Under the lock, temporaries a killed writer left for ``path`` are removed: only lock holders write them.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(path.name + ".lock")
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        fcntl = None
-    with open(lock, "a+") as fh:
-        if fcntl is not None:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            for stale in path.parent.glob(f".{path.name}.*.tmp"):
-                stale.unlink(missing_ok=True)
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def image_root(workdir: Workdir, cfg: FactoryConfig | None = None) -> Path | str:
@@ -529,6 +503,8 @@ def shard_cache_key_parts(workdir: Workdir, cfg: FactoryConfig, shard: int, lora
     }
     if cfg.generate.image_store:  # only when set: the default keeps its earlier cache keys
         parts["image_store"] = str(image_root(workdir, cfg))
+    if workdir.manifest_store:  # likewise for storage.manifests
+        parts["manifests"] = str(workdir.manifests)
     return parts
 
 
@@ -565,8 +541,7 @@ def render_shard(workdir: Workdir, cfg: FactoryConfig, shard: int, *, lora: Path
     state = shard_state(workdir, cfg, shard, lora)
     recorded: list[dict] = []
     if state.adopt:
-        with manifest_lock(workdir.synthetic_manifest):
-            upsert(workdir.synthetic_manifest, pd.DataFrame(state.adopt), SYNTHETIC)
+        record_rows(workdir.synthetic_manifest, pd.DataFrame(state.adopt), SYNTHETIC)
         recorded += state.adopt
         log.info("shard %d: recorded %d image(s) written before an interruption", shard, len(state.adopt))
     if not state.todo:
@@ -605,8 +580,7 @@ def render_shard(workdir: Workdir, cfg: FactoryConfig, shard: int, *, lora: Path
                 except BaseException as exc:  # noqa: BLE001 - re-raised after recording the rest
                     error = error or exc
             if ok:
-                with manifest_lock(workdir.synthetic_manifest):
-                    upsert(workdir.synthetic_manifest, pd.DataFrame(ok), SYNTHETIC)
+                record_rows(workdir.synthetic_manifest, pd.DataFrame(ok), SYNTHETIC)
                 recorded.extend(ok)
 
     with ThreadPoolExecutor(max_workers=cfg.generate.writer_threads, thread_name_prefix="png-writer") as writers:
@@ -656,7 +630,7 @@ def generate(
 ) -> GenerateReport:
     """Plan (create or extend), then render every shard (or the given ones) that is not complete."""
     t0 = time.perf_counter()
-    with manifest_lock(workdir.plan_manifest):
+    with writer_lock(workdir.plan_manifest, workdir.locks):
         plan = update_plan(workdir.plan_manifest, cfg.generate, token=cfg.train.instance_token, per_class=per_class)
     all_shards = shards_of(plan)
     chosen = all_shards if not shards else sorted({int(s) for s in shards})
@@ -670,6 +644,7 @@ def generate(
     for shard in sorted(chosen, key=lambda s: (s % len(LABELS), s)):
         recorded = render_shard(workdir, cfg, shard, lora=lora_root)
         rendered += len(recorded)
+    compact(workdir.synthetic_manifest, SYNTHETIC, workdir.locks)  # parts appended on an object store, folded in
     return GenerateReport(
         plan_path=workdir.plan_manifest,
         manifest_path=workdir.synthetic_manifest,

@@ -37,6 +37,7 @@ from typing import Any
 
 import pandas as pd
 
+from dermt2im import storage
 from dermt2im.config import LABELS, IngestConfig, SplitConfig, normalise_diagnosis
 from dermt2im.fileio import sha256_bytes
 from dermt2im.imaging import DecodeError, decode_image
@@ -799,7 +800,7 @@ def reason_category(reason: str) -> str:
 class IngestReport:
     layout: str
     explanation: str
-    manifest_path: Path
+    manifest_path: Path | str  # a local path, or an fsspec URL (storage.manifests)
     total: int  # rows of this source in the manifest
     new: int  # rows this run added
     accepted: int
@@ -825,14 +826,14 @@ class IngestReport:
         return "\n".join(lines)
 
 
-def _report(plan: LayoutPlan, manifest_path: Path, rows: Sequence[Mapping[str, Any]], new: int) -> IngestReport:
+def _report(plan: LayoutPlan, manifest_path: Path | str, rows: Sequence[Mapping[str, Any]], new: int) -> IngestReport:
     mine = [r for r in rows if r["source_root"] == str(plan.root)]
     accepted = [r for r in mine if r["status"] == ACCEPTED]
     reasons = Counter(reason_category(r["reason"] or "") for r in mine if r["status"] != ACCEPTED)
     return IngestReport(
         layout=plan.layout,
         explanation=plan.explanation,
-        manifest_path=Path(manifest_path),
+        manifest_path=manifest_path,
         total=len(mine),
         new=new,
         accepted=len(accepted),
@@ -845,7 +846,7 @@ def _report(plan: LayoutPlan, manifest_path: Path, rows: Sequence[Mapping[str, A
 
 def ingest_source(
     source: Path,
-    manifest_path: Path,
+    manifest_path: Path | str,
     cfg: IngestConfig,
     *,
     layout: str | None = None,
@@ -864,7 +865,7 @@ def ingest_source(
     label_map = cfg.label_map()
     plan = _plan_layout(Path(source), None if wanted == "auto" else wanted, label_map)
 
-    manifest_path = Path(manifest_path)
+    manifest_path = manifest_path if storage.is_remote(manifest_path) else storage.local_path(manifest_path)
     before = conform(read_manifest(manifest_path, SEEDS), SEEDS)
     existing = before.to_pylist()
     images = scan_images(plan.root, cfg.extensions)
@@ -875,6 +876,6 @@ def ingest_source(
     rows, new = merge_rows(existing, fresh, str(plan.root))
     rows = fill_splits(rows, str(plan.root), cfg.splits, split)
     frame = pd.DataFrame(rows, columns=SEEDS.columns)
-    if not (manifest_path.exists() and conform(frame, SEEDS).equals(before)):
+    if not (storage.exists(manifest_path) and conform(frame, SEEDS).equals(before)):
         write_manifest(frame, manifest_path, SEEDS)
     return _report(plan, manifest_path, rows, new)

@@ -3,12 +3,34 @@
 Each manifest kind has a pyarrow schema carrying its name and version in the schema metadata.
 Writes are atomic (temporary name, then rename). ``upsert`` merges new rows into an existing
 manifest by its key columns without ever duplicating a row. Files are plain Parquet, readable
-by pandas, pyarrow and DuckDB alike.
+by pandas, pyarrow and DuckDB alike. A manifest is a local path or an fsspec URL (``s3://...``).
+
+Many writers at once (scale-out generation) use one of two protocols:
+
+* **local / shared POSIX storage**: ``writer_lock`` (an fcntl lock beside the file) serialises
+  read-modify-write cycles (``upsert``);
+* **object stores** (no locks, no rename): each writer *appends* its rows as a new, uniquely named
+  Parquet part in ``<manifest>.parts/`` (``append_rows``; one put, never a read-modify-write).
+  ``read_manifest`` returns the base file merged with every part (by key, later parts win), so
+  readers see appended rows at once. ``compact`` (or any ``upsert`` / ``rewrite``) folds the parts
+  it read into the base file and then deletes exactly those parts; a part appended meanwhile is kept
+  and still wins over the base. Appends may run concurrently with anything. Rewrites of one
+  manifest must not overlap (two would each write the base from what they read, and the second
+  would drop rows the first folded in and deleted): ``writer_lock(url, lock_dir)`` holds an fcntl
+  lock in ``lock_dir`` (the workdir's ``.locks``, on the POSIX storage every worker shares for its
+  leases anyway) while one process rewrites.
+
+``record_rows`` picks the protocol from the location. Part names start with the writer's wall-clock
+nanoseconds, so hosts appending to one manifest need roughly synchronised clocks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,18 +135,16 @@ def write_manifest(df: pd.DataFrame, path: str | Path, kind: ManifestSchema) -> 
     return str(path) if storage.is_remote(path) else storage.local_path(path)
 
 
-def read_manifest(path: str | Path, kind: ManifestSchema) -> pd.DataFrame:
-    """The manifest at a local path or fsspec URL; an empty frame of the schema when there is none."""
-    if storage.is_remote(path):
-        if not storage.exists(path):
-            return kind.empty()
-        with storage.open_read(path) as fh:
-            table = pq.read_table(fh)
-    else:
-        path = storage.local_path(path)
-        if not path.exists():
-            return kind.empty()
-        table = pq.read_table(path)
+def _read_file(path: str | Path, kind: ManifestSchema) -> pd.DataFrame | None:
+    """One Parquet file of ``kind`` (base or part); None when it does not exist."""
+    try:
+        if storage.is_remote(path):
+            with storage.open_read(path) as fh:
+                table = pq.read_table(fh)
+        else:
+            table = pq.read_table(storage.local_path(path))
+    except FileNotFoundError:
+        return None
     meta = table.schema.metadata or {}
     name = meta.get(b"dermt2im.manifest", b"").decode()
     version = int(meta.get(b"dermt2im.schema_version", b"0") or 0)
@@ -139,6 +159,50 @@ def read_manifest(path: str | Path, kind: ManifestSchema) -> pd.DataFrame:
     return df[kind.columns]
 
 
+def parts_folder(path: str | Path) -> str | Path:
+    """Where appended parts of the manifest at ``path`` live: ``<path>.parts/``."""
+    if storage.is_remote(path):
+        return f"{str(path).rstrip('/')}.parts"
+    p = storage.local_path(path)
+    return p.with_name(p.name + ".parts")
+
+
+def pending_parts(path: str | Path) -> list[str | Path]:
+    """Parts appended to the manifest and not yet compacted, oldest first."""
+    return storage.files_in(parts_folder(path), ".parquet")
+
+
+def _read_with_parts(path: str | Path, kind: ManifestSchema) -> tuple[pd.DataFrame, list[str | Path]]:
+    """The base merged with its parts, and the parts that went into it.
+
+    Parts are listed before the base is read: a part compacted meanwhile is then either in the base
+    already or gone when read, and a vanished part makes the whole read start again.
+    """
+    for _attempt in range(5):
+        parts = pending_parts(path)
+        base = _read_file(path, kind)
+        frame = kind.empty() if base is None else base
+        for part in parts:
+            rows = _read_file(part, kind)
+            if rows is None:  # compacted under our feet: read again
+                break
+            frame = _merge(frame, rows, kind)
+        else:
+            return frame, parts
+    raise ManifestError(f"{path}: parts kept changing while reading; try again")
+
+
+def manifest_exists(path: str | Path) -> bool:
+    """A base file or at least one appended part is there."""
+    return storage.is_file(path) or bool(pending_parts(path))
+
+
+def read_manifest(path: str | Path, kind: ManifestSchema) -> pd.DataFrame:
+    """The manifest at a local path or fsspec URL, with any appended parts merged in; an empty frame
+    of the schema when there is none."""
+    return _read_with_parts(path, kind)[0]
+
+
 def _duplicate_keys(df: pd.DataFrame, kind: ManifestSchema) -> list:
     if df.empty:
         return []
@@ -146,27 +210,119 @@ def _duplicate_keys(df: pd.DataFrame, kind: ManifestSchema) -> list:
     return df.loc[dup, list(kind.key)].drop_duplicates().values.tolist()
 
 
-def upsert(path: str | Path, rows: pd.DataFrame, kind: ManifestSchema) -> pd.DataFrame:
-    """Merge ``rows`` into the manifest at ``path`` by key: new keys are appended, existing keys
-    are replaced by the new row. Row order is stable (existing rows first). Returns the result."""
-    existing = read_manifest(path, kind)
+def _merge(existing: pd.DataFrame, rows: pd.DataFrame, kind: ManifestSchema) -> pd.DataFrame:
+    """``existing`` with ``rows`` merged in by key: replaced rows keep their position, new keys are
+    appended in order."""
     new = conform(rows, kind).to_pandas()
     if _duplicate_keys(new, kind):
         raise ManifestError(f"rows for {kind.name} repeat a key: {_duplicate_keys(new, kind)[:3]}")
     if existing.empty or new.empty:
-        merged = new if existing.empty else existing
-    else:
-        key = list(kind.key)
-        new_keys = [tuple(r) for r in new[key].itertuples(index=False, name=None)]
-        position = {k: i for i, k in enumerate(new_keys)}
-        old_keys = [tuple(r) for r in existing[key].itertuples(index=False, name=None)]
-        old_set = set(old_keys)
-        # replaced rows keep the position of the row they replace; new keys are appended
-        pieces = [new.iloc[[position[k]]] if k in position else existing.iloc[[i]] for i, k in enumerate(old_keys)]
-        pieces.append(new.iloc[[i for i, k in enumerate(new_keys) if k not in old_set]])
-        merged = pd.concat([p for p in pieces if not p.empty], ignore_index=True)
-    write_manifest(merged, path, kind)
+        return new if existing.empty else existing
+    key = list(kind.key)
+    new_keys = [tuple(r) for r in new[key].itertuples(index=False, name=None)]
+    position = {k: i for i, k in enumerate(new_keys)}
+    old_keys = [tuple(r) for r in existing[key].itertuples(index=False, name=None)]
+    old_set = set(old_keys)
+    pieces = [new.iloc[[position[k]]] if k in position else existing.iloc[[i]] for i, k in enumerate(old_keys)]
+    pieces.append(new.iloc[[i for i, k in enumerate(new_keys) if k not in old_set]])
+    return pd.concat([p for p in pieces if not p.empty], ignore_index=True)
+
+
+def rewrite(path: str | Path, kind: ManifestSchema, change: Callable[[pd.DataFrame], pd.DataFrame]) -> pd.DataFrame:
+    """Read the manifest (parts included), write ``change(frame)`` as the new base, then delete the
+    parts that were read. One rewriter per manifest at a time (see the module docstring)."""
+    current, parts = _read_with_parts(path, kind)
+    write_manifest(change(current), path, kind)
+    for part in parts:
+        storage.remove(part)
     return read_manifest(path, kind)
+
+
+def upsert(path: str | Path, rows: pd.DataFrame, kind: ManifestSchema) -> pd.DataFrame:
+    """Merge ``rows`` into the manifest at ``path`` by key: new keys are appended, existing keys
+    are replaced by the new row. Row order is stable (existing rows first). Returns the result."""
+    conform(rows, kind)  # fail before touching anything
+    return rewrite(path, kind, lambda current: _merge(current, rows, kind))
+
+
+def append_rows(path: str | Path, rows: pd.DataFrame, kind: ManifestSchema) -> str | Path | None:
+    """Record ``rows`` as a new part of the manifest (no read, no lock: safe for many writers on an
+    object store). Later parts win over earlier ones and over the base. Returns the part's location."""
+    table = conform(rows, kind)
+    if table.num_rows == 0:
+        return None
+    if _duplicate_keys(table.to_pandas(), kind):
+        raise ManifestError(f"rows for {kind.name} repeat a key: {_duplicate_keys(table.to_pandas(), kind)[:3]}")
+    part = storage.join(parts_folder(path), f"{time.time_ns():020d}-{uuid.uuid4().hex}.parquet")
+    if not storage.is_remote(part):
+        Path(part).parent.mkdir(parents=True, exist_ok=True)
+    with storage.atomic_target(part) as tmp:
+        pq.write_table(table, tmp)
+    return part
+
+
+def compact(path: str | Path, kind: ManifestSchema, lock_dir: str | Path | None = None) -> int:
+    """Fold pending parts into the base file under ``writer_lock(path, lock_dir)``; returns how many
+    were folded (0: nothing to do). Do not call it while holding that lock (the lock is not re-entrant)."""
+    if not pending_parts(path):
+        return 0
+    with writer_lock(path, lock_dir):
+        n = len(pending_parts(path))
+        if n:
+            rewrite(path, kind, lambda current: current)
+    return n
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path, lock_dir: str | Path | None = None) -> Iterator[None]:
+    """Exclusive access for a read-modify-write of a manifest: an fcntl lock, for processes on one
+    host or on a POSIX shared filesystem, released if the holder dies.
+
+    A local manifest is locked beside itself (``lock_dir`` is ignored, so every caller agrees on the
+    lock file); under the lock, temporaries a killed writer left for it are removed. A manifest on an
+    object store is locked in ``lock_dir``; with no ``lock_dir`` there is no lock (one writer only).
+    """
+    if storage.is_remote(path):
+        if lock_dir is None:
+            yield
+            return
+        name = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+        with _flock(Path(lock_dir) / f"{name}-{str(path).rsplit('/', 1)[-1]}.lock"):
+            yield
+        return
+    path = storage.local_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _flock(path.with_name(path.name + ".lock")):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        yield
+
+
+@contextlib.contextmanager
+def _flock(lock: Path) -> Iterator[None]:
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        fcntl = None
+    with open(lock, "a+") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def record_rows(path: str | Path, rows: pd.DataFrame, kind: ManifestSchema) -> None:
+    """Record rows from one of many concurrent writers: an upsert under ``writer_lock`` on local
+    storage, an appended part (no lock, no read) on an object store."""
+    if storage.is_remote(path):
+        append_rows(path, rows, kind)
+        return
+    with writer_lock(path):
+        upsert(path, rows, kind)
 
 
 def digest(path: str | Path, kind: ManifestSchema, columns: list[str] | None = None) -> str:

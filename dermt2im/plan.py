@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dermt2im import storage
 from dermt2im.config import LABELS, GenerateConfig
 from dermt2im.manifest import PLAN, read_manifest, write_manifest
 from dermt2im.sampling import check_sampler_names
@@ -101,7 +102,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 _COMPARED = [c for c in PLAN.columns if c not in ("sample_key",)]
 
 
-def update_plan(plan_path: Path, cfg: GenerateConfig, *, token: str, per_class: int | None = None) -> pd.DataFrame:
+def update_plan(plan_path: Path | str, cfg: GenerateConfig, *, token: str, per_class: int | None = None) -> pd.DataFrame:
     """Create, extend or re-plan the plan at ``plan_path`` and return the whole plan.
 
     The plan follows the config: asking for more samples appends the missing indices (existing rows
@@ -110,7 +111,7 @@ def update_plan(plan_path: Path, cfg: GenerateConfig, *, token: str, per_class: 
     warning, so that the generate stage re-renders exactly those. Unchanged rows are never touched,
     and an unchanged plan file is not rewritten.
     """
-    plan_path = Path(plan_path)
+    plan_path = plan_path if storage.is_remote(plan_path) else storage.local_path(plan_path)
     existing = read_manifest(plan_path, PLAN)
     requested = cfg.per_class if per_class is None else int(per_class)
     planned = int(existing.groupby("label")["index"].max().max()) + 1 if not existing.empty else 0

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from dermt2im import storage
 from dermt2im.config import PreprocessConfig
 from dermt2im.fileio import atomic_write_bytes, sha256_bytes
 from dermt2im.imaging import DEFAULT_MAX_PIXELS, DecodeError, decode_image, encode_png
@@ -324,7 +325,7 @@ def run_jobs(jobs: Sequence[_Job], cfg: PreprocessConfig, max_pixels: int) -> li
 class PreprocessReport:
     """Counts are manifest rows; byte-identical duplicates share one processed file."""
 
-    manifest_path: Path
+    manifest_path: Path | str  # a local path, or an fsspec URL (storage.manifests)
     processed: int
     cached: int
     failed: int
@@ -398,7 +399,7 @@ def _filled(row: pd.Series, path: str, key: str, fraction: float) -> pd.Series:
 
 
 def preprocess_manifest(
-    manifest_path: Path, out_dir: Path, cfg: PreprocessConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    manifest_path: Path | str, out_dir: Path, cfg: PreprocessConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> PreprocessReport:
     """Hair-remove, resize and crop every accepted row of a seeds manifest into ``out_dir``.
 
@@ -407,7 +408,7 @@ def preprocess_manifest(
     the same key are skipped, so a second run does no work and does not rewrite the manifest.
     """
     start = time.perf_counter()
-    manifest_path = Path(manifest_path)
+    manifest_path = manifest_path if storage.is_remote(manifest_path) else storage.local_path(manifest_path)
     df = read_manifest(manifest_path, SEEDS)
     plan = plan_work(df, out_dir, cfg)
     if plan.jobs:

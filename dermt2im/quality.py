@@ -45,7 +45,7 @@ import pandas as pd
 from dermt2im import storage
 from dermt2im.config import LABELS, FactoryConfig, QualityConfig
 from dermt2im.fileio import atomic_write_bytes, atomic_write_text
-from dermt2im.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
+from dermt2im.manifest import SEEDS, SYNTHETIC, read_manifest, rewrite, writer_lock
 from dermt2im.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -453,18 +453,21 @@ def assess(workdir: Workdir, cfg: FactoryConfig) -> QualityReport:
 
 
 def _save(workdir: Workdir, assessed: pd.DataFrame) -> None:
-    """Write the quality columns back, under the manifest lock, for rows whose image is unchanged
-    (a shard re-rendered meanwhile keeps its fresh 'rendered' row)."""
-    from dermt2im.generation import manifest_lock
+    """Write the quality columns back, under the manifest's writer lock, for rows whose image is
+    unchanged (a shard re-rendered meanwhile keeps its fresh 'rendered' row; on an object store a
+    part appended after this read is kept and still wins)."""
+    by_key = assessed.set_index("sample_key")
 
-    with manifest_lock(workdir.synthetic_manifest):
-        current = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
-        by_key = assessed.set_index("sample_key")
+    def with_quality(current: pd.DataFrame) -> pd.DataFrame:
+        current = current.copy()
         for i, key in enumerate(current["sample_key"]):
             if key in by_key.index and by_key.at[key, "sha256"] == current.at[i, "sha256"]:
                 for c in QUALITY_COLUMNS:
                     current.at[i, c] = by_key.at[key, c]
-        write_manifest(current, workdir.synthetic_manifest, SYNTHETIC)
+        return current
+
+    with writer_lock(workdir.synthetic_manifest, workdir.locks):
+        rewrite(workdir.synthetic_manifest, SYNTHETIC, with_quality)
 
 
 # ---------------------------------------------------------------------------------------------

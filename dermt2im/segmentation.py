@@ -28,7 +28,7 @@ import pandas as pd
 from dermt2im import storage
 from dermt2im.config import LABELS, FactoryConfig
 from dermt2im.fileio import atomic_path, atomic_write_text
-from dermt2im.manifest import SEEDS, SYNTHETIC, read_manifest
+from dermt2im.manifest import SEEDS, SYNTHETIC, manifest_exists, read_manifest
 from dermt2im.regimes import real_rows, usable_synthetic
 from dermt2im.workdir import Workdir
 
@@ -183,7 +183,7 @@ def sample_images(workdir: Workdir, cfg: FactoryConfig, seed: int = 0) -> pd.Dat
     """Up to ``segmentation_samples`` real (accepted seeds) and synthetic (usable) images per class."""
     k = cfg.validation.segmentation_samples
     frames = []
-    if workdir.seeds_manifest.is_file():
+    if manifest_exists(workdir.seeds_manifest):
         seeds = read_manifest(workdir.seeds_manifest, SEEDS)
         real = pd.concat([real_rows(seeds, s) for s in ("train", "val", "test")], ignore_index=True)
         frames.append(real[["path", "label", "source"]])

@@ -8,14 +8,16 @@ A *location* is a local path (``str`` or ``Path``; ``file://`` URLs count as loc
   put, which S3-compatible stores apply atomically per object (readers see the old object or the
   new one, never a part). Nothing is written remotely when producing the bytes fails.
 
-There is no cross-writer lock on object stores: concurrent read-modify-write of one manifest
-there (``manifest.upsert``) is last-writer-wins. Keep one writer per manifest object, or use a
-local / shared POSIX workdir where ``generation.manifest_lock`` applies.
+There is no cross-writer lock on object stores: a read-modify-write of one manifest object there
+(``manifest.upsert``) is last-writer-wins. Many writers instead *append* uniquely named parts
+(``manifest.append_rows``) that readers merge and one coordinator later folds in
+(``manifest.compact``); on local / shared POSIX storage ``manifest.writer_lock`` serialises writers.
 
 Synthetic images can live on such a location too (``generate.image_store``): the manifest's
 ``path`` column then holds the image's URL and every reader goes through ``resolve`` /
-``is_file`` / ``read_bytes`` / ``sha256`` / ``version_token`` here. The workdir itself (manifest
-lock files, shard leases, reports) stays on a POSIX filesystem; only the image store moves.
+``is_file`` / ``read_bytes`` / ``sha256`` / ``version_token`` here. So can the manifests
+(``storage.manifests``). The workdir itself (config snapshot, shard leases, LoRA weights, processed
+seeds, reports) stays on a POSIX filesystem that every worker sees.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from typing import IO, Any
 
 from dermt2im.fileio import atomic_path, atomic_write_bytes, sha256_bytes, sha256_file
 
-__all__ = ["atomic_put_bytes", "atomic_target", "exists", "is_file", "is_remote", "join", "local_path", "open_read",
-           "read_bytes", "resolve", "sha256", "to_fs", "version_token"]
+__all__ = ["atomic_put_bytes", "atomic_target", "exists", "files_in", "is_file", "is_remote", "join", "local_path",
+           "open_read", "read_bytes", "remove", "resolve", "sha256", "to_fs", "version_token"]
 
 Location = str | Path
 
@@ -95,6 +97,36 @@ def join(base: Location, *parts: str) -> Location:
     if not is_remote(base):
         return local_path(base).joinpath(*parts)
     return "/".join([_text(base).rstrip("/"), *parts])
+
+
+def files_in(folder: Location, suffix: str = "") -> list[Location]:
+    """The files directly inside ``folder`` whose names end with ``suffix``, sorted by name; names
+    starting with "." (temporaries) are left out. An absent folder has none."""
+    if not is_remote(folder):
+        root = local_path(folder)
+        if not root.is_dir():
+            return []
+        return sorted((p for p in root.iterdir() if p.is_file() and p.name.endswith(suffix)
+                       and not p.name.startswith(".")), key=lambda p: p.name)
+    fs, path = to_fs(folder)
+    try:
+        entries = fs.ls(path, detail=True, refresh=True)
+    except FileNotFoundError:
+        return []
+    names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file")
+    return [join(folder, n) for n in sorted(n for n in names if n.endswith(suffix) and not n.startswith("."))]
+
+
+def remove(loc: Location) -> None:
+    """Delete the file at ``loc``; an absent one is not an error."""
+    if not is_remote(loc):
+        local_path(loc).unlink(missing_ok=True)
+        return
+    fs, path = to_fs(loc)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def sha256(loc: Location) -> str:

@@ -40,7 +40,7 @@ import pandas as pd
 from dermt2im import regimes as rg
 from dermt2im import storage
 from dermt2im.config import LABELS, FactoryConfig
-from dermt2im.manifest import SEEDS, SYNTHETIC, ManifestError, digest, read_manifest
+from dermt2im.manifest import SEEDS, SYNTHETIC, ManifestError, digest, manifest_exists, read_manifest
 from dermt2im.metrics import CONFUSION, METRICS, THRESHOLD, binary_metrics, mcnemar_from_predictions
 from dermt2im.tracking import metric_key, tracking_client
 from dermt2im.workdir import Workdir
@@ -91,7 +91,7 @@ def _with_keys(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _test_rows(path: Path) -> pd.DataFrame:
+def _test_rows(path: str | Path) -> pd.DataFrame:
     try:
         df = read_manifest(path, SEEDS)
     except ManifestError as err:
@@ -112,8 +112,11 @@ def _safe_name(name: str) -> str:
     return metric_key(name)
 
 
-def load_inputs(workdir: Workdir, cfg: FactoryConfig, test_sets: dict[str, Path] | None = None) -> ValidationInputs:
-    if not workdir.seeds_manifest.is_file():
+def load_inputs(workdir: Workdir, cfg: FactoryConfig,
+                test_sets: dict[str, str | Path] | None = None) -> ValidationInputs:
+    """``test_sets``: name -> test-set manifest (a local path or URL); None: every manifest in the
+    workdir's test_sets folder plus the seeds' own test split."""
+    if not manifest_exists(workdir.seeds_manifest):
         raise ValidationError(f"no seeds manifest at {workdir.seeds_manifest}: run `dermt2im ingest` first")
     seeds = read_manifest(workdir.seeds_manifest, SEEDS)
     real_train = _with_keys(rg.real_rows(seeds, "train"))
@@ -129,14 +132,14 @@ def load_inputs(workdir: Workdir, cfg: FactoryConfig, test_sets: dict[str, Path]
     sets: dict[str, TestSet] = {}
     explicit = test_sets is not None
     if test_sets is None:
-        folder = workdir.manifests / "test_sets"
-        test_sets = {p.stem: p for p in sorted(folder.glob("*.parquet"))} if folder.is_dir() else {}
+        test_sets = {str(p).rsplit("/", 1)[-1].removesuffix(".parquet"): p
+                     for p in storage.files_in(workdir.test_sets_folder, ".parquet")}
     for name, path in test_sets.items():
-        path = Path(path)
+        path = path if storage.is_remote(path) else Path(path)
         safe = _safe_name(name)
         if safe in sets:
             raise ValidationError(f"two test sets map to the same name {safe!r}")
-        if not path.is_file():
+        if not manifest_exists(path):
             raise ValidationError(f"test set {name!r}: manifest {path} not found")
         rows = _test_rows(path)
         if rows.empty:
@@ -154,7 +157,7 @@ def load_inputs(workdir: Workdir, cfg: FactoryConfig, test_sets: dict[str, Path]
         raise ValidationError(
             "no test set: ingest one (`dermt2im validate --test-set NAME=SOURCE`) or keep a 'test' split in the seeds"
         )
-    syn_digest = digest(workdir.synthetic_manifest, SYNTHETIC) if workdir.synthetic_manifest.is_file() else "none"
+    syn_digest = digest(workdir.synthetic_manifest, SYNTHETIC) if manifest_exists(workdir.synthetic_manifest) else "none"
     inputs = ValidationInputs(
         real_train=real_train,
         real_val=real_val,
@@ -342,7 +345,7 @@ def _params(client, run_id: str, params: dict) -> None:
 
 
 def prepare(
-    workdir: Workdir, cfg: FactoryConfig, test_sets: dict[str, Path] | None = None, *, resume: bool = True
+    workdir: Workdir, cfg: FactoryConfig, test_sets: dict[str, str | Path] | None = None, *, resume: bool = True
 ) -> ValidationPlan:
     """Load and check the inputs, build the mixtures and open (or resume) the parent run."""
     vcfg = cfg.validation
@@ -712,7 +715,7 @@ def validate(
     workdir: Workdir,
     cfg: FactoryConfig,
     *,
-    test_sets: dict[str, Path] | None = None,
+    test_sets: dict[str, str | Path] | None = None,
     log_model: bool = True,
     resume: bool = True,
     segmentation: bool = True,

@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dermt2im import storage
+
+if TYPE_CHECKING:
+    from dermt2im.config import FactoryConfig
+
+Location = str | Path  # a local path, or an fsspec URL (dermt2im.storage)
 
 
 @dataclass(frozen=True)
 class Workdir:
     root: Path
+    manifest_store: str | None = None  # storage.manifests: None keeps the manifests in W/manifests
 
     @classmethod
-    def at(cls, root: str | Path) -> "Workdir":
-        w = cls(Path(root).expanduser().resolve())
+    def at(cls, root: str | Path, manifests: str | None = None) -> "Workdir":
+        w = cls(Path(root).expanduser().resolve(), manifests or None)
         w.root.mkdir(parents=True, exist_ok=True)
         return w
+
+    @classmethod
+    def of(cls, root: str | Path, cfg: "FactoryConfig") -> "Workdir":
+        """The workdir at ``root`` with the manifest location ``cfg`` names."""
+        return cls.at(root, cfg.storage.manifests)
+
+    def using(self, cfg: "FactoryConfig") -> "Workdir":
+        """This workdir with the manifest location ``cfg`` names."""
+        return dataclasses.replace(self, manifest_store=cfg.storage.manifests or None)
 
     def _dir(self, *parts: str) -> Path:
         p = self.root.joinpath(*parts)
@@ -23,23 +42,47 @@ class Workdir:
         return p
 
     @property
-    def manifests(self) -> Path:
-        return self._dir("manifests")
+    def manifests(self) -> Location:
+        """The manifests' folder: W/manifests, or ``storage.manifests`` (a URL stays a ``str``)."""
+        if self.manifest_store is None:
+            return self._dir("manifests")
+        if storage.is_remote(self.manifest_store):
+            return self.manifest_store
+        p = storage.resolve(self.manifest_store, self.root)
+        Path(p).mkdir(parents=True, exist_ok=True)
+        return p
 
     @property
-    def seeds_manifest(self) -> Path:
-        return self.manifests / "seeds.parquet"
-
-    def test_set_manifest(self, name: str) -> Path:
-        return self._dir("manifests", "test_sets") / f"{name}.parquet"
+    def manifests_are_remote(self) -> bool:
+        return self.manifest_store is not None and storage.is_remote(self.manifest_store)
 
     @property
-    def plan_manifest(self) -> Path:
-        return self.manifests / "plan.parquet"
+    def seeds_manifest(self) -> Location:
+        return storage.join(self.manifests, "seeds.parquet")
 
     @property
-    def synthetic_manifest(self) -> Path:
-        return self.manifests / "synthetic.parquet"
+    def test_sets_folder(self) -> Location:
+        folder = storage.join(self.manifests, "test_sets")
+        if not storage.is_remote(folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def test_set_manifest(self, name: str) -> Location:
+        return storage.join(self.test_sets_folder, f"{name}.parquet")
+
+    @property
+    def plan_manifest(self) -> Location:
+        return storage.join(self.manifests, "plan.parquet")
+
+    @property
+    def synthetic_manifest(self) -> Location:
+        return storage.join(self.manifests, "synthetic.parquet")
+
+    @property
+    def locks(self) -> Path:
+        """Lock files for manifests on object stores (``manifest.writer_lock``): every worker shares
+        this workdir (its leases live here too), so its POSIX locks cover them all."""
+        return self._dir(".locks")
 
     @property
     def processed(self) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from dermt2im import storage
 from dermt2im.workdir import Workdir, workdir_config
 from flows.dispatch import run_gpu_stage
 from flows.generate import generate
@@ -27,6 +28,7 @@ def factory(
 ) -> dict:
     w = Workdir.at(workdir)
     cfg = workdir_config(w, config, overrides)  # saved as W/config.yaml; every stage below reads it
+    w = w.using(cfg)  # storage.manifests: where this workdir's manifests live
     seeds = prepare_seeds(workdir, source, layout=layout)
     lora = run_gpu_stage(train, cfg.orchestration.train_deployment, {"workdir": workdir}, cfg.orchestration)
     lora_dir = lora.get("lora_dir") if isinstance(lora, dict) else None
@@ -46,6 +48,7 @@ def _summary(w: Workdir, result: dict) -> str:
     if table.is_file():
         lines += ["## Table IV", "", table.read_text(), ""]
     lines += ["## Manifests", ""]
-    lines += [f"- `{p}`" for p in sorted(w.manifests.rglob("*.parquet"))]
+    manifests = storage.files_in(w.manifests, ".parquet") + storage.files_in(w.test_sets_folder, ".parquet")
+    lines += [f"- `{p}`" for p in manifests]
     lines += ["", "## Reports", ""] + [f"- `{p}`" for p in reports]
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from dermt2im.config import LABELS
 from dermt2im.generation import resolve_lora, shard_missing
+from dermt2im.manifest import SYNTHETIC, compact
 from dermt2im.workdir import Workdir, workdir_config
 from tasks.generate import (
     assess_is_current,
@@ -41,9 +42,11 @@ def generate(
     log = get_run_logger()
     w = Workdir.at(workdir)
     cfg = workdir_config(w, config, overrides)
+    w = w.using(cfg)  # storage.manifests: where this workdir's manifests live
     token = cfg.train.instance_token
     fresh = not plan_is_complete(w, cfg.generate, token, per_class)
-    plan = plan_task.with_options(refresh_cache=fresh or None)(workdir, cfg.generate, token, per_class)
+    plan = plan_task.with_options(refresh_cache=fresh or None)(workdir, cfg.generate, token, per_class,
+                                                                cfg.storage.manifests)
     chosen = sorted(set(shards or plan["shards"]) & set(plan["shards"]))
     lora_root = resolve_lora(w, lora)
     lora_arg = str(lora_root) if lora_root else None
@@ -62,6 +65,9 @@ def generate(
         rendered += int(out["rendered"]) if missing else 0
         update_progress_artifact(artifact_id=progress, progress=100.0 * n / max(1, len(ordered)))
 
+    folded = compact(w.synthetic_manifest, SYNTHETIC, w.locks)  # rows the workers appended as parts (object stores)
+    if folded:
+        log.info("folded %d appended manifest part(s) into %s", folded, w.synthetic_manifest)
     assessed = assess_task.with_options(refresh_cache=(not assess_is_current(w)) or None)(workdir, cfg)
     artifacts = publish_reports(w, assessed)
     log.info("%s", assessed.get("summary", ""))

@@ -30,6 +30,7 @@ def generate_worker(
     log = get_run_logger()
     w = Workdir.at(workdir)
     cfg = workdir_config(w, config, overrides)
+    w = w.using(cfg)  # storage.manifests: where this workdir's manifests live
     if owner is None:
         from prefect.runtime import flow_run
 

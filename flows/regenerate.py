@@ -29,6 +29,7 @@ def regenerate(
     render only what is new, gate and audit it, then validate again against the grown set."""
     w = Workdir.at(workdir)
     cfg = workdir_config(w, config, overrides)
+    w = w.using(cfg)  # storage.manifests: where this workdir's manifests live
     before = planned_per_class(w)
     target = before + (per_class_increment or cfg.generate.per_class)
     get_run_logger().info("regenerating: %d -> %d images per class", before, target)

@@ -26,6 +26,7 @@ def prepare_seeds(
     log = get_run_logger()
     w = Workdir.at(workdir)
     cfg = workdir_config(w, config, overrides)
+    w = w.using(cfg)  # storage.manifests: where this workdir's manifests live
     tests: dict[str, str] = dict(cfg.validation.test_sets)
     tests.update(test_sets or {})
     if source is None:

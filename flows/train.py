@@ -25,6 +25,7 @@ def train(workdir: str, config: str | None = None, overrides: list[str] | None =
     log = get_run_logger()
     w = Workdir.at(workdir)
     cfg = workdir_config(w, config, overrides)
+    w = w.using(cfg)  # storage.manifests: where this workdir's manifests live
     done = find_trained(w, cfg)
     # a cached task result is only trusted while the LoRA it names is still on disk
     out = train_lora_task.with_options(refresh_cache=(done is None) or None)(workdir, cfg, resume)

@@ -29,6 +29,7 @@ def validate(
     log = get_run_logger()
     w = Workdir.at(workdir)
     cfg = workdir_config(w, config, overrides)
+    w = w.using(cfg)  # storage.manifests: where this workdir's manifests live
     plan = plan_task(str(w.root), cfg, test_sets)
     for name, why in sorted(plan.skipped.items()):
         log.warning("regime %s skipped: %s", name, why)

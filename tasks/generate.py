@@ -19,7 +19,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from dermt2im import generation as gen
 from dermt2im import quality as quality_mod
 from dermt2im.config import FactoryConfig, GenerateConfig
-from dermt2im.manifest import PLAN, SEEDS, SYNTHETIC, digest, read_manifest
+from dermt2im.manifest import PLAN, SEEDS, SYNTHETIC, digest, read_manifest, writer_lock
 from dermt2im.plan import build_plan, shards_of, update_plan
 from dermt2im.workdir import Workdir
 from tasks.caching import content_key, retry_transient_only, source_of
@@ -36,7 +36,8 @@ RUNTIME_ONLY = {"batch_size", "writer_threads", "lease_seconds", "parallel_worke
 def _plan_key(context, p) -> str:
     cfg: GenerateConfig = p["cfg"]
     planned = cfg.model_dump(mode="json", exclude=RUNTIME_ONLY)
-    return content_key("plan", str(Path(p["workdir"]).resolve()), planned, p["token"],
+    where = [p["manifests"]] if p.get("manifests") else []  # only when set: the default keeps its earlier keys
+    return content_key("plan", str(Path(p["workdir"]).resolve()), *where, planned, p["token"],
                        p.get("per_class"), source_of(update_plan))
 
 
@@ -49,9 +50,11 @@ def plan_is_complete(workdir: Workdir, cfg: GenerateConfig, token: str, per_clas
 
 @task(name="plan", cache_key_fn=_plan_key, persist_result=True, retries=2,
       retry_condition_fn=retry_transient_only, tags=["cpu"])
-def plan_task(workdir: str, cfg: GenerateConfig, token: str, per_class: int | None = None) -> dict:
-    w = Workdir.at(workdir)
-    with gen.manifest_lock(w.plan_manifest):
+def plan_task(workdir: str, cfg: GenerateConfig, token: str, per_class: int | None = None,
+              manifests: str | None = None) -> dict:
+    """Create or extend the plan; ``manifests`` is ``storage.manifests`` (None: W/manifests)."""
+    w = Workdir.at(workdir, manifests)
+    with writer_lock(w.plan_manifest, w.locks):
         plan = update_plan(w.plan_manifest, cfg, token=token, per_class=per_class)
     return {
         "plan": str(w.plan_manifest),
@@ -71,8 +74,8 @@ def _lora(p: dict) -> Path | None:
 
 
 def _render_key(context, p) -> str:
-    w = Workdir.at(p["workdir"])
     cfg: FactoryConfig = p["cfg"]
+    w = Workdir.of(p["workdir"], cfg)
     parts = gen.shard_cache_key_parts(w, cfg, int(p["shard"]), _lora(p))
     return content_key("render-shard", parts, source_of(gen.render_shard), source_of(gen.render_batch))
 
@@ -82,7 +85,7 @@ def _render_key(context, p) -> str:
       task_run_name="render-shard-{shard}")
 def render_shard_task(workdir: str, cfg: FactoryConfig, shard: int, lora: str | None = None) -> dict:
     """Render what is missing in one shard (idempotent); returns the shard's files and digests."""
-    w = Workdir.at(workdir)
+    w = Workdir.of(workdir, cfg)
     recorded = gen.render_shard(w, cfg, int(shard), lora=Path(lora) if lora else None)
     df = read_manifest(w.synthetic_manifest, SYNTHETIC)
     rows = df[df["shard"] == int(shard)]
@@ -100,11 +103,12 @@ def render_shard_task(workdir: str, cfg: FactoryConfig, shard: int, lora: str | 
 
 
 def _assess_key(context, p) -> str:
-    w = Workdir.at(p["workdir"])
     cfg: FactoryConfig = p["cfg"]
+    w = Workdir.of(p["workdir"], cfg)
     images = digest(w.synthetic_manifest, SYNTHETIC, ["sample_key", "sha256", "render_key"])
     seeds = digest(w.seeds_manifest, SEEDS, ["source_path", "sample_id", "status", "processed_path"])
-    return content_key("assess", str(w.root), images, seeds, cfg.quality.model_dump(mode="json"),
+    where = [str(w.manifests)] if w.manifest_store else []  # only when set: the default keeps its earlier keys
+    return content_key("assess", str(w.root), *where, images, seeds, cfg.quality.model_dump(mode="json"),
                        source_of(quality_mod))
 
 
@@ -117,7 +121,8 @@ def assess_is_current(workdir: Workdir) -> bool:
 @task(name="assess", cache_key_fn=_assess_key, persist_result=True, retries=2,
       retry_condition_fn=retry_transient_only, tags=["cpu"])
 def assess_task(workdir: str, cfg: FactoryConfig) -> dict:
-    report = quality_mod.assess(Workdir.at(workdir), cfg)
+    w = Workdir.of(workdir, cfg)
+    report = quality_mod.assess(w, cfg)
     return {
         "accepted": report.accepted,
         "rejected": report.rejected,
@@ -127,7 +132,7 @@ def assess_task(workdir: str, cfg: FactoryConfig) -> dict:
         "report_dir": str(report.report_dir),
         "files": {k: str(v) for k, v in report.files.items()},
         "summary": report.summary(),
-        "manifest_digest": digest(Path(workdir) / "manifests" / "synthetic.parquet", SYNTHETIC),
+        "manifest_digest": digest(w.synthetic_manifest, SYNTHETIC),
     }
 
 

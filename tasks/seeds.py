@@ -8,6 +8,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from dermt2im import ingest as ingest_mod
+from dermt2im import storage
 from dermt2im import phantoms as phantoms_mod
 from dermt2im import preprocess as preprocess_mod
 from dermt2im.config import IngestConfig, PhantomConfig, PreprocessConfig
@@ -37,16 +38,15 @@ def phantom_sets(data_dir: Path, cfg: PhantomConfig) -> tuple[Path, dict[str, Pa
 
 def _ingest_key(context, p) -> str:
     cfg: IngestConfig = p["cfg"]
-    manifest = Path(p["manifest"])
     return content_key("ingest", tree_listing(p["source"]), cfg.model_dump(mode="json"), p.get("layout"),
-                       p.get("split"), str(manifest), source_of(ingest_mod))
+                       p.get("split"), str(p["manifest"]), source_of(ingest_mod))
 
 
 @task(name="ingest", cache_key_fn=_ingest_key, persist_result=True, retries=2,
       retry_condition_fn=retry_transient_only, tags=["cpu"])
 def ingest_task(source: str, manifest: str, cfg: IngestConfig, layout: str | None = None,
                 split: str | None = None) -> dict:
-    report = ingest_mod.ingest_source(Path(source), Path(manifest), cfg, layout=layout, split=split)
+    report = ingest_mod.ingest_source(Path(source), manifest, cfg, layout=layout, split=split)
     create_markdown_artifact(
         key="ingest-summary" if split is None else f"ingest-{split}-summary",
         markdown=f"### Ingest of `{source}`\n\n```\n{report.summary()}\n```\n",
@@ -56,7 +56,7 @@ def ingest_task(source: str, manifest: str, cfg: IngestConfig, layout: str | Non
             "quarantined": report.quarantined, "digest": digest(report.manifest_path, SEEDS)}
 
 
-def _ingested_rows(manifest: Path) -> list:
+def _ingested_rows(manifest: str | Path) -> list:
     """What ingest decided, ignoring the quarantines preprocess adds itself."""
     df = read_manifest(manifest, SEEDS)
     by_preprocess = df["reason"].fillna("").str.startswith("preprocess:")
@@ -66,15 +66,15 @@ def _ingested_rows(manifest: Path) -> list:
 
 def _preprocess_key(context, p) -> str:
     cfg: PreprocessConfig = p["cfg"]
-    return content_key("preprocess", _ingested_rows(Path(p["manifest"])),
+    return content_key("preprocess", _ingested_rows(p["manifest"]),
                        cfg.model_dump(mode="json", exclude={"workers"}), p["out_dir"], source_of(preprocess_mod))
 
 
-def preprocess_outputs_missing(manifest: Path, cfg: PreprocessConfig) -> bool:
+def preprocess_outputs_missing(manifest: str | Path, cfg: PreprocessConfig) -> bool:
     df = read_manifest(manifest, SEEDS)
     accepted = df[df["status"] == "accepted"]
     if accepted.empty:
-        return not manifest.is_file()
+        return not storage.is_file(manifest)
     keys_ok = (accepted["preprocess_key"] == accepted["sample_id"].map(lambda s: preprocess_mod.preprocess_key(s, cfg))).all()
     files_ok = accepted["processed_path"].map(lambda x: isinstance(x, str) and Path(x).is_file()).all()
     return not (keys_ok and files_ok)
@@ -83,14 +83,14 @@ def preprocess_outputs_missing(manifest: Path, cfg: PreprocessConfig) -> bool:
 @task(name="preprocess", cache_key_fn=_preprocess_key, persist_result=True, retries=2,
       retry_condition_fn=retry_transient_only, tags=["cpu"])
 def preprocess_task(manifest: str, out_dir: str, cfg: PreprocessConfig, max_pixels: int) -> dict:
-    report = preprocess_mod.preprocess_manifest(Path(manifest), Path(out_dir), cfg, max_pixels=max_pixels)
+    report = preprocess_mod.preprocess_manifest(manifest, Path(out_dir), cfg, max_pixels=max_pixels)
     create_markdown_artifact(
         key="preprocess-summary",
         markdown=f"### Preprocess of `{manifest}`\n\n```\n{report.summary()}\n```\n",
         description="hair removal and resizing",
     )
     return {"manifest": manifest, "processed": report.processed, "cached": report.cached,
-            "failed": report.failed, "digest": digest(Path(manifest), SEEDS)}
+            "failed": report.failed, "digest": digest(manifest, SEEDS)}
 
 
 # Cache keys hash inputs only; these wrappers refresh the cache when a task's outputs are gone
@@ -103,12 +103,12 @@ def make_phantoms(out: str, n: int, seed: int, style: str, size: int, hair_proba
 
 
 def ingest(source: str, manifest: str, cfg: IngestConfig, layout: str | None = None, split: str | None = None) -> dict:
-    missing = not Path(manifest).is_file()
+    missing = not storage.is_file(manifest)
     return ingest_task.with_options(refresh_cache=missing)(source, manifest, cfg, layout, split)
 
 
 def preprocess(manifest: str, out_dir: str, cfg: PreprocessConfig, max_pixels: int) -> dict:
-    missing = preprocess_outputs_missing(Path(manifest), cfg)
+    missing = preprocess_outputs_missing(manifest, cfg)
     return preprocess_task.with_options(refresh_cache=missing)(manifest, out_dir, cfg, max_pixels)
 
 

@@ -23,7 +23,7 @@ from tasks.caching import content_key, retry_transient_only, source_of
 
 
 def train_cache_key(workdir: str | Path, cfg: FactoryConfig) -> str:
-    w = Workdir.at(workdir)
+    w = Workdir.of(workdir, cfg)
     key = training.cache_key(training.seeds_digest(w), cfg, base_model_identity(cfg.train.base_model, cfg.train.revision))
     return content_key("train-lora", str(w.root), key, source_of(training.train_lora))
 
@@ -65,7 +65,7 @@ def _summary(r: training.TrainResult) -> str:
       retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_only)
 def train_lora_task(workdir: str, cfg: FactoryConfig, resume: str | None = "latest") -> dict:
     """Train (or resume, or find already trained) the LoRA for this workdir; returns paths and digests."""
-    result = training.train_lora(Workdir.at(workdir), cfg, resume=resume, progress=_Progress())
+    result = training.train_lora(Workdir.of(workdir, cfg), cfg, resume=resume, progress=_Progress())
     create_markdown_artifact(key=f"lora-{result.run_id}", markdown=_summary(result),
                              description="DreamBooth-LoRA training result")
     return training.result_summary(result)

@@ -12,12 +12,12 @@ locked SQLite tracking store, and CUDA out-of-memory, which is retried with half
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from dermt2im import storage
 from dermt2im import validation as val
 from dermt2im.config import FactoryConfig
 from dermt2im.workdir import Workdir
@@ -66,8 +66,7 @@ def _cell_cache_key(context, p) -> str:
 @task(name="validate-plan", cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient_only, tags=["cpu"])
 def plan_task(workdir: str, cfg: FactoryConfig, test_sets: dict[str, str] | None = None) -> val.ValidationPlan:
     """Inputs, leakage check, mixtures and the (new or resumed) MLflow parent run."""
-    sets = {k: Path(v) for k, v in test_sets.items()} if test_sets is not None else None
-    return val.prepare(Workdir.at(workdir), cfg, sets)
+    return val.prepare(Workdir.of(workdir, cfg), cfg, dict(test_sets) if test_sets is not None else None)
 
 
 @task(name="validate-cell", cache_key_fn=_cell_cache_key, persist_result=True, retries=2, retry_delay_seconds=5,
@@ -79,7 +78,7 @@ def cell_task(workdir: str, cfg: FactoryConfig, plan: val.ValidationPlan, cell: 
     halvings = _OOM_HALVINGS.get(key, 0)
     batch_size = max(1, cfg.validation.batch_size // (2**halvings))
     try:
-        return val.run_cell(Workdir.at(workdir), cfg, plan, cell, log_model=log_model, batch_size=batch_size)
+        return val.run_cell(Workdir.of(workdir, cfg), cfg, plan, cell, log_model=log_model, batch_size=batch_size)
     except BaseException as exc:
         if _is_oom(exc):
             _OOM_HALVINGS[key] = halvings + 1
@@ -90,7 +89,7 @@ def cell_task(workdir: str, cfg: FactoryConfig, plan: val.ValidationPlan, cell: 
 def finish_task(workdir: str, cfg: FactoryConfig, plan: val.ValidationPlan,
                 results: list[val.CellResult]) -> dict:
     """McNemar tests on the parent run, which is then closed."""
-    report = val.finish(Workdir.at(workdir), cfg, plan, results, build_table=False, segmentation=False)
+    report = val.finish(Workdir.of(workdir, cfg), cfg, plan, results, build_table=False, segmentation=False)
     return {"parent_run_id": report.parent_run_id, "experiment": report.experiment, "runs": report.runs,
             "reused": report.reused, "skipped": report.skipped}
 
@@ -100,7 +99,7 @@ def report_task(workdir: str, cfg: FactoryConfig, parent_run_id: str) -> dict[st
     """Table IV and Fig. 10 from MLflow; Table IV is published as a Prefect markdown artifact."""
     from dermt2im.report import build_report
 
-    paths = build_report(Workdir.at(workdir), cfg, parent_run_id=parent_run_id)
+    paths = build_report(Workdir.of(workdir, cfg), cfg, parent_run_id=parent_run_id)
     create_markdown_artifact(
         key="table-iv",
         markdown=paths["table_md"].read_text(),
@@ -113,11 +112,8 @@ def _segmentation_key(context, p) -> str:
     from dermt2im import segmentation
 
     cfg: FactoryConfig = p["cfg"]
-    images = segmentation.sample_images(Workdir.at(p["workdir"]), cfg)
-    files = []
-    for path in sorted(images["path"]) if not images.empty else []:
-        st = Path(path).stat()
-        files.append((path, st.st_size, st.st_mtime_ns))
+    images = segmentation.sample_images(Workdir.of(p["workdir"], cfg), cfg)
+    files = [(path, storage.version_token(path)) for path in (sorted(images["path"]) if not images.empty else [])]
     v = cfg.validation
     return content_key("segmentation", p["workdir"], files, v.tiny, v.sam_model, v.segmentation_samples,
                        v.image_size, source_of(segmentation))
@@ -129,7 +125,7 @@ def segmentation_task(workdir: str, cfg: FactoryConfig) -> dict:
     """The zero-shot SAM check; an unavailable model gives a message, not a failure."""
     from dermt2im.segmentation import segmentation_check
 
-    report = segmentation_check(Workdir.at(workdir), cfg)
+    report = segmentation_check(Workdir.of(workdir, cfg), cfg)
     md = report.paths.get("md")
     if md is not None:
         create_markdown_artifact(key="segmentation-check", markdown=md.read_text(),

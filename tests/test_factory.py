@@ -7,6 +7,7 @@ from dermt2im.manifest import PLAN, SEEDS, SYNTHETIC, read_manifest
 from dermt2im.workdir import Workdir
 from flows.factory import factory
 from tests.prefect_utils import task_states
+from tests.test_storage import s3_bucket  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -66,3 +67,31 @@ def test_factory_end_to_end_then_cache_then_partial_reruns(prefect_harness, work
     assert states["train_lora"] == {"Completed"} and "Completed" in states["render-shard"], states
     assert "Completed" in states["validate-cell"], states
     assert tr.result()["lora"]["run_id"] != out["lora"]["run_id"]
+
+
+def test_factory_with_manifests_and_images_on_a_local_s3_endpoint(prefect_harness, workdir, s3_bucket):
+    """storage.manifests and generate.image_store on S3 (moto): every manifest lives there, the
+    workdir keeps none, and a second run with nothing changed is served from cache."""
+    from dermt2im import storage
+    from dermt2im.manifest import pending_parts
+
+    root = str(workdir.root)
+    where = [f"storage.manifests={s3_bucket}/run/manifests", f"generate.image_store={s3_bucket}/run/images"]
+    first = factory(root, config="smoke", overrides=SMALL + where, return_state=True)
+    first.result()
+    assert all(s == {"Completed"} for s in _ran(task_states(first), COMPUTE).values()), task_states(first)
+
+    w = Workdir.at(root, f"{s3_bucket}/run/manifests")
+    seeds = read_manifest(w.seeds_manifest, SEEDS)
+    assert len(seeds) == 16 and seeds.loc[seeds["status"] == "accepted", "processed_path"].notna().all()
+    names = {str(p).rsplit("/", 1)[-1] for p in storage.files_in(w.test_sets_folder, ".parquet")}
+    assert names == {"phantom-isic.parquet", "phantom-ham.parquet"}
+    synthetic = read_manifest(w.synthetic_manifest, SYNTHETIC)
+    assert len(synthetic) == len(read_manifest(w.plan_manifest, PLAN)) == 8
+    assert set(synthetic["status"]) <= {"accepted", "rejected"} and pending_parts(w.synthetic_manifest) == []
+    assert all(p.startswith(f"{s3_bucket}/run/images/") and storage.is_file(p) for p in synthetic["path"])
+    assert not list((workdir.root / "manifests").rglob("*.parquet")) if (workdir.root / "manifests").exists() else True
+    assert (w.reports / "table_iv.md").is_file()
+
+    same = factory(root, return_state=True)
+    assert all(s == {"Cached"} for s in _ran(task_states(same), COMPUTE).values()), task_states(same)

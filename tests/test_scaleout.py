@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_storage import s3_bucket  # noqa: F401  (fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -339,3 +341,89 @@ def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path):
     df = read_manifest(w.synthetic_manifest, SYNTHETIC)
     assert len(df) == 8 and df["sample_key"].is_unique and df["status"].isin(["accepted", "rejected"]).all()
     assert len(list(w.synthetic.rglob("*.png"))) == 8 and not list(w.root.rglob("*.tmp"))
+
+
+def _dermt2im() -> list[str]:
+    exe = Path(sys.executable).with_name("dermt2im")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "dermt2im.cli"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists() or sys.platform == "win32", reason="needs Linux /proc")
+def test_workers_split_a_plan_whose_manifests_and_images_live_on_s3(tmp_path, s3_bucket):
+    """Manifests and PNGs on a local S3 endpoint (moto): two `dermt2im worker` processes append their
+    rows as manifest parts; one is SIGKILLed mid-shard, the other takes its shard over, and after one
+    compaction the manifest holds exactly the plan, every row matching its object in the bucket."""
+    from dermt2im import storage
+    from dermt2im.fileio import sha256_bytes
+    from dermt2im.leases import read_lease
+    from dermt2im.manifest import PLAN, SYNTHETIC, compact, pending_parts, read_manifest
+    from dermt2im.workdir import Workdir, workdir_config
+    from dermt2im.workers import leases_folder
+
+    manifests, images = f"{s3_bucket}/run/manifests", f"{s3_bucket}/run/images"
+    root = tmp_path / "work"
+    cfg = workdir_config(Workdir.at(root), "smoke",
+                         OVERRIDES + [f"storage.manifests={manifests}", f"generate.image_store={images}"])
+    w = Workdir.of(root, cfg)
+    folder = leases_folder(w)
+    import fsspec
+
+    s3 = fsspec.config.conf["s3"]  # the test endpoint (fixture): handed to the workers through fsspec's env config
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs: dict[int, subprocess.Popen] = {}
+
+    def start(i: int) -> None:
+        env = _base_env(tmp_path / f"home{i}")
+        env.update(FSSPEC_S3_ENDPOINT_URL=s3["endpoint_url"], FSSPEC_S3_KEY=s3["key"], FSSPEC_S3_SECRET=s3["secret"],
+                   DERMT2IM_TEST_WRITE_DELAY=str(WRITE_DELAY[i]), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/ml.db")
+        with open(logs / f"worker{i}.log", "w") as out:
+            procs[i] = subprocess.Popen(_dermt2im() + ["worker", "--workdir", str(root), "--owner", f"w{i}", "--poll",
+                                                       "0.5", "--timeout", "240"], cwd=tmp_path, env=env, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    def diagnostics() -> str:
+        return "\n".join(_tail(p) for p in sorted(logs.iterdir()))
+
+    def w1_mid_shard() -> int | None:
+        """Worker 1 has recorded a whole shard and holds another with some, not all, PNGs written."""
+        recorded = read_manifest(w.synthetic_manifest, SYNTHETIC)
+        if recorded.empty or not (recorded.groupby("shard").size() == SHARD_SIZE).any():
+            return None
+        plan = read_manifest(w.plan_manifest, PLAN)
+        for s in sorted(plan["shard"].unique()):
+            lease = read_lease(folder, int(s))
+            if lease is not None and lease.owner == "w1":
+                rows = plan[plan["shard"] == s]
+                written = sum(storage.is_file(f"{images}/{lb}/{k}.png") for lb, k in zip(rows["label"], rows["sample_key"]))
+                if 0 < written < len(rows):
+                    return int(s)
+        return None
+
+    try:
+        start(1)
+        start(2)
+        found: list[int] = []
+        _wait(lambda: (s := w1_mid_shard()) is not None and not found.append(s), 150,
+              "worker 1 inside a shard after recording one", interval=0.1, on_fail=diagnostics)
+        _kill_tree(procs[1])
+        assert read_lease(folder, found[0]).owner == "w1", "worker 1 finished its shard before the kill"
+        assert procs[2].wait(timeout=180) == 0, diagnostics()
+    finally:
+        for proc in procs.values():
+            _stop(proc)
+
+    assert "1 taken over" in (logs / "worker2.log").read_text(), diagnostics()
+    assert pending_parts(w.synthetic_manifest), "workers on an object store append parts"
+    assert not (root / "manifests").exists() or not list((root / "manifests").rglob("*.parquet"))
+    compact(w.synthetic_manifest, SYNTHETIC, w.locks)  # what the generate flow / `dermt2im quality` do next
+    plan = read_manifest(w.plan_manifest, PLAN)
+    df = read_manifest(w.synthetic_manifest, SYNTHETIC)
+    assert pending_parts(w.synthetic_manifest) == []
+    assert len(df) == len(plan) == 2 * PER_CLASS and df["sample_key"].is_unique
+    assert set(df["sample_key"]) == set(plan["sample_key"]) and set(df["shard"]) == set(plan["shard"])
+    assert all(p == f"{images}/{lb}/{k}.png" and sha256_bytes(storage.read_bytes(p)) == h
+               for p, lb, k, h in zip(df["path"], df["label"], df["sample_key"], df["sha256"]))
+    fs, prefix = storage.to_fs(images)
+    assert len(fs.find(prefix)) == len(plan)  # no stray or half-written object
+    assert not list(w.root.rglob("*.tmp"))
