@@ -356,7 +356,8 @@ def test_workers_split_a_plan_whose_manifests_and_images_live_on_s3(tmp_path, s3
     from dermt2im import storage
     from dermt2im.fileio import sha256_bytes
     from dermt2im.leases import read_lease
-    from dermt2im.manifest import PLAN, SYNTHETIC, compact, pending_parts, read_manifest
+    from dermt2im.manifest import PLAN, SYNTHETIC, pending_parts, read_manifest
+    from dermt2im.quality import assess
     from dermt2im.workdir import Workdir, workdir_config
     from dermt2im.workers import leases_folder
 
@@ -416,10 +417,13 @@ def test_workers_split_a_plan_whose_manifests_and_images_live_on_s3(tmp_path, s3
     assert "1 taken over" in (logs / "worker2.log").read_text(), diagnostics()
     assert pending_parts(w.synthetic_manifest), "workers on an object store append parts"
     assert not (root / "manifests").exists() or not list((root / "manifests").rglob("*.parquet"))
-    compact(w.synthetic_manifest, SYNTHETIC, w.locks)  # what the generate flow / `dermt2im quality` do next
+    appended = read_manifest(w.synthetic_manifest, SYNTHETIC)
+    report = assess(w, cfg)  # what `dermt2im quality` runs next: gates the images and folds the parts in
     plan = read_manifest(w.plan_manifest, PLAN)
     df = read_manifest(w.synthetic_manifest, SYNTHETIC)
-    assert pending_parts(w.synthetic_manifest) == []
+    assert pending_parts(w.synthetic_manifest) == [] and storage.is_file(w.synthetic_manifest)
+    assert report.accepted + report.rejected == len(plan) and df["status"].isin(["accepted", "rejected"]).all()
+    assert df[["sample_key", "sha256"]].equals(appended[["sample_key", "sha256"]])
     assert len(df) == len(plan) == 2 * PER_CLASS and df["sample_key"].is_unique
     assert set(df["sample_key"]) == set(plan["sample_key"]) and set(df["shard"]) == set(plan["shard"])
     assert all(p == f"{images}/{lb}/{k}.png" and sha256_bytes(storage.read_bytes(p)) == h
