@@ -292,7 +292,7 @@ def test_cuda_image_keeps_cuda_torch_and_installs_the_cuda_extra():
     base = [arg for op, arg in ins if op == "FROM"][0]
     assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", base), base
     runs = " ".join(arg for op, arg in ins if op == "RUN")
-    assert '".[cuda]"' in runs and "torch.version.cuda" in runs
+    assert '".[cuda,s3]"' in runs and "torch.version.cuda" in runs  # the s3 extra: bucket storage
 
 
 def test_cpu_image_installs_the_makefiles_cpu_torch():
