@@ -104,7 +104,7 @@ def phantoms(
 def ingest(
     source: Annotated[Path, typer.Argument(help="folder of seed images (ISIC, HAM10000, class folders or CSV)")],
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
-    layout: Annotated[str, typer.Option(help="auto | isic | ham10000 | folders | csv")] = "auto",
+    layout: Annotated[str, typer.Option(help="auto | isic | isic-challenge | ham10000 | folders | csv")] = "auto",
     test_set: Annotated[
         str | None, typer.Option("--test-set", help="ingest SOURCE as the unseen real test set NAME instead of as seeds")
     ] = None,
@@ -290,7 +290,7 @@ def report(
 def run(
     source: Annotated[Path | None, typer.Argument(help="seed images; omit to use phantoms (smoke preset)")] = None,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
-    layout: Annotated[str, typer.Option(help="auto | isic | ham10000 | folders | csv")] = "auto",
+    layout: Annotated[str, typer.Option(help="auto | isic | isic-challenge | ham10000 | folders | csv")] = "auto",
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:

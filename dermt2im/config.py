@@ -31,6 +31,14 @@ DEFAULT_DIAGNOSIS_LABELS: dict[str, Label] = {
     "scc": "malignant",
     "actinic keratosis": "malignant",  # HAM10000 'akiec' (AK / Bowen's disease) is grouped as malignant
     "akiec": "malignant",
+    "ak": "malignant",  # ISIC 2019's code for the same class
+    # ISIC Archive diagnosis_3 names (newer exports)
+    "melanoma, nos": "malignant",
+    "melanoma invasive": "malignant",
+    "melanoma in situ": "malignant",
+    "squamous cell carcinoma, nos": "malignant",
+    "squamous cell carcinoma in situ": "malignant",
+    "solar or actinic keratosis": "malignant",
     # benign
     "nevus": "benign",
     "nv": "benign",
@@ -50,6 +58,8 @@ DEFAULT_DIAGNOSIS_LABELS: dict[str, Label] = {
     "angiokeratoma": "benign",
     "pyogenic granuloma": "benign",
     "hemorrhage": "benign",
+    "hemangioma": "benign",
+    "lichen planus like keratosis": "benign",
 }
 
 
@@ -99,7 +109,7 @@ class SplitConfig(Strict):
 
 
 class IngestConfig(Strict):
-    layout: Literal["auto", "isic", "ham10000", "folders", "csv"] = "auto"
+    layout: Literal["auto", "isic", "isic-challenge", "ham10000", "folders", "csv"] = "auto"
     diagnosis_labels: dict[str, Label] = Field(
         default_factory=dict, description="extra or overriding diagnosis -> label entries"
     )

@@ -5,8 +5,12 @@ per input file (key: its absolute path), each ``accepted`` or ``quarantined`` wi
 
 Layouts (``detect_layout`` picks one and says why):
 
-* ``isic``: an ISIC Archive metadata CSV (``isic_id`` plus ``diagnosis`` and/or ``benign_malignant``,
-  optional ``lesion_id``); images are ``<isic_id>.<ext>`` anywhere under the source.
+* ``isic``: an ISIC Archive metadata CSV (``isic_id``, or ``image_name`` in the 2020 challenge, plus
+  ``diagnosis`` / ``benign_malignant`` or the newer ``diagnosis_1`` / ``diagnosis_3``, optional
+  ``lesion_id``); images are ``<isic_id>.<ext>`` anywhere under the source.
+* ``isic-challenge``: an ISIC challenge ground-truth CSV with one-hot class columns (2018 / 2019:
+  ``image, MEL, NV, ...``; 2017: ``image_id, melanoma, seborrheic_keratosis``); see
+  ``dermt2im.isic_formats``.
 * ``ham10000``: HAM10000 metadata (``image_id``, ``dx``, ``lesion_id``); images ``<image_id>.<ext>``
   anywhere under the source (e.g. ``HAM10000_images_part_1/`` and ``_part_2/``).
 * ``csv``: a plain CSV with ``file`` and ``label`` and/or ``diagnosis`` (optional ``lesion_id``);
@@ -37,13 +41,13 @@ from typing import Any
 
 import pandas as pd
 
-from dermt2im import storage
+from dermt2im import isic_formats, storage
 from dermt2im.config import LABELS, IngestConfig, SplitConfig, normalise_diagnosis
 from dermt2im.fileio import sha256_bytes
 from dermt2im.imaging import DecodeError, decode_image
 from dermt2im.manifest import SEEDS, conform, read_manifest, write_manifest
 
-LAYOUTS: tuple[str, ...] = ("isic", "ham10000", "folders", "csv")
+LAYOUTS: tuple[str, ...] = ("isic", "isic-challenge", "ham10000", "folders", "csv")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 ACCEPTED, QUARANTINED = "accepted", "quarantined"
 PREPROCESS_COLUMNS: tuple[str, ...] = ("processed_path", "preprocess_key", "hair_fraction")
@@ -75,22 +79,28 @@ class IngestError(ValueError):
 @dataclass(frozen=True)
 class _CsvSpec:
     layout: str
-    id_column: str  # its presence says the CSV is meant as this layout
-    required: tuple[str, ...]
+    id_columns: tuple[str, ...]  # the presence of one says the CSV is meant as this layout; it names the image
+    required: tuple[str, ...] = ()  # needed besides the id column
     any_of: tuple[str, ...] = ()  # at least one of these is needed too
     optional: tuple[str, ...] = ()
     description: str = ""
 
+    def id_column(self, columns: Sequence[str]) -> str:
+        return next((c for c in self.id_columns if c in columns), self.id_columns[0])
 
-# Checked in this order: an explicit file path is the most precise reference to an image.
+
+# Checked in this order: an explicit file path is the most precise reference to an image. A CSV whose
+# id column two layouts share (image_id: HAM10000, ISIC 2017) goes to the first whose columns it has.
 _CSV_SPECS: tuple[_CsvSpec, ...] = (
-    _CsvSpec("csv", "file", ("file",), ("label", "diagnosis"), ("lesion_id",), "a plain CSV of files and labels"),
-    _CsvSpec("ham10000", "image_id", ("image_id", "dx", "lesion_id"), (), (), "HAM10000 metadata"),
-    _CsvSpec(
-        "isic", "isic_id", ("isic_id",), ("diagnosis", "benign_malignant"), ("lesion_id",), "ISIC Archive metadata"
-    ),
+    _CsvSpec("csv", ("file",), (), ("label", "diagnosis"), ("lesion_id",), "a plain CSV of files and labels"),
+    _CsvSpec("ham10000", ("image_id",), ("dx", "lesion_id"), (), (), "HAM10000 metadata"),
+    _CsvSpec("isic", ("isic_id", "image_name"), (), ("diagnosis", "benign_malignant", "diagnosis_1", "diagnosis_3"),
+             ("lesion_id",), "ISIC Archive metadata"),
+    _CsvSpec("isic-challenge", ("image", "image_id"), (), (*isic_formats.ONE_HOT_CODES, *isic_formats.ONE_HOT_2017),
+             (), "an ISIC challenge ground truth (one-hot classes)"),
 )
 _SPEC_BY_LAYOUT = {s.layout: s for s in _CSV_SPECS}
+_ID_COLUMNS = sorted({c for s in _CSV_SPECS for c in s.id_columns})
 
 
 @dataclass(frozen=True)
@@ -114,12 +124,15 @@ def _read_columns(path: Path) -> list[str] | str:
 
 
 def _intent(columns: Sequence[str]) -> _CsvSpec | None:
-    """Which layout a CSV means to be, judged by its identifying column."""
-    return next((s for s in _CSV_SPECS if s.id_column in columns), None)
+    """Which layout a CSV means to be, judged by its identifying column (and, where two layouts share
+    it, by which one's other columns it has)."""
+    meant = [s for s in _CSV_SPECS if any(c in columns for c in s.id_columns)]
+    return next((s for s in meant if not _missing_columns(s, columns)), meant[0] if meant else None)
 
 
 def _missing_columns(spec: _CsvSpec, columns: Sequence[str]) -> list[str]:
-    missing = [c for c in spec.required if c not in columns]
+    missing = [] if any(c in columns for c in spec.id_columns) else [" or ".join(repr(c) for c in spec.id_columns)]
+    missing += [c for c in spec.required if c not in columns]
     if spec.any_of and not any(c in columns for c in spec.any_of):
         missing.append(" or ".join(repr(c) for c in spec.any_of))
     return [m if "'" in m else repr(m) for m in missing]
@@ -130,7 +143,7 @@ def _check_columns(spec: _CsvSpec, path: Path, columns: Sequence[str]) -> None:
     if missing:
         raise IngestError(
             f"{path}: missing required column {', '.join(missing)} for the {spec.layout} layout "
-            f"(needs {', '.join(spec.required)}"
+            f"(needs {' or '.join(spec.id_columns)}{''.join(', ' + c for c in spec.required)}"
             + (f" and {' or '.join(spec.any_of)}" if spec.any_of else "")
             + f"; the file has: {', '.join(columns) or 'no columns'})"
         )
@@ -170,11 +183,13 @@ def _shown(items: Sequence[str], limit: int = 6) -> str:
 
 
 def _csv_explanation(spec: _CsvSpec, path: Path, columns: Sequence[str], folders: Sequence[str]) -> str:
-    used = [c for c in (*spec.required, *spec.any_of, *spec.optional) if c in columns]
+    used = [c for c in (spec.id_column(columns), *spec.required, *spec.any_of, *spec.optional) if c in columns]
     lookup = {
         "csv": "files are named by the 'file' column",
         "ham10000": "images are <image_id>.jpg anywhere under the source",
-        "isic": "images are <isic_id>.jpg/.png anywhere under the source",
+        "isic": f"images are <{spec.id_column(columns)}>.jpg/.png anywhere under the source",
+        "isic-challenge": f"images are <{spec.id_column(columns)}>.jpg/.png anywhere under the source; the class is "
+                          "the column holding 1",
     }[spec.layout]
     text = f"{path.name} is {spec.description} (columns {', '.join(used)}); {lookup}"
     if folders:
@@ -220,7 +235,8 @@ def _plan_layout(source: Path, forced: str | None, label_map: Mapping[str, str])
                 _check_columns(spec, readable[0], columns[readable[0]])  # raises, naming what is missing
             seen = _shown([f"{p.name} ({c if isinstance(c, str) else ', '.join(c)})" for p, c in columns.items()])
             raise IngestError(
-                f"layout {forced}: no CSV in {root} has a {spec.id_column!r} column (CSVs seen: {seen or 'none'})"
+                f"layout {forced}: no CSV in {root} has a {' or '.join(map(repr, spec.id_columns))} column "
+                f"(CSVs seen: {seen or 'none'})"
             )
         if len(matching) > 1:
             raise IngestError(
@@ -239,7 +255,7 @@ def _plan_layout(source: Path, forced: str | None, label_map: Mapping[str, str])
         )
     seen = [p.name + (f" ({columns[p]})" if isinstance(columns[p], str) else "") for p in csvs]
     ignored = [name for p, name in zip(csvs, seen) if p not in intents]
-    note = f"; ignored {_shown(ignored)}: no file, image_id or isic_id column" if ignored else ""
+    note = f"; ignored {_shown(ignored)}: no {', '.join(_ID_COLUMNS)} column" if ignored else ""
     if intents:
         csv_path, spec = next(iter(intents.items()))
         _check_columns(spec, csv_path, columns[csv_path])
@@ -247,8 +263,8 @@ def _plan_layout(source: Path, forced: str | None, label_map: Mapping[str, str])
     if folders:
         return plan("folders", _folders_explanation(folders, other) + note)
     raise IngestError(
-        f"no layout recognised in {source}: expected a metadata CSV (ISIC isic_id, HAM10000 image_id, or "
-        f"file,label) or class folders (benign/, malignant/ or diagnosis names); "
+        f"no layout recognised in {source}: expected a metadata CSV (ISIC isic_id, an ISIC challenge ground "
+        f"truth, HAM10000 image_id, or file,label) or class folders (benign/, malignant/ or diagnosis names); "
         f"saw CSVs: {_shown(seen) or 'none'}; folders: {_shown([d + '/' for d in other]) or 'none'}"
     )
 
@@ -372,20 +388,30 @@ def _entries_from_csv(plan: LayoutPlan, images: Sequence[str]) -> list[Entry]:
     return entries
 
 
+def _id_row_meta(layout: str, row: Mapping[str, Any], one_hot: Sequence[str]) -> dict[str, Any]:
+    """label / diagnosis / lesion_id (and a problem, if any) of one row of an id-keyed CSV."""
+    if layout == "ham10000":
+        return dict(diagnosis=_cell(row, "dx"), lesion_id=_cell(row, "lesion_id"))
+    if layout == "isic-challenge":
+        diagnosis, problem = isic_formats.one_hot_diagnosis(row, one_hot)
+        return dict(diagnosis=diagnosis, problem=problem)
+    return dict(label=isic_formats.archive_label(row), diagnosis=isic_formats.archive_diagnosis(row),
+                lesion_id=_cell(row, "lesion_id"))
+
+
 def _entries_from_ids(plan: LayoutPlan, images: Sequence[str]) -> list[Entry]:
-    """ISIC / HAM10000: each id names ``<id>.<ext>`` anywhere under the source."""
+    """ISIC / ISIC challenge / HAM10000: each id names ``<id>.<ext>`` anywhere under the source."""
     assert plan.csv_path is not None
-    ham = plan.layout == "ham10000"
-    id_column = "image_id" if ham else "isic_id"
+    rows = _read_rows(plan.csv_path)
+    columns = list(rows[0]) if rows else []
+    id_column = _SPEC_BY_LAYOUT[plan.layout].id_column(columns)
+    one_hot = isic_formats.one_hot_columns(columns)
     by_stem = _index_by(images, lambda p: os.path.splitext(os.path.basename(p))[0])
     entries: list[Entry] = []
-    for line, row in enumerate(_read_rows(plan.csv_path), start=2):
+    for line, row in enumerate(rows, start=2):
         origin = f"line {line} of {plan.csv_path.name}"
-        meta = dict(
-            label=None if ham else _cell(row, "benign_malignant"),
-            diagnosis=_cell(row, "dx" if ham else "diagnosis"),
-            lesion_id=_cell(row, "lesion_id"),
-        )
+        meta = _id_row_meta(plan.layout, row, one_hot)
+        row_problem = meta.pop("problem", None)
         image_id = _cell(row, id_column)
         if image_id is None:
             entries.append(Entry(f"{plan.csv_path}#line-{line}", origin=origin, readable=False,
@@ -395,7 +421,8 @@ def _entries_from_ids(plan: LayoutPlan, images: Sequence[str]) -> list[Entry]:
         if found:
             # every copy gets the row: byte-identical copies (HAM10000 downloads repeat whole
             # folders) then resolve as duplicates, different ones as ambiguous
-            entries.extend(Entry(p, origin=origin, matches=len(found), **meta) for p in found)
+            problem = f"{row_problem} ({origin})" if row_problem else None
+            entries.extend(Entry(p, origin=origin, matches=len(found), problem=problem, **meta) for p in found)
             continue
         path, inside = _listed_path(plan, plan.root, f"{image_id}.jpg")
         problem = (

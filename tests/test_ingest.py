@@ -193,6 +193,110 @@ def test_isic_layout_labels_diagnoses_and_quarantines(tmp_path):
                               "unknown diagnosis": 1}
 
 
+def test_isic_2018_and_2019_one_hot_ground_truth(tmp_path):
+    src = tmp_path / "isic2019"
+    for i in range(1, 8):
+        put(src / "ISIC_2019_Training_Input" / f"ISIC_{i:07d}.jpg", jpeg(700 + i))
+    write_csv(
+        src / "ISIC_2019_Training_GroundTruth.csv",
+        ("image", "MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"),
+        [
+            ("ISIC_0000001", "1.0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0"),
+            ("ISIC_0000002", "0.0", "1.0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0"),
+            ("ISIC_0000003", "0.0", "0.0", "0.0", "1.0", "0.0", "0.0", "0.0", "0.0", "0.0"),
+            ("ISIC_0000004", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "1.0"),
+            ("ISIC_0000005", "1.0", "1.0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0"),
+            ("ISIC_0000006", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0"),
+            ("ISIC_0000007", "0.0", "0.0", "", "0.0", "0.5", "0.0", "0.0", "0.0", "0.0"),
+        ],
+    )
+    layout, why = detect_layout(src)
+    assert layout == "isic-challenge" and "one-hot" in why and "<image>" in why
+    report, df = run(src, tmp_path / "seeds.parquet")
+    rows = df.set_index(df["source_path"].map(lambda p: Path(p).stem))
+    assert rows.loc["ISIC_0000001", ["label", "diagnosis", "status"]].tolist() == ["malignant", "mel", "accepted"]
+    assert rows.loc["ISIC_0000002", ["label", "diagnosis"]].tolist() == ["benign", "nv"]
+    assert rows.loc["ISIC_0000003", "label"] == "malignant"  # AK grouped with HAM10000's akiec
+    assert rows.loc["ISIC_0000004", "reason"].startswith("unknown diagnosis: 'unk'")  # never guessed
+    assert "2 classes set (mel, nv)" in rows.loc["ISIC_0000005", "reason"]
+    assert "0 classes set" in rows.loc["ISIC_0000006", "reason"]
+    assert "not 0 or 1 (bcc=blank, bkl=0.5)" in rows.loc["ISIC_0000007", "reason"]
+    assert "line 8 of ISIC_2019_Training_GroundTruth.csv" in rows.loc["ISIC_0000007", "reason"]
+    assert report.layout == "isic-challenge" and report.accepted == 3
+    assert report.reasons == {"one-hot ground truth": 3, "unknown diagnosis": 1}
+    assert set(df["dataset"]) == {"isic-challenge"}
+
+
+def test_isic_2017_ground_truth_is_told_from_ham10000_by_its_columns(tmp_path):
+    src = tmp_path / "isic2017"
+    for i in range(1, 5):
+        put(src / f"ISIC_{i:07d}.jpg", jpeg(800 + i))
+    write_csv(src / "ISIC-2017_Training_Part3_GroundTruth.csv", ("image_id", "melanoma", "seborrheic_keratosis"),
+              [("ISIC_0000001", "1.0", "0.0"), ("ISIC_0000002", "0.0", "1.0"), ("ISIC_0000003", "0.0", "0.0"),
+               ("ISIC_0000004", "1.0", "1.0")])
+    assert detect_layout(src)[0] == "isic-challenge"  # image_id, but not HAM10000's dx / lesion_id
+    _, df = run(src, tmp_path / "seeds.parquet")
+    rows = df.set_index(df["source_path"].map(lambda p: Path(p).stem))
+    assert rows.loc["ISIC_0000001", ["label", "diagnosis"]].tolist() == ["malignant", "melanoma"]
+    assert rows.loc["ISIC_0000002", ["label", "diagnosis"]].tolist() == ["benign", "seborrheic keratosis"]
+    assert rows.loc["ISIC_0000003", ["label", "diagnosis"]].tolist() == ["benign", "nevus"]  # neither column
+    assert rows.loc["ISIC_0000004", "status"] == "quarantined"
+    # a HAM10000 file keeps its layout, and a forced layout with the wrong columns says what is missing
+    ham = tmp_path / "ham"
+    put(ham / "ISIC_0000001.jpg", jpeg(801))
+    write_csv(ham / "HAM10000_metadata.csv", ("lesion_id", "image_id", "dx"), [("HAM_1", "ISIC_0000001", "nv")])
+    assert detect_layout(ham)[0] == "ham10000"
+    with pytest.raises(IngestError, match="missing required column 'dx', 'lesion_id' for the ham10000 layout"):
+        ingest_source(src, tmp_path / "x.parquet", CFG, layout="ham10000")
+
+
+def test_isic_archive_newer_exports_and_the_2020_challenge_csv(tmp_path):
+    src = tmp_path / "archive"
+    for i in range(1, 6):
+        put(src / f"ISIC_{i:07d}.jpg", jpeg(900 + i))
+    write_csv(
+        src / "metadata.csv",
+        ("isic_id", "diagnosis_1", "diagnosis_2", "diagnosis_3", "lesion_id", "age_approx", "sex"),
+        [
+            ("ISIC_0000001", "Malignant", "Malignant melanocytic proliferations (Melanoma)", "Melanoma Invasive", "IL_1",
+             60, "male"),
+            ("ISIC_0000002", "Benign", "Benign melanocytic proliferations", "Nevus", "IL_2", 30, "female"),
+            ("ISIC_0000003", "Indeterminate", "Indeterminate epidermal proliferations", "Solar or actinic keratosis",
+             "", 70, "male"),
+            ("ISIC_0000004", "Benign", "Benign epidermal proliferations", "Melanoma, NOS", "", 50, "female"),
+            ("ISIC_0000005", "Indeterminate", "", "", "", 40, "male"),
+        ],
+    )
+    assert detect_layout(src)[0] == "isic"
+    _, df = run(src, tmp_path / "seeds.parquet")
+    rows = df.set_index(df["source_path"].map(lambda p: Path(p).stem))
+    assert rows.loc["ISIC_0000001", ["label", "diagnosis", "lesion_id", "status"]].tolist() == [
+        "malignant", "Melanoma Invasive", "IL_1", "accepted"]
+    assert rows.loc["ISIC_0000002", ["label", "status"]].tolist() == ["benign", "accepted"]
+    assert rows.loc["ISIC_0000003", ["label", "status"]].tolist() == ["malignant", "accepted"]  # from diagnosis_3
+    assert rows.loc["ISIC_0000004", "reason"].startswith("label disagreement")
+    assert rows.loc["ISIC_0000005", "reason"].startswith("no label")
+    assert not df.isin(["male", "female", 30, 60]).any().any()  # patient metadata stays out
+
+    c2020 = tmp_path / "isic2020"
+    for i in range(1, 4):
+        put(c2020 / "train" / f"ISIC_{i:07d}.jpg", jpeg(950 + i))
+    write_csv(
+        c2020 / "ISIC_2020_Training_GroundTruth.csv",
+        ("image_name", "patient_id", "lesion_id", "sex", "age_approx", "anatom_site_general_challenge", "diagnosis",
+         "benign_malignant", "target"),
+        [("ISIC_0000001", "IP_1", "IL_7", "male", 45, "torso", "unknown", "benign", 0),
+         ("ISIC_0000002", "IP_1", "IL_8", "male", 45, "torso", "melanoma", "malignant", 1),
+         ("ISIC_0000003", "IP_2", "IL_9", "female", 50, "head/neck", "nevus", "benign", 0)],
+    )
+    layout, why = detect_layout(c2020)
+    assert layout == "isic" and "<image_name>" in why
+    _, df = run(c2020, tmp_path / "c2020.parquet")
+    assert (df["status"] == "accepted").all() and sorted(df["label"]) == ["benign", "benign", "malignant"]
+    assert df["diagnosis"].isna().sum() == 1  # "unknown" is no diagnosis: the benign label stands alone
+    assert not df.isin(["IP_1", "IP_2", "torso", "male"]).any().any()
+
+
 def test_label_map_overrides_from_config(tmp_path):
     src = tmp_path / "isic"
     put(src / "ISIC_4.jpg", jpeg(4))
