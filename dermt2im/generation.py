@@ -419,8 +419,8 @@ def _remove_own_temporaries(rows: pd.DataFrame, workdir: Workdir, cfg: FactoryCo
     return n
 
 
-def _shard_rows(workdir: Workdir, shard: int) -> pd.DataFrame:
-    plan = read_manifest(workdir.plan_manifest, PLAN)
+def _shard_rows(workdir: Workdir, shard: int, plan: pd.DataFrame | None = None) -> pd.DataFrame:
+    plan = read_manifest(workdir.plan_manifest, PLAN) if plan is None else plan
     if plan.empty:
         raise GenerationError(f"no plan at {workdir.plan_manifest}: plan first (dermt2im generate)")
     rows = plan[plan["shard"] == shard]
@@ -482,6 +482,27 @@ def shard_state(workdir: Workdir, cfg: FactoryConfig, shard: int, lora: Path | N
             continue
         todo.append(rec)
     return ShardState(todo, adopt, done)
+
+
+def shard_complete(workdir: Workdir, cfg: FactoryConfig, shard: int, lora: Path | None, *,
+                   plan: pd.DataFrame | None = None, recorded: pd.DataFrame | None = None) -> bool:
+    """Every image of the shard is recorded with its current render key *and* its file exists (an
+    unrecorded PNG still needs adopting: not complete).
+
+    ``plan`` / ``recorded`` are snapshots of the two manifests, so that one poll over many shards
+    reads each once. Records are checked before files: an unfinished shard costs no file lookups,
+    which matters when the images sit in an object store.
+    """
+    expected = _expected_rows(workdir, cfg, _shard_rows(workdir, shard, plan), lora)
+    recorded = read_manifest(workdir.synthetic_manifest, SYNTHETIC) if recorded is None else recorded
+    have = recorded.drop_duplicates("sample_key", keep="last").set_index("sample_key")
+    for rec in expected:
+        key = rec["sample_key"]
+        if key not in have.index or have.at[key, "render_key"] != rec["render_key"]:
+            return False
+        if not isinstance(have.at[key, "sha256"], str):
+            return False
+    return all(storage.is_file(rec["path"]) for rec in expected)
 
 
 def shard_missing(workdir: Workdir, cfg: FactoryConfig, shard: int, lora: Path | None) -> int:

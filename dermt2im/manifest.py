@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -182,14 +183,25 @@ def _read_with_parts(path: str | Path, kind: ManifestSchema) -> tuple[pd.DataFra
         parts = pending_parts(path)
         base = _read_file(path, kind)
         frame = kind.empty() if base is None else base
-        for part in parts:
-            rows = _read_file(part, kind)
-            if rows is None:  # compacted under our feet: read again
-                break
-            frame = _merge(frame, rows, kind)
-        else:
-            return frame, parts
+        appended = [_read_file(part, kind) for part in parts]
+        if any(rows is None for rows in appended):  # compacted under our feet: read again
+            continue
+        if appended:
+            frame = _merge(frame, _latest_per_key(pd.concat(appended, ignore_index=True), kind), kind)
+        return frame, parts
     raise ManifestError(f"{path}: parts kept changing while reading; try again")
+
+
+def _latest_per_key(rows: pd.DataFrame, kind: ManifestSchema) -> pd.DataFrame:
+    """One row per key: the last one, at the position of the key's first row (what merging the rows
+    one after the other would give)."""
+    codes = _key_index(rows, list(kind.key)).factorize()[0]  # numbered in order of first appearance
+    last = pd.Series(np.arange(len(rows))).groupby(codes).max()  # by code: first-appearance order
+    return rows.iloc[last.to_numpy()].reset_index(drop=True)
+
+
+def _key_index(df: pd.DataFrame, key: list[str]) -> pd.Index:
+    return pd.MultiIndex.from_frame(df[key]) if len(key) > 1 else pd.Index(df[key[0]])
 
 
 def manifest_exists(path: str | Path) -> bool:
@@ -219,13 +231,16 @@ def _merge(existing: pd.DataFrame, rows: pd.DataFrame, kind: ManifestSchema) -> 
     if existing.empty or new.empty:
         return new if existing.empty else existing
     key = list(kind.key)
-    new_keys = [tuple(r) for r in new[key].itertuples(index=False, name=None)]
-    position = {k: i for i, k in enumerate(new_keys)}
-    old_keys = [tuple(r) for r in existing[key].itertuples(index=False, name=None)]
-    old_set = set(old_keys)
-    pieces = [new.iloc[[position[k]]] if k in position else existing.iloc[[i]] for i, k in enumerate(old_keys)]
-    pieces.append(new.iloc[[i for i, k in enumerate(new_keys) if k not in old_set]])
-    return pd.concat([p for p in pieces if not p.empty], ignore_index=True)
+    where = _key_index(new, key).get_indexer(_key_index(existing, key))  # row of `new` replacing it, or -1
+    replaced = where >= 0
+    order = np.empty(len(new), dtype=np.int64)
+    order[where[replaced]] = np.flatnonzero(replaced)  # a replacing row takes the old row's place
+    appended = np.ones(len(new), dtype=bool)
+    appended[where[replaced]] = False
+    order[appended] = len(existing) + np.arange(int(appended.sum()))  # new keys go last, in order
+    kept = existing.loc[~replaced].assign(_order=np.flatnonzero(~replaced))
+    merged = pd.concat([kept, new.assign(_order=order)], ignore_index=True)
+    return merged.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
 def rewrite(path: str | Path, kind: ManifestSchema, change: Callable[[pd.DataFrame], pd.DataFrame]) -> pd.DataFrame:

@@ -21,10 +21,12 @@ import time
 import uuid
 from pathlib import Path
 
+import pandas as pd
+
 from dermt2im import generation as gen
 from dermt2im import leases
 from dermt2im.config import LABELS, FactoryConfig
-from dermt2im.manifest import PLAN, read_manifest
+from dermt2im.manifest import PLAN, SYNTHETIC, compact, read_manifest
 from dermt2im.plan import shards_of
 from dermt2im.workdir import Workdir
 
@@ -52,10 +54,10 @@ def plan_shards(workdir: Workdir) -> list[int]:
     return sorted(shards_of(plan), key=lambda s: (s % len(LABELS), s))
 
 
-def shard_done(workdir: Workdir, cfg: FactoryConfig, shard: int, lora: Path | None) -> bool:
-    """Every image of the shard is on disk *and* recorded (an unrecorded PNG still needs adopting)."""
-    state = gen.shard_state(workdir, cfg, shard, lora, verify=False)
-    return not state.todo and not state.adopt
+def shard_done(workdir: Workdir, cfg: FactoryConfig, shard: int, lora: Path | None, *,
+               plan: pd.DataFrame | None = None, recorded: pd.DataFrame | None = None) -> bool:
+    """Every image of the shard is on disk *and* recorded (``generation.shard_complete``)."""
+    return gen.shard_complete(workdir, cfg, shard, lora, plan=plan, recorded=recorded)
 
 
 def _install_test_write_delay() -> None:
@@ -95,6 +97,7 @@ def run_worker(
     folder = leases_folder(workdir)
     folder.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(workdir)
+    plan = read_manifest(workdir.plan_manifest, PLAN)
     t0 = time.monotonic()
     done: set[int] = set()
     mine: list[int] = []
@@ -104,13 +107,14 @@ def run_worker(
     log.info("worker %s: %d shard(s) in the plan, lease %.0f s", owner, len(shards), ttl)
     while True:
         progressed = False
+        recorded = read_manifest(workdir.synthetic_manifest, SYNTHETIC)  # one read per scan, not per shard
         for shard in shards:
             if shard in done:
                 continue
             current = leases.read_lease(folder, shard)
             if current is not None and not current.expired():
                 continue  # someone is on it
-            if shard_done(workdir, cfg, shard, lora):
+            if shard_done(workdir, cfg, shard, lora, plan=plan, recorded=recorded):
                 done.add(shard)
                 continue
             lease = leases.claim(folder, shard, owner, ttl)
@@ -124,7 +128,9 @@ def run_worker(
             mine.append(shard)
             if beat.lost:
                 log.warning("worker %s: shard %d was taken over while rendering (idempotent: no harm)", owner, shard)
-            if shard_done(workdir, cfg, shard, lora):
+            if workdir.manifests_are_remote:  # keep the appended parts few, so every read stays cheap
+                compact(workdir.synthetic_manifest, SYNTHETIC, workdir.locks)
+            if shard_done(workdir, cfg, shard, lora, plan=plan):
                 done.add(shard)
             progressed = True
             break  # rescan from the start: shards finished by others meanwhile are seen as done

@@ -11,7 +11,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from dermt2im.config import LABELS
 from dermt2im.generation import resolve_lora, shard_missing
-from dermt2im.manifest import SYNTHETIC, compact
+from dermt2im.manifest import PLAN, SYNTHETIC, compact, read_manifest
 from dermt2im.workdir import Workdir, workdir_config
 from tasks.generate import (
     assess_is_current,
@@ -116,7 +116,9 @@ def fan_out(w: Workdir, cfg, lora_root, progress_id, poll_seconds: float = 5.0) 
     t0 = time.monotonic()
     done: set[int] = set()
     while True:
-        done |= {s for s in shards if s not in done and shard_done(w, cfg, s, lora_root)}
+        compact(w.synthetic_manifest, SYNTHETIC, w.locks)  # the workers' appended parts (object stores)
+        plan, recorded = read_manifest(w.plan_manifest, PLAN), read_manifest(w.synthetic_manifest, SYNTHETIC)
+        done |= {s for s in shards if s not in done and shard_done(w, cfg, s, lora_root, plan=plan, recorded=recorded)}
         update_progress_artifact(artifact_id=progress_id, progress=100.0 * len(done) / max(1, len(shards)))
         if len(done) == len(shards):
             break

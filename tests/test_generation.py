@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -230,6 +231,27 @@ def test_a_deleted_image_is_rendered_again(workdir, tmp_path, pipe):
     # the same image (rendered alone now, in a batch before: equal up to one level, see above)
     assert redone[0]["render_key"] == gone["render_key"] and _max_diff(gone["path"], tmp_path / "before.png") <= 1
     assert len(read_manifest(workdir.synthetic_manifest, SYNTHETIC)) == 6
+
+
+def test_a_shard_is_complete_only_when_every_row_is_recorded_and_its_file_is_there(workdir, pipe, monkeypatch):
+    from dermt2im import storage
+
+    cfg = tiny_cfg()
+    plan = _plan(workdir, cfg)
+    lookups: list = []
+    real_is_file = storage.is_file
+    monkeypatch.setattr(storage, "is_file", lambda p: lookups.append(p) or real_is_file(p))
+    assert not gen.shard_complete(workdir, cfg, 0, None)
+    assert lookups == []  # nothing recorded: decided from the manifest alone, no file looked up
+    gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
+    recorded = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    assert gen.shard_complete(workdir, cfg, 0, None, plan=plan, recorded=recorded)
+    # a snapshot taken before the last row was recorded says "not yet"
+    assert not gen.shard_complete(workdir, cfg, 0, None, plan=plan, recorded=recorded.iloc[:-1])
+    # rows rendered with other settings (another render key) do not count
+    assert not gen.shard_complete(workdir, cfg, 0, None, plan=plan, recorded=recorded.assign(render_key="other"))
+    Path(recorded.iloc[0]["path"]).unlink()
+    assert not gen.shard_complete(workdir, cfg, 0, None)  # recorded, but its file is gone
 
 
 def _max_diff(a, b) -> int:
