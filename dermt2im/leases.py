@@ -15,7 +15,7 @@ every worker sees (one host, or a POSIX shared filesystem with atomic link / ren
 * **release**: the holder removes its lease after checking its token.
 
 Leases only avoid duplicate *work*. Correctness does not rest on them: rendering is idempotent
-and the manifest is upserted by ``sample_key`` under a lock, so even two holders of one shard
+and rows are recorded by ``sample_key`` (``manifest.record_rows``), so even two holders of one shard
 (a holder stalled for longer than the TTL, then resumed) make the same rows, never duplicates.
 Expiry uses wall-clock time, so hosts sharing a lease folder need roughly synchronised clocks
 (well within the TTL).

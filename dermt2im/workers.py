@@ -8,8 +8,11 @@ looks again, so a shard whose worker died is taken over once that lease expires
 
 Nothing is duplicated or lost when a worker dies mid-shard: ``render_shard`` is idempotent (PNGs
 are written atomically, a PNG written but never recorded is adopted, temporaries are removed) and
-the manifest is upserted by ``sample_key`` under a lock. Leases live in ``W/synthetic/.leases``;
-all workers must see the same workdir (one host, or a shared POSIX filesystem).
+rows are recorded by ``sample_key`` (``manifest.record_rows``: an upsert under a lock, or an appended
+part on an object store, which each worker folds in after its shard). Leases live in
+``W/synthetic/.leases``; all workers must see the same workdir (one host, or a shared POSIX
+filesystem), while the manifests and images may sit in a bucket (``storage.manifests``,
+``generate.image_store``).
 """
 
 from __future__ import annotations
