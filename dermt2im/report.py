@@ -25,7 +25,6 @@ from dermt2im.config import FactoryConfig
 from dermt2im.fileio import atomic_path, atomic_write_text
 from dermt2im.metrics import METRICS, mean_ci
 from dermt2im.tracking import metric_key, tracking_client
-from dermt2im.validation import ValidationError
 from dermt2im.workdir import Workdir
 
 PRIMARY = "balanced_accuracy"
@@ -40,9 +39,9 @@ LABELS_SHOWN = {
 MODEL_ORDER = {"vit": 0, "mobilenet_v2": 1}
 
 
-class ReportError(ValidationError):
-    """No comparison to report on, or the one named is not a comparison (a ``ValidationError``, so
-    the CLI shows it as a message, not a traceback)."""
+class ReportError(ValueError):
+    """No comparison to report on, or the one named is not a comparison (the CLI shows it as a
+    message, not a traceback)."""
 
 
 # --- per-run figures --------------------------------------------------------------------------
