@@ -42,11 +42,10 @@ def run_plain(workdir: Path, config: str, overrides: list[str]) -> None:
     from dermt2im.quality import assess
     from dermt2im.training import train_lora
     from dermt2im.validation import validate
-    from dermt2im.workdir import Workdir, workdir_config
+    from dermt2im.workdir import open_workdir
     from tasks.seeds import phantom_sets
 
-    w = Workdir.at(workdir)
-    cfg = workdir_config(w, config, overrides)
+    w, cfg = open_workdir(workdir, config, overrides)
     p = cfg.phantoms
     seed_dir, tests = phantom_sets(w.data, p)
     make_phantoms(seed_dir, p.n_seed, seed=p.seed, style=p.seed_style, size=p.size, hair_probability=p.hair_probability)

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from dermt2im import storage
-from dermt2im.workdir import Workdir, configure_runtime, workdir_config
+from dermt2im.workdir import Workdir, configure_runtime, open_workdir
 
 app = typer.Typer(
     name="dermt2im",
@@ -38,14 +38,12 @@ DEFAULT_WORKDIR = Path("dermt2im-work")
 
 
 def _setup(workdir: Path, config: str | None, overrides: list[str] | None):
-    w = Workdir.at(workdir)
-    configure_runtime(w)
+    configure_runtime(Workdir.at(workdir))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for chatty in ("httpx", "httpcore", "docket", "alembic", "urllib3"):  # per-request lines drown the stage logs
         logging.getLogger(chatty).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # probes for CUDA kernels even on CPU-only runs
-    cfg = _guard(lambda: workdir_config(w, config, overrides))
-    return w.using(cfg), cfg
+    return _guard(lambda: open_workdir(workdir, config, overrides))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -245,12 +245,14 @@ def _merge(existing: pd.DataFrame, rows: pd.DataFrame, kind: ManifestSchema) -> 
 
 def rewrite(path: str | Path, kind: ManifestSchema, change: Callable[[pd.DataFrame], pd.DataFrame]) -> pd.DataFrame:
     """Read the manifest (parts included), write ``change(frame)`` as the new base, then delete the
-    parts that were read. One rewriter per manifest at a time (see the module docstring)."""
+    parts that were read; returns what was written. One rewriter per manifest at a time (see the
+    module docstring)."""
     current, parts = _read_with_parts(path, kind)
-    write_manifest(change(current), path, kind)
+    table = conform(change(current), kind)
+    write_manifest(table.to_pandas(), path, kind)
     for part in parts:
         storage.remove(part)
-    return read_manifest(path, kind)
+    return table.to_pandas()
 
 
 def upsert(path: str | Path, rows: pd.DataFrame, kind: ManifestSchema) -> pd.DataFrame:

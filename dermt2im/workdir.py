@@ -160,3 +160,12 @@ def workdir_config(workdir: Workdir, config: str | Path | None = None, overrides
         cfg = load_config(config or "smoke", overrides)
     atomic_write_text(snapshot, yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
     return cfg
+
+
+def open_workdir(root: str | Path, config: str | Path | None = None,
+                 overrides: list[str] | None = None) -> tuple[Workdir, "FactoryConfig"]:
+    """The workdir at ``root`` with its config (``workdir_config``: saved as ``W/config.yaml``), the
+    workdir pointing at the manifest location that config names (``storage.manifests``)."""
+    w = Workdir.at(root)
+    cfg = workdir_config(w, config, overrides)
+    return w.using(cfg), cfg

@@ -10,7 +10,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from dermt2im import storage
-from dermt2im.workdir import Workdir, workdir_config
+from dermt2im.workdir import Workdir, open_workdir
 from flows.dispatch import run_gpu_stage
 from flows.generate import generate
 from flows.seeds import prepare_seeds
@@ -26,9 +26,7 @@ def factory(
     overrides: list[str] | None = None,
     layout: str | None = None,
 ) -> dict:
-    w = Workdir.at(workdir)
-    cfg = workdir_config(w, config, overrides)  # saved as W/config.yaml; every stage below reads it
-    w = w.using(cfg)  # storage.manifests: where this workdir's manifests live
+    w, cfg = open_workdir(workdir, config, overrides)  # saved as W/config.yaml; every stage below reads it
     seeds = prepare_seeds(workdir, source, layout=layout)
     lora = run_gpu_stage(train, cfg.orchestration.train_deployment, {"workdir": workdir}, cfg.orchestration)
     lora_dir = lora.get("lora_dir") if isinstance(lora, dict) else None

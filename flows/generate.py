@@ -12,7 +12,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from dermt2im.config import LABELS
 from dermt2im.generation import resolve_lora, shard_missing
 from dermt2im.manifest import PLAN, SYNTHETIC, compact, read_manifest
-from dermt2im.workdir import Workdir, workdir_config
+from dermt2im.workdir import Workdir, open_workdir
 from tasks.generate import (
     assess_is_current,
     assess_task,
@@ -40,9 +40,7 @@ def generate(
     of the ``generate.worker_deployment`` deployment (flows.generate_worker) instead of here.
     """
     log = get_run_logger()
-    w = Workdir.at(workdir)
-    cfg = workdir_config(w, config, overrides)
-    w = w.using(cfg)  # storage.manifests: where this workdir's manifests live
+    w, cfg = open_workdir(workdir, config, overrides)
     token = cfg.train.instance_token
     fresh = not plan_is_complete(w, cfg.generate, token, per_class)
     plan = plan_task.with_options(refresh_cache=fresh or None)(workdir, cfg.generate, token, per_class,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from dermt2im.generation import GenerationError, resolve_lora
-from dermt2im.workdir import Workdir, workdir_config
+from dermt2im.workdir import open_workdir
 from dermt2im.workers import run_worker
 
 
@@ -28,9 +28,7 @@ def generate_worker(
 ) -> dict:
     """Claim, render and release shards until the plan is complete; returns this worker's counts."""
     log = get_run_logger()
-    w = Workdir.at(workdir)
-    cfg = workdir_config(w, config, overrides)
-    w = w.using(cfg)  # storage.manifests: where this workdir's manifests live
+    w, cfg = open_workdir(workdir, config, overrides)
     if owner is None:
         from prefect.runtime import flow_run
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from dermt2im.manifest import PLAN, read_manifest
-from dermt2im.workdir import Workdir, workdir_config
+from dermt2im.workdir import Workdir, open_workdir
 from flows.dispatch import run_gpu_stage
 from flows.generate import generate
 from flows.validate import validate
@@ -27,9 +27,7 @@ def regenerate(
 ) -> dict:
     """Extend the plan by ``per_class_increment`` images per class (new plan rows carry new seeds),
     render only what is new, gate and audit it, then validate again against the grown set."""
-    w = Workdir.at(workdir)
-    cfg = workdir_config(w, config, overrides)
-    w = w.using(cfg)  # storage.manifests: where this workdir's manifests live
+    w, cfg = open_workdir(workdir, config, overrides)
     before = planned_per_class(w)
     target = before + (per_class_increment or cfg.generate.per_class)
     get_run_logger().info("regenerating: %d -> %d images per class", before, target)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from dermt2im.workdir import Workdir, workdir_config
+from dermt2im.workdir import open_workdir
 from tasks.seeds import ingest, make_phantoms, phantom_sets, preprocess
 
 
@@ -24,9 +24,7 @@ def prepare_seeds(
     configured style, so a new user sees the whole pipeline work offline.
     """
     log = get_run_logger()
-    w = Workdir.at(workdir)
-    cfg = workdir_config(w, config, overrides)
-    w = w.using(cfg)  # storage.manifests: where this workdir's manifests live
+    w, cfg = open_workdir(workdir, config, overrides)
     tests: dict[str, str] = dict(cfg.validation.test_sets)
     tests.update(test_sets or {})
     if source is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from dermt2im.training import find_trained
-from dermt2im.workdir import Workdir, workdir_config
+from dermt2im.workdir import open_workdir
 from tasks.train import train_lora_task
 
 
@@ -23,9 +23,7 @@ def train(workdir: str, config: str | None = None, overrides: list[str] | None =
     checkpoint; None starts over.
     """
     log = get_run_logger()
-    w = Workdir.at(workdir)
-    cfg = workdir_config(w, config, overrides)
-    w = w.using(cfg)  # storage.manifests: where this workdir's manifests live
+    w, cfg = open_workdir(workdir, config, overrides)
     done = find_trained(w, cfg)
     # a cached task result is only trusted while the LoRA it names is still on disk
     out = train_lora_task.with_options(refresh_cache=(done is None) or None)(workdir, cfg, resume)

@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dermt2im.workdir import Workdir, workdir_config
+from dermt2im.workdir import open_workdir
 from tasks.validate import cell_task, finish_task, plan_task, report_task, segmentation_task
 
 
@@ -27,9 +27,7 @@ def validate(
     workdir. ``test_sets``: name -> ingested test-set manifest; default: every manifest under
     W/manifests/test_sets plus the seeds' own test split."""
     log = get_run_logger()
-    w = Workdir.at(workdir)
-    cfg = workdir_config(w, config, overrides)
-    w = w.using(cfg)  # storage.manifests: where this workdir's manifests live
+    w, cfg = open_workdir(workdir, config, overrides)
     plan = plan_task(str(w.root), cfg, test_sets)
     for name, why in sorted(plan.skipped.items()):
         log.warning("regime %s skipped: %s", name, why)
