@@ -181,12 +181,33 @@ def atomic_target(loc: Location) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        parent = path.rsplit("/", 1)[0] if "/" in path else ""
-        if parent:
-            fs.makedirs(parent, exist_ok=True)  # a no-op on object stores; needed on hierarchical ones
-        fs.put_file(str(tmp_path), path)
+        _make_parent(fs, path)
+        with _naming(loc):
+            fs.put_file(str(tmp_path), path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+# Object stores have no folders to make, and s3fs / gcsfs / adlfs ``makedirs`` would create a missing
+# *bucket*: a typo in a URL must fail, not make a new bucket.
+_BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
+
+
+def _make_parent(fs, path: str) -> None:
+    """Create the folder that will hold ``path`` on hierarchical filesystems (memory, sftp, ...)."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent and not protocols & _BUCKET_PROTOCOLS:
+        fs.makedirs(parent, exist_ok=True)
+
+
+@contextmanager
+def _naming(loc: Location) -> Iterator[None]:
+    """Say where a remote write failed: s3fs's "The specified bucket does not exist" names no URL."""
+    try:
+        yield
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"cannot write {_text(loc)}: {err} (check the bucket name and endpoint)") from err
 
 
 def atomic_put_bytes(loc: Location, data: bytes) -> str | Path:
@@ -194,8 +215,7 @@ def atomic_put_bytes(loc: Location, data: bytes) -> str | Path:
     if not is_remote(loc):
         return atomic_write_bytes(local_path(loc), data)
     fs, path = to_fs(loc)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(path, bytes(data))  # one request with the full body
+    _make_parent(fs, path)
+    with _naming(loc):
+        fs.pipe_file(path, bytes(data))  # one request with the full body
     return _text(loc)

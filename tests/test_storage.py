@@ -155,3 +155,13 @@ def test_manifests_and_images_on_a_local_s3_endpoint(s3_bucket, monkeypatch):
     with pytest.raises(OSError):
         write_manifest(_plan_rows(["b-9"]), url, PLAN)
     assert storage.read_bytes(url) == before  # the object is the old one, whole
+
+
+def test_a_missing_bucket_is_an_error_naming_the_url_and_is_never_created(s3_bucket):
+    missing = f"s3://typo-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(FileNotFoundError, match=f"cannot write {missing}/m/plan.parquet: .*bucket"):
+        write_manifest(_plan_rows(["b-0"]), f"{missing}/m/plan.parquet", PLAN)
+    with pytest.raises(FileNotFoundError, match=f"cannot write {missing}/img/a.png"):
+        storage.atomic_put_bytes(f"{missing}/img/a.png", b"\x89PNG")
+    fs, _ = storage.to_fs(s3_bucket)
+    assert missing.removeprefix("s3://") not in fs.ls("", refresh=True)
