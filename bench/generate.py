@@ -1,6 +1,6 @@
 """Generation throughput: this generator vs a naive loop, on the same plan rows.
 
-* ours: ``dermt2im.generation.render_shard``: batches of ``--batch`` rows sharing settings, one
+* ours: ``dermt2im.generate.stage.render_shard``: batches of ``--batch`` rows sharing settings, one
   generator per image, the LoRA fused at its scale, cached schedulers, PNGs encoded and written
   atomically by writer threads while the next batch renders, manifest upserted per batch;
 * naive: one pipeline call per image, the LoRA loaded as an unfused adapter (weighted by the
@@ -28,15 +28,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dermt2im import generation as gen  # noqa: E402
-from dermt2im.config import load_config  # noqa: E402
-from dermt2im.models import build_tiny_pipeline  # noqa: E402
-from dermt2im.sampling import SAMPLERS  # noqa: E402
-from dermt2im.workdir import Workdir  # noqa: E402
+from dermt2im.generate import stage as gen  # noqa: E402
+from dermt2im.core.config import load_config  # noqa: E402
+from dermt2im.diffusion.models import build_tiny_pipeline  # noqa: E402
+from dermt2im.generate.samplers import SAMPLERS  # noqa: E402
+from dermt2im.core.workdir import Workdir  # noqa: E402
 
 
 def sd15_pipeline(device: str, dtype):
-    from dermt2im.models import build_sd15_random_pipeline
+    from dermt2im.diffusion.models import build_sd15_random_pipeline
 
     return build_sd15_random_pipeline().to(device, dtype)
 
@@ -48,7 +48,7 @@ def make_lora(pipe, folder: Path, rank: int = 4) -> Path:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from dermt2im.lora_io import save_lora_files
+    from dermt2im.diffusion.lora_files import save_lora_files
 
     unet = copy.deepcopy(pipe.unet).to("cpu", torch.float32)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
@@ -64,7 +64,7 @@ def make_lora(pipe, folder: Path, rank: int = 4) -> Path:
 def naive(pipe, rows, lora: Path, out: Path) -> list[np.ndarray]:
     from PIL.PngImagePlugin import PngInfo
 
-    from dermt2im.lora_io import load_lora
+    from dermt2im.diffusion.lora_files import load_lora
 
     load_lora(pipe, lora, rows[0]["lora_scale"], fuse=False)
     images = []

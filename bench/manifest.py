@@ -2,7 +2,7 @@
 paper's 3000 per class: 6000), and reading a manifest of ``--read-rows`` rows back with ``--parts``
 appended parts of one batch each (what workers on an object store leave between two compactions).
 
-* ours: ``dermt2im.manifest.upsert`` (vectorised merge by key) and ``read_manifest`` over a base file
+* ours: ``dermt2im.core.manifest.upsert`` (vectorised merge by key) and ``read_manifest`` over a base file
   plus ``--parts`` appended parts (one merge of all parts at once);
 * naive: the same merge done row by row (one slice per existing row, then a concat), once per part.
   Its output is a frame of many one-row chunks, so every further merge gets slower: the naive read
@@ -26,8 +26,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dermt2im import manifest as mf  # noqa: E402
-from dermt2im.manifest import SYNTHETIC  # noqa: E402
+from dermt2im.core import manifest as mf  # noqa: E402
+from dermt2im.core.manifest import SYNTHETIC  # noqa: E402
 
 
 def rows(keys: list[str], tag: str) -> pd.DataFrame:

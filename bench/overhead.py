@@ -35,14 +35,14 @@ def _isolate(tmp: Path) -> None:
 
 def run_plain(workdir: Path, config: str, overrides: list[str]) -> None:
     """The factory's stages as plain function calls, in the flow's order."""
-    from dermt2im.generation import generate
-    from dermt2im.ingest import ingest_source
+    from dermt2im.generate.stage import generate
+    from dermt2im.ingest.stage import ingest_source
     from dermt2im.phantoms import make_phantoms
-    from dermt2im.preprocess import preprocess_manifest
-    from dermt2im.quality import assess
-    from dermt2im.training import train_lora
-    from dermt2im.validation import validate
-    from dermt2im.workdir import open_workdir
+    from dermt2im.preprocess.stage import preprocess_manifest
+    from dermt2im.quality.stage import assess
+    from dermt2im.train.stage import train_lora
+    from dermt2im.validate.stage import validate
+    from dermt2im.core.workdir import open_workdir
     from tasks.seeds import phantom_sets
 
     w, cfg = open_workdir(workdir, config, overrides)

@@ -24,11 +24,11 @@ import cv2
 import pandas as pd
 from PIL import Image
 
-from dermt2im.config import PreprocessConfig
-from dermt2im.fileio import sha256_file
-from dermt2im.manifest import SEEDS, write_manifest
+from dermt2im.core.config import PreprocessConfig
+from dermt2im.core.fileio import sha256_file
+from dermt2im.core.manifest import SEEDS, write_manifest
 from dermt2im.phantoms import make_phantoms
-from dermt2im.preprocess import preprocess_manifest, resize_center_crop, scaled_kernel_size, worker_count
+from dermt2im.preprocess.stage import preprocess_manifest, resize_center_crop, scaled_kernel_size, worker_count
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-dermoscopy" / "images"
 

@@ -69,14 +69,14 @@ def _setup(tmp: Path, args):
     import torch
 
     torch.set_num_threads(args.threads)
-    from dermt2im.workdir import Workdir
+    from dermt2im.core.workdir import Workdir
     from tests.train_fixtures import make_seed_manifest, tiny_config
 
     w = Workdir.at(tmp / "work")
     make_seed_manifest(w, n_per_class=args.images, size=args.resolution, extra_val=False)
     base = {}
     if args.arch == "sd15":  # SD v1.5's architecture, random weights, loaded from a local diffusers folder
-        from dermt2im.models import build_sd15_random_pipeline
+        from dermt2im.diffusion.models import build_sd15_random_pipeline
 
         folder = tmp / "sd15-random"
         build_sd15_random_pipeline().save_pretrained(folder, safe_serialization=True)
@@ -97,7 +97,7 @@ def _setup(tmp: Path, args):
     from diffusers.training_utils import compute_snr  # noqa: F401
     from matplotlib.figure import Figure
 
-    from dermt2im.tracking import use_tracking
+    from dermt2im.core.tracking import use_tracking
 
     use_tracking(w, cfg.tracking, experiment=f"{cfg.tracking.experiment}-train")
     Figure().add_subplot(1, 1, 1).plot([0, 1])
@@ -115,7 +115,7 @@ def run_trainer(tmp: Path, args) -> dict:
     import mlflow  # noqa: F401 - imported before the baseline, like everything else the trainer uses
     import torch
 
-    from dermt2im import training
+    from dermt2im.train import stage as training
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -136,8 +136,8 @@ def run_reference(tmp: Path, args) -> dict:
     from diffusers.optimization import get_scheduler
     from peft import LoraConfig
 
-    from dermt2im import training
-    from dermt2im.models import load_pipeline
+    from dermt2im.train import stage as training
+    from dermt2im.diffusion.models import load_pipeline
 
     t = cfg.train
     device = torch.device(args.device)

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from dermt2im import storage
-from dermt2im.workdir import Workdir, configure_runtime, open_workdir
+from dermt2im.core import storage
+from dermt2im.core.workdir import Workdir, configure_runtime, open_workdir
 
 app = typer.Typer(
     name="dermt2im",
@@ -48,18 +48,18 @@ def _setup(workdir: Path, config: str | None, overrides: list[str] | None):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input or configuration: shown as one clear message, not a traceback."""
-    from dermt2im.config import ConfigError
-    from dermt2im.imaging import DecodeError
-    from dermt2im.manifest import ManifestError
+    from dermt2im.core.config import ConfigError
+    from dermt2im.core.imaging import DecodeError
+    from dermt2im.core.manifest import ManifestError
 
     errors: list[type[BaseException]] = [ConfigError, ManifestError, DecodeError, FileNotFoundError]
     for module, name in (
-        ("dermt2im.ingest", "IngestError"),
-        ("dermt2im.training", "TrainingError"),
-        ("dermt2im.validation", "ValidationError"),
-        ("dermt2im.generation", "GenerationError"),
+        ("dermt2im.ingest.stage", "IngestError"),
+        ("dermt2im.train.stage", "TrainingError"),
+        ("dermt2im.validate.stage", "ValidationError"),
+        ("dermt2im.generate.stage", "GenerationError"),
         ("dermt2im.export", "ExportError"),
-        ("dermt2im.report", "ReportError"),
+        ("dermt2im.validate.table", "ReportError"),
     ):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
@@ -111,7 +111,7 @@ def ingest(
 ) -> None:
     """Ingest seed images into W/manifests/seeds.parquet (bad files are quarantined with a reason)."""
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.ingest import ingest_source
+    from dermt2im.ingest.stage import ingest_source
 
     manifest = w.test_set_manifest(test_set) if test_set else w.seeds_manifest
     report = _guard(lambda: ingest_source(source, manifest, cfg.ingest, layout=None if layout == "auto" else layout,
@@ -128,7 +128,7 @@ def preprocess(
 ) -> None:
     """Remove hair (DullRazor) and resize / centre-crop every accepted image; cached by content."""
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.preprocess import preprocess_manifest
+    from dermt2im.preprocess.stage import preprocess_manifest
 
     manifest = w.test_set_manifest(test_set) if test_set else w.seeds_manifest
     if not storage.is_file(manifest):
@@ -148,7 +148,7 @@ def train(
 ) -> None:
     """Fine-tune Stable Diffusion with DreamBooth + LoRA on the accepted training-split seeds."""
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.training import train_lora
+    from dermt2im.train.stage import train_lora
 
     result = _guard(lambda: train_lora(w, cfg, resume=resume, run_id=run_id))
     _echo(f"LoRA run {result.run_id}: {result.steps} steps, final loss {result.final_loss:.4f}, "
@@ -168,8 +168,8 @@ def generate(
 ) -> None:
     """Plan, render (Euler / Euler a / PLMS ...), then quality-gate and audit synthetic lesions."""
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.generation import generate as run_generate
-    from dermt2im.quality import assess
+    from dermt2im.generate.stage import generate as run_generate
+    from dermt2im.quality.stage import assess
 
     report = _guard(lambda: run_generate(w, cfg, lora=lora, per_class=per_class, shards=shard))
     _echo(report.summary())
@@ -194,10 +194,10 @@ def worker(
     Run `dermt2im quality` once every worker is done (it also folds in rows appended on an object store).
     """
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.generation import resolve_lora
-    from dermt2im.manifest import writer_lock
-    from dermt2im.plan import update_plan
-    from dermt2im.workers import run_worker
+    from dermt2im.generate.stage import resolve_lora
+    from dermt2im.core.manifest import writer_lock
+    from dermt2im.generate.plan import update_plan
+    from dermt2im.runners.leased import run_worker
 
     def go():
         with writer_lock(w.plan_manifest, w.locks):
@@ -215,7 +215,7 @@ def worker(
 def quality(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Re-run the quality gate and memorisation audit over W/manifests/synthetic.parquet."""
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.quality import assess
+    from dermt2im.quality.stage import assess
 
     _echo(_guard(lambda: assess(w, cfg)).summary())
 
@@ -255,9 +255,9 @@ def validate(
 ) -> None:
     """Fine-tune ViT / MobileNetV2 on baseline vs hybrid data and test on unseen real test sets (MLflow)."""
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.ingest import ingest_source
-    from dermt2im.preprocess import preprocess_manifest
-    from dermt2im.validation import validate as run_validate
+    from dermt2im.ingest.stage import ingest_source
+    from dermt2im.preprocess.stage import preprocess_manifest
+    from dermt2im.validate.stage import validate as run_validate
 
     def go():
         sets: dict[str, str | Path] = {}
@@ -278,7 +278,7 @@ def report(
 ) -> None:
     """Rebuild Table IV (model x regime x test set, mean +- 95% CI) and Fig. 10 from MLflow alone."""
     w, cfg = _setup(workdir, None, None)
-    from dermt2im.report import build_report
+    from dermt2im.validate.table import build_report
 
     for name, path in _guard(lambda: build_report(w, cfg, parent_run_id=parent_run_id)).items():
         _echo(f"{name}: {path}")

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from dermt2im import storage
-from dermt2im.fileio import sha256_bytes, sha256_file
-from dermt2im.manifest import SYNTHETIC, read_manifest
-from dermt2im.workdir import Workdir
+from dermt2im.core import storage
+from dermt2im.core.fileio import sha256_bytes, sha256_file
+from dermt2im.core.manifest import SYNTHETIC, read_manifest
+from dermt2im.core.workdir import Workdir
 
 log = logging.getLogger(__name__)
 

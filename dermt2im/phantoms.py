@@ -27,9 +27,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dermt2im.config import LABELS
-from dermt2im.fileio import atomic_write_bytes, atomic_write_text
-from dermt2im.imaging import encode_png
+from dermt2im.core.config import LABELS
+from dermt2im.core.fileio import atomic_write_bytes, atomic_write_text
+from dermt2im.core.imaging import encode_png
 
 DIAGNOSIS = {"benign": "nevus", "malignant": "melanoma"}
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from dermt2im.config import OrchestrationConfig
+from dermt2im.core.config import OrchestrationConfig
 
 
 class StageFailed(RuntimeError):

@@ -9,8 +9,8 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from dermt2im import storage
-from dermt2im.workdir import Workdir, open_workdir
+from dermt2im.core import storage
+from dermt2im.core.workdir import Workdir, open_workdir
 from flows.dispatch import run_gpu_stage
 from flows.generate import generate
 from flows.seeds import prepare_seeds

@@ -9,10 +9,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from dermt2im.config import LABELS
-from dermt2im.generation import resolve_lora, shard_missing
-from dermt2im.manifest import PLAN, SYNTHETIC, compact, read_manifest
-from dermt2im.workdir import Workdir, open_workdir
+from dermt2im.core.config import LABELS
+from dermt2im.generate.stage import resolve_lora, shard_missing
+from dermt2im.core.manifest import PLAN, SYNTHETIC, compact, read_manifest
+from dermt2im.core.workdir import Workdir, open_workdir
 from tasks.generate import (
     assess_is_current,
     assess_task,
@@ -99,7 +99,7 @@ def fan_out(w: Workdir, cfg, lora_root, progress_id, poll_seconds: float = 5.0) 
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    from dermt2im.workers import plan_shards, shard_done
+    from dermt2im.runners.leased import plan_shards, shard_done
 
     log = get_run_logger()
     shards = plan_shards(w)

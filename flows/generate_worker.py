@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from dermt2im.generation import GenerationError, resolve_lora
-from dermt2im.workdir import open_workdir
-from dermt2im.workers import run_worker
+from dermt2im.generate.stage import GenerationError, resolve_lora
+from dermt2im.core.workdir import open_workdir
+from dermt2im.runners.leased import run_worker
 
 
 @flow(name="generate-worker", log_prints=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from dermt2im.manifest import PLAN, read_manifest
-from dermt2im.workdir import Workdir, open_workdir
+from dermt2im.core.manifest import PLAN, read_manifest
+from dermt2im.core.workdir import Workdir, open_workdir
 from flows.dispatch import run_gpu_stage
 from flows.generate import generate
 from flows.validate import validate

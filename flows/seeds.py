@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from dermt2im.workdir import open_workdir
+from dermt2im.core.workdir import open_workdir
 from tasks.seeds import ingest, make_phantoms, phantom_sets, preprocess
 
 

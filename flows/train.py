@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from dermt2im.training import find_trained
-from dermt2im.workdir import open_workdir
+from dermt2im.train.stage import find_trained
+from dermt2im.core.workdir import open_workdir
 from tasks.train import train_lora_task
 
 

@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dermt2im.workdir import open_workdir
+from dermt2im.core.workdir import open_workdir
 from tasks.validate import cell_task, finish_task, plan_task, report_task, segmentation_task
 
 

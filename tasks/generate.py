@@ -16,12 +16,12 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
-from dermt2im import generation as gen
-from dermt2im import quality as quality_mod
-from dermt2im.config import FactoryConfig, GenerateConfig
-from dermt2im.manifest import PLAN, SEEDS, SYNTHETIC, digest, read_manifest, writer_lock
-from dermt2im.plan import build_plan, shards_of, update_plan
-from dermt2im.workdir import Workdir
+from dermt2im.generate import stage as gen
+from dermt2im.quality import stage as quality_mod
+from dermt2im.core.config import FactoryConfig, GenerateConfig
+from dermt2im.core.manifest import PLAN, SEEDS, SYNTHETIC, digest, read_manifest, writer_lock
+from dermt2im.generate.plan import build_plan, shards_of, update_plan
+from dermt2im.core.workdir import Workdir
 from tasks.caching import content_key, retry_transient_only, source_of
 
 

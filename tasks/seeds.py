@@ -7,12 +7,12 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from dermt2im import ingest as ingest_mod
-from dermt2im import storage
+from dermt2im.ingest import stage as ingest_mod
+from dermt2im.core import storage
 from dermt2im import phantoms as phantoms_mod
-from dermt2im import preprocess as preprocess_mod
-from dermt2im.config import IngestConfig, PhantomConfig, PreprocessConfig
-from dermt2im.manifest import SEEDS, digest, read_manifest
+from dermt2im.preprocess import stage as preprocess_mod
+from dermt2im.core.config import IngestConfig, PhantomConfig, PreprocessConfig
+from dermt2im.core.manifest import SEEDS, digest, read_manifest
 from tasks.caching import content_key, retry_transient_only, source_of, tree_listing
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
-from dermt2im import training
-from dermt2im.config import FactoryConfig
-from dermt2im.models import base_model_identity
-from dermt2im.workdir import Workdir
+from dermt2im.train import stage as training
+from dermt2im.core.config import FactoryConfig
+from dermt2im.diffusion.models import base_model_identity
+from dermt2im.core.workdir import Workdir
 from tasks.caching import content_key, retry_transient_only, source_of
 
 

@@ -17,10 +17,10 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from dermt2im import storage
-from dermt2im import validation as val
-from dermt2im.config import FactoryConfig
-from dermt2im.workdir import Workdir
+from dermt2im.core import storage
+from dermt2im.validate import stage as val
+from dermt2im.core.config import FactoryConfig
+from dermt2im.core.workdir import Workdir
 from tasks.caching import content_key, is_transient, retry_transient_only, source_of
 
 # cell key -> how many times the cell hit CUDA OOM in this process (each halves the batch size)
@@ -97,7 +97,7 @@ def finish_task(workdir: str, cfg: FactoryConfig, plan: val.ValidationPlan,
 @task(name="table-iv", cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient_only, tags=["cpu"])
 def report_task(workdir: str, cfg: FactoryConfig, parent_run_id: str) -> dict[str, str]:
     """Table IV and Fig. 10 from MLflow; Table IV is published as a Prefect markdown artifact."""
-    from dermt2im.report import build_report
+    from dermt2im.validate.table import build_report
 
     paths = build_report(Workdir.of(workdir, cfg), cfg, parent_run_id=parent_run_id)
     create_markdown_artifact(
@@ -109,7 +109,7 @@ def report_task(workdir: str, cfg: FactoryConfig, parent_run_id: str) -> dict[st
 
 
 def _segmentation_key(context, p) -> str:
-    from dermt2im import segmentation
+    from dermt2im.validate import segmentation
 
     cfg: FactoryConfig = p["cfg"]
     images = segmentation.sample_images(Workdir.of(p["workdir"], cfg), cfg)
@@ -123,7 +123,7 @@ def _segmentation_key(context, p) -> str:
       retry_condition_fn=retry_transient_only, tags=["cpu"])
 def segmentation_task(workdir: str, cfg: FactoryConfig) -> dict:
     """The zero-shot SAM check; an unavailable model gives a message, not a failure."""
-    from dermt2im.segmentation import segmentation_check
+    from dermt2im.validate.segmentation import segmentation_check
 
     report = segmentation_check(Workdir.of(workdir, cfg), cfg)
     md = report.paths.get("md")

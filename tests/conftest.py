@@ -37,7 +37,7 @@ def one_torch_thread():
 
 @pytest.fixture
 def workdir(tmp_path):
-    from dermt2im.workdir import Workdir
+    from dermt2im.core.workdir import Workdir
 
     return Workdir.at(tmp_path / "work")
 

@@ -1,6 +1,6 @@
 """The smoke preset relaxes two quality checks for its noise-drawing tiny model; gate tests need all of them."""
 
-from dermt2im.config import FactoryConfig, QualityConfig, load_config
+from dermt2im.core.config import FactoryConfig, QualityConfig, load_config
 
 _DEFAULT = QualityConfig()
 FULL_GATE = [

@@ -4,17 +4,17 @@ import pandas as pd
 import pytest
 import torch
 
-from dermt2im import classify
-from dermt2im.manifest import SEEDS, read_manifest
-from dermt2im.metrics import binary_metrics
-from dermt2im.regimes import real_rows
+from dermt2im.validate import classify
+from dermt2im.core.manifest import SEEDS, read_manifest
+from dermt2im.validate.metrics import binary_metrics
+from dermt2im.validate.regimes import real_rows
 from tests.validate_fixtures import make_validation_data, tiny_config
 
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from dermt2im.workdir import Workdir
+    from dermt2im.core.workdir import Workdir
 
     w = Workdir.at(tmp_path_factory.mktemp("classify"))
     fx = make_validation_data(w, n_train=16, n_val=4, n_test=2, n_synthetic=0, extra_rejected=0,

@@ -3,7 +3,7 @@
 from typer.testing import CliRunner
 
 from dermt2im.cli import app
-from dermt2im.manifest import SEEDS, read_manifest
+from dermt2im.core.manifest import SEEDS, read_manifest
 
 runner = CliRunner()
 

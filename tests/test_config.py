@@ -1,6 +1,6 @@
 import pytest
 
-from dermt2im.config import ConfigError, FactoryConfig, load_config
+from dermt2im.core.config import ConfigError, FactoryConfig, load_config
 
 
 def test_presets_load_and_differ():

@@ -108,7 +108,7 @@ def _check_every_deployment_is_registered_on_its_pool(got: dict, log: str) -> No
 
 
 def _check_gpu_stages_run_on_cuda_and_the_rest_on_cpu(got: dict) -> None:
-    from dermt2im.config import OrchestrationConfig
+    from dermt2im.core.config import OrchestrationConfig
 
     pools = {name: d.work_pool_name for name, d in got.items()}
     orch = OrchestrationConfig()  # the factory reaches the GPU stages by these names
@@ -147,7 +147,7 @@ def _check_a_worker_runs_a_deployment(api_url: str, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    from dermt2im.workdir import Workdir
+    from dermt2im.core.workdir import Workdir
 
     work = tmp_path / "work"
     params = {"workdir": str(work), "source": None, "config": "smoke",

@@ -138,14 +138,14 @@ def test_gpu_deployments_do_not_pin_a_preset():
 
 
 def test_dispatch_names_match_deployments():
-    from dermt2im.config import OrchestrationConfig
+    from dermt2im.core.config import OrchestrationConfig
 
     spec = _prefect_yaml()
     names = {f"{FLOW_CONTRACT[d['entrypoint']][0]}/{d['name']}" for d in spec["deployments"]}
     orch = OrchestrationConfig()
     assert orch.train_deployment in names
     assert orch.generate_deployment in names
-    from dermt2im.config import GenerateConfig
+    from dermt2im.core.config import GenerateConfig
 
     assert GenerateConfig().worker_deployment in names  # generate.parallel_workers fans out to it
 
@@ -278,7 +278,7 @@ def test_dockerfile_is_pinned_installs_the_project_and_runs_as_non_root(dockerfi
     assert re.search(r"pip install [^&]*-e \"?\.", runs), f"{dockerfile.name}: the project is not pip-installed"
     assert "-c /tmp/constraints.txt" in runs
     copied = " ".join(arg for op, arg in ins if op == "COPY")
-    for part in ("dermt2im", "flows", "tasks", "configs", "deployments", "pyproject.toml", "README.md"):
+    for part in ("dermt2im", "flows", "tasks", "deployments", "pyproject.toml", "README.md"):
         assert part in copied, f"{dockerfile.name}: does not copy {part}"
     users = [arg for op, arg in ins if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), f"{dockerfile.name}: runs as root"
@@ -434,7 +434,7 @@ def test_env_example_defines_every_variable_compose_reads():
 @pytest.mark.parametrize("deployment", [d["name"] for d in _prefect_yaml()["deployments"]])
 def test_deployment_config_and_overrides_load(deployment):
     """A typo in an override would only surface when the run starts on a worker: load it here."""
-    from dermt2im.config import load_config
+    from dermt2im.core.config import load_config
 
     d = next(d for d in _prefect_yaml()["deployments"] if d["name"] == deployment)
     params = d.get("parameters", {})

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dermt2im.export import ExportError, export_imagefolder
-from dermt2im.quality import assess
+from dermt2im.quality.stage import assess
 from tests.gate_config import smoke_with_full_gate
 from tests.test_quality import altered_copy, bad_images, phantom, seed_workdir, synthetic_workdir
 

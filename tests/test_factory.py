@@ -3,8 +3,8 @@
 import mlflow
 import pytest
 
-from dermt2im.manifest import PLAN, SEEDS, SYNTHETIC, read_manifest
-from dermt2im.workdir import Workdir
+from dermt2im.core.manifest import PLAN, SEEDS, SYNTHETIC, read_manifest
+from dermt2im.core.workdir import Workdir
 from flows.factory import factory
 from tests.prefect_utils import task_states
 from tests.test_storage import s3_bucket  # noqa: F401  (fixture)
@@ -72,8 +72,8 @@ def test_factory_end_to_end_then_cache_then_partial_reruns(prefect_harness, work
 def test_factory_with_manifests_and_images_on_a_local_s3_endpoint(prefect_harness, workdir, s3_bucket):
     """storage.manifests and generate.image_store on S3 (moto): every manifest lives there, the
     workdir keeps none, and a second run with nothing changed is served from cache."""
-    from dermt2im import storage
-    from dermt2im.manifest import pending_parts
+    from dermt2im.core import storage
+    from dermt2im.core.manifest import pending_parts
 
     root = str(workdir.root)
     where = [f"storage.manifests={s3_bucket}/run/manifests", f"generate.image_store={s3_bucket}/run/images"]

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from dermt2im.manifest import SYNTHETIC, read_manifest
+from dermt2im.core.manifest import SYNTHETIC, read_manifest
 from flows.generate import generate
 from tests.gate_config import FULL_GATE
 from tests.prefect_utils import task_states

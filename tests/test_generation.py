@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from dermt2im import generation as gen
-from dermt2im.config import load_config
-from dermt2im.fileio import atomic_path, sha256_file
-from dermt2im.manifest import PLAN, SYNTHETIC, read_manifest, write_manifest
-from dermt2im.models import build_tiny_pipeline
-from dermt2im.sampling import SAMPLERS, SamplerSwitch, UnknownSamplerError
+from dermt2im.generate import stage as gen
+from dermt2im.core.config import load_config
+from dermt2im.core.fileio import atomic_path, sha256_file
+from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest, write_manifest
+from dermt2im.diffusion.models import build_tiny_pipeline
+from dermt2im.generate.samplers import SAMPLERS, SamplerSwitch, UnknownSamplerError
 
 TINY = [
     "generate.per_class=6",
@@ -155,7 +155,7 @@ def test_interrupted_shard_resumes_to_exactly_the_plan(workdir, tmp_path, pipe, 
     """A writer fails mid-shard (half-written temporary file) and a killed run left a stale temporary:
     the re-run ends with exactly the planned images, no duplicates, no temporaries, and the same
     bytes as an uninterrupted run."""
-    from dermt2im.workdir import Workdir
+    from dermt2im.core.workdir import Workdir
 
     cfg = tiny_cfg()
     _plan(workdir, cfg)
@@ -234,7 +234,7 @@ def test_a_deleted_image_is_rendered_again(workdir, tmp_path, pipe):
 
 
 def test_a_shard_is_complete_only_when_every_row_is_recorded_and_its_file_is_there(workdir, pipe, monkeypatch):
-    from dermt2im import storage
+    from dermt2im.core import storage
 
     cfg = tiny_cfg()
     plan = _plan(workdir, cfg)
@@ -265,8 +265,8 @@ def _make_lora(folder):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from dermt2im.lora_io import save_lora_files
-    from dermt2im.models import build_tiny_components
+    from dermt2im.diffusion.lora_files import save_lora_files
+    from dermt2im.diffusion.models import build_tiny_components
 
     unet = build_tiny_components(0)["unet"]
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))

@@ -9,13 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from dermt2im import classify, storage
-from dermt2im import generation as gen
+from dermt2im.validate import classify
+
+from dermt2im.core import storage
+from dermt2im.generate import stage as gen
 from dermt2im.export import export_imagefolder
-from dermt2im.fileio import sha256_bytes
-from dermt2im.manifest import SYNTHETIC, read_manifest
-from dermt2im.models import build_tiny_pipeline
-from dermt2im.quality import assess, load_rgb
+from dermt2im.core.fileio import sha256_bytes
+from dermt2im.core.manifest import SYNTHETIC, read_manifest
+from dermt2im.diffusion.models import build_tiny_pipeline
+from dermt2im.quality.stage import assess, load_rgb
 from tests.test_generation import tiny_cfg
 from tests.test_quality import seed_workdir
 from tests.test_storage import s3_bucket  # noqa: F401  (fixture)
@@ -72,7 +74,7 @@ def test_render_assess_export_and_load_from_a_memory_store(workdir, tmp_path, pi
     assert sha256_bytes(storage.read_bytes(lost["path"])) == lost["sha256"]
     # a PNG in the store that the manifest does not know of is adopted without rendering
     rows = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
-    from dermt2im.manifest import write_manifest
+    from dermt2im.core.manifest import write_manifest
 
     write_manifest(rows.iloc[1:], workdir.synthetic_manifest, SYNTHETIC)
     state = gen.shard_state(workdir, cfg, 0, None)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermt2im.imaging import DecodeError, decode_image, encode_png
+from dermt2im.core.imaging import DecodeError, decode_image, encode_png
 
 
 def _png(arr, mode=None):

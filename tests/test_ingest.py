@@ -10,9 +10,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-import dermt2im.ingest as ingest_mod
-from dermt2im.config import IngestConfig, SplitConfig
-from dermt2im.ingest import (
+import dermt2im.ingest.stage as ingest_mod
+from dermt2im.core.config import IngestConfig, SplitConfig
+from dermt2im.ingest.stage import (
     IngestError,
     assign_splits,
     detect_layout,
@@ -21,7 +21,7 @@ from dermt2im.ingest import (
     resolve_label,
     split_counts,
 )
-from dermt2im.manifest import SEEDS, read_manifest, upsert
+from dermt2im.core.manifest import SEEDS, read_manifest, upsert
 from tests.ingest_fixtures import (
     TEXT_AS_JPEG,
     class_folders,

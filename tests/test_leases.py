@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from dermt2im import leases
-from dermt2im.leases import claim, lease_path, read_lease, release, renew
+from dermt2im.runners import leases
+from dermt2im.runners.leases import claim, lease_path, read_lease, release, renew
 
 
 def test_claim_is_exclusive_and_records_who_holds_it(tmp_path):
@@ -140,7 +140,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def pipe(one_thread):
-    from dermt2im.models import build_tiny_pipeline
+    from dermt2im.diffusion.models import build_tiny_pipeline
 
     return build_tiny_pipeline(0)
 
@@ -150,10 +150,10 @@ TINY = ["generate.per_class=4", "generate.shard_size=2", "generate.width=32", "g
 
 
 def test_worker_takes_over_a_dead_workers_shard_and_completes_the_plan(workdir, pipe):
-    from dermt2im import generation as gen
-    from dermt2im.config import load_config
-    from dermt2im.manifest import SYNTHETIC, read_manifest, write_manifest
-    from dermt2im.workers import leases_folder, run_worker
+    from dermt2im.generate import stage as gen
+    from dermt2im.core.config import load_config
+    from dermt2im.core.manifest import SYNTHETIC, read_manifest, write_manifest
+    from dermt2im.runners.leased import leases_folder, run_worker
 
     cfg = load_config("smoke", TINY)
     plan = gen.update_plan(workdir.plan_manifest, cfg.generate, token=cfg.train.instance_token)
@@ -195,9 +195,9 @@ def test_worker_takes_over_a_dead_workers_shard_and_completes_the_plan(workdir, 
 
 
 def test_worker_without_a_plan_says_so(workdir):
-    from dermt2im.config import load_config
-    from dermt2im.generation import GenerationError
-    from dermt2im.workers import run_worker
+    from dermt2im.core.config import load_config
+    from dermt2im.generate.stage import GenerationError
+    from dermt2im.runners.leased import run_worker
 
     with pytest.raises(GenerationError, match="no plan"):
         run_worker(workdir, load_config("smoke", TINY), lora=None, timeout=1)

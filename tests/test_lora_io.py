@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from dermt2im import lora_io
-from dermt2im.models import build_tiny_components, build_tiny_pipeline
+from dermt2im.diffusion import lora_files as lora_io
+from dermt2im.diffusion.models import build_tiny_components, build_tiny_pipeline
 
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

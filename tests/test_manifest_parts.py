@@ -12,10 +12,10 @@ import time
 import pandas as pd
 import pytest
 
-from dermt2im import manifest as mf
-from dermt2im import storage
-from dermt2im.config import load_config
-from dermt2im.manifest import (
+from dermt2im.core import manifest as mf
+from dermt2im.core import storage
+from dermt2im.core.config import load_config
+from dermt2im.core.manifest import (
     SYNTHETIC,
     ManifestError,
     append_rows,
@@ -28,7 +28,7 @@ from dermt2im.manifest import (
     upsert,
     write_manifest,
 )
-from dermt2im.workdir import Workdir
+from dermt2im.core.workdir import Workdir
 from tests.test_storage import s3_bucket  # noqa: F401  (fixture)
 
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from dermt2im.metrics import (
+from dermt2im.validate.metrics import (
     binary_metrics,
     confusion,
     mcnemar_exact,

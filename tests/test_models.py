@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dermt2im import models
+from dermt2im.diffusion import models
 
 
 def _weights_equal(a, b) -> bool:

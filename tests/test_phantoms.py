@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dermt2im.imaging import decode_image
+from dermt2im.core.imaging import decode_image
 from dermt2im.phantoms import STYLES, draw_hairs, make_phantoms, render_phantom
 
 SIZE = 64

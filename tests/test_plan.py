@@ -5,10 +5,10 @@ import logging
 import pandas as pd
 import pytest
 
-from dermt2im.config import GenerateConfig, load_config
-from dermt2im.manifest import PLAN, read_manifest
-from dermt2im.plan import build_plan, sample_seed, update_plan
-from dermt2im.sampling import UnknownSamplerError
+from dermt2im.core.config import GenerateConfig, load_config
+from dermt2im.core.manifest import PLAN, read_manifest
+from dermt2im.generate.plan import build_plan, sample_seed, update_plan
+from dermt2im.generate.samplers import UnknownSamplerError
 
 CFG = GenerateConfig(per_class=12, shard_size=5, steps_min=20, steps_max=26, samplers=("euler", "euler_a", "plms"))
 
@@ -71,7 +71,7 @@ def test_more_samples_extend_the_plan_without_changing_existing_rows(tmp_path):
 def test_changed_config_replans_changed_rows_and_says_so(tmp_path, caplog):
     path = tmp_path / "plan.parquet"
     before = update_plan(path, CFG, token="sks", per_class=4)
-    with caplog.at_level(logging.WARNING, logger="dermt2im.plan"):
+    with caplog.at_level(logging.WARNING, logger="dermt2im.generate.plan"):
         after = update_plan(path, CFG.model_copy(update={"guidance_scale": 5.0}), token="sks", per_class=6)
     assert "guidance_scale" in caplog.text and "re-planned" in caplog.text
     assert len(after) == 12 and (after["guidance_scale"] == 5.0).all()

@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermt2im import preprocess as pp
-from dermt2im.config import PreprocessConfig
-from dermt2im.fileio import sha256_file
-from dermt2im.imaging import encode_png
-from dermt2im.manifest import SEEDS, read_manifest, write_manifest
+from dermt2im.preprocess import stage as pp
+from dermt2im.core.config import PreprocessConfig
+from dermt2im.core.fileio import sha256_file
+from dermt2im.core.imaging import encode_png
+from dermt2im.core.manifest import SEEDS, read_manifest, write_manifest
 from dermt2im.phantoms import draw_hairs, make_phantoms, render_phantom
-from dermt2im.preprocess import (
+from dermt2im.preprocess.stage import (
     PreprocessReport,
     decode_at_least,
     preprocess_image,
@@ -134,7 +134,7 @@ def test_preprocess_image_without_hair_removal_is_resize_and_crop():
 
 
 def test_preprocess_image_raises_decode_error_for_garbage():
-    from dermt2im.imaging import DecodeError
+    from dermt2im.core.imaging import DecodeError
 
     with pytest.raises(DecodeError, match="not an image"):
         preprocess_image(b"hello, this is text", PreprocessConfig())

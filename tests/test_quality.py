@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermt2im.config import QualityConfig
-from dermt2im.fileio import atomic_write_bytes, sha256_bytes
-from dermt2im.imaging import encode_png
-from dermt2im.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
+from dermt2im.core.config import QualityConfig
+from dermt2im.core.fileio import atomic_write_bytes, sha256_bytes
+from dermt2im.core.imaging import encode_png
+from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
 from dermt2im.phantoms import render_phantom
-from dermt2im.quality import assess, check_image, embed, hamming_matrix, phash, reason_code
+from dermt2im.quality.stage import assess, check_image, embed, hamming_matrix, phash, reason_code
 from tests.gate_config import smoke_with_full_gate
 
 Q = QualityConfig()

@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
-from dermt2im.config import ValidateConfig
-from dermt2im.regimes import (
+from dermt2im.core.config import ValidateConfig
+from dermt2im.validate.regimes import (
     REAL,
     SYNTHETIC,
     NoSyntheticImages,

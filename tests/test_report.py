@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from dermt2im.metrics import mean_ci
-from dermt2im.report import ReportError, build_report
-from dermt2im.tracking import tracking_client
-from dermt2im.validation import mcnemar_metric
+from dermt2im.validate.metrics import mean_ci
+from dermt2im.validate.table import ReportError, build_report
+from dermt2im.core.tracking import tracking_client
+from dermt2im.validate.stage import mcnemar_metric
 from tests.validate_fixtures import tiny_config
 
 METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1")

@@ -160,11 +160,11 @@ def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(prefect_ser
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from dermt2im.generation import update_plan
-    from dermt2im.leases import read_lease
-    from dermt2im.manifest import PLAN, SYNTHETIC, read_manifest
-    from dermt2im.workdir import Workdir, workdir_config
-    from dermt2im.workers import leases_folder, shard_done
+    from dermt2im.generate.stage import update_plan
+    from dermt2im.runners.leases import read_lease
+    from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest
+    from dermt2im.core.workdir import Workdir, workdir_config
+    from dermt2im.runners.leased import leases_folder, shard_done
 
     # the plan, in a fresh workdir; its config snapshot is what the workers read (config=None)
     w = Workdir.at(tmp_path / "work")
@@ -264,7 +264,7 @@ def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(prefect_ser
     assert len(df) == len(plan) and df["sample_key"].is_unique
     assert set(df["sample_key"]) == set(read_manifest(w.plan_manifest, PLAN)["sample_key"])
     assert df["sha256"].notna().all() and (df["status"] == "rendered").all()
-    from dermt2im.fileio import sha256_file
+    from dermt2im.core.fileio import sha256_file
 
     assert all(Path(p).is_file() and sha256_file(p) == h for p, h in zip(df["path"], df["sha256"]))
     pngs = list(w.synthetic.rglob("*.png"))
@@ -289,8 +289,8 @@ def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path, whe
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from dermt2im.manifest import SYNTHETIC, read_manifest
-    from dermt2im.workdir import Workdir
+    from dermt2im.core.manifest import SYNTHETIC, read_manifest
+    from dermt2im.core.workdir import Workdir
 
     url = prefect_server
     pool = f"fanout-{uuid.uuid4().hex[:8]}"
@@ -354,8 +354,8 @@ def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path, whe
     assert len(df) == 8 and df["sample_key"].is_unique and df["status"].isin(["accepted", "rejected"]).all()
     assert not list(w.root.rglob("*.tmp"))
     if where == "s3":
-        from dermt2im import storage
-        from dermt2im.manifest import pending_parts
+        from dermt2im.core import storage
+        from dermt2im.core.manifest import pending_parts
 
         fs, prefix = storage.to_fs(f"{bucket}/images")
         assert len(fs.find(prefix)) == 8 and all(p.startswith(f"{bucket}/images/") for p in df["path"])
@@ -374,13 +374,13 @@ def test_workers_split_a_plan_whose_manifests_and_images_live_on_s3(tmp_path, s3
     """Manifests and PNGs on a local S3 endpoint (moto): two `dermt2im worker` processes append their
     rows as manifest parts; one is SIGKILLed mid-shard, the other takes its shard over, and after one
     compaction the manifest holds exactly the plan, every row matching its object in the bucket."""
-    from dermt2im import storage
-    from dermt2im.fileio import sha256_bytes
-    from dermt2im.leases import read_lease
-    from dermt2im.manifest import PLAN, SYNTHETIC, pending_parts, read_manifest
-    from dermt2im.quality import assess
-    from dermt2im.workdir import Workdir, workdir_config
-    from dermt2im.workers import leases_folder
+    from dermt2im.core import storage
+    from dermt2im.core.fileio import sha256_bytes
+    from dermt2im.runners.leases import read_lease
+    from dermt2im.core.manifest import PLAN, SYNTHETIC, pending_parts, read_manifest
+    from dermt2im.quality.stage import assess
+    from dermt2im.core.workdir import Workdir, workdir_config
+    from dermt2im.runners.leased import leases_folder
 
     manifests, images = f"{s3_bucket}/run/manifests", f"{s3_bucket}/run/images"
     root = tmp_path / "work"

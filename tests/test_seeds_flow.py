@@ -2,7 +2,7 @@
 
 import pytest
 
-from dermt2im.manifest import SEEDS, read_manifest
+from dermt2im.core.manifest import SEEDS, read_manifest
 from flows.seeds import prepare_seeds
 from tests.prefect_utils import task_states
 

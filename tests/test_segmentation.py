@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermt2im.segmentation import lesion_prompt, mask_stats, segmentation_check
+from dermt2im.validate.segmentation import lesion_prompt, mask_stats, segmentation_check
 from tests.validate_fixtures import make_validation_data, tiny_config
 
 

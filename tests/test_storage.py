@@ -10,8 +10,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from dermt2im import storage
-from dermt2im.manifest import (
+from dermt2im.core import storage
+from dermt2im.core.manifest import (
     PLAN,
     SEEDS,
     ManifestError,
@@ -119,7 +119,7 @@ def s3_bucket(monkeypatch):
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                  "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
-    # fsspec's per-protocol defaults: every s3:// URL in dermt2im.storage reaches the local endpoint
+    # fsspec's per-protocol defaults: every s3:// URL in dermt2im.core.storage reaches the local endpoint
     monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing",
                                                    "secret": "testing"})
     s3fs.S3FileSystem.clear_instance_cache()

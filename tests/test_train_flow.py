@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from dermt2im import lora_io
+from dermt2im.diffusion import lora_files as lora_io
 from flows.train import train
 from tasks.caching import is_transient
 from tests.prefect_utils import task_states
@@ -39,7 +39,7 @@ def test_train_flow_trains_then_serves_cache_and_redoes_a_deleted_lora(prefect_h
 
 
 def test_only_transient_faults_are_retried():
-    from dermt2im.training import TrainingError
+    from dermt2im.train.stage import TrainingError
 
     assert is_transient(OSError("EIO")) and is_transient(ConnectionError())
     assert not is_transient(TrainingError("loss is nan at step 3"))

@@ -10,9 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dermt2im import lora_io, models, training
-from dermt2im.config import config_from_dict
-from dermt2im.workdir import Workdir
+from dermt2im.diffusion import lora_files as lora_io
+
+from dermt2im.diffusion import models
+
+from dermt2im.train import stage as training
+from dermt2im.core.config import config_from_dict
+from dermt2im.core.workdir import Workdir
 from tests.train_fixtures import TINY_TRAIN, make_seed_manifest, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -303,7 +307,7 @@ def test_cuda_requested_without_cuda(workdir, no_model):
 
 
 def test_config_still_validates_types():
-    from dermt2im.config import ConfigError
+    from dermt2im.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.rank"):
         config_from_dict({"train": {"rank": 0}})

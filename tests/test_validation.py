@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from dermt2im.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
-from dermt2im.validation import CELL_TAGS, ValidationError, validate
+from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
+from dermt2im.validate.stage import CELL_TAGS, ValidationError, validate
 from tests.validate_fixtures import make_validation_data, tiny_config
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dermt2im.config import config_from_dict
-from dermt2im.manifest import SEEDS, upsert
+from dermt2im.core.config import config_from_dict
+from dermt2im.core.manifest import SEEDS, upsert
 
 # Fast, CPU-only training settings on the tiny model.
 TINY_TRAIN = {

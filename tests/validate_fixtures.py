@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dermt2im.config import LABELS, FactoryConfig, config_from_dict
-from dermt2im.imaging import encode_png
-from dermt2im.manifest import SEEDS, SYNTHETIC, write_manifest
-from dermt2im.workdir import Workdir
+from dermt2im.core.config import LABELS, FactoryConfig, config_from_dict
+from dermt2im.core.imaging import encode_png
+from dermt2im.core.manifest import SEEDS, SYNTHETIC, write_manifest
+from dermt2im.core.workdir import Workdir
 
 STYLE_CAST = {"isic": (1.0, 0.97, 0.98), "ham": (1.08, 0.9, 0.7)}
 

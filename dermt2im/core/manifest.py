@@ -1,0 +1,418 @@
+"""Parquet manifests: the only interface between stages.
+
+Each manifest kind has a pyarrow schema carrying its name and version in the schema metadata.
+Writes are atomic (temporary name, then rename). ``upsert`` merges new rows into an existing
+manifest by its key columns without ever duplicating a row. Files are plain Parquet, readable
+by pandas, pyarrow and DuckDB alike. A manifest is a local path or an fsspec URL (``s3://...``).
+
+Many writers at once (scale-out generation) use one of two protocols:
+
+* **local / shared POSIX storage**: ``writer_lock`` (an fcntl lock beside the file) serialises
+  read-modify-write cycles (``upsert``);
+* **object stores** (no locks, no rename): each writer *appends* its rows as a new, uniquely named
+  Parquet part in ``<manifest>.parts/`` (``append_rows``; one put, never a read-modify-write).
+  ``read_manifest`` returns the base file merged with every part (by key, later parts win), so
+  readers see appended rows at once. ``compact`` (or any ``upsert`` / ``rewrite``) folds the parts
+  it read into the base file and then deletes exactly those parts; a part appended meanwhile is kept
+  and still wins over the base. Appends may run concurrently with anything. Rewrites of one
+  manifest must not overlap (two would each write the base from what they read, and the second
+  would drop rows the first folded in and deleted): ``writer_lock(url, lock_dir)`` holds an fcntl
+  lock in ``lock_dir`` (the workdir's ``.locks``, on the POSIX storage every worker shares for its
+  leases anyway) while one process rewrites.
+
+``record_rows`` picks the protocol from the location. Part names start with the writer's wall-clock
+nanoseconds, so hosts appending to one manifest need roughly synchronised clocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dermt2im.core import storage
+
+SCHEMA_VERSION = 1
+
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ManifestSchema:
+    name: str
+    schema: pa.Schema
+    key: tuple[str, ...]
+    version: int = SCHEMA_VERSION
+
+    @property
+    def arrow(self) -> pa.Schema:
+        return self.schema.with_metadata(
+            {b"dermt2im.manifest": self.name.encode(), b"dermt2im.schema_version": str(self.version).encode()}
+        )
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.names
+
+    def empty(self) -> pd.DataFrame:
+        return self.arrow.empty_table().to_pandas()
+
+
+def _s(name: str) -> pa.Field:
+    return pa.field(name, pa.string())
+
+
+SEEDS = ManifestSchema(
+    name="seeds",
+    key=("source_path",),
+    schema=pa.schema(
+        [
+            _s("sample_id"),  # sha256 of the file's bytes; null when the file is missing or unreadable
+            _s("source_path"),  # absolute path of the original file (or of the missing file a CSV named)
+            _s("source_root"),
+            _s("dataset"),  # detected / given layout: isic, ham10000, folders, csv
+            _s("label"),  # benign | malignant | null
+            _s("diagnosis"),
+            _s("lesion_id"),
+            pa.field("width", pa.int64()),
+            pa.field("height", pa.int64()),
+            _s("mode"),  # PIL mode as decoded, before conversion to RGB
+            pa.field("exif_rotated", pa.bool_()),
+            _s("status"),  # accepted | quarantined
+            _s("reason"),
+            _s("duplicate_of"),  # source_path of the accepted copy for byte-identical duplicates
+            _s("split"),  # train | val | test, for accepted rows
+            _s("processed_path"),
+            _s("preprocess_key"),  # hash of (sample_id, preprocess params) that produced processed_path
+            pa.field("hair_fraction", pa.float64()),
+        ]
+    ),
+)
+
+MANIFESTS: dict[str, ManifestSchema] = {SEEDS.name: SEEDS}
+
+
+def register(schema: ManifestSchema) -> ManifestSchema:
+    MANIFESTS[schema.name] = schema
+    return schema
+
+
+def conform(df: pd.DataFrame, kind: ManifestSchema) -> pa.Table:
+    """Cast a frame to the manifest's schema: missing columns become null, unknown ones are an error."""
+    unknown = [c for c in df.columns if c not in kind.columns]
+    if unknown:
+        raise ManifestError(f"{kind.name} manifest has no column(s) {unknown}")
+    df = df.copy()
+    for col in kind.columns:
+        if col not in df.columns:
+            df[col] = None
+    df = df[kind.columns]
+    try:
+        return pa.Table.from_pandas(df, schema=kind.arrow, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise ManifestError(f"rows do not fit the {kind.name} schema: {err}") from err
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path, kind: ManifestSchema) -> Path | str:
+    """Write atomically; ``path`` is a local path or an fsspec URL (``s3://...``, ``memory://...``),
+    returned as a Path for local paths and unchanged for URLs (``dermt2im.core.storage``)."""
+    table = conform(df, kind)
+    dupes = _duplicate_keys(table.to_pandas(), kind)
+    if dupes:
+        raise ManifestError(f"{kind.name} manifest would hold duplicate keys {kind.key}: {dupes[:3]}")
+    with storage.atomic_target(path) as tmp:
+        pq.write_table(table, tmp)
+    return str(path) if storage.is_remote(path) else storage.local_path(path)
+
+
+def _read_file(path: str | Path, kind: ManifestSchema) -> pd.DataFrame | None:
+    """One Parquet file of ``kind`` (base or part); None when it does not exist."""
+    try:
+        if storage.is_remote(path):
+            with storage.open_read(path) as fh:
+                table = pq.read_table(fh)
+        else:
+            table = pq.read_table(storage.local_path(path))
+    except FileNotFoundError:
+        return None
+    meta = table.schema.metadata or {}
+    name = meta.get(b"dermt2im.manifest", b"").decode()
+    version = int(meta.get(b"dermt2im.schema_version", b"0") or 0)
+    if name != kind.name:
+        raise ManifestError(f"{path} is a {name or 'foreign'} manifest, expected {kind.name}")
+    if version > kind.version:
+        raise ManifestError(f"{path} has schema version {version}; this dermt2im reads up to {kind.version}")
+    df = table.to_pandas()
+    for col in kind.columns:  # older versions: add columns introduced since
+        if col not in df.columns:
+            df[col] = None
+    return df[kind.columns]
+
+
+def parts_folder(path: str | Path) -> str | Path:
+    """Where appended parts of the manifest at ``path`` live: ``<path>.parts/``."""
+    if storage.is_remote(path):
+        return f"{str(path).rstrip('/')}.parts"
+    p = storage.local_path(path)
+    return p.with_name(p.name + ".parts")
+
+
+def pending_parts(path: str | Path) -> list[str | Path]:
+    """Parts appended to the manifest and not yet compacted, oldest first."""
+    return storage.files_in(parts_folder(path), ".parquet")
+
+
+def _read_with_parts(path: str | Path, kind: ManifestSchema) -> tuple[pd.DataFrame, list[str | Path]]:
+    """The base merged with its parts, and the parts that went into it.
+
+    Parts are listed before the base is read: a part compacted meanwhile is then either in the base
+    already or gone when read, and a vanished part makes the whole read start again.
+    """
+    for _attempt in range(5):
+        parts = pending_parts(path)
+        base = _read_file(path, kind)
+        frame = kind.empty() if base is None else base
+        appended = [_read_file(part, kind) for part in parts]
+        if any(rows is None for rows in appended):  # compacted under our feet: read again
+            continue
+        if appended:
+            frame = _merge(frame, _latest_per_key(pd.concat(appended, ignore_index=True), kind), kind)
+        return frame, parts
+    raise ManifestError(f"{path}: parts kept changing while reading; try again")
+
+
+def _latest_per_key(rows: pd.DataFrame, kind: ManifestSchema) -> pd.DataFrame:
+    """One row per key: the last one, at the position of the key's first row (what merging the rows
+    one after the other would give)."""
+    codes = _key_index(rows, list(kind.key)).factorize()[0]  # numbered in order of first appearance
+    last = pd.Series(np.arange(len(rows))).groupby(codes).max()  # by code: first-appearance order
+    return rows.iloc[last.to_numpy()].reset_index(drop=True)
+
+
+def _key_index(df: pd.DataFrame, key: list[str]) -> pd.Index:
+    return pd.MultiIndex.from_frame(df[key]) if len(key) > 1 else pd.Index(df[key[0]])
+
+
+def manifest_exists(path: str | Path) -> bool:
+    """A base file or at least one appended part is there."""
+    return storage.is_file(path) or bool(pending_parts(path))
+
+
+def read_manifest(path: str | Path, kind: ManifestSchema) -> pd.DataFrame:
+    """The manifest at a local path or fsspec URL, with any appended parts merged in; an empty frame
+    of the schema when there is none."""
+    return _read_with_parts(path, kind)[0]
+
+
+def _duplicate_keys(df: pd.DataFrame, kind: ManifestSchema) -> list:
+    if df.empty:
+        return []
+    dup = df.duplicated(list(kind.key), keep=False)
+    return df.loc[dup, list(kind.key)].drop_duplicates().values.tolist()
+
+
+def _merge(existing: pd.DataFrame, rows: pd.DataFrame, kind: ManifestSchema) -> pd.DataFrame:
+    """``existing`` with ``rows`` merged in by key: replaced rows keep their position, new keys are
+    appended in order."""
+    new = conform(rows, kind).to_pandas()
+    if _duplicate_keys(new, kind):
+        raise ManifestError(f"rows for {kind.name} repeat a key: {_duplicate_keys(new, kind)[:3]}")
+    if existing.empty or new.empty:
+        return new if existing.empty else existing
+    key = list(kind.key)
+    where = _key_index(new, key).get_indexer(_key_index(existing, key))  # row of `new` replacing it, or -1
+    replaced = where >= 0
+    order = np.empty(len(new), dtype=np.int64)
+    order[where[replaced]] = np.flatnonzero(replaced)  # a replacing row takes the old row's place
+    appended = np.ones(len(new), dtype=bool)
+    appended[where[replaced]] = False
+    order[appended] = len(existing) + np.arange(int(appended.sum()))  # new keys go last, in order
+    kept = existing.loc[~replaced].assign(_order=np.flatnonzero(~replaced))
+    merged = pd.concat([kept, new.assign(_order=order)], ignore_index=True)
+    return merged.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def rewrite(path: str | Path, kind: ManifestSchema, change: Callable[[pd.DataFrame], pd.DataFrame]) -> pd.DataFrame:
+    """Read the manifest (parts included), write ``change(frame)`` as the new base, then delete the
+    parts that were read; returns what was written. One rewriter per manifest at a time (see the
+    module docstring)."""
+    current, parts = _read_with_parts(path, kind)
+    table = conform(change(current), kind)
+    write_manifest(table.to_pandas(), path, kind)
+    for part in parts:
+        storage.remove(part)
+    return table.to_pandas()
+
+
+def upsert(path: str | Path, rows: pd.DataFrame, kind: ManifestSchema) -> pd.DataFrame:
+    """Merge ``rows`` into the manifest at ``path`` by key: new keys are appended, existing keys
+    are replaced by the new row. Row order is stable (existing rows first). Returns the result."""
+    conform(rows, kind)  # fail before touching anything
+    return rewrite(path, kind, lambda current: _merge(current, rows, kind))
+
+
+def append_rows(path: str | Path, rows: pd.DataFrame, kind: ManifestSchema) -> str | Path | None:
+    """Record ``rows`` as a new part of the manifest (no read, no lock: safe for many writers on an
+    object store). Later parts win over earlier ones and over the base. Returns the part's location."""
+    table = conform(rows, kind)
+    if table.num_rows == 0:
+        return None
+    if _duplicate_keys(table.to_pandas(), kind):
+        raise ManifestError(f"rows for {kind.name} repeat a key: {_duplicate_keys(table.to_pandas(), kind)[:3]}")
+    part = storage.join(parts_folder(path), f"{time.time_ns():020d}-{uuid.uuid4().hex}.parquet")
+    if not storage.is_remote(part):
+        Path(part).parent.mkdir(parents=True, exist_ok=True)
+    with storage.atomic_target(part) as tmp:
+        pq.write_table(table, tmp)
+    return part
+
+
+def compact(path: str | Path, kind: ManifestSchema, lock_dir: str | Path | None = None) -> int:
+    """Fold pending parts into the base file under ``writer_lock(path, lock_dir)``; returns how many
+    were folded (0: nothing to do). Do not call it while holding that lock (the lock is not re-entrant)."""
+    if not pending_parts(path):
+        return 0
+    with writer_lock(path, lock_dir):
+        n = len(pending_parts(path))
+        if n:
+            rewrite(path, kind, lambda current: current)
+    return n
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path, lock_dir: str | Path | None = None) -> Iterator[None]:
+    """Exclusive access for a read-modify-write of a manifest: an fcntl lock, for processes on one
+    host or on a POSIX shared filesystem, released if the holder dies.
+
+    A local manifest is locked beside itself (``lock_dir`` is ignored, so every caller agrees on the
+    lock file); under the lock, temporaries a killed writer left for it are removed. A manifest on an
+    object store is locked in ``lock_dir``; with no ``lock_dir`` there is no lock (one writer only).
+    """
+    if storage.is_remote(path):
+        if lock_dir is None:
+            yield
+            return
+        name = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+        with _flock(Path(lock_dir) / f"{name}-{str(path).rsplit('/', 1)[-1]}.lock"):
+            yield
+        return
+    path = storage.local_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _flock(path.with_name(path.name + ".lock")):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        yield
+
+
+@contextlib.contextmanager
+def _flock(lock: Path) -> Iterator[None]:
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        fcntl = None
+    with open(lock, "a+") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def record_rows(path: str | Path, rows: pd.DataFrame, kind: ManifestSchema) -> None:
+    """Record rows from one of many concurrent writers: an upsert under ``writer_lock`` on local
+    storage, an appended part (no lock, no read) on an object store."""
+    if storage.is_remote(path):
+        append_rows(path, rows, kind)
+        return
+    with writer_lock(path):
+        upsert(path, rows, kind)
+
+
+def digest(path: str | Path, kind: ManifestSchema, columns: list[str] | None = None) -> str:
+    """Content hash of a manifest independent of row order and file encoding (for cache keys)."""
+    df = read_manifest(path, kind)
+    cols = columns or kind.columns
+    df = df[cols].sort_values(list(k for k in kind.key if k in cols) or cols).reset_index(drop=True)
+    h = hashlib.sha256()
+    h.update(",".join(cols).encode())
+    h.update(pd.util.hash_pandas_object(df.astype("string").fillna("\x00"), index=False).values.tobytes())
+    return h.hexdigest()
+
+
+# Owned by the generation stage (dermt2im.generate.stage); read by quality, validation and export.
+PLAN = register(
+    ManifestSchema(
+        name="plan",
+        key=("sample_key",),
+        schema=pa.schema(
+            [
+                _s("sample_key"),  # e.g. "benign-000017": stable for a given (label, index)
+                _s("label"),
+                pa.field("index", pa.int64()),  # position within its class; extending the plan appends
+                _s("prompt"),
+                _s("negative_prompt"),
+                _s("transformation"),
+                _s("sampler"),
+                pa.field("steps", pa.int64()),
+                pa.field("guidance_scale", pa.float64()),
+                pa.field("lora_scale", pa.float64()),
+                pa.field("seed", pa.int64()),
+                pa.field("width", pa.int64()),
+                pa.field("height", pa.int64()),
+                pa.field("shard", pa.int64()),
+            ]
+        ),
+    )
+)
+
+SYNTHETIC = register(
+    ManifestSchema(
+        name="synthetic",
+        key=("sample_key",),
+        schema=pa.schema(
+            PLAN.schema.remove(PLAN.schema.get_field_index("shard"))
+            .append(pa.field("shard", pa.int64()))
+            .append(_s("path"))  # absolute path of the PNG (W/synthetic/<label>/<sample_key>.png)
+            .append(_s("sha256"))
+            .append(_s("base_model"))  # content identity (dermt2im.diffusion.models.base_model_identity)
+            .append(_s("base_revision"))
+            .append(_s("lora_path"))  # weights file used for this label; null when rendered with the base model
+            .append(_s("lora_sha256"))
+            .append(_s("library_versions"))  # JSON: torch, diffusers, peft, transformers, python
+            .append(_s("status"))  # rendered (not yet assessed) | accepted | rejected
+            .append(_s("reason"))
+            .append(pa.field("sharpness", pa.float64()))
+            .append(pa.field("high_frequency_ratio", pa.float64()))
+            .append(pa.field("lesion_fraction", pa.float64()))
+            .append(_s("phash"))
+            .append(_s("nearest_seed"))  # sample_id of the closest seed image
+            .append(pa.field("nearest_seed_distance", pa.float64()))
+            .append(pa.field("memorised", pa.bool_()))
+            # sha256 of (render parameters, base model identity, LoRA sha256): what the pixels depend on
+            .append(_s("render_key"))
+            .append(_s("dtype"))  # torch dtype the pipeline ran in (fp16 and fp32 give different pixels)
+            .append(_s("device"))  # cpu | cuda (+ device name)
+            .append(pa.field("grey_std", pa.float64()))
+            .append(pa.field("saturated_fraction", pa.float64()))
+            .append(pa.field("lesion_contrast", pa.float64()))
+            .append(_s("duplicate_of"))  # sample_key of the kept image for exact / near duplicates
+        ),
+    )
+)
+
+# Test sets are ingested like seeds, into W/manifests/test_sets/<name>.parquet.
+TEST_SET = SEEDS

@@ -1,0 +1,101 @@
+"""Training outputs and tracking: weight digests, the loss curve, the final loss and MLflow logging."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from dermt2im.core.config import TrainConfig
+from dermt2im.core.fileio import atomic_write_bytes, atomic_write_text
+from dermt2im.train.state import LOSS_CSV, LOSS_PNG, _Ctx, _Run
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
+def _tensor_digest(sd: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().float().contiguous().cpu()
+        h.update(k.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+
+def _write_loss_curve(runs: list[_Run], out_dir: Path) -> tuple[Path, Path]:
+    lines = ["step,lora,loss,lr"]
+    for run in runs:
+        lines += [f"{s},{run.name},{loss!r},{lr!r}" for s, loss, lr in run.losses]
+    csv = atomic_write_text(out_dir / LOSS_CSV, "\n".join(lines) + "\n")
+
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for run in runs:
+        xs = [s for s, loss, _ in run.losses if math.isfinite(loss)]
+        ys = [loss for _, loss, _ in run.losses if math.isfinite(loss)]
+        ax.plot(xs, ys, lw=0.8, alpha=0.5, label=f"{run.name}")
+        k = max(1, len(ys) // 20)
+        if len(ys) >= 2 * k and k > 1:
+            smooth = [sum(ys[i : i + k]) / k for i in range(len(ys) - k + 1)]
+            ax.plot(xs[k - 1 :], smooth, lw=1.6, label=f"{run.name} (mean of {k})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("DreamBooth-LoRA training loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    png = atomic_write_bytes(out_dir / LOSS_PNG, buf.getvalue())
+    return csv, png
+
+
+
+def _final_loss(run: _Run) -> float:
+    finite = [loss for _, loss, _ in run.losses if math.isfinite(loss)]
+    tail = finite[-10:]
+    return float(sum(tail) / len(tail)) if tail else float("nan")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# tracking
+
+
+def _mlflow_log_step(ctx: _Ctx, name: str, step: int, loss: float, lr: float, flush: bool = False) -> None:
+    if ctx.mlflow_run is None:
+        return
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    suffix = "" if name == "all" else f"_{name}"
+    if math.isfinite(loss):
+        ctx.metrics_buffer.append(Metric(f"loss{suffix}", loss, ts, step))
+    ctx.metrics_buffer.append(Metric(f"lr{suffix}", lr, ts, step))
+    if flush or len(ctx.metrics_buffer) >= 200:
+        _mlflow_flush(ctx)
+
+
+def _mlflow_flush(ctx: _Ctx) -> None:
+    if ctx.mlflow_run is None or not ctx.metrics_buffer:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for i in range(0, len(ctx.metrics_buffer), 900):
+        client.log_batch(ctx.mlflow_run, metrics=ctx.metrics_buffer[i : i + 900])
+    ctx.metrics_buffer.clear()
+
+
+def _flat_params(train: TrainConfig) -> dict[str, str]:
+    return {f"train.{k}": json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v) for k, v in train.model_dump(mode="json").items()}
