@@ -28,11 +28,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dermt2im.generate import stage as gen  # noqa: E402
-from dermt2im.core.config import load_config  # noqa: E402
-from dermt2im.diffusion.models import build_tiny_pipeline  # noqa: E402
-from dermt2im.generate.samplers import SAMPLERS  # noqa: E402
+from dermt2im.core.config import load_config
 from dermt2im.core.workdir import Workdir  # noqa: E402
+from dermt2im.diffusion.models import build_tiny_pipeline  # noqa: E402
+from dermt2im.generate.model import RenderModel  # noqa: E402
+from dermt2im.generate.pipeline import clear_pipeline_cache, render_batch  # noqa: E402
+from dermt2im.generate.plan import shards_of, update_plan  # noqa: E402
+from dermt2im.generate.samplers import (
+    SAMPLERS,  # noqa: E402
+    SamplerSwitch,  # noqa: E402
+)
+from dermt2im.generate.shards import render_shard  # noqa: E402
 
 
 def sd15_pipeline(device: str, dtype):
@@ -100,9 +106,10 @@ def main() -> None:
     overrides = [
         f"generate.per_class={per_class}", f"generate.shard_size={per_class}", f"generate.width={args.size}",
         f"generate.height={args.size}", f"generate.steps_min={args.steps}", f"generate.steps_max={args.steps}",
-        f"generate.batch_size={args.batch}", f"generate.writer_threads={args.writers}",
-        f"generate.samplers=[{args.samplers}]", f"generate.device={'cuda' if args.device.startswith('cuda') else 'cpu'}",
-        f"generate.dtype={'fp16' if dtype == torch.float16 else 'fp32'}",
+        f"runtime.generate.batch_size={args.batch}", f"runtime.generate.writer_threads={args.writers}",
+        f"generate.samplers=[{args.samplers}]",
+        f"runtime.generate.device={'cuda' if args.device.startswith('cuda') else 'cpu'}",
+        f"runtime.generate.dtype={'fp16' if dtype == torch.float16 else 'fp32'}",
     ]
     cfg = load_config("smoke", overrides)
     build = (lambda: sd15_pipeline(args.device, dtype)) if args.arch == "sd15" else \
@@ -110,21 +117,22 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     try:
         w = Workdir.at(tmp / "work")
-        plan = gen.update_plan(w.plan_manifest, cfg.generate, token=cfg.train.instance_token)
+        plan = update_plan(w.plan_manifest, cfg.generate, token=cfg.train.instance_token)
         lora = make_lora(build(), tmp / "lora")
         rows = plan.to_dict("records")
         sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
         # warm-up (kernels, allocator) on a throwaway pipeline, not timed
         warm = build()
-        gen.render_batch(warm, gen.SamplerSwitch(warm), [dict(rows[0])])
+        render_batch(warm, SamplerSwitch(warm), [dict(rows[0])])
         del warm
 
         pipe = build()
         sync()
         t0 = time.perf_counter()
-        for shard in gen.shards_of(plan):
-            gen.render_shard(w, cfg, shard, lora=lora, pipe=pipe)
+        model = RenderModel("tiny" if args.arch == "tiny" else "sd15-random", None, "bench", "sks", lora)
+        for shard in shards_of(plan):
+            render_shard(w, cfg.runtime.generate, model, shard, pipe=pipe)
         sync()
         ours = time.perf_counter() - t0
 
@@ -139,7 +147,7 @@ def main() -> None:
 
         from PIL import Image
 
-        ours_images = [np.asarray(Image.open(gen.png_path(w, r["label"], r["sample_key"])).convert("RGB")) for r in rows]
+        ours_images = [np.asarray(Image.open(w.png_path(r["label"], r["sample_key"])).convert("RGB")) for r in rows]
         diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(ours_images, naive_images))
         n = len(rows)
         print(f"setup: {args.arch} model, {args.device} ({str(dtype).removeprefix('torch.')}), {n} images "
@@ -150,7 +158,7 @@ def main() -> None:
         print(f"ratio: {slow / ours:.2f}x")
         print(f"max abs pixel difference ours vs naive: {diff} (fused vs adapter LoRA, batched vs single)")
     finally:
-        gen.clear_pipeline_cache()
+        clear_pipeline_cache()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

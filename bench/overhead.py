@@ -34,39 +34,42 @@ def _isolate(tmp: Path) -> None:
 
 
 def run_plain(workdir: Path, config: str, overrides: list[str]) -> None:
-    """The factory's stages as plain function calls, in the flow's order."""
-    from dermt2im.generate.stage import generate
-    from dermt2im.ingest.stage import ingest_source
-    from dermt2im.phantoms import make_phantoms
-    from dermt2im.preprocess.stage import preprocess_manifest
-    from dermt2im.quality.stage import assess
-    from dermt2im.train.stage import train_lora
-    from dermt2im.validate.stage import validate
+    """The factory's stages, run one unit after the other without Prefect, in the flow's order."""
     from dermt2im.core.workdir import open_workdir
-    from tasks.seeds import phantom_sets
+    from dermt2im.generate.model import resolve_model
+    from dermt2im.generate.stage import GenerateStage
+    from dermt2im.ingest.stage import IngestStage, seed_datasets
+    from dermt2im.phantoms import PhantomStage
+    from dermt2im.preprocess.stage import PreprocessStage
+    from dermt2im.quality.stage import QualityStage
+    from dermt2im.runners.sequential import run_stage
+    from dermt2im.stage import Stamps
+    from dermt2im.train.stage import TrainStage
+    from dermt2im.validate.segmentation import SegmentationStage
+    from dermt2im.validate.stage import ValidateStage
 
     w, cfg = open_workdir(workdir, config, overrides)
-    p = cfg.phantoms
-    seed_dir, tests = phantom_sets(w.data, p)
-    make_phantoms(seed_dir, p.n_seed, seed=p.seed, style=p.seed_style, size=p.size, hair_probability=p.hair_probability)
-    ingest_source(seed_dir, w.seeds_manifest, cfg.ingest)
-    preprocess_manifest(w.seeds_manifest, w.processed, cfg.preprocess, max_pixels=cfg.ingest.max_pixels)
-    for i, (name, folder) in enumerate(sorted(tests.items()), start=1):
-        style = name.removeprefix("phantom-")
-        make_phantoms(folder, p.n_test, seed=p.seed + 1000 * i, style=style, size=p.size,
-                      hair_probability=p.hair_probability)
-        ingest_source(folder, w.test_set_manifest(name), cfg.ingest, split="test")
-        preprocess_manifest(w.test_set_manifest(name), w.processed, cfg.preprocess, max_pixels=cfg.ingest.max_pixels)
-    lora = train_lora(w, cfg)
-    generate(w, cfg, lora=lora.lora_dir)
-    assess(w, cfg)
-    validate(w, cfg)
+    sets = run_stage(PhantomStage(cfg.phantoms, w.data, Stamps(w.stamps, "phantoms"))).closing
+    datasets = seed_datasets(w, sets.pop("seeds"), sets)
+    run_stage(IngestStage(cfg.ingest, datasets, Stamps(w.stamps, "ingest")))
+    run_stage(PreprocessStage(cfg.preprocess, {d.name: d.manifest for d in datasets}, w.processed,
+                              max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers))
+    lora = run_stage(TrainStage.of(w, cfg)).closing
+    model = resolve_model(w, lora["lora_dir"])
+    run_stage(GenerateStage(w, cfg.generate, cfg.runtime.generate, model))
+    run_stage(QualityStage(w, cfg.quality))
+    run_stage(ValidateStage.of(w, cfg, segmentation=False))
+    run_stage(SegmentationStage(w, cfg.validation))
 
 
 def task_seconds(flow_state) -> float:
     """Seconds spent inside task bodies of the flow run and its subflows (subflow wrappers excluded)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
 
     root = flow_state.state_details.flow_run_id
     with get_client(sync_client=True) as client:

@@ -24,11 +24,16 @@ import cv2
 import pandas as pd
 from PIL import Image
 
-from dermt2im.core.config import PreprocessConfig
 from dermt2im.core.fileio import sha256_file
 from dermt2im.core.manifest import SEEDS, write_manifest
+from dermt2im.core.specs import PreprocessConfig
 from dermt2im.phantoms import make_phantoms
-from dermt2im.preprocess.stage import preprocess_manifest, resize_center_crop, scaled_kernel_size, worker_count
+from dermt2im.preprocess.stage import (
+    preprocess_manifest,
+    resize_center_crop,
+    scaled_kernel_size,
+    worker_count,
+)
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-dermoscopy" / "images"
 
@@ -90,14 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             p.read_bytes()
         megapixels = sum(_pixels(p) for p in images) / len(images) / 1e6
         manifest = seeds_manifest(images, scratch / "seeds.parquet")
-        workers = worker_count(cfg, len(images))
+        workers = worker_count(cfg, len(images), 0)
         print(f"{len(images)} images: {what}; ~{megapixels:.1f} MP on average; output {cfg.size} px")
         print(f"cores: {os.cpu_count()} (factory uses {workers} process(es))")
 
         base_s = bench_baseline(images, cfg, scratch / "baseline")
         print(f"plain DullRazor, 1 thread, full resolution: {len(images) / base_s:7.2f} images/s ({base_s:.2f} s)")
-        one = preprocess_manifest(seeds_manifest(images, scratch / "one.parquet"), scratch / "one",
-                                  cfg.model_copy(update={"workers": 1}))
+        one = preprocess_manifest(seeds_manifest(images, scratch / "one.parquet"), scratch / "one", cfg, workers=1)
         print(f"preprocess_manifest, 1 process:            {one.processed / one.seconds:7.2f} images/s ({one.seconds:.2f} s)")
         report = preprocess_manifest(manifest, scratch / "processed", cfg)
         fact_s = report.seconds

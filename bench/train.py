@@ -97,9 +97,9 @@ def _setup(tmp: Path, args):
     from diffusers.training_utils import compute_snr  # noqa: F401
     from matplotlib.figure import Figure
 
-    from dermt2im.core.tracking import use_tracking
+    from dermt2im.core.tracking import open_tracker
 
-    use_tracking(w, cfg.tracking, experiment=f"{cfg.tracking.experiment}-train")
+    open_tracker(w, cfg.tracking, experiment=f"{cfg.tracking.experiment}-train")
     Figure().add_subplot(1, 1, 1).plot([0, 1])
     return w, cfg
 
@@ -115,12 +115,12 @@ def run_trainer(tmp: Path, args) -> dict:
     import mlflow  # noqa: F401 - imported before the baseline, like everything else the trainer uses
     import torch
 
-    from dermt2im.train import stage as training
+    from tests.train_fixtures import train
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with _PeakRss() as rss:
-        r = training.train_lora(w, cfg, run_id="bench")
+        r = train(w, cfg, run_id="bench")
     meta = json.loads(r.lora_json.read_text())
     return {"steps": r.steps, "steps_per_s": meta["steps_per_second"], "peak_rss_mb": rss.above_base,
             "peak_gpu_mb": _peak_gpu_mb(), "final_loss": r.final_loss}
@@ -136,8 +136,9 @@ def run_reference(tmp: Path, args) -> dict:
     from diffusers.optimization import get_scheduler
     from peft import LoraConfig
 
-    from dermt2im.train import stage as training
     from dermt2im.diffusion.models import load_pipeline
+    from dermt2im.train.data import _load_rgb
+    from dermt2im.train.inputs import instance_prompt, training_images
 
     t = cfg.train
     device = torch.device(args.device)
@@ -156,10 +157,10 @@ def run_reference(tmp: Path, args) -> dict:
         opt = torch.optim.AdamW(params, lr=t.learning_rate, betas=(0.9, 0.999), weight_decay=t.adam_weight_decay, eps=1e-8)
         sched = get_scheduler(t.lr_scheduler, opt, num_warmup_steps=t.lr_warmup_steps, num_training_steps=args.steps)
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        images = training.training_images(w)
+        images = training_images(w)
         items = [i for label in sorted(images) for i in images[label]]
-        pixels = torch.stack([training._load_rgb(i.path, t.resolution) for i in items])
-        ids = {label: tok([training.instance_prompt(t, label)], padding="max_length", max_length=tok.model_max_length,
+        pixels = torch.stack([_load_rgb(i.path, t.resolution) for i in items])
+        ids = {label: tok([instance_prompt(t, label)], padding="max_length", max_length=tok.model_max_length,
                           truncation=True, return_tensors="pt").input_ids for label in images}
         labels = [i.label for i in items]
         g = torch.Generator().manual_seed(t.seed)

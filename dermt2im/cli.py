@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from dermt2im.core import storage
+from dermt2im.core.errors import DermT2imError
 from dermt2im.core.workdir import Workdir, configure_runtime, open_workdir
 
 app = typer.Typer(
@@ -46,32 +47,10 @@ def _setup(workdir: Path, config: str | None, overrides: list[str] | None):
     return _guard(lambda: open_workdir(workdir, config, overrides))
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by input or configuration: shown as one clear message, not a traceback."""
-    from dermt2im.core.config import ConfigError
-    from dermt2im.core.imaging import DecodeError
-    from dermt2im.core.manifest import ManifestError
-
-    errors: list[type[BaseException]] = [ConfigError, ManifestError, DecodeError, FileNotFoundError]
-    for module, name in (
-        ("dermt2im.ingest.stage", "IngestError"),
-        ("dermt2im.train.stage", "TrainingError"),
-        ("dermt2im.validate.stage", "ValidationError"),
-        ("dermt2im.generate.stage", "GenerationError"),
-        ("dermt2im.export", "ExportError"),
-        ("dermt2im.validate.table", "ReportError"),
-    ):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
-
 def _guard(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
-    except _user_errors() as err:
+    except (DermT2imError, FileNotFoundError) as err:  # input or config problems: one line, no traceback
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 
@@ -98,6 +77,20 @@ def phantoms(
     _echo(f"wrote {n} phantoms ({style} style) to {out}; labels: {labels}")
 
 
+def _run(stage) -> dict:
+    """Run a stage's units one after the other, saying what each did; returns the closing summary."""
+    from dermt2im.runners.sequential import run_stage
+
+    def said(i: int, n: int, unit) -> None:
+        text = unit.summary.get("text") if isinstance(unit.summary, dict) else None
+        if unit.cached:
+            _echo(f"{unit.description}: up to date" + (f" (as last made)\n{text}" if text else ""))
+        elif text:
+            _echo(text)
+
+    return _guard(lambda: run_stage(stage, on_unit=said).closing)
+
+
 @app.command()
 def ingest(
     source: Annotated[Path, typer.Argument(help="folder of seed images (ISIC, HAM10000, class folders or CSV)")],
@@ -111,12 +104,15 @@ def ingest(
 ) -> None:
     """Ingest seed images into W/manifests/seeds.parquet (bad files are quarantined with a reason)."""
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.ingest.stage import ingest_source
+    from dermt2im.ingest.stage import Dataset, IngestStage
+    from dermt2im.stage import Stamps
 
-    manifest = w.test_set_manifest(test_set) if test_set else w.seeds_manifest
-    report = _guard(lambda: ingest_source(source, manifest, cfg.ingest, layout=None if layout == "auto" else layout,
-                                          split="test" if test_set else None))
-    _echo(report.summary())
+    chosen = None if layout == "auto" else layout
+    if test_set:
+        dataset = Dataset(test_set, str(source), str(w.test_set_manifest(test_set)), "test", chosen)
+    else:
+        dataset = Dataset("seeds", str(source), str(w.seeds_manifest), None, chosen)
+    _run(IngestStage(cfg.ingest, [dataset], Stamps(w.stamps, "ingest")))
 
 
 @app.command()
@@ -128,14 +124,14 @@ def preprocess(
 ) -> None:
     """Remove hair (DullRazor) and resize / centre-crop every accepted image; cached by content."""
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.preprocess.stage import preprocess_manifest
+    from dermt2im.preprocess.stage import PreprocessStage
 
     manifest = w.test_set_manifest(test_set) if test_set else w.seeds_manifest
     if not storage.is_file(manifest):
         typer.secho(f"error: {manifest} does not exist: run `dermt2im ingest` first", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    report = _guard(lambda: preprocess_manifest(manifest, w.processed, cfg.preprocess, max_pixels=cfg.ingest.max_pixels))
-    _echo(report.summary())
+    _run(PreprocessStage(cfg.preprocess, {test_set or "seeds": manifest}, w.processed,
+                         max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers))
 
 
 @app.command()
@@ -148,32 +144,40 @@ def train(
 ) -> None:
     """Fine-tune Stable Diffusion with DreamBooth + LoRA on the accepted training-split seeds."""
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.train.stage import train_lora
+    from dermt2im.train.stage import TrainStage
 
-    result = _guard(lambda: train_lora(w, cfg, resume=resume, run_id=run_id))
-    _echo(f"LoRA run {result.run_id}: {result.steps} steps, final loss {result.final_loss:.4f}, "
-          f"optimizer {result.optimizer} on {result.device}")
-    for label, path in result.weights.items():
-        _echo(f"  {label}: {path} (sha256 {result.sha256[label][:12]})")
+    result = _run(TrainStage.of(w, cfg, resume=resume, run_id=run_id))
+    _echo(f"LoRA run {result['run_id']}: {result['steps']} steps, final loss {result['final_loss']:.4f}, "
+          f"optimizer {result['optimizer']} on {result['device']}")
+    for label, path in result["weights"].items():
+        _echo(f"  {label}: {path} (sha256 {result['sha256'][label][:12]})")
+
+
+def _model(w, cfg, lora: Path | None, base_model_only: bool = False):
+    from dermt2im.generate.model import resolve_model
+
+    return _guard(lambda: resolve_model(w, lora, base_model_only=base_model_only, base_model=cfg.train.base_model,
+                                        revision=cfg.train.revision, token=cfg.train.instance_token))
 
 
 @app.command()
 def generate(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     lora: Annotated[Path | None, typer.Option(help="LoRA run folder or .safetensors; default: newest in W/lora")] = None,
-    per_class: Annotated[int | None, typer.Option("--per-class", help="images per class (extends the plan)")] = None,
+    per_class: Annotated[int | None, typer.Option("--per-class", help="target number of images per class (extends the plan)")] = None,
     shard: Annotated[list[int] | None, typer.Option(help="render only these shards (repeatable)")] = None,
+    base_model_only: Annotated[bool, typer.Option("--base-model-only", help="render with train.base_model alone, no LoRA")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
     """Plan, render (Euler / Euler a / PLMS ...), then quality-gate and audit synthetic lesions."""
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.generate.stage import generate as run_generate
-    from dermt2im.quality.stage import assess
+    from dermt2im.generate.stage import GenerateStage
+    from dermt2im.quality.stage import QualityStage
 
-    report = _guard(lambda: run_generate(w, cfg, lora=lora, per_class=per_class, shards=shard))
-    _echo(report.summary())
-    _echo(_guard(lambda: assess(w, cfg)).summary())
+    model = _model(w, cfg, lora, base_model_only)
+    _run(GenerateStage(w, cfg.generate, cfg.runtime.generate, model, per_class=per_class, shards=shard))
+    _run(QualityStage(w, cfg.quality))
 
 
 @app.command()
@@ -183,6 +187,7 @@ def worker(
     owner: Annotated[str | None, typer.Option(help="name in this worker's leases; default host:pid:random")] = None,
     timeout: Annotated[float | None, typer.Option(help="give up after this many seconds (default: never)")] = None,
     poll: Annotated[float, typer.Option(help="seconds between looks at shards other workers hold")] = 2.0,
+    base_model_only: Annotated[bool, typer.Option("--base-model-only", help="render with train.base_model alone, no LoRA")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -194,17 +199,12 @@ def worker(
     Run `dermt2im quality` once every worker is done (it also folds in rows appended on an object store).
     """
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.generate.stage import resolve_lora
-    from dermt2im.core.manifest import writer_lock
-    from dermt2im.generate.plan import update_plan
-    from dermt2im.runners.leased import run_worker
+    from dermt2im.generate.stage import GenerateStage
+    from dermt2im.runners.leased import run_claimed
 
-    def go():
-        with writer_lock(w.plan_manifest, w.locks):
-            update_plan(w.plan_manifest, cfg.generate, token=cfg.train.instance_token)
-        return run_worker(w, cfg, lora=resolve_lora(w, lora), owner=owner, poll_seconds=poll, timeout=timeout)
-
-    out = _guard(go)
+    stage = GenerateStage(w, cfg.generate, cfg.runtime.generate, _model(w, cfg, lora, base_model_only))
+    out = _guard(lambda: run_claimed(stage, w.leases, ttl=cfg.runtime.generate.lease_seconds, owner=owner,
+                                     poll_seconds=poll, timeout=timeout))
     _echo(f"worker {out['owner']}: {out['images']} image(s) in shard(s) {out['shards']} ({out['takeovers']} taken "
           f"over); {out['done_shards']}/{out['planned_shards']} shards done")
     if not out["complete"]:
@@ -213,11 +213,13 @@ def worker(
 
 @app.command()
 def quality(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, overrides: SetOpt = None) -> None:
-    """Re-run the quality gate and memorisation audit over W/manifests/synthetic.parquet."""
+    """Run the quality gate and memorisation audit over W/manifests/synthetic.parquet."""
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.quality.stage import assess
+    from dermt2im.core.manifest import SYNTHETIC, compact
+    from dermt2im.quality.stage import QualityStage
 
-    _echo(_guard(lambda: assess(w, cfg)).summary())
+    compact(w.synthetic_manifest, SYNTHETIC, w.locks)  # rows workers appended as parts (object stores)
+    _run(QualityStage(w, cfg.quality))
 
 
 @app.command()
@@ -254,21 +256,23 @@ def validate(
     overrides: SetOpt = None,
 ) -> None:
     """Fine-tune ViT / MobileNetV2 on baseline vs hybrid data and test on unseen real test sets (MLflow)."""
+    tests = _parse_test_sets(test_set)
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.ingest.stage import ingest_source
-    from dermt2im.preprocess.stage import preprocess_manifest
-    from dermt2im.validate.stage import validate as run_validate
+    from dermt2im.ingest.stage import IngestStage, seed_datasets
+    from dermt2im.preprocess.stage import PreprocessStage
+    from dermt2im.stage import Stamps
+    from dermt2im.validate.segmentation import SegmentationStage
+    from dermt2im.validate.stage import ValidateStage
 
-    def go():
-        sets: dict[str, str | Path] = {}
-        for name, src in {**cfg.validation.test_sets, **_parse_test_sets(test_set)}.items():
-            manifest = w.test_set_manifest(name)
-            _echo(ingest_source(Path(src), manifest, cfg.ingest, split="test").summary())
-            preprocess_manifest(manifest, w.processed, cfg.preprocess, max_pixels=cfg.ingest.max_pixels)
-            sets[name] = manifest
-        return run_validate(w, cfg, test_sets=sets or None)
-
-    _echo(_guard(go).summary())
+    sets = {**cfg.validation.test_sets, **tests}
+    if sets:
+        datasets = seed_datasets(w, "", sets)[1:]  # the test sets only
+        _run(IngestStage(cfg.ingest, datasets, Stamps(w.stamps, "ingest")))
+        _run(PreprocessStage(cfg.preprocess, {d.name: d.manifest for d in datasets}, w.processed,
+                             max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers))
+    manifests = {name: w.test_set_manifest(name) for name in sets} or None
+    _run(ValidateStage.of(w, cfg, test_sets=manifests, segmentation=False))
+    _run(SegmentationStage(w, cfg.validation))
 
 
 @app.command()
@@ -280,7 +284,7 @@ def report(
     w, cfg = _setup(workdir, None, None)
     from dermt2im.validate.table import build_report
 
-    for name, path in _guard(lambda: build_report(w, cfg, parent_run_id=parent_run_id)).items():
+    for name, path in _guard(lambda: build_report(w, cfg.tracking, parent_run_id=parent_run_id)).items():
         _echo(f"{name}: {path}")
 
 

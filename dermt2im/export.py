@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from dermt2im.core import storage
+from dermt2im.core.errors import DermT2imError
 from dermt2im.core.fileio import sha256_bytes, sha256_file
 from dermt2im.core.manifest import SYNTHETIC, read_manifest
 from dermt2im.core.workdir import Workdir
@@ -49,7 +50,7 @@ METADATA_COLUMNS = [
 ]
 
 
-class ExportError(ValueError):
+class ExportError(DermT2imError, ValueError):
     pass
 
 

@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from dermt2im.core.config import LABELS
+from dermt2im.core import identity
 from dermt2im.core.fileio import atomic_write_bytes, atomic_write_text
 from dermt2im.core.imaging import encode_png
+from dermt2im.core.specs import LABELS, PhantomConfig
+from dermt2im.stage import Stamps
 
 DIAGNOSIS = {"benign": "nevus", "malignant": "melanoma"}
 
@@ -295,3 +298,60 @@ def make_phantoms(
     writer.writerow(["file", "label", "diagnosis", "lesion_id"])
     writer.writerows(rows)
     return atomic_write_text(out / "labels.csv", buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage: the factory's own seed and test sets when no SOURCE is given
+
+
+@dataclass(frozen=True)
+class PhantomSet:
+    name: str  # "seeds", or the test set's name ("phantom-isic", ...)
+    folder: Path
+    n: int
+    seed: int
+    style: str
+
+
+def phantom_sets(data_dir: Path, cfg: PhantomConfig) -> list[PhantomSet]:
+    """The smoke preset's phantom seed set and one phantom test set per configured style."""
+    sets = [PhantomSet("seeds", Path(data_dir) / f"phantoms-seed-{cfg.seed_style}", cfg.n_seed, cfg.seed,
+                       cfg.seed_style)]
+    for i, style in enumerate(sorted(cfg.test_styles), start=1):
+        sets.append(PhantomSet(f"phantom-{style}", Path(data_dir) / f"phantoms-test-{style}", cfg.n_test,
+                               cfg.seed + 1000 * i, style))
+    return sets
+
+
+class PhantomStage:
+    """Phantoms: one unit per set; done when its labels.csv exists and its stamp holds the key."""
+
+    name = "phantoms"
+
+    def __init__(self, cfg: PhantomConfig, data_dir: Path, stamps: Stamps) -> None:
+        self.cfg, self.sets, self.stamps = cfg, phantom_sets(data_dir, cfg), stamps
+
+    def units(self) -> list[PhantomSet]:
+        return self.sets
+
+    def describe(self, unit: PhantomSet) -> str:
+        return f"make {unit.n} {unit.style} phantoms ({unit.name})"
+
+    def key(self, unit: PhantomSet) -> str:
+        return identity.content_key("phantoms", unit.n, unit.seed, unit.style, self.cfg.size,
+                                    self.cfg.hair_probability, str(unit.folder), identity.code_digest(sys.modules[__name__]))
+
+    def finished(self, unit: PhantomSet) -> dict | None:
+        if not (unit.folder / "labels.csv").is_file():
+            return None
+        return self.stamps.matching(unit.name, self.key(unit))
+
+    def run(self, unit: PhantomSet) -> dict:
+        make_phantoms(unit.folder, unit.n, seed=unit.seed, style=unit.style, size=self.cfg.size,
+                      hair_probability=self.cfg.hair_probability)
+        summary = {"name": unit.name, "folder": str(unit.folder), "images": unit.n}
+        self.stamps.write(unit.name, self.key(unit), summary)
+        return summary
+
+    def close(self, results) -> dict:
+        return {r["name"]: r["folder"] for r in results}

@@ -7,14 +7,15 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from dermt2im.core.config import OrchestrationConfig
+from dermt2im.core.errors import DermT2imError
+from flows.settings import OrchestrationSettings
 
 
-class StageFailed(RuntimeError):
+class StageFailed(DermT2imError, RuntimeError):
     pass
 
 
-def run_gpu_stage(flow_fn: Callable[..., Any], deployment: str, parameters: dict, orch: OrchestrationConfig) -> Any:
+def run_gpu_stage(flow_fn: Callable[..., Any], deployment: str, parameters: dict, orch: OrchestrationSettings) -> Any:
     """Run ``flow_fn`` as a subflow here, or, when GPU deployments are configured, as a run of
     ``deployment`` on the cuda pool. Stages exchange data through the workdir's manifests, so the
     parent needs only to know that the run completed."""

@@ -1,19 +1,19 @@
 """One generation worker as a Prefect flow: render shards of the workdir's plan until all are done.
 
 Start as many runs as there are GPUs / workers (``flows.generate`` does it with
-``generate.parallel_workers``, or ``prefect deployment run generate-worker/<name>`` N times); each
-run claims shards through leases in W/synthetic/.leases, so the runs split the plan with no
-duplicate and no missing image, and a run whose worker died is replaced by the others once its
-lease expires (``generate.lease_seconds``). The plan must exist (the generate flow makes it).
+``orchestration.parallel_workers``, or ``prefect deployment run generate-worker/<name>`` N times);
+the runs split the shards through leases (``dermt2im.runners.leased``), and a run whose worker died
+is replaced by the others once its lease expires (``runtime.generate.lease_seconds``).
 """
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
-from dermt2im.generate.stage import GenerationError, resolve_lora
 from dermt2im.core.workdir import open_workdir
-from dermt2im.runners.leased import run_worker
+from dermt2im.generate.model import GenerationError, resolve_model
+from dermt2im.generate.stage import GenerateStage
+from dermt2im.runners.leased import run_claimed
 
 
 @flow(name="generate-worker", log_prints=True)
@@ -25,18 +25,19 @@ def generate_worker(
     owner: str | None = None,
     poll_seconds: float = 2.0,
     timeout_seconds: float | None = None,
+    base_model_only: bool = False,
 ) -> dict:
     """Claim, render and release shards until the plan is complete; returns this worker's counts."""
-    log = get_run_logger()
     w, cfg = open_workdir(workdir, config, overrides)
     if owner is None:
         from prefect.runtime import flow_run
 
         owner = f"flow-run-{flow_run.id}"
-    lora_root = resolve_lora(w, lora)
-    out = run_worker(w, cfg, lora=lora_root, owner=owner, poll_seconds=poll_seconds, timeout=timeout_seconds)
-    log.info("worker %s rendered %d image(s) in shard(s) %s (%d taken over); %d/%d shards done", owner,
-             out["images"], out["shards"], out["takeovers"], out["done_shards"], out["planned_shards"])
+    model = resolve_model(w, lora, base_model_only=base_model_only, base_model=cfg.train.base_model,
+                          revision=cfg.train.revision, token=cfg.train.instance_token)
+    stage = GenerateStage(w, cfg.generate, cfg.runtime.generate, model)
+    out = run_claimed(stage, w.leases, ttl=cfg.runtime.generate.lease_seconds, owner=owner,
+                      poll_seconds=poll_seconds, timeout=timeout_seconds)
     if not out["complete"]:
         raise GenerationError(f"{out['planned_shards'] - out['done_shards']} shard(s) not done after "
                               f"{timeout_seconds} s (other workers still hold them)")

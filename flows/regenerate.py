@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
-from dermt2im.core.manifest import PLAN, read_manifest
-from dermt2im.core.workdir import Workdir, open_workdir
+from dermt2im.core.workdir import open_workdir
+from dermt2im.generate.plan import planned_per_class
 from flows.dispatch import run_gpu_stage
 from flows.generate import generate
+from flows.settings import orchestration
 from flows.validate import validate
-
-
-def planned_per_class(w: Workdir) -> int:
-    plan = read_manifest(w.plan_manifest, PLAN)
-    if plan.empty:
-        return 0
-    return int(plan.groupby("label")["index"].max().min()) + 1
 
 
 @flow(name="regenerate", log_prints=True)
@@ -28,10 +22,9 @@ def regenerate(
     """Extend the plan by ``per_class_increment`` images per class (new plan rows carry new seeds),
     render only what is new, gate and audit it, then validate again against the grown set."""
     w, cfg = open_workdir(workdir, config, overrides)
-    before = planned_per_class(w)
+    before = planned_per_class(w.plan_manifest)
     target = before + (per_class_increment or cfg.generate.per_class)
-    get_run_logger().info("regenerating: %d -> %d images per class", before, target)
-    gen = run_gpu_stage(generate, cfg.orchestration.generate_deployment,
-                        {"workdir": workdir, "per_class": target}, cfg.orchestration)
+    settings = orchestration(cfg)
+    gen = run_gpu_stage(generate, settings.generate_deployment, {"workdir": workdir, "per_class": target}, settings)
     val = validate(workdir)
     return {"per_class_before": before, "per_class_after": target, "generate": gen, "validate": val}

@@ -2,16 +2,17 @@
 
 Deployable on its own to a CUDA work pool (``flows/train.py:train``, deployment ``train/train-cuda``;
 the factory reaches it through run_deployment). With no ``config`` the workdir's saved W/config.yaml
-is used (a fresh workdir falls back to the smoke preset).
+is used.
 """
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
-from dermt2im.train.stage import find_trained
 from dermt2im.core.workdir import open_workdir
-from tasks.train import train_lora_task
+from dermt2im.train.stage import TrainStage
+from tasks.artifacts import publish_lora
+from tasks.stage import run_stage
 
 
 @flow(name="train", log_prints=True)
@@ -22,11 +23,7 @@ def train(workdir: str, config: str | None = None, overrides: list[str] | None =
     ``resume``: "latest" (default) continues an interrupted run of the same inputs from its newest
     checkpoint; None starts over.
     """
-    log = get_run_logger()
     w, cfg = open_workdir(workdir, config, overrides)
-    done = find_trained(w, cfg)
-    # a cached task result is only trusted while the LoRA it names is still on disk
-    out = train_lora_task.with_options(refresh_cache=(done is None) or None)(workdir, cfg, resume)
-    log.info("LoRA %s in %s (%s)", out["run_id"], out["lora_dir"], "cached" if out["cached"] else "trained")
-    return out
-
+    lora = run_stage(TrainStage.of(w, cfg, resume=resume), tags=["gpu"])
+    publish_lora(lora)
+    return lora

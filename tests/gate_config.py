@@ -1,6 +1,7 @@
 """The smoke preset relaxes two quality checks for its noise-drawing tiny model; gate tests need all of them."""
 
-from dermt2im.core.config import FactoryConfig, QualityConfig, load_config
+from dermt2im.core.config import FactoryConfig, load_config
+from dermt2im.core.specs import QualityConfig
 
 _DEFAULT = QualityConfig()
 FULL_GATE = [

@@ -6,7 +6,8 @@ from collections import defaultdict
 
 
 def task_states(flow_state, timeout: float = 30.0) -> dict[str, list[str]]:
-    """Task name -> state names (e.g. Completed, Cached) for every task run of a flow run and its subflows.
+    """Stage (its ``stage:`` tag, e.g. ``validate`` or ``validate-close``) or task name -> state names (e.g.
+    Completed, Cached) for every task run of a flow run and its subflows.
 
     Prefect 3 records task-run states asynchronously (through events), so this polls until every
     task run has a final state."""
@@ -23,7 +24,11 @@ def task_states(flow_state, timeout: float = 30.0) -> dict[str, list[str]]:
 
 def _task_states_once(flow_state) -> dict[str, list[str]]:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
 
     root = flow_state.state_details.flow_run_id
     out: dict[str, list[str]] = defaultdict(list)
@@ -37,6 +42,8 @@ def _task_states_once(flow_state) -> dict[str, list[str]]:
             flow_ids.update(frontier)
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_ids))))
     for r in runs:
-        base = r.name.rsplit("-", 1)[0]
-        out[base].append(r.state.name if r.state else "?")
+        if r.state is not None and r.state.state_details.child_flow_run_id is not None:
+            continue  # the task run that stands for a subflow in its parent: the subflow's own runs count
+        stages = [tag.split(":", 1)[1] for tag in r.tags if tag.startswith("stage:")]
+        out[stages[0] if stages else r.name.rsplit("-", 1)[0]].append(r.state.name if r.state else "?")
     return dict(out)

@@ -4,12 +4,11 @@ import pandas as pd
 import pytest
 import torch
 
-from dermt2im.validate import classify
 from dermt2im.core.manifest import SEEDS, read_manifest
+from dermt2im.validate import classify
 from dermt2im.validate.metrics import binary_metrics
 from dermt2im.validate.regimes import real_rows
 from tests.validate_fixtures import make_validation_data, tiny_config
-
 
 
 @pytest.fixture(scope="module")

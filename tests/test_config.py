@@ -1,6 +1,9 @@
 import pytest
 
-from dermt2im.core.config import ConfigError, FactoryConfig, load_config
+from dermt2im.core.config import FactoryConfig, load_config
+from dermt2im.core.errors import ConfigError
+from dermt2im.core.identity import spec_digest
+from dermt2im.ingest.labels import label_map
 
 
 def test_presets_load_and_differ():
@@ -52,12 +55,29 @@ def test_missing_preset_lists_presets():
 
 def test_digest_tracks_section_changes():
     a, b = load_config("smoke"), load_config("smoke", ["train.rank=8"])
-    assert a.digest("train") != b.digest("train")
-    assert a.digest("generate") == b.digest("generate")
-    assert isinstance(FactoryConfig().digest(), str)
+    assert spec_digest(a.train) != spec_digest(b.train)
+    assert spec_digest(a.generate) == spec_digest(b.generate)
+    assert isinstance(spec_digest(FactoryConfig().train), str)
+
+
+def test_runtime_settings_are_apart_from_specs_and_never_change_a_digest():
+    a = load_config("smoke")
+    b = load_config("smoke", ["runtime.generate.batch_size=16", "runtime.train.device=auto",
+                              "runtime.preprocess.workers=3", "storage.images=s3://b/p"])
+    for section in ("preprocess", "train", "generate", "validation"):
+        assert spec_digest(getattr(a, section)) == spec_digest(getattr(b, section))
+    assert b.runtime.generate.batch_size == 16 and b.storage.images == "s3://b/p"
+    assert "batch_size" not in a.generate.model_dump() and "device" not in a.train.model_dump()
+
+
+def test_keys_that_moved_are_read_with_a_warning(caplog):
+    cfg = load_config("smoke", ["generate.batch_size=7", "generate.image_store=s3://b/i", "train.device=cpu"])
+    assert cfg.runtime.generate.batch_size == 7 and cfg.storage.images == "s3://b/i"
+    assert cfg.runtime.train.device == "cpu"
+    assert "generate.batch_size is now runtime.generate.batch_size" in caplog.text
 
 
 def test_label_map_override():
     cfg = load_config("smoke", ["ingest.diagnosis_labels={Atypical_Nevus: benign}"])
-    m = cfg.ingest.label_map()
+    m = label_map(cfg.ingest)
     assert m["atypical nevus"] == "benign" and m["melanoma"] == "malignant"

@@ -108,10 +108,10 @@ def _check_every_deployment_is_registered_on_its_pool(got: dict, log: str) -> No
 
 
 def _check_gpu_stages_run_on_cuda_and_the_rest_on_cpu(got: dict) -> None:
-    from dermt2im.core.config import OrchestrationConfig
+    from flows.settings import OrchestrationSettings
 
     pools = {name: d.work_pool_name for name, d in got.items()}
-    orch = OrchestrationConfig()  # the factory reaches the GPU stages by these names
+    orch = OrchestrationSettings()  # the factory reaches the GPU stages by these names
     assert pools[orch.train_deployment] == "cuda" and orch.train_deployment == "train/train-cuda"
     assert pools[orch.generate_deployment] == "cuda" and orch.generate_deployment == "generate/generate-cuda"
     for name in ("derm-t2im-factory/factory-cpu", "derm-t2im-factory/factory-smoke", "validate/validate-cpu",

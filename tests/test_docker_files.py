@@ -90,7 +90,9 @@ def _flow_decorator_name(fn: ast.FunctionDef) -> str | None:
 
 
 def test_prefect_yaml_validates_with_prefects_own_model():
-    from prefect.cli.deploy._models import PrefectYamlModel  # what `prefect deploy` parses it with
+    from prefect.cli.deploy._models import (
+        PrefectYamlModel,  # what `prefect deploy` parses it with
+    )
 
     model = PrefectYamlModel.model_validate(_prefect_yaml())
     assert len(model.deployments) >= 6
@@ -138,16 +140,14 @@ def test_gpu_deployments_do_not_pin_a_preset():
 
 
 def test_dispatch_names_match_deployments():
-    from dermt2im.core.config import OrchestrationConfig
+    from flows.settings import OrchestrationSettings
 
     spec = _prefect_yaml()
     names = {f"{FLOW_CONTRACT[d['entrypoint']][0]}/{d['name']}" for d in spec["deployments"]}
-    orch = OrchestrationConfig()
+    orch = OrchestrationSettings()
     assert orch.train_deployment in names
     assert orch.generate_deployment in names
-    from dermt2im.core.config import GenerateConfig
-
-    assert GenerateConfig().worker_deployment in names  # generate.parallel_workers fans out to it
+    assert orch.worker_deployment in names  # orchestration.parallel_workers fans out to it
 
 
 def test_only_the_regeneration_is_scheduled_weekly_in_utc():

@@ -16,13 +16,13 @@ SMALL = [
     "train.max_steps=6", "train.checkpoint_every=3", "train.validation_images_per_class=1",
     "train.validation_steps=2",
     "generate.per_class=4", "generate.shard_size=4", "generate.width=32", "generate.height=32",
-    "generate.steps_min=2", "generate.steps_max=3", "generate.batch_size=4",
+    "generate.steps_min=2", "generate.steps_max=3", "runtime.generate.batch_size=4",
     "validate.models=[vit]", "validate.seeds=[0]", "validate.epochs=1", "validate.image_size=32",
     "validate.segmentation_samples=1",
 ]
-SEED_STAGES = {"make_phantoms", "ingest", "preprocess"}
-GENERATE_STAGES = {"plan", "render-shard", "assess"}
-COMPUTE = SEED_STAGES | {"train_lora"} | GENERATE_STAGES | {"validate-cell", "segmentation-check"}
+SEED_STAGES = {"phantoms", "ingest", "preprocess"}
+GENERATE_STAGES = {"generate", "quality"}
+COMPUTE = SEED_STAGES | {"train"} | GENERATE_STAGES | {"validate", "segmentation"}
 
 
 def _ran(states: dict[str, list[str]], names: set[str]) -> dict[str, set[str]]:
@@ -56,16 +56,16 @@ def test_factory_end_to_end_then_cache_then_partial_reruns(prefect_harness, work
     # a generation setting changed: seeds and training stay cached, generation and validation re-run
     gen = factory(root, overrides=["generate.guidance_scale=5.0"], return_state=True)
     states = _ran(task_states(gen), COMPUTE)
-    assert all(states[n] == {"Cached"} for n in SEED_STAGES | {"train_lora"}), states
-    assert "Completed" in states["render-shard"] and "Completed" in states["validate-cell"], states
+    assert all(states[n] == {"Cached"} for n in SEED_STAGES | {"train"}), states
+    assert "Completed" in states["generate"] and "Completed" in states["validate"], states
     assert (read_manifest(w.synthetic_manifest, SYNTHETIC)["guidance_scale"] == 5.0).all()
 
     # a training setting changed: training and everything after it re-run, seed stages stay cached
     tr = factory(root, overrides=["train.max_steps=4"], return_state=True)
     states = _ran(task_states(tr), COMPUTE)
     assert all(states[n] == {"Cached"} for n in SEED_STAGES), states
-    assert states["train_lora"] == {"Completed"} and "Completed" in states["render-shard"], states
-    assert "Completed" in states["validate-cell"], states
+    assert states["train"] == {"Completed"} and "Completed" in states["generate"], states
+    assert "Completed" in states["validate"], states
     assert tr.result()["lora"]["run_id"] != out["lora"]["run_id"]
 
 
@@ -76,7 +76,7 @@ def test_factory_with_manifests_and_images_on_a_local_s3_endpoint(prefect_harnes
     from dermt2im.core.manifest import pending_parts
 
     root = str(workdir.root)
-    where = [f"storage.manifests={s3_bucket}/run/manifests", f"generate.image_store={s3_bucket}/run/images"]
+    where = [f"storage.manifests={s3_bucket}/run/manifests", f"storage.images={s3_bucket}/run/images"]
     first = factory(root, config="smoke", overrides=SMALL + where, return_state=True)
     first.result()
     assert all(s == {"Completed"} for s in _ran(task_states(first), COMPUTE).values()), task_states(first)

@@ -17,12 +17,12 @@ SMALL = FULL_GATE + [
     "generate.height=32",
     "generate.steps_min=2",
     "generate.steps_max=2",
-    "generate.batch_size=2",
+    "runtime.generate.batch_size=2",
 ]
 
 
 def test_generate_flow_renders_assesses_publishes_then_serves_cache(prefect_harness, workdir):
-    state = generate(str(workdir.root), config="smoke", overrides=SMALL, return_state=True)
+    state = generate(str(workdir.root), config="smoke", overrides=SMALL, base_model_only=True, return_state=True)
     out = state.result()
     assert out["planned"] == 4 and out["shards"] == [0, 1] and out["rendered"] == 4 and out["lora"] is None
     df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
@@ -32,19 +32,20 @@ def test_generate_flow_renders_assesses_publishes_then_serves_cache(prefect_harn
     assert (workdir.reports / "quality.md").is_file() and (workdir.reports / "grids" / "overview.png").is_file()
     assert {"generate-quality", "generate-counts", "generate-grid-overview"} <= set(out["artifacts"])
     first = task_states(state)
-    assert set(first) >= {"plan", "render-shard", "assess"} and "Cached" not in sum(first.values(), [])
+    assert set(first) >= {"generate", "quality"} and "Cached" not in sum(first.values(), [])
+    planned_at = workdir.plan_manifest.stat().st_mtime_ns
 
-    again = generate(str(workdir.root), return_state=True)  # the workdir's saved config
+    again = generate(str(workdir.root), base_model_only=True, return_state=True)  # the workdir's saved config
     second = task_states(again)
-    assert set(second["render-shard"]) == {"Cached"} and set(second["plan"]) == {"Cached"}
-    assert set(second["assess"]) == {"Cached"}
+    assert set(second["generate"]) == {"Cached"} and workdir.plan_manifest.stat().st_mtime_ns == planned_at
+    assert set(second["quality"]) == {"Cached"}
     assert read_manifest(workdir.synthetic_manifest, SYNTHETIC)["sha256"].tolist() == df["sha256"].tolist()
 
     os.remove(df.loc[df["shard"] == 1, "path"].iloc[0])  # a lost file is rendered again, not served from cache
-    third = generate(str(workdir.root), return_state=True)
+    third = generate(str(workdir.root), base_model_only=True, return_state=True)
     states = task_states(third)
     assert third.result()["rendered"] == 1
-    assert sorted(states["render-shard"]) == ["Cached", "Completed"]
+    assert sorted(states["generate"]) == ["Cached", "Completed"]
     final = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
     assert len(final) == 4 and set(final["sample_key"]) == set(df["sample_key"])
     assert final["status"].isin(["accepted", "rejected"]).all()  # the re-rendered image was assessed

@@ -10,12 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
-from dermt2im.generate import stage as gen
 from dermt2im.core.config import load_config
 from dermt2im.core.fileio import atomic_path, sha256_file
 from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest, write_manifest
 from dermt2im.diffusion.models import build_tiny_pipeline
+from dermt2im.generate import pipeline, shards
+from dermt2im.generate.model import GenerationError
+from dermt2im.generate.plan import build_plan
 from dermt2im.generate.samplers import SAMPLERS, SamplerSwitch, UnknownSamplerError
+from tests.generate_fixtures import complete, generate, missing, render
+from tests.generate_fixtures import plan as make_plan
 
 TINY = [
     "generate.per_class=6",
@@ -24,8 +28,8 @@ TINY = [
     "generate.height=32",
     "generate.steps_min=2",
     "generate.steps_max=3",
-    "generate.batch_size=4",
-    "generate.writer_threads=2",
+    "runtime.generate.batch_size=4",
+    "runtime.generate.writer_threads=2",
     "generate.samplers=[euler, euler_a]",
 ]
 
@@ -50,8 +54,13 @@ def _row(seed: int, sampler: str = "euler_a", steps: int = 2) -> dict:
 
 
 def test_every_sampler_builds_from_the_pipeline_config(pipe):
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, PNDMScheduler)
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+    )
 
     expected = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler, "plms": PNDMScheduler,
                 "ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
@@ -68,7 +77,7 @@ def test_unknown_sampler_is_a_clear_value_error():
     with pytest.raises(ValueError, match=r"unknown sampler 'k_lms'; known samplers: ddim, dpmpp_2m, euler, euler_a, plms"):
         SAMPLERS["k_lms"]
     with pytest.raises(UnknownSamplerError):
-        gen.build_plan(tiny_cfg("generate.samplers=[euler, k_lms]").generate, token="sks")
+        build_plan(tiny_cfg("generate.samplers=[euler, k_lms]").generate, token="sks")
 
 
 def test_switching_sampler_swaps_the_scheduler_never_the_model(pipe):
@@ -94,9 +103,9 @@ def test_an_image_does_not_depend_on_its_batch(pipe, sampler):
     to 8 bits a few pixels may differ by one level (measured: at most 1); never more."""
     switch = SamplerSwitch(pipe)
     seeds = [11, 12, 13, 14, 15, 16, 17, 18]
-    batch = gen.render_batch(pipe, switch, [_row(s, sampler) for s in seeds])
+    batch = pipeline.render_batch(pipe, switch, [_row(s, sampler) for s in seeds])
     for i in (0, 5):
-        alone = gen.render_batch(pipe, switch, [_row(seeds[i], sampler)])[0]
+        alone = pipeline.render_batch(pipe, switch, [_row(seeds[i], sampler)])[0]
         diff = np.abs(alone.astype(int) - batch[i].astype(int))
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     assert np.abs(batch[0].astype(int) - batch[1].astype(int)).max() > 10  # different seeds, different images
@@ -104,11 +113,11 @@ def test_an_image_does_not_depend_on_its_batch(pipe, sampler):
 
 def test_batches_group_identical_settings():
     rows = [dict(_row(i, "euler" if i % 2 else "plms"), index=i) for i in range(10)]
-    batches = gen._batches(rows, 3)
+    batches = shards.batches(rows, 3)
     assert sum(len(b) for b in batches) == 10 and max(len(b) for b in batches) == 3
     assert all(len({r["sampler"] for r in b}) == 1 for b in batches)
     with pytest.raises(ValueError, match="share sampler"):
-        gen.render_batch(None, None, [_row(1, "euler"), _row(2, "plms")])
+        pipeline.render_batch(None, None, [_row(1, "euler"), _row(2, "plms")])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,13 +125,13 @@ def test_batches_group_identical_settings():
 
 
 def _plan(workdir, cfg):
-    return gen.update_plan(workdir.plan_manifest, cfg.generate, token=cfg.train.instance_token)
+    return make_plan(workdir, cfg)
 
 
 def test_render_shard_writes_pngs_with_parameters_and_a_reproducible_manifest(workdir, pipe):
     cfg = tiny_cfg()
     plan = _plan(workdir, cfg)
-    recorded = gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
+    recorded = render(workdir, cfg, 0, pipe=pipe)
     assert len(recorded) == 6
     df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
     assert len(df) == 6 and df["sample_key"].is_unique and set(df["status"]) == {"rendered"}
@@ -147,7 +156,7 @@ def test_render_shard_writes_pngs_with_parameters_and_a_reproducible_manifest(wo
     assert str(workdir.root) not in json.dumps(text)  # parameters only: no paths, nothing about anyone
 
     # a second call renders nothing; the rows are identical
-    assert gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe) == []
+    assert render(workdir, cfg, 0, pipe=pipe) == []
     pd.testing.assert_frame_equal(read_manifest(workdir.synthetic_manifest, SYNTHETIC), df)
 
 
@@ -159,7 +168,7 @@ def test_interrupted_shard_resumes_to_exactly_the_plan(workdir, tmp_path, pipe, 
 
     cfg = tiny_cfg()
     _plan(workdir, cfg)
-    real, calls = gen._write_png, {"n": 0}
+    real, calls = shards.write_png, {"n": 0}
 
     def flaky(target, data):
         calls["n"] += 1
@@ -169,19 +178,19 @@ def test_interrupted_shard_resumes_to_exactly_the_plan(workdir, tmp_path, pipe, 
                 raise OSError("disk went away mid-write")
         return real(target, data)
 
-    monkeypatch.setattr(gen, "_write_png", flaky)
+    monkeypatch.setattr(shards, "write_png", flaky)
     stale = workdir.synthetic / "benign" / ".benign-000004.png.dead.tmp"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"half a png")
     with pytest.raises(OSError, match="mid-write"):
-        gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
+        render(workdir, cfg, 0, pipe=pipe)
     partial = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
     assert 0 < len(partial) < 6
     # the half-written temporary was removed by the failing writer, the stale one at the start
     assert not list(workdir.synthetic.rglob("*.tmp"))
 
-    monkeypatch.setattr(gen, "_write_png", real)
-    gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
+    monkeypatch.setattr(shards, "write_png", real)
+    render(workdir, cfg, 0, pipe=pipe)
     df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
     files = sorted(workdir.synthetic.rglob("*"))
     assert len(df) == 6 and df["sample_key"].is_unique
@@ -193,7 +202,7 @@ def test_interrupted_shard_resumes_to_exactly_the_plan(workdir, tmp_path, pipe, 
     # CPU batched convolutions may round a pixel by one level: see test_an_image_does_not_depend_on_its_batch)
     clean = Workdir.at(tmp_path / "clean")
     _plan(clean, cfg)
-    gen.render_shard(clean, cfg, 0, lora=None, pipe=pipe)
+    render(clean, cfg, 0, pipe=pipe)
     ref = read_manifest(clean.synthetic_manifest, SYNTHETIC).set_index("sample_key")
     for key, path in zip(df["sample_key"], df["path"]):
         assert _max_diff(path, ref.loc[key, "path"]) <= 1
@@ -202,15 +211,15 @@ def test_interrupted_shard_resumes_to_exactly_the_plan(workdir, tmp_path, pipe, 
 def test_files_written_before_a_crash_are_recorded_without_rendering(workdir, pipe, monkeypatch):
     cfg = tiny_cfg()
     _plan(workdir, cfg)
-    gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
+    render(workdir, cfg, 0, pipe=pipe)
     full = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
     write_manifest(full.iloc[:2], workdir.synthetic_manifest, SYNTHETIC)  # the manifest update was lost
 
     def no_render(*a, **k):
         raise AssertionError("must not render")
 
-    monkeypatch.setattr(gen, "render_batch", no_render)
-    adopted = gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
+    monkeypatch.setattr(shards, "render_batch", no_render)
+    adopted = render(workdir, cfg, 0, pipe=pipe)
     assert len(adopted) == 4
     again = read_manifest(workdir.synthetic_manifest, SYNTHETIC).set_index("sample_key")
     assert again.sort_index()["sha256"].equals(full.set_index("sample_key").sort_index()["sha256"])
@@ -219,14 +228,14 @@ def test_files_written_before_a_crash_are_recorded_without_rendering(workdir, pi
 def test_a_deleted_image_is_rendered_again(workdir, tmp_path, pipe):
     cfg = tiny_cfg()
     _plan(workdir, cfg)
-    gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
+    render(workdir, cfg, 0, pipe=pipe)
     df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
     gone = df.iloc[1]
     import shutil
 
     shutil.move(gone["path"], tmp_path / "before.png")
-    assert gen.shard_missing(workdir, cfg, 0, None) == 1
-    redone = gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
+    assert missing(workdir, cfg, 0) == 1
+    redone = render(workdir, cfg, 0, pipe=pipe)
     assert [r["sample_key"] for r in redone] == [gone["sample_key"]]
     # the same image (rendered alone now, in a batch before: equal up to one level, see above)
     assert redone[0]["render_key"] == gone["render_key"] and _max_diff(gone["path"], tmp_path / "before.png") <= 1
@@ -241,17 +250,17 @@ def test_a_shard_is_complete_only_when_every_row_is_recorded_and_its_file_is_the
     lookups: list = []
     real_is_file = storage.is_file
     monkeypatch.setattr(storage, "is_file", lambda p: lookups.append(p) or real_is_file(p))
-    assert not gen.shard_complete(workdir, cfg, 0, None)
+    assert not complete(workdir, cfg, 0)
     assert lookups == []  # nothing recorded: decided from the manifest alone, no file looked up
-    gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
+    render(workdir, cfg, 0, pipe=pipe)
     recorded = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
-    assert gen.shard_complete(workdir, cfg, 0, None, plan=plan, recorded=recorded)
+    assert complete(workdir, cfg, 0, plan=plan, recorded=recorded)
     # a snapshot taken before the last row was recorded says "not yet"
-    assert not gen.shard_complete(workdir, cfg, 0, None, plan=plan, recorded=recorded.iloc[:-1])
+    assert not complete(workdir, cfg, 0, plan=plan, recorded=recorded.iloc[:-1])
     # rows rendered with other settings (another render key) do not count
-    assert not gen.shard_complete(workdir, cfg, 0, None, plan=plan, recorded=recorded.assign(render_key="other"))
+    assert not complete(workdir, cfg, 0, plan=plan, recorded=recorded.assign(render_key="other"))
     Path(recorded.iloc[0]["path"]).unlink()
-    assert not gen.shard_complete(workdir, cfg, 0, None)  # recorded, but its file is gone
+    assert not complete(workdir, cfg, 0)  # recorded, but its file is gone
 
 
 def _max_diff(a, b) -> int:
@@ -266,7 +275,7 @@ def _make_lora(folder):
     from peft.utils import get_peft_model_state_dict
 
     from dermt2im.diffusion.lora_files import save_lora_files
-    from dermt2im.diffusion.models import build_tiny_components
+    from dermt2im.diffusion.models import build_tiny_components, tiny_identity
 
     unet = build_tiny_components(0)["unet"]
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
@@ -275,29 +284,31 @@ def _make_lora(folder):
         for n, p in unet.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return save_lora_files(folder, {"unet": get_peft_model_state_dict(unet)}, rank=4, alpha=4, kohya=False)["diffusers"]
+    meta = {"base_model": "tiny", "base_model_identity": tiny_identity(0), "instance_token": "sks"}
+    return save_lora_files(folder, {"unet": get_peft_model_state_dict(unet)}, rank=4, alpha=4, kohya=False,
+                           metadata=meta)["diffusers"]
 
 
 def test_generate_uses_the_newest_lora_fused_and_records_it(workdir, tmp_path):
     cfg = tiny_cfg("generate.per_class=2", "generate.shard_size=2")
-    base = gen.generate(workdir, cfg)  # no LoRA in W/lora: the base model alone
+    base = generate(workdir, cfg, base_model_only=True)  # the base model alone, asked for explicitly
     assert base.lora is None and base.planned == base.rendered == 4
     base_df = read_manifest(workdir.synthetic_manifest, SYNTHETIC).set_index("sample_key").sort_index()
 
     weights = _make_lora(workdir.root / "lora" / "run-1")
-    report = gen.generate(workdir, cfg)  # the LoRA changes every render key: all rendered again
+    report = generate(workdir, cfg)  # the LoRA changes every render key: all rendered again
     assert report.lora == str(weights.parent.resolve()) and report.rendered == 4 and report.skipped == 0
     df = read_manifest(workdir.synthetic_manifest, SYNTHETIC).set_index("sample_key").sort_index()
     assert (df["lora_sha256"] == sha256_file(weights)).all() and (df["lora_path"] == str(weights.resolve())).all()
     assert (df["sha256"] != base_df["sha256"]).all()
-    prep = next(iter(gen._CACHE.values()))
+    prep = next(iter(pipeline._CACHE.values()))
     assert prep.lora_sha256 == sha256_file(weights)  # one cached pipeline, LoRA fused
     assert "Lora hashes" in json.dumps(_png_text(df["path"].iloc[0]))
 
-    again = gen.generate(workdir, cfg)
+    again = generate(workdir, cfg)
     assert again.rendered == 0 and again.skipped == 4
     assert "4 planned" in again.summary() and "0 rendered" in again.summary()
-    gen.clear_pipeline_cache()
+    pipeline.clear_pipeline_cache()
 
 
 def _png_text(path):
@@ -309,9 +320,11 @@ def _png_text(path):
 
 def test_generate_rejects_unknown_shards_and_missing_lora(workdir):
     cfg = tiny_cfg()
-    with pytest.raises(gen.GenerationError, match="not in the plan"):
-        gen.generate(workdir, cfg, shards=[99])
-    with pytest.raises(gen.GenerationError, match="not found"):
-        gen.generate(workdir, cfg, lora=workdir.root / "nope")
+    with pytest.raises(GenerationError, match="no LoRA given and none trained"):
+        generate(workdir, cfg)  # images of the base model alone are not lesions of a class: only when asked
+    with pytest.raises(GenerationError, match="not in the plan"):
+        generate(workdir, cfg, shards=[99], base_model_only=True)
+    with pytest.raises(GenerationError, match="not found"):
+        generate(workdir, cfg, lora=workdir.root / "nope")
     plan = read_manifest(workdir.plan_manifest, PLAN)
     assert len(plan) == 12

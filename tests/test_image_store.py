@@ -1,23 +1,23 @@
-"""``generate.image_store``: rendered PNGs on an fsspec filesystem (memory:// here, s3:// through a
+"""``storage.images``: rendered PNGs on an fsspec filesystem (memory:// here, s3:// through a
 local moto endpoint when the dev extra is installed), read back by every stage that reads them."""
 
 from __future__ import annotations
-
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from dermt2im.validate import classify
-
 from dermt2im.core import storage
-from dermt2im.generate import stage as gen
-from dermt2im.export import export_imagefolder
 from dermt2im.core.fileio import sha256_bytes
 from dermt2im.core.manifest import SYNTHETIC, read_manifest
 from dermt2im.diffusion.models import build_tiny_pipeline
-from dermt2im.quality.stage import assess, load_rgb
+from dermt2im.export import export_imagefolder
+from dermt2im.quality.images import load_rgb
+from dermt2im.quality.stage import assess
+from dermt2im.validate import classify
+from tests.generate_fixtures import plan, render, stage
+from tests.generate_fixtures import state as shard_state
 from tests.test_generation import tiny_cfg
 from tests.test_quality import seed_workdir
 from tests.test_storage import s3_bucket  # noqa: F401  (fixture)
@@ -30,8 +30,8 @@ def pipe():
 
 
 def _render(workdir, cfg, pipe) -> pd.DataFrame:
-    gen.update_plan(workdir.plan_manifest, cfg.generate, token=cfg.train.instance_token)
-    recorded = gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
+    plan(workdir, cfg)
+    recorded = render(workdir, cfg, 0, pipe=pipe)
     assert len(recorded) == 6
     return read_manifest(workdir.synthetic_manifest, SYNTHETIC)
 
@@ -45,45 +45,46 @@ def _assert_in_store(workdir, df: pd.DataFrame, store: str) -> None:
 
 
 def test_config_normalises_the_store():
-    assert tiny_cfg().generate.image_store is None
-    assert tiny_cfg("generate.image_store=''").generate.image_store is None
-    assert tiny_cfg("generate.image_store=s3://b/p/").generate.image_store == "s3://b/p"
+    assert tiny_cfg().storage.images is None
+    assert tiny_cfg("storage.images=''").storage.images is None
+    assert tiny_cfg("storage.images=s3://b/p/").storage.images == "s3://b/p"
+    assert tiny_cfg("generate.image_store=s3://b/p/").storage.images == "s3://b/p"  # the key's earlier name
 
 
 def test_render_assess_export_and_load_from_a_memory_store(workdir, tmp_path, pipe, memory_root):
-    cfg = tiny_cfg(f"generate.image_store={memory_root}")
+    cfg = tiny_cfg(f"storage.images={memory_root}")
     df = _render(workdir, cfg, pipe)
     assert all(p.startswith("memory://") for p in df["path"])
     _assert_in_store(workdir, df, memory_root)
     # the manifest stays local; the cache key of a shard names the store
     assert workdir.synthetic_manifest.is_file()
-    assert gen.shard_cache_key_parts(workdir, cfg, 0, None)["image_store"] == memory_root
-    assert "image_store" not in gen.shard_cache_key_parts(workdir, tiny_cfg(), 0, None)
+    assert stage(workdir, cfg).key(0) != stage(workdir, tiny_cfg()).key(0)
+    assert str(workdir.using(cfg).images) == memory_root and workdir.using(tiny_cfg()).images == workdir.synthetic
 
     # idempotent: nothing to render or adopt, the manifest unchanged
-    state = gen.shard_state(workdir, cfg, 0, None)
+    state = shard_state(workdir, cfg, 0)
     assert (len(state.todo), len(state.adopt), state.done) == (0, 0, 6)
-    assert gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe) == []
+    assert render(workdir, cfg, 0, pipe=pipe) == []
     pd.testing.assert_frame_equal(read_manifest(workdir.synthetic_manifest, SYNTHETIC), df)
 
     # an image deleted from the store is rendered again, to the same bytes
     lost = df.iloc[0]
     fs, path = storage.to_fs(lost["path"])
     fs.rm(path)
-    assert [r["sample_key"] for r in gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)] == [lost["sample_key"]]
+    assert [r["sample_key"] for r in render(workdir, cfg, 0, pipe=pipe)] == [lost["sample_key"]]
     assert sha256_bytes(storage.read_bytes(lost["path"])) == lost["sha256"]
     # a PNG in the store that the manifest does not know of is adopted without rendering
     rows = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
     from dermt2im.core.manifest import write_manifest
 
     write_manifest(rows.iloc[1:], workdir.synthetic_manifest, SYNTHETIC)
-    state = gen.shard_state(workdir, cfg, 0, None)
+    state = shard_state(workdir, cfg, 0)
     assert [r["sample_key"] for r in state.adopt] == [rows.iloc[0]["sample_key"]] and not state.todo
 
     # the quality gate and memorisation audit read through the store
-    gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)  # records the adopted one
+    render(workdir, cfg, 0, pipe=pipe)  # records the adopted one
     seed_workdir(workdir, n_seeds=2)
-    assess(workdir, cfg)
+    assess(workdir, cfg.quality)
     assessed = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
     assert set(assessed["status"]) <= {"accepted", "rejected"} and len(assessed) == 6
     assert not assessed["reason"].fillna("").str.startswith(("missing", "unreadable")).any()
@@ -108,16 +109,16 @@ def test_render_assess_export_and_load_from_a_memory_store(workdir, tmp_path, pi
 def test_a_local_render_is_unchanged_by_the_option(workdir, pipe):
     df = _render(workdir, tiny_cfg(), pipe)
     assert all(p.startswith(str(workdir.synthetic)) for p in df["path"])
-    assert gen.png_path(workdir, "benign", "k") == workdir.synthetic / "benign" / "k.png"
+    assert workdir.png_path("benign", "k") == workdir.synthetic / "benign" / "k.png"
     # a local store is a folder, relative to the workdir unless absolute
-    assert gen.png_path(workdir, "benign", "k", tiny_cfg("generate.image_store=imgs")) == workdir.root / "imgs/benign/k.png"
+    assert workdir.using(tiny_cfg("storage.images=imgs")).png_path("benign", "k") == workdir.root / "imgs/benign/k.png"
 
 
 def test_render_round_trip_on_a_local_s3_endpoint(workdir, pipe, s3_bucket):  # noqa: F811
     store = f"{s3_bucket}/synthetic"
-    cfg = tiny_cfg(f"generate.image_store={store}")
+    cfg = tiny_cfg(f"storage.images={store}")
     df = _render(workdir, cfg, pipe)
     assert all(p.startswith("s3://") for p in df["path"])
     _assert_in_store(workdir, df, store)
-    assert gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe) == []
+    assert render(workdir, cfg, 0, pipe=pipe) == []
     assert load_rgb(df.iloc[0]["path"]).shape == (32, 32, 3)

@@ -10,18 +10,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-import dermt2im.ingest.stage as ingest_mod
-from dermt2im.core.config import IngestConfig, SplitConfig
-from dermt2im.ingest.stage import (
-    IngestError,
-    assign_splits,
-    detect_layout,
-    ingest_source,
-    reason_category,
-    resolve_label,
-    split_counts,
-)
+import dermt2im.ingest.files as ingest_files
+import dermt2im.ingest.stage as ingest_stage
 from dermt2im.core.manifest import SEEDS, read_manifest, upsert
+from dermt2im.core.specs import IngestConfig, SplitConfig
+from dermt2im.ingest.labels import label_map, resolve_label
+from dermt2im.ingest.layouts import IngestError, detect_layout
+from dermt2im.ingest.splits import assign_splits, split_counts
+from dermt2im.ingest.stage import ingest_source, reason_category
 from tests.ingest_fixtures import (
     TEXT_AS_JPEG,
     class_folders,
@@ -29,10 +25,10 @@ from tests.ingest_fixtures import (
     exif_rotated_jpeg,
     grey_png,
     jpeg,
+    phantom_like,
     png,
     png16,
     png_bomb,
-    phantom_like,
     put,
     rgba_png,
     truncated,
@@ -138,7 +134,7 @@ def test_missing_required_column_stops_before_any_work(tmp_path, monkeypatch, he
     def no_work(*a, **k):
         raise AssertionError("files were scanned before the CSV was checked")
 
-    monkeypatch.setattr(ingest_mod, "scan_images", no_work)
+    monkeypatch.setattr(ingest_stage, "scan_images", no_work)
     manifest = tmp_path / "m.parquet"
     with pytest.raises(IngestError) as err:
         ingest_source(src, manifest, CFG, layout=layout)
@@ -384,8 +380,8 @@ def test_plain_csv_paths_missing_escaping_and_found_below(tmp_path, monkeypatch)
         ],
     )
     opened: list[str] = []
-    real_examine = ingest_mod._examine
-    monkeypatch.setattr(ingest_mod, "_examine", lambda p, *a: opened.append(p) or real_examine(p, *a))
+    real_examine = ingest_files._examine
+    monkeypatch.setattr(ingest_files, "_examine", lambda p, *a: opened.append(p) or real_examine(p, *a))
     report, df = run(src, tmp_path / "seeds.parquet")
     assert report.layout == "csv"
     rows = by_rel(df, src)
@@ -534,8 +530,8 @@ def test_rerun_changes_nothing_and_decodes_nothing(tmp_path, monkeypatch):
     before, mtime = manifest.read_bytes(), manifest.stat().st_mtime_ns
 
     decoded: list[int] = []
-    real = ingest_mod.decode_facts
-    monkeypatch.setattr(ingest_mod, "decode_facts", lambda data, mp: decoded.append(1) or real(data, mp))
+    real = ingest_files.decode_facts
+    monkeypatch.setattr(ingest_files, "decode_facts", lambda data, mp: decoded.append(1) or real(data, mp))
     second, df2 = run(src, manifest)
     assert manifest.read_bytes() == before and manifest.stat().st_mtime_ns == mtime
     pd.testing.assert_frame_equal(df1, df2)
@@ -676,7 +672,7 @@ def test_test_set_ingest_marks_every_accepted_row_test(tmp_path):
 
 
 def test_resolve_label_never_guesses():
-    m = CFG.label_map()
+    m = label_map(CFG)
     assert resolve_label("Malignant", None, m) == ("malignant", None)
     assert resolve_label(None, "Basal_Cell_Carcinoma", m) == ("malignant", None)
     assert resolve_label("benign", "nevus", m) == ("benign", None)

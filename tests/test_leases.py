@@ -146,58 +146,69 @@ def pipe(one_thread):
 
 
 TINY = ["generate.per_class=4", "generate.shard_size=2", "generate.width=32", "generate.height=32",
-        "generate.steps_min=2", "generate.steps_max=2", "generate.batch_size=2", "generate.lease_seconds=0.5"]
+        "generate.steps_min=2", "generate.steps_max=2", "runtime.generate.batch_size=2",
+        "runtime.generate.lease_seconds=0.5"]
+
+
+def _worker(workdir, cfg, owner, timeout, pipe=None):
+    from dermt2im.runners.leased import run_claimed
+    from tests.generate_fixtures import stage
+
+    return run_claimed(stage(workdir, cfg, pipe=pipe), workdir.leases, ttl=cfg.runtime.generate.lease_seconds,
+                       owner=owner, poll_seconds=0.1, timeout=timeout)
 
 
 def test_worker_takes_over_a_dead_workers_shard_and_completes_the_plan(workdir, pipe):
-    from dermt2im.generate import stage as gen
     from dermt2im.core.config import load_config
     from dermt2im.core.manifest import SYNTHETIC, read_manifest, write_manifest
-    from dermt2im.runners.leased import leases_folder, run_worker
+    from tests.generate_fixtures import complete, plan, render
 
     cfg = load_config("smoke", TINY)
-    plan = gen.update_plan(workdir.plan_manifest, cfg.generate, token=cfg.train.instance_token)
-    assert sorted(plan["shard"].unique()) == [0, 1, 2, 3]
-    folder = leases_folder(workdir)
+    planned = plan(workdir, cfg)
+    assert sorted(planned["shard"].unique()) == [0, 1, 2, 3]
+    folder = workdir.leases
     # A worker died holding shard 0 after writing one PNG (never recorded) and a temporary.
     claim(folder, 0, "dead-worker", ttl=0.05)
-    gen.render_shard(workdir, cfg, 0, lora=None, pipe=pipe)
+    render(workdir, cfg, 0, pipe=pipe)
     df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
 
     write_manifest(df.iloc[0:0], workdir.synthetic_manifest, SYNTHETIC)  # as if killed before the upsert
     lost = df.iloc[1]
-    gen.png_path(workdir, lost["label"], lost["sample_key"]).unlink()  # one PNG never written ...
+    workdir.png_path(lost["label"], lost["sample_key"]).unlink()  # one PNG never written ...
     (workdir.synthetic / lost["label"] / f".{lost['sample_key']}.png.abc.tmp").write_bytes(b"half")  # ... half
-    # Another live worker holds shard 3 and finishes it while we wait.
+    # Another live worker holds shard 3 and finishes it only after ours has done the rest, so ours waits.
     live = claim(folder, 3, "live-worker", ttl=60)
 
     def finish_live():
-        time.sleep(1.0)
-        gen.render_shard(workdir, cfg, 3, lora=None, pipe=pipe)
+        deadline = time.monotonic() + 60
+        while not all(complete(workdir, cfg, s) for s in (0, 1, 2)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        render(workdir, cfg, 3, pipe=pipe)
         release(folder, live)
 
     t = threading.Thread(target=finish_live)
     t.start()
     time.sleep(0.1)
-    out = run_worker(workdir, cfg, lora=None, owner="me", poll_seconds=0.1, timeout=60, pipe=pipe)
+    out = _worker(workdir, cfg, "me", 60, pipe)
     t.join()
     assert out["complete"] and out["done_shards"] == 4 and out["takeovers"] == 1
     assert sorted(out["shards"]) == [0, 1, 2] and out["waits"] >= 1
     final = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
-    assert len(final) == 8 and final["sample_key"].is_unique and set(final["sample_key"]) == set(plan["sample_key"])
+    assert len(final) == 8 and final["sample_key"].is_unique and set(final["sample_key"]) == set(planned["sample_key"])
     assert final["sha256"].notna().all()
     pngs = sorted(workdir.synthetic.rglob("*.png"))
     assert len(pngs) == 8 and not list(workdir.synthetic.rglob("*.tmp"))
     assert not list(folder.glob("shard-*.json"))  # every lease released
 
-    again = run_worker(workdir, cfg, lora=None, owner="late", poll_seconds=0.1, timeout=5, pipe=pipe)
+    again = _worker(workdir, cfg, "late", 5, pipe)
     assert again["complete"] and again["shards"] == [] and again["images"] == 0
 
 
-def test_worker_without_a_plan_says_so(workdir):
+def test_a_worker_with_no_plan_makes_it_under_the_lock_like_any_generate_run(workdir, pipe):
     from dermt2im.core.config import load_config
-    from dermt2im.generate.stage import GenerationError
-    from dermt2im.runners.leased import run_worker
+    from dermt2im.core.manifest import PLAN, read_manifest
 
-    with pytest.raises(GenerationError, match="no plan"):
-        run_worker(workdir, load_config("smoke", TINY), lora=None, timeout=1)
+    out = _worker(workdir, load_config("smoke", TINY), "first", 60, pipe)
+    assert out["complete"] and out["planned_shards"] == 4
+    assert len(read_manifest(workdir.plan_manifest, PLAN)) == 8

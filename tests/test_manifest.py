@@ -2,7 +2,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from dermt2im.core.manifest import SEEDS, SYNTHETIC, ManifestError, digest, read_manifest, upsert, write_manifest
+from dermt2im.core.errors import ManifestError
+from dermt2im.core.identity import manifest_digest as digest
+from dermt2im.core.manifest import (
+    SEEDS,
+    SYNTHETIC,
+    read_manifest,
+    upsert,
+    write_manifest,
+)
 
 
 def test_write_read_roundtrip_with_schema_version(tmp_path):

@@ -5,8 +5,9 @@ import logging
 import pandas as pd
 import pytest
 
-from dermt2im.core.config import GenerateConfig, load_config
+from dermt2im.core.config import load_config
 from dermt2im.core.manifest import PLAN, read_manifest
+from dermt2im.core.specs import GenerateConfig
 from dermt2im.generate.plan import build_plan, sample_seed, update_plan
 from dermt2im.generate.samplers import UnknownSamplerError
 

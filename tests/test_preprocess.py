@@ -11,21 +11,22 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermt2im.preprocess import stage as pp
-from dermt2im.core.config import PreprocessConfig
 from dermt2im.core.fileio import sha256_file
 from dermt2im.core.imaging import encode_png
 from dermt2im.core.manifest import SEEDS, read_manifest, write_manifest
+from dermt2im.core.specs import PreprocessConfig
 from dermt2im.phantoms import draw_hairs, make_phantoms, render_phantom
-from dermt2im.preprocess.stage import (
-    PreprocessReport,
+from dermt2im.preprocess import pool as pp
+from dermt2im.preprocess.hair import remove_hair, scaled_kernel_size
+from dermt2im.preprocess.resize import (
     decode_at_least,
     preprocess_image,
+    resize_center_crop,
+)
+from dermt2im.preprocess.stage import (
+    PreprocessReport,
     preprocess_key,
     preprocess_manifest,
-    remove_hair,
-    resize_center_crop,
-    scaled_kernel_size,
 )
 
 FILLED = ["processed_path", "preprocess_key", "hair_fraction"]
@@ -149,7 +150,6 @@ def test_preprocess_key_covers_content_and_output_parameters_only():
     cfg = PreprocessConfig()
     k = preprocess_key("a" * 64, cfg)
     assert k == preprocess_key("a" * 64, PreprocessConfig())
-    assert k == preprocess_key("a" * 64, PreprocessConfig(workers=7))
     assert k != preprocess_key("b" * 64, cfg)
     for change in ({"size": 256}, {"hair_threshold": 20}, {"hair_kernel_size": 9}, {"inpaint_radius": 2},
                    {"inpaint_method": "ns"}, {"hair_removal": False}):
@@ -196,8 +196,8 @@ def test_preprocess_manifest_fills_columns_with_every_core(seeds, tmp_path, monk
     monkeypatch.setattr(pp, "ProcessPoolExecutor", lambda n, **kw: started.append(n) or real_pool(n, **kw))
     before = read_manifest(seeds, SEEDS)
     out = tmp_path / "processed"
-    cfg = PreprocessConfig(size=32, workers=2)
-    report = preprocess_manifest(seeds, out, cfg)
+    cfg = PreprocessConfig(size=32)
+    report = preprocess_manifest(seeds, out, cfg, workers=2)
     assert isinstance(report, PreprocessReport)
     assert (report.processed, report.cached, report.failed) == (6, 0, 0)
     assert started == [2]
@@ -217,7 +217,7 @@ def test_preprocess_manifest_fills_columns_with_every_core(seeds, tmp_path, monk
 
 def test_second_run_does_no_work_and_a_changed_parameter_reprocesses(seeds, tmp_path, monkeypatch):
     out = tmp_path / "processed"
-    cfg = PreprocessConfig(size=32, workers=1)
+    cfg = PreprocessConfig(size=32)
     preprocess_manifest(seeds, out, cfg)
     first = read_manifest(seeds, SEEDS)
     files = list(first["processed_path"].dropna())
@@ -228,12 +228,12 @@ def test_second_run_does_no_work_and_a_changed_parameter_reprocesses(seeds, tmp_
 
     monkeypatch.setattr(pp, "ProcessPoolExecutor", no_pool)
     monkeypatch.setattr(pp, "_process_job", lambda *a, **k: pytest.fail("an image was processed again"))
-    again = preprocess_manifest(seeds, out, PreprocessConfig(size=32, workers=2))  # workers do not matter
+    again = preprocess_manifest(seeds, out, PreprocessConfig(size=32), workers=2)  # workers do not matter
     assert (again.processed, again.cached, again.failed) == (0, 6, 0)
     assert _mtimes([*files, str(seeds)]) == stamps  # neither the images nor the manifest were rewritten
     monkeypatch.undo()
 
-    changed = preprocess_manifest(seeds, out, PreprocessConfig(size=32, workers=1, hair_threshold=30))
+    changed = preprocess_manifest(seeds, out, PreprocessConfig(size=32, hair_threshold=30), workers=1)
     assert (changed.processed, changed.cached) == (6, 0)
     second = read_manifest(seeds, SEEDS)
     accepted = second["status"] == "accepted"
@@ -243,7 +243,7 @@ def test_second_run_does_no_work_and_a_changed_parameter_reprocesses(seeds, tmp_
 
 def test_finished_files_are_adopted_after_a_lost_manifest_update(seeds, tmp_path, monkeypatch):
     out = tmp_path / "processed"
-    cfg = PreprocessConfig(size=32, workers=1)
+    cfg = PreprocessConfig(size=32)
     preprocess_manifest(seeds, out, cfg)
     done = read_manifest(seeds, SEEDS)
     blank = done.copy()
@@ -257,7 +257,7 @@ def test_finished_files_are_adopted_after_a_lost_manifest_update(seeds, tmp_path
 
 def test_a_missing_processed_file_is_made_again(seeds, tmp_path):
     out = tmp_path / "processed"
-    cfg = PreprocessConfig(size=32, workers=1)
+    cfg = PreprocessConfig(size=32)
     preprocess_manifest(seeds, out, cfg)
     victim = Path(read_manifest(seeds, SEEDS)["processed_path"].dropna().iloc[0])
     victim.unlink()
@@ -287,7 +287,7 @@ def test_bad_accepted_files_are_quarantined_with_a_reason(tmp_path, monkeypatch)
     changed.write_bytes(others[2].read_bytes())  # the file changed after ingest hashed it
     manifest = tmp_path / "seeds.parquet"
     _seed_manifest(folder, manifest, extra)
-    report = preprocess_manifest(manifest, tmp_path / "out", PreprocessConfig(size=32, workers=2))
+    report = preprocess_manifest(manifest, tmp_path / "out", PreprocessConfig(size=32), workers=2)
     assert (report.processed, report.failed) == (4, 5)
     df = read_manifest(manifest, SEEDS).set_index("source_path")
     reasons = {name: df.loc[str(tmp_path / name), "reason"] for name in names}
@@ -315,20 +315,20 @@ def test_duplicates_sharing_a_sample_id_are_processed_once(tmp_path, monkeypatch
     real = pp._process_job
     monkeypatch.setattr(pp, "_process_job", lambda job, *a: calls.append(job.sample_id) or real(job, *a))
     original.unlink()  # one copy is enough: it is the same content
-    report = preprocess_manifest(manifest, tmp_path / "out", PreprocessConfig(size=32, workers=1))
+    report = preprocess_manifest(manifest, tmp_path / "out", PreprocessConfig(size=32), workers=1)
     assert (report.processed, report.failed) == (3, 0) and len(calls) == 2
     df = read_manifest(manifest, SEEDS).set_index("source_path")
     assert df.loc[str(copy), "processed_path"] == df.loc[str(original), "processed_path"]
 
 
 def test_worker_count():
-    big, small = PreprocessConfig(size=512, workers=0), PreprocessConfig(size=64, workers=0)
-    assert pp.worker_count(big, 0) == 0
-    assert pp.worker_count(big, 1000) == pp.available_cores()
-    assert pp.worker_count(PreprocessConfig(workers=3), 1000) == 3
-    assert pp.worker_count(PreprocessConfig(workers=8), 2) == 1  # two 512 px images: not worth a pool
-    assert pp.worker_count(small, 24) == 1  # the smoke preset's seeds
-    assert pp.worker_count(PreprocessConfig(workers=8), 5) == 5
+    big, small = PreprocessConfig(size=512), PreprocessConfig(size=64)
+    assert pp.worker_count(big, 0, 0) == 0
+    assert pp.worker_count(big, 1000, 0) == pp.available_cores()
+    assert pp.worker_count(PreprocessConfig(), 1000, 3) == 3
+    assert pp.worker_count(PreprocessConfig(), 2, 8) == 1  # two 512 px images: not worth a pool
+    assert pp.worker_count(small, 24, 0) == 1  # the smoke preset's seeds
+    assert pp.worker_count(PreprocessConfig(), 5, 8) == 5
 
 
 def test_empty_manifest_is_no_work(tmp_path, monkeypatch):
@@ -350,7 +350,7 @@ def test_real_hairy_images_get_larger_hair_fractions(real_dermoscopy, tmp_path):
             for f, sha, lab in pd.concat([hairy, clear])[["file", "sha256", "label"]].itertuples(index=False)]
     manifest = tmp_path / "seeds.parquet"
     write_manifest(pd.DataFrame(rows), manifest, SEEDS)
-    report = preprocess_manifest(manifest, tmp_path / "out", PreprocessConfig(size=512, workers=2))
+    report = preprocess_manifest(manifest, tmp_path / "out", PreprocessConfig(size=512), workers=2)
     assert (report.processed, report.failed) == (12, 0)
     df = read_manifest(manifest, SEEDS)
     for path in df["processed_path"]:

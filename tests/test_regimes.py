@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from dermt2im.core.config import ValidateConfig
+from dermt2im.core.specs import ValidateConfig
 from dermt2im.validate.regimes import (
     REAL,
     SYNTHETIC,

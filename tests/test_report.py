@@ -4,11 +4,16 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from dermt2im.core.tracking import open_tracker
+from dermt2im.validate.compare import mcnemar_metric
 from dermt2im.validate.metrics import mean_ci
 from dermt2im.validate.table import ReportError, build_report
-from dermt2im.core.tracking import tracking_client
-from dermt2im.validate.stage import mcnemar_metric
 from tests.validate_fixtures import tiny_config
+
+
+def tracking_client(workdir, tracking):
+    tracker = open_tracker(workdir, tracking)
+    return tracker.client, tracker.experiment_id
 
 METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1")
 
@@ -46,7 +51,7 @@ def test_report_numbers_equal_the_mlflow_numbers(workdir):
     pvals = {("vit", "hybrid", "set-a", s): p for s, p in enumerate([0.5, 0.03, 1.0])}
     parent, ids = _log_comparison(workdir, cfg, values, failed={("vit", "hybrid", 9)}, p_values=pvals)
 
-    paths = build_report(workdir, cfg, parent_run_id=parent)
+    paths = build_report(workdir, cfg.tracking, parent_run_id=parent)
     assert {"table_md", "table_csv", "fig10"} <= set(paths)
     assert paths["fig10"].stat().st_size > 1000
     table = pd.read_csv(paths["table_csv"])
@@ -79,7 +84,7 @@ def test_a_real_gain_is_reported_as_such_and_a_noisy_one_is_not(workdir):
         values[("mobilenet_v2", "baseline", seed)] = {"clean": b, "noisy": b}
         values[("mobilenet_v2", "hybrid", seed)] = {"clean": h, "noisy": noisy}
     parent, _ = _log_comparison(workdir, cfg, values)
-    verdict = build_report(workdir, cfg, parent_run_id=parent)["verdict"].read_text()
+    verdict = build_report(workdir, cfg.tracking, parent_run_id=parent)["verdict"].read_text()
     assert "mobilenet_v2 on clean: hybrid balanced accuracy 0.817 vs baseline 0.610 (+0.207, 95% CI" in verdict
     assert "hybrid beats the baseline" in verdict
     assert "mobilenet_v2 on noisy: hybrid balanced accuracy 0.683" in verdict
@@ -99,7 +104,7 @@ def test_newest_comparison_by_default_and_newest_run_per_cell(workdir):
     for m in METRICS:
         client.log_metric(rerun, f"test.s.{m}", 0.99)
     client.set_terminated(rerun, "FINISHED")
-    table = pd.read_csv(build_report(workdir, cfg)["table_csv"])
+    table = pd.read_csv(build_report(workdir, cfg.tracking)["table_csv"])
     assert len(table) == 1 and table["balanced_accuracy_mean"].iloc[0] == pytest.approx((0.6 + 0.99) / 2)
     assert rerun in table["run_ids"].iloc[0]
     md = (workdir.reports / "table_iv.md").read_text()
@@ -109,8 +114,8 @@ def test_newest_comparison_by_default_and_newest_run_per_cell(workdir):
 def test_report_errors_are_clear(workdir):
     cfg = tiny_config("report-empty")
     with pytest.raises(ReportError, match="no comparison run .* run `dermt2im validate` first"):
-        build_report(workdir, cfg)
+        build_report(workdir, cfg.tracking)
     client, exp = tracking_client(workdir, cfg.tracking)
     other = client.create_run(exp).info.run_id
     with pytest.raises(ReportError, match="is not a comparison"):
-        build_report(workdir, cfg, parent_run_id=other)
+        build_report(workdir, cfg.tracking, parent_run_id=other)

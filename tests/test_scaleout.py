@@ -6,7 +6,7 @@ Everything runs here: a `prefect server start` subprocess with its own PREFECT_H
 process work pool with a unique name and one work queue per worker (so the test knows which
 worker runs which flow run), the `generate-worker` flow deployed from this checkout with
 ``flow.from_source``, and two `prefect worker start --limit 1` processes, each in its own process
-group. Both workers sleep before every PNG write (test-only DERMT2IM_TEST_WRITE_DELAY) so their
+group. Both workers sleep before every PNG write (tests/slow_writes, test-only) so their
 shards overlap in time and worker 1 is reliably killed in the middle of a shard: after it finished
 at least one shard, and after some PNGs of the current one are written but not all.
 """
@@ -33,9 +33,16 @@ pytestmark = pytest.mark.slow
 
 PER_CLASS, SHARD_SIZE = 8, 2  # 2 classes x 8 images in shards of 2: 8 shards
 OVERRIDES = [f"generate.per_class={PER_CLASS}", f"generate.shard_size={SHARD_SIZE}", "generate.width=32",
-             "generate.height=32", "generate.steps_min=2", "generate.steps_max=2", "generate.batch_size=1",
-             "generate.writer_threads=1", "generate.lease_seconds=4", "generate.samplers=[euler]"]
-WRITE_DELAY = {1: 1.5, 2: 1.0}  # seconds before each PNG write (test-only hook), per worker
+             "generate.height=32", "generate.steps_min=2", "generate.steps_max=2", "runtime.generate.batch_size=1",
+             "runtime.generate.writer_threads=1", "runtime.generate.lease_seconds=4", "generate.samplers=[euler]"]
+WRITE_DELAY = {1: 1.5, 2: 1.0}  # seconds before each PNG write (tests/slow_writes), per worker
+SLOW_WRITES = str(Path(__file__).resolve().parent / "slow_writes")
+
+
+def _slow(env: dict[str, str], delay: float) -> dict[str, str]:
+    """``env`` with every PNG write of the process delayed by ``delay`` seconds (tests/slow_writes)."""
+    paths = [SLOW_WRITES, str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    return {**env, "DERMT2IM_TEST_WRITE_DELAY": str(delay), "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def _prefect() -> list[str]:
@@ -160,11 +167,11 @@ def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(prefect_ser
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from dermt2im.generate.stage import update_plan
-    from dermt2im.runners.leases import read_lease
     from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest
     from dermt2im.core.workdir import Workdir, workdir_config
-    from dermt2im.runners.leased import leases_folder, shard_done
+    from dermt2im.generate.plan import update_plan
+    from dermt2im.runners.leases import read_lease
+    from tests.generate_fixtures import complete
 
     # the plan, in a fresh workdir; its config snapshot is what the workers read (config=None)
     w = Workdir.at(tmp_path / "work")
@@ -172,7 +179,7 @@ def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(prefect_ser
     plan = update_plan(w.plan_manifest, cfg.generate, token=cfg.train.instance_token)
     shards = sorted(plan["shard"].unique().tolist())
     assert len(plan) == 2 * PER_CLASS and len(shards) == 8
-    folder = leases_folder(w)
+    folder = w.leases
 
     url = prefect_server
     pool = f"scaleout-{uuid.uuid4().hex[:8]}"
@@ -198,12 +205,13 @@ def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(prefect_ser
             worker_flow = flow.from_source(source=str(ROOT), entrypoint="flows/generate_worker.py:generate_worker")
             worker_flow.deploy(name="scaleout", work_pool_name=pool, build=False, push=False,
                                print_next_steps=False,
-                               parameters={"workdir": str(w.root), "poll_seconds": 0.5, "timeout_seconds": 240})
+                               parameters={"workdir": str(w.root), "poll_seconds": 0.5, "timeout_seconds": 240,
+                                           "base_model_only": True})
 
             for i in (1, 2):
                 env = _base_env(tmp_path / f"worker{i}-home")
                 env.update(PREFECT_API_URL=url, PREFECT_WORKER_QUERY_SECONDS="1")
-                env["DERMT2IM_TEST_WRITE_DELAY"] = str(WRITE_DELAY[i])
+                env = _slow(env, WRITE_DELAY[i])
                 start(f"worker{i}", _prefect() + ["worker", "start", "--pool", pool, "--work-queue", f"w{i}",
                                                   "--type", "process", "--limit", "1"], env)
 
@@ -270,7 +278,7 @@ def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(prefect_ser
     pngs = list(w.synthetic.rglob("*.png"))
     assert len(pngs) == len(plan) and {p.stem for p in pngs} == set(df["sample_key"])
     assert not list(w.root.rglob("*.tmp")), list(w.root.rglob("*.tmp"))
-    assert all(shard_done(w, cfg, s, None) for s in shards)
+    assert all(complete(w, cfg, s) for s in shards)
     # Every lease released; the killed worker's one was taken over by worker 2 (its tombstone is kept).
     assert not list(folder.glob("shard-*.json"))
     tombs = list((folder / "expired").glob(f"shard-{killed_shard:06d}.*.json"))
@@ -297,13 +305,13 @@ def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path, whe
     name = f"fanout-{uuid.uuid4().hex[:8]}"
     w = Workdir.at(tmp_path / "work")
     overrides = [o for o in OVERRIDES if not o.startswith("generate.per_class")] + [
-        "generate.per_class=4", "generate.parallel_workers=2", f"generate.worker_deployment=generate-worker/{name}"]
+        "generate.per_class=4", "orchestration.parallel_workers=2", f"orchestration.worker_deployment=generate-worker/{name}"]
     bucket_env: dict[str, str] = {}
     if where == "s3":
         import fsspec
 
         bucket = request.getfixturevalue("s3_bucket")
-        overrides += [f"storage.manifests={bucket}/m", f"generate.image_store={bucket}/images"]
+        overrides += [f"storage.manifests={bucket}/m", f"storage.images={bucket}/images"]
         s3 = fsspec.config.conf["s3"]
         bucket_env = {"FSSPEC_S3_ENDPOINT_URL": s3["endpoint_url"], "FSSPEC_S3_KEY": s3["key"],
                       "FSSPEC_S3_SECRET": s3["secret"]}
@@ -317,7 +325,8 @@ def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path, whe
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
             flow.from_source(source=str(ROOT), entrypoint="flows/generate_worker.py:generate_worker").deploy(
                 name=name, work_pool_name=pool, build=False, push=False, print_next_steps=False,
-                parameters={"workdir": str(w.root), "poll_seconds": 0.5, "timeout_seconds": 240})
+                parameters={"workdir": str(w.root), "poll_seconds": 0.5, "timeout_seconds": 240,
+                            "base_model_only": True})
             for i in (1, 2):
                 env = _base_env(tmp_path / f"worker{i}-home")
                 env.update(PREFECT_API_URL=url, PREFECT_WORKER_QUERY_SECONDS="1", **bucket_env)
@@ -330,7 +339,7 @@ def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path, whe
             env = _base_env(tmp_path / "parent-home")
             env.update(PREFECT_API_URL=url, **bucket_env)
             script = ("import json, sys; from flows.generate import generate; "
-                      "out = generate(sys.argv[1], config='smoke', overrides=json.loads(sys.argv[2])); "
+                      "out = generate(sys.argv[1], config='smoke', overrides=json.loads(sys.argv[2]), base_model_only=True); "
                       "print('RESULT ' + json.dumps({k: out[k] for k in ('planned', 'rendered')}))")
             parent = subprocess.run([sys.executable, "-c", script, str(w.root), json.dumps(overrides)], cwd=ROOT,
                                     env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -376,18 +385,17 @@ def test_workers_split_a_plan_whose_manifests_and_images_live_on_s3(tmp_path, s3
     compaction the manifest holds exactly the plan, every row matching its object in the bucket."""
     from dermt2im.core import storage
     from dermt2im.core.fileio import sha256_bytes
-    from dermt2im.runners.leases import read_lease
     from dermt2im.core.manifest import PLAN, SYNTHETIC, pending_parts, read_manifest
-    from dermt2im.quality.stage import assess
     from dermt2im.core.workdir import Workdir, workdir_config
-    from dermt2im.runners.leased import leases_folder
+    from dermt2im.quality.stage import assess
+    from dermt2im.runners.leases import read_lease
 
     manifests, images = f"{s3_bucket}/run/manifests", f"{s3_bucket}/run/images"
     root = tmp_path / "work"
     cfg = workdir_config(Workdir.at(root), "smoke",
-                         OVERRIDES + [f"storage.manifests={manifests}", f"generate.image_store={images}"])
+                         OVERRIDES + [f"storage.manifests={manifests}", f"storage.images={images}"])
     w = Workdir.of(root, cfg)
-    folder = leases_folder(w)
+    folder = w.leases
     import fsspec
 
     s3 = fsspec.config.conf["s3"]  # the test endpoint (fixture): handed to the workers through fsspec's env config
@@ -398,10 +406,12 @@ def test_workers_split_a_plan_whose_manifests_and_images_live_on_s3(tmp_path, s3
     def start(i: int) -> None:
         env = _base_env(tmp_path / f"home{i}")
         env.update(FSSPEC_S3_ENDPOINT_URL=s3["endpoint_url"], FSSPEC_S3_KEY=s3["key"], FSSPEC_S3_SECRET=s3["secret"],
-                   DERMT2IM_TEST_WRITE_DELAY=str(WRITE_DELAY[i]), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/ml.db")
+                   MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/ml.db")
+        env = _slow(env, WRITE_DELAY[i])
         with open(logs / f"worker{i}.log", "w") as out:
             procs[i] = subprocess.Popen(_dermt2im() + ["worker", "--workdir", str(root), "--owner", f"w{i}", "--poll",
-                                                       "0.5", "--timeout", "240"], cwd=tmp_path, env=env, stdout=out,
+                                                       "0.5", "--timeout", "240", "--base-model-only"], cwd=tmp_path,
+                                        env=env, stdout=out,
                                         stderr=subprocess.STDOUT, start_new_session=True)
 
     def diagnostics() -> str:
@@ -440,7 +450,7 @@ def test_workers_split_a_plan_whose_manifests_and_images_live_on_s3(tmp_path, s3
     assert storage.is_file(w.synthetic_manifest)
     assert not (root / "manifests").exists() or not list((root / "manifests").rglob("*.parquet"))
     appended = read_manifest(w.synthetic_manifest, SYNTHETIC)
-    report = assess(w, cfg)  # what `dermt2im quality` runs next: gates the images and folds the parts in
+    report = assess(w, cfg.quality)  # what `dermt2im quality` runs next: gates the images and folds the parts in
     plan = read_manifest(w.plan_manifest, PLAN)
     df = read_manifest(w.synthetic_manifest, SYNTHETIC)
     assert pending_parts(w.synthetic_manifest) == [] and storage.is_file(w.synthetic_manifest)

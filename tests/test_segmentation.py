@@ -40,7 +40,7 @@ def test_prompt_finds_the_lesion_not_the_dark_vignette():
 
 def test_tiny_sam_reports_real_and_synthetic_side_by_side(workdir):
     make_validation_data(workdir, n_train=3, n_val=1, n_test=1, n_synthetic=3, n_external=1)
-    report = segmentation_check(workdir, tiny_config(segmentation_samples=2))
+    report = segmentation_check(workdir, tiny_config(segmentation_samples=2).validation)
     assert report.status == "ok", report.message
     table = pd.read_csv(report.paths["csv"])
     counts = table.groupby(["source", "label"]).size().to_dict()
@@ -56,7 +56,7 @@ def test_tiny_sam_reports_real_and_synthetic_side_by_side(workdir):
 def test_an_unavailable_sam_model_gives_a_message_not_a_crash(workdir):
     make_validation_data(workdir, n_train=1, n_val=1, n_test=1, n_synthetic=1, n_external=1)
     cfg = tiny_config(tiny=False, sam_model="/nonexistent/sam", segmentation_samples=1)
-    report = segmentation_check(workdir, cfg)
+    report = segmentation_check(workdir, cfg.validation)
     assert report.status == "unavailable"
     assert "SAM model '/nonexistent/sam' is not available" in report.message
     assert "validate.segmentation_samples=0" in report.paths["md"].read_text()

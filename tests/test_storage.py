@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from dermt2im.core import storage
+from dermt2im.core.identity import manifest_digest as digest
 from dermt2im.core.manifest import (
     PLAN,
     SEEDS,
     ManifestError,
-    digest,
     read_manifest,
     upsert,
     write_manifest,

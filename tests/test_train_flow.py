@@ -8,9 +8,9 @@ import yaml
 
 from dermt2im.diffusion import lora_files as lora_io
 from flows.train import train
-from tasks.caching import is_transient
+from tasks.retries import is_transient
 from tests.prefect_utils import task_states
-from tests.train_fixtures import TINY_TRAIN, make_seed_manifest
+from tests.train_fixtures import TINY_TRAIN, TINY_TRAIN_RUNTIME, make_seed_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -19,22 +19,23 @@ def test_train_flow_trains_then_serves_cache_and_redoes_a_deleted_lora(prefect_h
     make_seed_manifest(workdir, n_per_class=2, extra_val=False)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({"name": "tiny-train", "train": {**TINY_TRAIN, "max_steps": 4,
-                                                                        "validation_images_per_class": 0}}))
+                                                                        "validation_images_per_class": 0},
+                                      "runtime": {"train": TINY_TRAIN_RUNTIME}}))
     state = train(str(workdir.root), config=str(config), return_state=True)
     out = state.result()
-    assert task_states(state)["train_lora"] == ["Completed"]
+    assert task_states(state)["train"] == ["Completed"]
     assert not out["cached"] and out["steps"] == 4
     weights = out["weights"]["all"]
     assert lora_io.sha256_file(weights) == out["sha256"]["all"]
     assert set(out) >= {"run_id", "lora_dir", "lora_json", "weights", "kohya", "sha256", "cache_key"}
 
     again = train(str(workdir.root), return_state=True)  # the workdir's saved config
-    assert task_states(again)["train_lora"] == ["Cached"]
-    assert again.result() == out
+    assert task_states(again)["train"] == ["Cached"]
+    assert again.result()["cached"] and {**again.result(), "cached": False} == out  # the same LoRA, served
 
     (workdir.lora / out["run_id"] / lora_io.RUN_META).unlink()  # a cached result naming a deleted LoRA
     third = train(str(workdir.root), return_state=True)
-    assert task_states(third)["train_lora"] == ["Completed"]
+    assert task_states(third)["train"] == ["Completed"]
     assert third.result()["sha256"] == out["sha256"]  # retrained, deterministically
 
 

@@ -10,14 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dermt2im.diffusion import lora_files as lora_io
-
-from dermt2im.diffusion import models
-
-from dermt2im.train import stage as training
 from dermt2im.core.config import config_from_dict
 from dermt2im.core.workdir import Workdir
-from tests.train_fixtures import TINY_TRAIN, make_seed_manifest, tiny_config
+from dermt2im.diffusion import lora_files as lora_io
+from dermt2im.diffusion import models
+from dermt2im.train import data as train_data
+from dermt2im.train import loop as train_loop
+from dermt2im.train import state as training
+from dermt2im.train.checkpoints import latest_checkpoint
+from dermt2im.train.inputs import seeds_digest, training_images
+from dermt2im.train.stage import find_trained
+from tests.train_fixtures import TINY_TRAIN, make_seed_manifest, tiny_config, train
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +32,9 @@ def _losses(lora_dir, name="all"):
 
 def _eval_loss(pipe, workdir, res=32) -> float:
     """Denoising loss of ``pipe`` on the training images at fixed timesteps and noise."""
-    imgs = training.training_images(workdir)
+    imgs = training_images(workdir)
     items = [i for label in sorted(imgs) for i in imgs[label]]
-    x = torch.stack([training._load_rgb(i.path, res) for i in items])
+    x = torch.stack([train_data._load_rgb(i.path, res) for i in items])
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -58,7 +61,7 @@ def trained(tmp_path_factory):
     w = Workdir.at(tmp_path_factory.mktemp("trained") / "work")
     make_seed_manifest(w)
     seen = []
-    result = training.train_lora(w, tiny_config(max_steps=40, learning_rate=1e-2, checkpoint_every=10),
+    result = train(w, tiny_config(max_steps=40, learning_rate=1e-2, checkpoint_every=10),
                                  progress=lambda s, n, loss: seen.append((s, n)))
     return w, result, seen
 
@@ -86,7 +89,7 @@ def test_outputs_and_metadata(trained):
     assert meta["sha256"]["all"] == r.sha256["all"] == lora_io.sha256_file(r.weights["all"])
     assert meta["kohya_sha256"]["all"] == lora_io.sha256_file(d / lora_io.KOHYA_WEIGHTS)
     assert meta["base_model_identity"] == models.base_model_identity("tiny")
-    assert meta["seeds_digest"] == training.seeds_digest(w)
+    assert meta["seeds_digest"] == seeds_digest(training_images(w))
     assert meta["config"]["rank"] == 4 and meta["seed"] == TINY_TRAIN.get("seed", 42)
     assert {"torch", "diffusers", "peft", "transformers", "python"} <= set(meta["library_versions"])
     assert meta["training_images"] == {"benign": 3, "malignant": 3}  # val rows ignored
@@ -155,10 +158,10 @@ def test_second_call_is_cached_without_loading_a_model(trained, monkeypatch):
         raise AssertionError("a cached training must not load a model")
 
     monkeypatch.setattr(models, "load_pipeline", boom)
-    again = training.train_lora(w, tiny_config(max_steps=40, learning_rate=1e-2, checkpoint_every=10))
+    again = train(w, tiny_config(max_steps=40, learning_rate=1e-2, checkpoint_every=10))
     assert again.cached and again.weights == r.weights and again.sha256 == r.sha256
-    assert training.find_trained(w, tiny_config(max_steps=40, learning_rate=1e-2, checkpoint_every=10)) is not None
-    assert training.find_trained(w, tiny_config(max_steps=41, learning_rate=1e-2, checkpoint_every=10)) is None
+    assert find_trained(w, tiny_config(max_steps=40, learning_rate=1e-2, checkpoint_every=10).train) is not None
+    assert find_trained(w, tiny_config(max_steps=41, learning_rate=1e-2, checkpoint_every=10).train) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +174,7 @@ def reference(tmp_path_factory):
     w = Workdir.at(tmp_path_factory.mktemp("reference") / "work")
     make_seed_manifest(w)
     cfg = tiny_config(validation_images_per_class=0)
-    return w, cfg, training.train_lora(w, cfg, run_id="ref")
+    return w, cfg, train(w, cfg, run_id="ref")
 
 
 def _tensors(path):
@@ -194,7 +197,7 @@ class _Stop(Exception):
 
 def test_same_config_same_weights_and_resume_is_exact(reference):
     w, cfg, ref = reference
-    again = training.train_lora(w, cfg, run_id="again")
+    again = train(w, cfg, run_id="again")
     _assert_same_weights(ref.weights["all"], again.weights["all"])
 
     def kill_at_7(step, total, loss):
@@ -202,11 +205,11 @@ def test_same_config_same_weights_and_resume_is_exact(reference):
             raise _Stop
 
     with pytest.raises(_Stop):
-        training.train_lora(w, cfg, run_id="killed", progress=kill_at_7)
+        train(w, cfg, run_id="killed", progress=kill_at_7)
     killed = w.lora / "killed"
     assert not (killed / lora_io.DIFFUSERS_WEIGHTS).exists() and not (killed / lora_io.RUN_META).exists()
-    assert training.latest_checkpoint(killed / training.CHECKPOINTS).name == "step-000004"
-    resumed = training.train_lora(w, cfg, run_id="killed", resume="latest")
+    assert latest_checkpoint(killed / training.CHECKPOINTS).name == "step-000004"
+    resumed = train(w, cfg, run_id="killed", resume="latest")
     _assert_same_weights(ref.weights["all"], resumed.weights["all"])
     assert _losses(resumed.lora_dir) == _losses(ref.lora_dir)
     assert json.loads((resumed.lora_json).read_text())["steps"] == 12
@@ -215,25 +218,25 @@ def test_same_config_same_weights_and_resume_is_exact(reference):
 def test_resume_refuses_a_checkpoint_of_other_inputs(reference):
     w, cfg, ref = reference
     with pytest.raises(training.TrainingError, match="different training"):
-        training.train_lora(w, tiny_config(validation_images_per_class=0, learning_rate=2e-3),
+        train(w, tiny_config(validation_images_per_class=0, learning_rate=2e-3),
                             run_id="other", resume=str(ref.lora_dir / training.CHECKPOINTS / "step-000008"))
 
 
 def test_injected_nan_stops_with_step_and_writes_no_lora(reference, monkeypatch):
     w, cfg, _ = reference
-    real = training._step_loss
+    real = train_loop._step_loss
 
     def nan_at_3(ctx, run, batch, sl):
         loss = real(ctx, run, batch, sl)
         return loss * float("nan") if batch.step == 3 else loss
 
-    monkeypatch.setattr(training, "_step_loss", nan_at_3)
+    monkeypatch.setattr(train_loop, "_step_loss", nan_at_3)
     with pytest.raises(training.TrainingError, match=r"loss is nan at step 3 of 12"):
-        training.train_lora(w, cfg, run_id="nan")
+        train(w, cfg, run_id="nan")
     d = w.lora / "nan"
     assert not list(d.glob("*.safetensors")) and not (d / lora_io.RUN_META).exists()
 
-    skip = training.train_lora(w, tiny_config(validation_images_per_class=0, nan_policy="skip"), run_id="nan-skip")
+    skip = train(w, tiny_config(validation_images_per_class=0, nan_policy="skip"), run_id="nan-skip")
     meta = json.loads(skip.lora_json.read_text())
     assert meta["skipped_steps"] == {"all": [3]} and any("step 3" in x for x in meta["warnings"])
     assert all(torch.isfinite(t).all() for t in _tensors(skip.weights["all"]).values())
@@ -242,7 +245,7 @@ def test_injected_nan_stops_with_step_and_writes_no_lora(reference, monkeypatch)
 
 def test_cuda_oom_halves_micro_batch_and_keeps_the_update(reference, monkeypatch):
     w, cfg, ref = reference
-    real = training._step_loss
+    real = train_loop._step_loss
     calls = []
 
     def oom_on_full_batches(ctx, run, batch, sl):
@@ -251,8 +254,8 @@ def test_cuda_oom_halves_micro_batch_and_keeps_the_update(reference, monkeypatch
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(ctx, run, batch, sl)
 
-    monkeypatch.setattr(training, "_step_loss", oom_on_full_batches)
-    r = training.train_lora(w, cfg, run_id="oom")
+    monkeypatch.setattr(train_loop, "_step_loss", oom_on_full_batches)
+    r = train(w, cfg, run_id="oom")
     meta = json.loads(r.lora_json.read_text())
     assert meta["micro_batch"] == {"all": 1} and meta["oom_events"] == {"all": [1]}
     assert calls[0] == 2 and set(calls[1:]) == {1}
@@ -274,17 +277,17 @@ def no_model(monkeypatch):
 def test_class_without_images_fails_before_loading(workdir, no_model):
     make_seed_manifest(workdir, labels=("benign",))
     with pytest.raises(training.TrainingError, match="no training images for class 'malignant'"):
-        training.train_lora(workdir, tiny_config())
+        train(workdir, tiny_config())
     assert not any(workdir.lora.iterdir())
 
 
 def test_empty_manifest_names_both_classes(workdir, no_model):
     with pytest.raises(training.TrainingError, match="'benign' and 'malignant'"):
-        training.train_lora(workdir, tiny_config())
+        train(workdir, tiny_config())
 
 
 @pytest.mark.parametrize(
-    "train, message",
+    "settings, message",
     [
         ({"instance_prompt": "a photo of {token} lesion"}, "no {label} placeholder"),
         ({"instance_prompt": "a photo of {token} {label} {colour}"}, "unknown placeholder"),
@@ -293,21 +296,21 @@ def test_empty_manifest_names_both_classes(workdir, no_model):
         ({"base_model": "weights.ckpt"}, "never pickles"),
     ],
 )
-def test_bad_configs_give_clear_errors(workdir, no_model, train, message):
+def test_bad_configs_give_clear_errors(workdir, no_model, settings, message):
     make_seed_manifest(workdir, n_per_class=1, extra_val=False)
     with pytest.raises(training.TrainingError, match=message):
-        training.train_lora(workdir, tiny_config(**train))
+        train(workdir, tiny_config(**settings))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
 def test_cuda_requested_without_cuda(workdir, no_model):
     make_seed_manifest(workdir, n_per_class=1, extra_val=False)
     with pytest.raises(training.TrainingError, match="CUDA is not available"):
-        training.train_lora(workdir, tiny_config(device="cuda"))
+        train(workdir, tiny_config(device="cuda"))
 
 
 def test_config_still_validates_types():
-    from dermt2im.core.config import ConfigError
+    from dermt2im.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.rank"):
         config_from_dict({"train": {"rank": 0}})
@@ -319,7 +322,7 @@ def test_config_still_validates_types():
 
 def test_per_class_loras(workdir):
     make_seed_manifest(workdir, n_per_class=2, extra_val=False)
-    r = training.train_lora(workdir, tiny_config(lora_per_class=True, instance_prompt="a dermoscopic image of {token} lesion",
+    r = train(workdir, tiny_config(lora_per_class=True, instance_prompt="a dermoscopic image of {token} lesion",
                                                  max_steps=4, learning_rate=1e-2))
     assert set(r.weights) == {"benign", "malignant"}
     meta = json.loads(r.lora_json.read_text())
@@ -338,7 +341,7 @@ def test_prior_preservation_text_encoder_snr_offset_noise(workdir):
     cfg = tiny_config(prior_preservation=True, num_class_images=2, class_image_steps=2, train_text_encoder=True,
                       snr_gamma=5.0, noise_offset=0.05, max_steps=3, optimizer="adamw8bit",
                       mixed_precision="fp16", gradient_checkpointing=True, validation_images_per_class=0)
-    r = training.train_lora(workdir, cfg)
+    r = train(workdir, cfg)
     meta = json.loads(r.lora_json.read_text())
     assert r.optimizer == "adamw" and meta["mixed_precision"] == "no"
     assert any("adamw8bit requested" in x for x in meta["warnings"])

@@ -8,8 +8,10 @@ import pytest
 from mlflow import MlflowClient
 
 from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
-from dermt2im.validate.stage import CELL_TAGS, ValidationError, validate
+from dermt2im.validate.cell import CELL_TAGS
+from dermt2im.validate.inputs import ValidationError
 from tests.validate_fixtures import make_validation_data, tiny_config
+from tests.validate_fixtures import run_validation as validate
 
 pytestmark = pytest.mark.slow
 
@@ -135,8 +137,8 @@ def test_validate_flow_runs_cells_as_cached_tasks(prefect_harness, workdir):
     assert out["runs"] == 2 and out["skipped"] == {}
     assert (workdir.reports / "table_iv.md").is_file() and out["report"]["fig10"].endswith("fig10.png")
     states = task_states(state)
-    assert sorted(states["validate-cell"]) == ["Completed", "Completed"]
-    assert states["table-iv"] == ["Completed"]
+    assert sorted(states["validate"]) == ["Completed", "Completed"]
+    assert states["validate-close"] == ["Completed"]
 
     from prefect.client.orchestration import get_client
 
@@ -146,7 +148,7 @@ def test_validate_flow_runs_cells_as_cached_tasks(prefect_harness, workdir):
 
     again = validate_flow(str(workdir.root), "smoke", overrides, log_model=False, return_state=True)
     assert again.result()["parent_run_id"] == out["parent_run_id"]
-    assert set(task_states(again)["validate-cell"]) == {"Cached"}
+    assert set(task_states(again)["validate"]) == {"Cached"}
     children = _children(MlflowClient(), out["parent_run_id"])
     assert len(children) == 2
     assert np.isfinite([c.data.metrics["test.seeds-test.accuracy"] for c in children]).all()

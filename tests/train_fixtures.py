@@ -22,18 +22,27 @@ TINY_TRAIN = {
     "lr_warmup_steps": 2,
     "learning_rate": 1.0e-3,
     "mixed_precision": "no",
-    "gradient_checkpointing": False,
-    "checkpoint_every": 4,
-    "checkpoints_keep": 2,
     "validation_images_per_class": 1,
     "validation_steps": 2,
-    "device": "cpu",
     "optimizer": "auto",
 }
+TINY_TRAIN_RUNTIME = {"gradient_checkpointing": False, "checkpoint_every": 4, "checkpoints_keep": 2, "device": "cpu"}
 
 
 def tiny_config(**train):
-    return config_from_dict({"name": "test", "train": {**TINY_TRAIN, **train}})
+    """A factory config with the tiny training settings; ``train`` may set spec or runtime keys."""
+    runtime = {**TINY_TRAIN_RUNTIME, **{k: v for k, v in train.items() if k in TINY_TRAIN_RUNTIME}}
+    spec = {**TINY_TRAIN, **{k: v for k, v in train.items() if k not in TINY_TRAIN_RUNTIME}}
+    return config_from_dict({"name": "test", "train": spec, "runtime": {"train": runtime}})
+
+
+def train(workdir, cfg, **kw):
+    """``train_lora`` with the train spec, runtime and tracking of a factory config."""
+    from dermt2im.train.stage import train_lora
+    from dermt2im.train.state import Preview
+
+    return train_lora(workdir, cfg.train, cfg.runtime.train, tracking=cfg.tracking, preview=Preview.of(cfg.generate),
+                      **kw)
 
 
 def lesion_image(label: str, i: int, size: int = 32) -> np.ndarray:

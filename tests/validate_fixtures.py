@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dermt2im.core.config import LABELS, FactoryConfig, config_from_dict
+from dermt2im.core.config import FactoryConfig, config_from_dict
 from dermt2im.core.imaging import encode_png
 from dermt2im.core.manifest import SEEDS, SYNTHETIC, write_manifest
+from dermt2im.core.specs import LABELS
 from dermt2im.core.workdir import Workdir
 
 STYLE_CAST = {"isic": (1.0, 0.97, 0.98), "ham": (1.08, 0.9, 0.7)}
@@ -155,10 +156,18 @@ def tiny_config(experiment: str = "test-validation", **validate: object) -> Fact
         "early_stopping_patience": 2,
         "image_size": 32,
         "mixed_precision": "no",
-        "device": "cpu",
         "segmentation_samples": 0,
     }
     section.update(validate)
-    return config_from_dict({"name": "test", "validate": section, "tracking": {"experiment": experiment}})
+    runtime = {"device": section.pop("device", "cpu")}
+    return config_from_dict({"name": "test", "validate": section, "runtime": {"validate": runtime},
+                             "tracking": {"experiment": experiment}})
+
+
+def run_validation(workdir, cfg, **kw):
+    """``validate`` with the validate spec, runtime and tracking of a factory config."""
+    from dermt2im.validate.stage import validate
+
+    return validate(workdir, cfg.validation, cfg.runtime.validation, cfg.tracking, **kw)
 
 

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dermt2im.core.errors import DecodeError
+
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
-
-
-class DecodeError(ValueError):
-    """The bytes are not a usable image. ``str(err)`` is the quarantine reason."""
 
 
 @dataclass(frozen=True)

@@ -40,12 +40,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dermt2im.core import storage
+from dermt2im.core.errors import ManifestError
 
 SCHEMA_VERSION = 1
-
-
-class ManifestError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -243,16 +240,21 @@ def _merge(existing: pd.DataFrame, rows: pd.DataFrame, kind: ManifestSchema) -> 
     return merged.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
-def rewrite(path: str | Path, kind: ManifestSchema, change: Callable[[pd.DataFrame], pd.DataFrame]) -> pd.DataFrame:
-    """Read the manifest (parts included), write ``change(frame)`` as the new base, then delete the
-    parts that were read; returns what was written. One rewriter per manifest at a time (see the
-    module docstring)."""
+def _rewrite(path: str | Path, kind: ManifestSchema,
+             change: Callable[[pd.DataFrame], pd.DataFrame]) -> tuple[pd.DataFrame, list[str | Path]]:
     current, parts = _read_with_parts(path, kind)
     table = conform(change(current), kind)
     write_manifest(table.to_pandas(), path, kind)
     for part in parts:
         storage.remove(part)
-    return table.to_pandas()
+    return table.to_pandas(), parts
+
+
+def rewrite(path: str | Path, kind: ManifestSchema, change: Callable[[pd.DataFrame], pd.DataFrame]) -> pd.DataFrame:
+    """Read the manifest (parts included), write ``change(frame)`` as the new base, then delete the
+    parts that were read; returns what was written. One rewriter per manifest at a time (see the
+    module docstring)."""
+    return _rewrite(path, kind, change)[0]
 
 
 def upsert(path: str | Path, rows: pd.DataFrame, kind: ManifestSchema) -> pd.DataFrame:
@@ -284,10 +286,9 @@ def compact(path: str | Path, kind: ManifestSchema, lock_dir: str | Path | None 
     if not pending_parts(path):
         return 0
     with writer_lock(path, lock_dir):
-        n = len(pending_parts(path))
-        if n:
-            rewrite(path, kind, lambda current: current)
-    return n
+        if not pending_parts(path):
+            return 0
+        return len(_rewrite(path, kind, lambda current: current)[1])
 
 
 @contextlib.contextmanager
@@ -341,16 +342,6 @@ def record_rows(path: str | Path, rows: pd.DataFrame, kind: ManifestSchema) -> N
     with writer_lock(path):
         upsert(path, rows, kind)
 
-
-def digest(path: str | Path, kind: ManifestSchema, columns: list[str] | None = None) -> str:
-    """Content hash of a manifest independent of row order and file encoding (for cache keys)."""
-    df = read_manifest(path, kind)
-    cols = columns or kind.columns
-    df = df[cols].sort_values(list(k for k in kind.key if k in cols) or cols).reset_index(drop=True)
-    h = hashlib.sha256()
-    h.update(",".join(cols).encode())
-    h.update(pd.util.hash_pandas_object(df.astype("string").fillna("\x00"), index=False).values.tobytes())
-    return h.hexdigest()
 
 
 # Owned by the generation stage (dermt2im.generate.stage); read by quality, validation and export.

@@ -29,7 +29,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from dermt2im.core.fileio import atomic_path, atomic_write_bytes, sha256_bytes, sha256_file
+from dermt2im.core.fileio import (
+    atomic_path,
+    atomic_write_bytes,
+    sha256_bytes,
+    sha256_file,
+)
 
 __all__ = ["atomic_put_bytes", "atomic_target", "exists", "files_in", "is_file", "is_remote", "join", "local_path",
            "open_read", "read_bytes", "remove", "resolve", "sha256", "to_fs", "version_token"]

@@ -20,21 +20,23 @@ Location = str | Path  # a local path, or an fsspec URL (dermt2im.core.storage)
 class Workdir:
     root: Path
     manifest_store: str | None = None  # storage.manifests: None keeps the manifests in W/manifests
+    image_store: str | None = None  # storage.images: None keeps rendered PNGs in W/synthetic
 
     @classmethod
-    def at(cls, root: str | Path, manifests: str | None = None) -> "Workdir":
-        w = cls(Path(root).expanduser().resolve(), manifests or None)
+    def at(cls, root: str | Path, manifests: str | None = None, images: str | None = None) -> "Workdir":
+        w = cls(Path(root).expanduser().resolve(), manifests or None, images or None)
         w.root.mkdir(parents=True, exist_ok=True)
         return w
 
     @classmethod
     def of(cls, root: str | Path, cfg: "FactoryConfig") -> "Workdir":
-        """The workdir at ``root`` with the manifest location ``cfg`` names."""
-        return cls.at(root, cfg.storage.manifests)
+        """The workdir at ``root`` with the manifest and image locations ``cfg`` names."""
+        return cls.at(root, cfg.storage.manifests, cfg.storage.images)
 
     def using(self, cfg: "FactoryConfig") -> "Workdir":
-        """This workdir with the manifest location ``cfg`` names."""
-        return dataclasses.replace(self, manifest_store=cfg.storage.manifests or None)
+        """This workdir with the manifest and image locations ``cfg`` names."""
+        return dataclasses.replace(self, manifest_store=cfg.storage.manifests or None,
+                                   image_store=cfg.storage.images or None)
 
     def _dir(self, *parts: str) -> Path:
         p = self.root.joinpath(*parts)
@@ -83,6 +85,28 @@ class Workdir:
         """Lock files for manifests on object stores (``manifest.writer_lock``): every worker shares
         this workdir (its leases live here too), so its POSIX locks cover them all."""
         return self._dir(".locks")
+
+    @property
+    def images(self) -> Location:
+        """Where rendered PNGs go: ``storage.images`` (a URL, or a folder relative to the workdir),
+        else W/synthetic."""
+        if self.image_store is None:
+            return self.synthetic
+        return self.image_store if storage.is_remote(self.image_store) else storage.resolve(self.image_store, self.root)
+
+    def png_path(self, label: str, sample_key: str) -> Location:
+        """A rendered image's location: a ``Path`` locally, a ``str`` URL on an image store."""
+        return storage.join(self.images, label, f"{sample_key}.png")
+
+    @property
+    def leases(self) -> Path:
+        """Scale-out: one lease file per shard being rendered (``dermt2im.runners.leases``)."""
+        return self._dir("synthetic", ".leases")
+
+    @property
+    def stamps(self) -> Path:
+        """What each stage unit was last made for (``dermt2im.stage.Stamps``)."""
+        return self._dir(".stamps")
 
     @property
     def processed(self) -> Path:
@@ -153,12 +177,13 @@ def workdir_config(workdir: Workdir, config: str | Path | None = None, overrides
 
     snapshot = workdir.root / CONFIG_SNAPSHOT
     if config is None and snapshot.is_file():
-        cfg = config_from_dict(yaml.safe_load(snapshot.read_text()) or {}, str(snapshot), overrides)
-        if not overrides:
-            return cfg
+        saved = yaml.safe_load(snapshot.read_text()) or {}
+        cfg = config_from_dict(saved, str(snapshot), overrides)
+        if not overrides and saved == cfg.model_dump(mode="json", by_alias=True):
+            return cfg  # unchanged (a snapshot in an older layout is saved again in the current one)
     else:
         cfg = load_config(config or "smoke", overrides)
-    atomic_write_text(snapshot, yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+    atomic_write_text(snapshot, cfg.as_yaml())
     return cfg
 
 

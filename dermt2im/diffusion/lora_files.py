@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dermt2im.core.errors import DermT2imError
 from dermt2im.core.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -33,7 +34,7 @@ DEFAULT_ADAPTER = "dermt2im"
 _PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
-class LoraError(ValueError):
+class LoraError(DermT2imError, ValueError):
     pass
 
 

@@ -14,6 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dermt2im.core import identity
+from dermt2im.core.errors import DermT2imError
+
 TINY = "tiny"
 
 # Bumped when the tiny model's construction changes in a way the configs below do not show.
@@ -81,7 +84,7 @@ SD15_SCHEDULE: dict[str, Any] = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(DermT2imError, ValueError):
     """A base model that cannot be used, worded for the person who configured it."""
 
 
@@ -226,7 +229,12 @@ def build_tiny_components(seed: int = 0) -> dict:
 def build_sd15_random_pipeline():
     """Stable Diffusion v1.5's architecture (UNet, VAE, CLIP ViT-L text encoder) with random weights, for
     speed and memory benchmarks on a GPU without downloading the model (speed does not depend on weights)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tok = build_tiny_tokenizer()
@@ -314,32 +322,18 @@ def load_pipeline(base_model: str, revision: str | None = None, *, torch_dtype=N
     return pipe.to(device)
 
 
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
 def base_model_identity(base_model: str, revision: str | None = None) -> str:
-    """A stable, content-based identity for cache keys and manifests (see module docstring)."""
-    from dermt2im.core.fileio import sha256_file
-
+    """A stable, content-based identity for keys and manifests (recipes in ``dermt2im.core.identity``):
+    the tiny model's construction, a checkpoint file's sha256, a folder's file listing, a hub id at
+    its revision."""
     kind = _kind(base_model)
     if kind == "tiny":
         return tiny_identity(0)
-    p = Path(base_model).expanduser().resolve()
     if kind == "file":
-        st = p.stat()
-        key = (str(p), st.st_size, st.st_mtime_ns)
-        if key not in _FILE_HASHES:
-            _FILE_HASHES[key] = sha256_file(p)
-        return f"file:{_FILE_HASHES[key]}"
+        return identity.file_identity(base_model)
     if kind == "dir":
-        h = hashlib.sha256((p / "model_index.json").read_bytes())
-        for f in sorted(x for x in p.rglob("*") if x.is_file()):
-            rel = f.relative_to(p).as_posix()
-            if any(part.startswith(".") for part in rel.split("/")):
-                continue
-            h.update(f"{rel}\0{f.stat().st_size}\n".encode())
-        return f"dir:{h.hexdigest()}"
-    return f"hub:{base_model}@{revision or 'main'}"
+        return identity.folder_identity(base_model)
+    return identity.hub_identity(base_model, revision)
 
 
 def resolve_device(pref: str) -> str:

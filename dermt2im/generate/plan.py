@@ -19,25 +19,22 @@ plan and asking for more samples only appends rows: the existing prefix is uncha
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 import pandas as pd
 
-from dermt2im.core import storage
-from dermt2im.core.config import LABELS, GenerateConfig
+from dermt2im.core import identity, storage
 from dermt2im.core.manifest import PLAN, read_manifest, write_manifest
+from dermt2im.core.specs import LABELS, GenerateConfig
 from dermt2im.generate.samplers import check_sampler_names
 
 log = logging.getLogger(__name__)
 
-INT63 = (1 << 63) - 1
 
 
 def sample_seed(base_seed: int, label: str, index: int) -> int:
-    digest = hashlib.sha256(f"dermt2im:{base_seed}:{label}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & INT63
+    return identity.seed_for_sample(base_seed, label, index)
 
 
 def sample_key(label: str, index: int) -> str:
@@ -165,3 +162,11 @@ def _counts(df: pd.DataFrame) -> str:
 
 def shards_of(plan: pd.DataFrame) -> list[int]:
     return sorted(int(s) for s in plan["shard"].unique())
+
+
+def planned_per_class(plan_path: Path | str) -> int:
+    """How many images per class the plan at ``plan_path`` holds (0 when there is none)."""
+    plan = read_manifest(plan_path, PLAN)
+    if plan.empty:
+        return 0
+    return int(plan.groupby("label")["index"].max().min()) + 1

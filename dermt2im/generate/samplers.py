@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from dermt2im.core.errors import DermT2imError
+
 if TYPE_CHECKING:  # diffusers is imported by the factories, so planning stays light
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 
-class UnknownSamplerError(ValueError, KeyError):
+class UnknownSamplerError(DermT2imError, ValueError, KeyError):
     """A sampler name that is not in ``SAMPLERS``. Both a ValueError and a KeyError."""
 
     def __str__(self) -> str:  # KeyError would repr() the message

@@ -1,18 +1,15 @@
-"""Scale-out generation: several workers split one plan through shard leases.
+"""The leased runner: many workers split one stage's units through leases (scale-out generation).
 
-Each worker runs ``run_worker``: it scans the plan's shards, claims one that is neither done nor
-validly leased (``dermt2im.runners.leases``), renders it with ``render_shard`` while a heartbeat renews the
-lease, releases it, and goes on. When every remaining shard is leased by someone else it waits and
-looks again, so a shard whose worker died is taken over once that lease expires
-(``generate.lease_seconds``). It returns when every shard is done (or at ``timeout``).
+Each worker runs ``run_claimed``: it scans the stage's units, claims one that is neither finished nor
+validly leased (``dermt2im.runners.leases``), runs it while a heartbeat renews the lease, releases
+it, and goes on. When every remaining unit is leased by someone else it waits and looks again, so a
+unit whose worker died is taken over once that lease expires (``runtime.generate.lease_seconds``).
+It returns when every unit is finished (or at ``timeout``), after closing the stage.
 
-Nothing is duplicated or lost when a worker dies mid-shard: ``render_shard`` is idempotent (PNGs
-are written atomically, a PNG written but never recorded is adopted, temporaries are removed) and
-rows are recorded by ``sample_key`` (``manifest.record_rows``: an upsert under a lock, or an appended
-part on an object store, which each worker folds in after its shard). Leases live in
-``W/synthetic/.leases``; all workers must see the same workdir (one host, or a shared POSIX
-filesystem), while the manifests and images may sit in a bucket (``storage.manifests``,
-``generate.image_store``).
+Nothing is duplicated or lost when a worker dies mid-unit, because a stage's units are idempotent
+(generation: PNGs written atomically, a PNG written but never recorded is adopted, rows recorded by
+``sample_key``). Units are integers (shard numbers); leases live in ``<folder>`` on storage every
+worker sees (one host, or a shared POSIX filesystem).
 """
 
 from __future__ import annotations
@@ -23,142 +20,76 @@ import socket
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
-import pandas as pd
-
-from dermt2im.generate import stage as gen
 from dermt2im.runners import leases
-from dermt2im.core.config import LABELS, FactoryConfig
-from dermt2im.core.manifest import PLAN, SYNTHETIC, compact, read_manifest
-from dermt2im.generate.plan import shards_of
-from dermt2im.core.workdir import Workdir
+from dermt2im.stage import Stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["default_owner", "leases_folder", "plan_shards", "run_worker", "shard_done"]
-
-# Test-only: seconds to sleep before each PNG write, so a test can kill a worker mid-shard.
-TEST_WRITE_DELAY_ENV = "DERMT2IM_TEST_WRITE_DELAY"
-
-
-def leases_folder(workdir: Workdir) -> Path:
-    return workdir.synthetic / ".leases"
+__all__ = ["default_owner", "run_claimed"]
 
 
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def plan_shards(workdir: Workdir) -> list[int]:
-    """The plan's shards, one class after the other (per-class LoRAs: one pipeline swap per class)."""
-    plan = read_manifest(workdir.plan_manifest, PLAN)
-    if plan.empty:
-        raise gen.GenerationError(f"no plan at {workdir.plan_manifest}: plan first (dermt2im generate)")
-    return sorted(shards_of(plan), key=lambda s: (s % len(LABELS), s))
-
-
-def shard_done(workdir: Workdir, cfg: FactoryConfig, shard: int, lora: Path | None, *,
-               plan: pd.DataFrame | None = None, recorded: pd.DataFrame | None = None) -> bool:
-    """Every image of the shard is on disk *and* recorded (``generation.shard_complete``)."""
-    return gen.shard_complete(workdir, cfg, shard, lora, plan=plan, recorded=recorded)
-
-
-def _install_test_write_delay() -> None:
-    delay = float(os.environ.get(TEST_WRITE_DELAY_ENV) or 0)
-    if delay <= 0 or getattr(gen._write_png, "_dermt2im_delayed", False):
-        return
-    original = gen._write_png
-
-    def slow_write(target, data):
-        time.sleep(delay)
-        return original(target, data)
-
-    slow_write._dermt2im_delayed = True  # type: ignore[attr-defined]
-    gen._write_png = slow_write
-    log.warning("%s=%s: every PNG write sleeps first (tests only)", TEST_WRITE_DELAY_ENV, delay)
-
-
-def run_worker(
-    workdir: Workdir,
-    cfg: FactoryConfig,
-    *,
-    lora: Path | None,
-    owner: str | None = None,
-    poll_seconds: float = 2.0,
-    timeout: float | None = None,
-    pipe=None,
-) -> dict:
-    """Render shards of the existing plan until all are done; returns what this worker did.
-
-    ``lora``: a resolved LoRA run folder or weights file (None: base model). ``timeout``: give up
-    waiting on other workers' shards after this many seconds (None: wait as long as they hold
-    valid leases; a dead worker's lease expires after ``cfg.generate.lease_seconds``).
-    """
-    _install_test_write_delay()
+def run_claimed(stage: Stage[int], folder: str | Path, *, ttl: float, owner: str | None = None,
+                poll_seconds: float = 2.0, timeout: float | None = None) -> dict[str, Any]:
+    """Run the stage's unfinished units, claiming each through a lease in ``folder``, until all are
+    finished; returns what this worker did. ``timeout``: give up waiting on other workers' units
+    after this many seconds (None: wait as long as they hold valid leases)."""
     owner = owner or default_owner()
-    ttl = float(cfg.generate.lease_seconds)
-    folder = leases_folder(workdir)
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    shards = plan_shards(workdir)
-    plan = read_manifest(workdir.plan_manifest, PLAN)
+    units = [int(u) for u in stage.units()]
     t0 = time.monotonic()
     done: set[int] = set()
     mine: list[int] = []
-    images = 0
-    takeovers = 0
-    waits = 0
-    log.info("worker %s: %d shard(s) in the plan, lease %.0f s", owner, len(shards), ttl)
+    results: list[dict[str, Any]] = []
+    takeovers = waits = 0
+    log.info("worker %s: %d unit(s) of %s, lease %.0f s", owner, len(units), stage.name, ttl)
     while True:
         progressed = False
-        recorded = read_manifest(workdir.synthetic_manifest, SYNTHETIC)  # one read per scan, not per shard
-        for shard in shards:
-            if shard in done:
+        for unit in units:
+            if unit in done:
                 continue
-            current = leases.read_lease(folder, shard)
+            current = leases.read_lease(folder, unit)
             if current is not None and not current.expired():
                 continue  # someone is on it
-            if shard_done(workdir, cfg, shard, lora, plan=plan, recorded=recorded):
-                done.add(shard)
+            if stage.finished(unit) is not None:
+                done.add(unit)
                 continue
-            lease = leases.claim(folder, shard, owner, ttl)
+            lease = leases.claim(folder, unit, owner, ttl)
             if lease is None:
                 continue  # lost the race for it
-            if current is not None:
-                takeovers += 1
+            takeovers += current is not None
             with leases.holding(folder, lease) as beat:
-                recorded = gen.render_shard(workdir, cfg, shard, lora=lora, pipe=pipe)
-            images += len(recorded)
-            mine.append(shard)
+                results.append(stage.run(unit))
+            mine.append(unit)
             if beat.lost:
-                log.warning("worker %s: shard %d was taken over while rendering (idempotent: no harm)", owner, shard)
-            if workdir.manifests_are_remote:  # keep the appended parts few, so every read stays cheap
-                compact(workdir.synthetic_manifest, SYNTHETIC, workdir.locks)
-            if shard_done(workdir, cfg, shard, lora, plan=plan):
-                done.add(shard)
+                log.warning("worker %s: %s was taken over while running (idempotent: no harm)", owner,
+                            stage.describe(unit))
+            if stage.finished(unit) is not None:
+                done.add(unit)
             progressed = True
-            break  # rescan from the start: shards finished by others meanwhile are seen as done
-        if len(done) == len(shards):
+            break  # rescan from the start: units finished by others meanwhile are seen as done
+        if len(done) == len(units):
             break
         if timeout is not None and time.monotonic() - t0 > timeout:
-            log.warning("worker %s: %d shard(s) still not done after %.0f s", owner, len(shards) - len(done), timeout)
+            log.warning("worker %s: %d unit(s) still not done after %.0f s", owner, len(units) - len(done), timeout)
             break
         if not progressed:
             waits += 1
             time.sleep(poll_seconds)
-    complete = len(done) == len(shards)
+    complete = len(done) == len(units)
+    closing = stage.close(results) if complete else {}
     if complete:
         leases.sweep_temporaries(folder, older_than=max(ttl, 10.0))
     seconds = time.monotonic() - t0
-    log.info("worker %s: rendered %d image(s) in %d shard(s) (%d taken over) in %.1f s; plan %s", owner, images,
-             len(mine), takeovers, seconds, "complete" if complete else "NOT complete")
-    return {
-        "owner": owner,
-        "shards": mine,
-        "images": images,
-        "takeovers": takeovers,
-        "waits": waits,
-        "planned_shards": len(shards),
-        "done_shards": len(done),
-        "complete": complete,
-        "seconds": round(seconds, 3),
-    }
+    images = sum(int(r.get("rendered", 0)) for r in results)
+    log.info("worker %s: %d unit(s) (%d taken over) in %.1f s; %s", owner, len(mine), takeovers, seconds,
+             "all done" if complete else "NOT all done")
+    return {"owner": owner, "shards": mine, "images": images, "takeovers": takeovers, "waits": waits,
+            "planned_shards": len(units), "done_shards": len(done), "complete": complete,
+            "seconds": round(seconds, 3), "closing": closing}

@@ -8,12 +8,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dermt2im.train.state import TrainingError, _Ctx, _Run
+from dermt2im.train.state import LoraRun, TrainContext, TrainingError
 
 LOG = logging.getLogger(__name__)
 
 
-def _trainable(ctx: _Ctx) -> dict[str, Any]:
+def _trainable(ctx: TrainContext) -> dict[str, Any]:
     out = {}
     for prefix, model in (("unet", ctx.pipe.unet), ("text_encoder", ctx.pipe.text_encoder)):
         for n, p in model.named_parameters():
@@ -50,7 +50,7 @@ def _unflatten_optimizer(tensors: dict[str, Any], small: dict[str, Any]) -> dict
     return {"state": state, "param_groups": groups}
 
 
-def _rng_state(run: _Run) -> dict[str, Any]:
+def _rng_state(run: LoraRun) -> dict[str, Any]:
     import torch
 
     out = {"generator": run.generator.get_state(), "torch_cpu": torch.get_rng_state()}
@@ -60,7 +60,7 @@ def _rng_state(run: _Run) -> dict[str, Any]:
     return out
 
 
-def _save_checkpoint(ctx: _Ctx, run: _Run) -> Path:
+def _save_checkpoint(ctx: TrainContext, run: LoraRun) -> Path:
     import torch
     from safetensors.torch import save_file
 
@@ -91,7 +91,7 @@ def _save_checkpoint(ctx: _Ctx, run: _Run) -> Path:
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    for old in _checkpoints(run.ckpt_root)[: -ctx.train.checkpoints_keep]:
+    for old in _checkpoints(run.ckpt_root)[: -ctx.runtime.checkpoints_keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -122,7 +122,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _load_checkpoint(ctx: _Ctx, run: _Run, path: Path) -> None:
+def _load_checkpoint(ctx: TrainContext, run: LoraRun, path: Path) -> None:
     import torch
     from safetensors.torch import load_file
 

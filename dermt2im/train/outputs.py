@@ -1,17 +1,16 @@
-"""Training outputs and tracking: weight digests, the loss curve, the final loss and MLflow logging."""
+"""Training outputs and tracking: weight digests, the loss curve, the final loss and step metrics."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
-from dermt2im.core.config import TrainConfig
 from dermt2im.core.fileio import atomic_write_bytes, atomic_write_text
-from dermt2im.train.state import LOSS_CSV, LOSS_PNG, _Ctx, _Run
+from dermt2im.core.specs import TrainConfig
+from dermt2im.train.state import LOSS_CSV, LOSS_PNG, LoraRun, TrainContext
 
 # ---------------------------------------------------------------------------------------------
 # outputs
@@ -27,7 +26,7 @@ def _tensor_digest(sd: dict[str, Any]) -> str:
 
 
 
-def _write_loss_curve(runs: list[_Run], out_dir: Path) -> tuple[Path, Path]:
+def _write_loss_curve(runs: list[LoraRun], out_dir: Path) -> tuple[Path, Path]:
     lines = ["step,lora,loss,lr"]
     for run in runs:
         lines += [f"{s},{run.name},{loss!r},{lr!r}" for s, loss, lr in run.losses]
@@ -61,7 +60,7 @@ def _write_loss_curve(runs: list[_Run], out_dir: Path) -> tuple[Path, Path]:
 
 
 
-def _final_loss(run: _Run) -> float:
+def _final_loss(run: LoraRun) -> float:
     finite = [loss for _, loss, _ in run.losses if math.isfinite(loss)]
     tail = finite[-10:]
     return float(sum(tail) / len(tail)) if tail else float("nan")
@@ -72,28 +71,20 @@ def _final_loss(run: _Run) -> float:
 # tracking
 
 
-def _mlflow_log_step(ctx: _Ctx, name: str, step: int, loss: float, lr: float, flush: bool = False) -> None:
-    if ctx.mlflow_run is None:
+def _log_step(ctx: TrainContext, name: str, step: int, loss: float, lr: float) -> None:
+    """Buffer one step's loss and learning rate for the tracker (sent 200 points at a time)."""
+    if ctx.tracker_run is None:
         return
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
     suffix = "" if name == "all" else f"_{name}"
-    if math.isfinite(loss):
-        ctx.metrics_buffer.append(Metric(f"loss{suffix}", loss, ts, step))
-    ctx.metrics_buffer.append(Metric(f"lr{suffix}", lr, ts, step))
-    if flush or len(ctx.metrics_buffer) >= 200:
-        _mlflow_flush(ctx)
+    ctx.metrics_buffer += [(f"loss{suffix}", loss, step), (f"lr{suffix}", lr, step)]
+    if len(ctx.metrics_buffer) >= 200:
+        _flush_metrics(ctx)
 
 
-def _mlflow_flush(ctx: _Ctx) -> None:
-    if ctx.mlflow_run is None or not ctx.metrics_buffer:
+def _flush_metrics(ctx: TrainContext) -> None:
+    if ctx.tracker_run is None or not ctx.metrics_buffer:
         return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    for i in range(0, len(ctx.metrics_buffer), 900):
-        client.log_batch(ctx.mlflow_run, metrics=ctx.metrics_buffer[i : i + 900])
+    ctx.tracker.log_points(ctx.tracker_run, ctx.metrics_buffer)
     ctx.metrics_buffer.clear()
 
 

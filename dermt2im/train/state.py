@@ -1,4 +1,4 @@
-"""Internal state of one training call: run-folder names, the error type, and the per-call and per-LoRA records."""
+"""State of one training call: run-folder names, the error type, and the per-call and per-LoRA records."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dermt2im.core.config import FactoryConfig, TrainConfig
+from dermt2im.core.errors import DermT2imError
+from dermt2im.core.runtime import TrainRuntime
+from dermt2im.core.specs import TrainConfig
 
 CHECKPOINTS = "checkpoints"
 LOSS_CSV = "loss.csv"
@@ -15,7 +17,7 @@ VALIDATION = "validation"
 CLASS_IMAGES = "class_images"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(DermT2imError, RuntimeError):
     """Training cannot start or cannot go on; the message says why and what was (not) written."""
 
 
@@ -23,10 +25,25 @@ class TrainingError(RuntimeError):
 # state shared by the sub-runs of one call
 
 
+@dataclass(frozen=True)
+class Preview:
+    """How the sample images written after training are rendered (the ``generate`` section's negative
+    prompt and guidance scale). Previews are for people to look at; they are not part of the key."""
+
+    negative_prompt: str = ""
+    guidance_scale: float = 7.0
+
+    @classmethod
+    def of(cls, generate: Any) -> "Preview":
+        """The preview settings of a ``generate`` spec (``dermt2im.core.specs.GenerateConfig``)."""
+        return cls(generate.negative_prompt, float(generate.guidance_scale))
+
+
 @dataclass
-class _Ctx:
-    cfg: FactoryConfig
+class TrainContext:
     train: TrainConfig
+    runtime: TrainRuntime
+    preview: Preview
     run_id: str
     key: str
     lora_dir: Path
@@ -39,12 +56,13 @@ class _Ctx:
     noise_scheduler: Any
     warnings: list[str]
     header_meta: dict[str, Any]
-    mlflow_run: str | None = None
-    metrics_buffer: list = field(default_factory=list)
+    tracker: Any = None  # dermt2im.core.tracking.Tracker
+    tracker_run: str | None = None
+    metrics_buffer: list[tuple[str, float, int]] = field(default_factory=list)
 
 
 @dataclass
-class _Data:
+class TrainingData:
     """Cached inputs of one sub-run: latent posteriors and conditioning per example."""
 
     labels: list[str]  # example -> label
@@ -61,7 +79,7 @@ class _Data:
 
 
 @dataclass
-class _Batch:
+class StepBatch:
     step: int
     idx: list[int]
     latents: Any
@@ -79,12 +97,12 @@ class _Batch:
 
 
 @dataclass
-class _Run:
+class LoraRun:
     """One LoRA being trained (the shared one, or one class's)."""
 
     name: str  # "all" or a label
     out_dir: Path
-    data: _Data
+    data: TrainingData
     total: int
     params: list
     optimizer: Any

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from dermt2im.core import storage
-from dermt2im.core.config import LABELS, ValidateConfig
+from dermt2im.core.errors import DermT2imError
+from dermt2im.core.specs import LABELS, ValidateConfig
 from dermt2im.validate.metrics import binary_metrics
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ ID2LABEL = {i: lab for lab, i in LABEL2ID.items()}
 MODEL_KINDS = ("vit", "mobilenet_v2")
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(DermT2imError, RuntimeError):
     """A pretrained model could not be loaded (offline, wrong id, no safetensors weights)."""
 
 
@@ -62,7 +63,12 @@ def _processor_class(name: str):
 
 def tiny_model(kind: str, image_size: int, seed: int):
     """A small randomly initialised classifier and its processor, built offline with a fixed seed."""
-    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification, ViTConfig, ViTForImageClassification
+    from transformers import (
+        MobileNetV2Config,
+        MobileNetV2ForImageClassification,
+        ViTConfig,
+        ViTForImageClassification,
+    )
 
     torch.manual_seed(seed)
     if kind == "vit":
@@ -100,7 +106,11 @@ def tiny_model(kind: str, image_size: int, seed: int):
 
 def pretrained_model(kind: str, name: str, seed: int):
     """A pretrained backbone with a new 2-class head (initialised under ``seed``) and its processor."""
-    from transformers import AutoImageProcessor, MobileNetV2ForImageClassification, ViTForImageClassification
+    from transformers import (
+        AutoImageProcessor,
+        MobileNetV2ForImageClassification,
+        ViTForImageClassification,
+    )
 
     cls = {"vit": ViTForImageClassification, "mobilenet_v2": MobileNetV2ForImageClassification}.get(kind)
     if cls is None:
@@ -253,12 +263,13 @@ def augment(x: torch.Tensor, generator: torch.Generator, jitter: float = 0.1) ->
 # --- training --------------------------------------------------------------------------------
 
 
-def resolve_device(cfg: ValidateConfig) -> torch.device:
-    if cfg.device == "cpu":
+def resolve_device(device: str) -> torch.device:
+    """``runtime.validate.device`` as a torch device: auto, cuda or cpu."""
+    if device == "cpu":
         return torch.device("cpu")
-    if cfg.device == "cuda":
+    if device == "cuda":
         if not torch.cuda.is_available():
-            raise ModelUnavailable("validate.device is 'cuda' but CUDA is not available")
+            raise ModelUnavailable("runtime.validate.device is 'cuda' but CUDA is not available")
         return torch.device("cuda")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -316,7 +327,7 @@ def fit(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Fine-tune ``model`` in place; on return it holds the best epoch's weights."""
-    device = device or resolve_device(cfg)
+    device = device or resolve_device("auto")
     amp = _amp_dtype(cfg, device)
     batch_size = batch_size or cfg.batch_size
     if device.type == "cuda":

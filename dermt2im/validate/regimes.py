@@ -45,14 +45,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from dermt2im.core.config import LABELS, ValidateConfig
+from dermt2im.core.errors import DermT2imError
+from dermt2im.core.specs import LABELS, ValidateConfig
 
 REAL, SYNTHETIC = "real", "synthetic"
 SETTINGS = ("constant", "additive")
 ITEM_COLUMNS = ["path", "label", "source"]
 
 
-class RegimeError(ValueError):
+class RegimeError(DermT2imError, ValueError):
     """A regime name or ratio that makes no sense."""
 
 

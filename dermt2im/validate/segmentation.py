@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,18 +26,20 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from dermt2im.core import storage
-from dermt2im.core.config import LABELS, FactoryConfig
+from dermt2im.core import identity, storage
+from dermt2im.core.errors import DermT2imError
 from dermt2im.core.fileio import atomic_path, atomic_write_text
 from dermt2im.core.manifest import SEEDS, SYNTHETIC, manifest_exists, read_manifest
-from dermt2im.validate.regimes import real_rows, usable_synthetic
+from dermt2im.core.specs import LABELS, ValidateConfig
 from dermt2im.core.workdir import Workdir
+from dermt2im.stage import Stamps
+from dermt2im.validate.regimes import real_rows, usable_synthetic
 
 log = logging.getLogger(__name__)
 TINY_SAM_SIZE = 64
 
 
-class SegmentationUnavailable(RuntimeError):
+class SegmentationUnavailable(DermT2imError, RuntimeError):
     pass
 
 
@@ -124,7 +127,14 @@ def tiny_sam(seed: int = 0, size: int = TINY_SAM_SIZE):
     """A small randomly initialised SAM and its processor, offline. Its masks are meaningless; it
     exercises the pipeline in tests and the smoke preset."""
     import torch
-    from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamProcessor, SamPromptEncoderConfig, SamVisionConfig
+    from transformers import (
+        SamConfig,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
 
     torch.manual_seed(seed)
     vision = SamVisionConfig(image_size=size, patch_size=8, hidden_size=32, output_channels=32, num_hidden_layers=2,
@@ -137,12 +147,12 @@ def tiny_sam(seed: int = 0, size: int = TINY_SAM_SIZE):
     return model, SamProcessor(image_processor=image_processor)
 
 
-def load_sam(cfg: FactoryConfig):
-    if cfg.validation.tiny:
+def load_sam(spec: ValidateConfig):
+    if spec.tiny:
         return tiny_sam()
     from transformers import SamModel, SamProcessor
 
-    name = cfg.validation.sam_model
+    name = spec.sam_model
     try:
         model = SamModel.from_pretrained(name, use_safetensors=True).eval()
         processor = SamProcessor.from_pretrained(name)
@@ -179,9 +189,9 @@ def segment(model, processor, rgb: np.ndarray, point, box) -> tuple[np.ndarray, 
 # --- the check --------------------------------------------------------------------------------
 
 
-def sample_images(workdir: Workdir, cfg: FactoryConfig, seed: int = 0) -> pd.DataFrame:
+def sample_images(workdir: Workdir, spec: ValidateConfig, seed: int = 0) -> pd.DataFrame:
     """Up to ``segmentation_samples`` real (accepted seeds) and synthetic (usable) images per class."""
-    k = cfg.validation.segmentation_samples
+    k = spec.segmentation_samples
     frames = []
     if manifest_exists(workdir.seeds_manifest):
         seeds = read_manifest(workdir.seeds_manifest, SEEDS)
@@ -235,20 +245,20 @@ def _summary_md(table: pd.DataFrame, model_name: str, tiny: bool) -> str:
     return "\n".join(lines)
 
 
-def segmentation_check(workdir: Workdir, cfg: FactoryConfig, *, model=None, processor=None) -> SegmentationReport:
+def segmentation_check(workdir: Workdir, spec: ValidateConfig, *, model=None, processor=None) -> SegmentationReport:
     """Segment the sampled images and write W/reports/segmentation.{csv,md}."""
     from dermt2im.core.imaging import decode_image
 
     reports = workdir.reports
     md_path, csv_path = reports / "segmentation.md", reports / "segmentation.csv"
-    images = sample_images(workdir, cfg)
+    images = sample_images(workdir, spec)
     if images.empty:
         msg = "no real or synthetic images to segment"
         atomic_write_text(md_path, f"# Segmentation check\n\n{msg}\n")
         return SegmentationReport("no_images", msg, {"md": md_path})
     if model is None or processor is None:
         try:
-            model, processor = load_sam(cfg)
+            model, processor = load_sam(spec)
         except SegmentationUnavailable as err:
             log.warning("%s", err)
             atomic_write_text(md_path, f"# Segmentation check\n\nNot run: {err}\n")
@@ -266,10 +276,53 @@ def segmentation_check(workdir: Workdir, cfg: FactoryConfig, *, model=None, proc
     table = pd.DataFrame(rows)
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
-    name = "tiny SAM" if cfg.validation.tiny else cfg.validation.sam_model
-    atomic_write_text(md_path, _summary_md(table, name, cfg.validation.tiny))
+    name = "tiny SAM" if spec.tiny else spec.sam_model
+    atomic_write_text(md_path, _summary_md(table, name, spec.tiny))
     n_syn = int((table["source"] == "synthetic").sum())
     msg = f"{len(table)} images segmented ({len(table) - n_syn} real, {n_syn} synthetic)"
     if n_syn == 0:
         msg += "; no usable synthetic images to compare with"
     return SegmentationReport("ok", msg, {"md": md_path, "csv": csv_path}, table)
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+
+class SegmentationStage:
+    """The SAM check: one unit; done when its stamp holds the key (the sampled images and their
+    versions, the model, the spec) and its report exists."""
+
+    name = "segmentation"
+    UNIT = "segmentation"
+
+    def __init__(self, workdir: Workdir, spec: ValidateConfig) -> None:
+        self.workdir, self.spec = workdir, spec
+        self.stamps = Stamps(workdir.stamps, self.name)
+
+    def units(self) -> list[str]:
+        return [self.UNIT] if self.spec.segmentation_samples > 0 else []
+
+    def describe(self, unit: str) -> str:
+        return "segmentation check (SAM), real vs synthetic"
+
+    def key(self, unit: str) -> str:
+        images = sample_images(self.workdir, self.spec)
+        files = [(p, storage.version_token(p)) for p in (sorted(images["path"]) if not images.empty else [])]
+        s = self.spec
+        return identity.content_key("segmentation", files, s.tiny, s.sam_model, s.segmentation_samples, s.image_size,
+                                    identity.code_digest(sys.modules[__name__]))
+
+    def finished(self, unit: str) -> dict | None:
+        if not (self.workdir.reports / "segmentation.md").is_file():
+            return None
+        return self.stamps.matching(unit, self.key(unit))
+
+    def run(self, unit: str) -> dict:
+        report = segmentation_check(self.workdir, self.spec)
+        summary = {"status": report.status, "message": report.message, **{k: str(v) for k, v in report.paths.items()}}
+        self.stamps.write(unit, self.key(unit), summary)
+        return summary
+
+    def close(self, results) -> dict:
+        return results[0] if results else {"status": "off", "message": "validate.segmentation_samples is 0"}

@@ -8,7 +8,7 @@ on the parent run. The verdict sentences are computed from the same numbers: a r
 baseline only when the 95 % interval of the paired (same seed) difference in balanced accuracy lies
 above zero; otherwise the report says plainly that it does not, or that the gain is not established.
 
-Figures use matplotlib's object API (no pyplot), so they are safe in worker threads.
+Figures are in ``figures``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from dermt2im.core.config import FactoryConfig
+from dermt2im.core.errors import DermT2imError
 from dermt2im.core.fileio import atomic_path, atomic_write_text
-from dermt2im.validate.metrics import METRICS, mean_ci
-from dermt2im.core.tracking import metric_key, tracking_client
+from dermt2im.core.runtime import TrackingConfig
+from dermt2im.core.tracking import RunRecord, Tracker, metric_key, open_tracker
 from dermt2im.core.workdir import Workdir
+from dermt2im.validate.figures import MODEL_ORDER, _regime_order, fig10
+from dermt2im.validate.metrics import METRICS, mean_ci
 
 PRIMARY = "balanced_accuracy"
 LABELS_SHOWN = {
@@ -36,101 +37,43 @@ LABELS_SHOWN = {
     "specificity": "Specificity",
     "f1": "F1",
 }
-MODEL_ORDER = {"vit": 0, "mobilenet_v2": 1}
 
 
-class ReportError(ValueError):
+class ReportError(DermT2imError, ValueError):
     """No comparison to report on, or the one named is not a comparison (the CLI shows it as a
     message, not a traceback)."""
-
-
-# --- per-run figures --------------------------------------------------------------------------
-
-
-def _figure(w: float, h: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(w, h), dpi=100, layout="constrained")
-
-
-def confusion_figure(m: dict, title: str = ""):
-    """2 x 2 confusion matrix (rows: true benign / malignant; columns: predicted)."""
-    cm = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]], dtype=float)
-    fig = _figure(3.6, 3.2)
-    ax = fig.add_subplot()
-    ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(cm.max(), 1))
-    for i in range(2):
-        for j in range(2):
-            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_xticks([0, 1], ["benign", "malignant"])
-    ax.set_yticks([0, 1], ["benign", "malignant"])
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=8)
-    return fig
-
-
-def roc_figure(y, prob, title: str = ""):
-    from dermt2im.validate.metrics import roc_auc, roc_curve
-
-    fpr, tpr = roc_curve(y, prob)
-    auc = roc_auc(y, prob)
-    fig = _figure(3.6, 3.4)
-    ax = fig.add_subplot()
-    ax.plot(fpr, tpr, lw=2, label=f"AUC = {auc:.3f}" if not math.isnan(auc) else "AUC n/a")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("false positive rate (1 - specificity)")
-    ax.set_ylabel("true positive rate (sensitivity)")
-    ax.legend(loc="lower right")
-    ax.set_title(title, fontsize=8)
-    return fig
 
 
 # --- reading MLflow ---------------------------------------------------------------------------
 
 
-def newest_comparison(client, exp_id: str) -> str:
+def newest_comparison(tracker: Tracker) -> str:
     for status in ("FINISHED", None):
         flt = "tags.`dermt2im.kind` = 'comparison'"
         if status:
             flt += f" and attributes.status = '{status}'"
-        runs = client.search_runs([exp_id], filter_string=flt,
-                                  order_by=["attributes.end_time DESC", "attributes.start_time DESC"], max_results=1)
+        runs = tracker.runs(flt, order_by=["attributes.end_time DESC", "attributes.start_time DESC"], limit=1)
         if runs:
-            return runs[0].info.run_id
+            return runs[0].run_id
     raise ReportError("no comparison run in this MLflow experiment yet: run `dermt2im validate` first")
 
 
-def _all_runs(client, exp_id: str, filter_string: str) -> list:
-    out, token = [], None
-    while True:
-        page = client.search_runs([exp_id], filter_string=filter_string, max_results=1000, page_token=token,
-                                  order_by=["attributes.start_time ASC"])
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
-
-
-def child_frame(client, exp_id: str, parent_run_id: str) -> pd.DataFrame:
+def child_frame(tracker: Tracker, parent_run_id: str) -> pd.DataFrame:
     """One row per (child run, test set): tags plus every test metric; newest run per cell wins."""
-    runs = _all_runs(client, exp_id, f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'")
-    latest: dict[tuple, object] = {}
+    runs = tracker.runs(f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'")
+    latest: dict[tuple, RunRecord] = {}
     for r in runs:
-        t = r.data.tags
+        t = r.tags
         if t.get("dermt2im.kind") != "cell":
             continue
         cell = (t.get("model"), t.get("regime"), int(t.get("seed", -1)))
-        if cell not in latest or (r.info.end_time or 0) >= (latest[cell].info.end_time or 0):
+        if cell not in latest or (r.end_time or 0) >= (latest[cell].end_time or 0):
             latest[cell] = r
     rows = []
     for (model, regime, seed), r in latest.items():
-        t = r.data.tags
+        t = r.tags
         per_set: dict[str, dict[str, float]] = defaultdict(dict)
-        for k, v in r.data.metrics.items():
+        for k, v in r.metrics.items():
             parts = k.split(".")
             if len(parts) == 3 and parts[0] == "test":
                 per_set[parts[1]][parts[2]] = v
@@ -138,13 +81,8 @@ def child_frame(client, exp_id: str, parent_run_id: str) -> pd.DataFrame:
             rows.append({"model": model, "regime": regime, "seed": seed, "setting": t.get("setting"),
                          "synthetic_ratio": float(t.get("synthetic_ratio", "nan")),
                          "n_real": int(t.get("n_real", 0)), "n_synthetic": int(t.get("n_synthetic", 0)),
-                         "test_set": test_set, "run_id": r.info.run_id, **vals})
+                         "test_set": test_set, "run_id": r.run_id, **vals})
     return pd.DataFrame(rows)
-
-
-def _regime_order(regime: str) -> tuple:
-    fixed = {"baseline": 0, "hybrid": 1, "hybrid-additive": 2, "synthetic_only": 3}
-    return (fixed.get(regime, 9), regime)
 
 
 def _mcnemar(parent_metrics: dict[str, float], model: str, regime: str, test_set: str, seeds: list[int]) -> list[float]:
@@ -285,59 +223,25 @@ def markdown(table: pd.DataFrame, lines: list[str], head: str, *, parent_run_id:
     return "\n".join(out)
 
 
-def fig10(table: pd.DataFrame, out: Path) -> Path:
-    """Grouped bars (Fig. 10): per model, test sets on x, one bar per regime, 95% CI whiskers."""
-    models = sorted(table["model"].unique(), key=lambda m: (MODEL_ORDER.get(m, 9), m)) if len(table) else []
-    metrics = ["accuracy", "balanced_accuracy"]
-    fig = _figure(5.5 * max(len(models), 1), 3.6 * len(metrics))
-    axes = fig.subplots(len(metrics), max(len(models), 1), squeeze=False)
-    for j, model in enumerate(models):
-        t = table[table["model"] == model]
-        sets = sorted(t["test_set"].unique())
-        regimes = sorted(t["regime"].unique(), key=_regime_order)
-        width = 0.8 / max(len(regimes), 2)
-        x = np.arange(len(sets))
-        for i, m in enumerate(metrics):
-            ax = axes[i][j]
-            for k, regime in enumerate(regimes):
-                sub = t[t["regime"] == regime].set_index("test_set").reindex(sets)
-                mean = sub[f"{m}_mean"].to_numpy(dtype=float)
-                err = np.nan_to_num(sub[f"{m}_half_width"].to_numpy(dtype=float))
-                bars = ax.bar(x + (k - (len(regimes) - 1) / 2) * width, mean, width, yerr=err, capsize=3, label=regime)
-                for b, v in zip(bars, mean):
-                    if not math.isnan(v):
-                        ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
-            ax.set_xticks(x, sets)
-            ax.set_ylim(0, 1.1)
-            ax.axhline(0.5, ls=":", c="grey", lw=1)
-            ax.set_ylabel(m.replace("_", " "))
-            ax.set_title(f"{model}", fontsize=10)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=8, loc="lower left")
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    return out
-
-
-def build_report(workdir: Workdir, cfg: FactoryConfig, *, parent_run_id: str | None = None) -> dict[str, Path]:
+def build_report(workdir: Workdir, tracking: TrackingConfig, *, parent_run_id: str | None = None) -> dict[str, Path]:
     """Rebuild Table IV (Markdown + CSV), the verdict and Fig. 10 from MLflow alone; the newest
     comparison when ``parent_run_id`` is None. The files are also logged on the parent run."""
-    client, exp_id = tracking_client(workdir, cfg.tracking)
-    pid = parent_run_id or newest_comparison(client, exp_id)
+    tracker = open_tracker(workdir, tracking)
+    pid = parent_run_id or newest_comparison(tracker)
     try:
-        parent = client.get_run(pid)
+        parent = tracker.run(pid)
     except Exception as err:  # noqa: BLE001 - MLflow raises its own exception types
         raise ReportError(f"no MLflow run {pid!r}: {err}") from err
-    if parent.data.tags.get("dermt2im.kind") != "comparison":
+    if parent.tags.get("dermt2im.kind") != "comparison":
         raise ReportError(f"run {pid} is not a comparison (tag dermt2im.kind=comparison)")
-    children = child_frame(client, parent.info.experiment_id, pid)
+    children = child_frame(tracker, pid)
     if children.empty:
         raise ReportError(f"comparison {pid} has no finished child runs")
-    skipped = json.loads(parent.data.tags.get("dermt2im.skipped", "{}") or "{}")
-    table = table_iv(children, parent.data.metrics)
+    skipped = json.loads(parent.tags.get("dermt2im.skipped", "{}") or "{}")
+    table = table_iv(children, parent.metrics)
     lines = verdicts(children, table)
     head = headline(children, lines, "hybrid", skipped)
-    experiment = client.get_experiment(parent.info.experiment_id).name
+    experiment = tracker.experiment_name(parent.experiment_id)
     md = markdown(table, lines, head, parent_run_id=pid, experiment=experiment, skipped=skipped)
     reports = workdir.reports
     paths = {
@@ -349,5 +253,5 @@ def build_report(workdir: Workdir, cfg: FactoryConfig, *, parent_run_id: str | N
     with atomic_path(paths["table_csv"]) as tmp:
         table.to_csv(tmp, index=False)
     for p in paths.values():
-        client.log_artifact(pid, str(p), "report")
+        tracker.log_file(pid, p, "report")
     return paths

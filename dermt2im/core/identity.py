@@ -1,0 +1,223 @@
+"""Every digest and cache key of the factory, in one scheme.
+
+A stage unit is "done" when its output exists and was made for the unit's current key; that key is
+computed here and nowhere else. The scheme (version 2):
+
+* ``content_key(kind, *parts)``: sha256 over ``dermt2im/2``, the kind, and each part as canonical
+  JSON (sorted keys; paths and other objects by ``str``), separated by 0x1f. ``kind`` names the
+  recipe (``"ingest"``, ``"train"``, ...), so two recipes never collide.
+* Parts are content, never locations alone: files by sha256 (``dermt2im.core.fileio``), manifests
+  by ``manifest_digest`` (independent of row order and file encoding), configuration by
+  ``spec_digest`` (a section's *spec* only, ``dermt2im.core.specs``: runtime settings never enter a
+  key), code by ``code_digest`` / ``source_digest`` (the modules that decide the output).
+* Three recipes keep their scheme-1 form because their keys are stored inside outputs:
+  ``preprocess_key`` (in processed PNGs and ``seeds.parquet``), ``render_key`` (in every synthetic
+  PNG and row) and ``seed_for_sample`` (the plan's seeds). Existing processed seeds and synthetic
+  images therefore stay valid.
+
+Migration from scheme 1 (workdirs made before 2026-11-29): Prefect's cached task results are no
+longer read at all (they were pickles, and a workdir is shared). On the first run each stage checks
+its outputs itself: processed seeds and synthetic images are recognised by their stored keys and
+kept; the LoRA key now hashes the ``train`` spec without its runtime settings, so a LoRA is trained
+once more into a new ``W/lora/<run_id>/`` (the old folder is left alone); validation cells run once
+more under a new comparison run.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata as md
+import inspect
+import json
+import os
+import platform
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel
+
+SCHEME = "dermt2im/2"
+
+
+def _canonical(part: Any) -> bytes:
+    return json.dumps(part, sort_keys=True, default=str).encode()
+
+
+def content_key(kind: str, *parts: Any) -> str:
+    """The key of one recipe ``kind`` over ``parts`` (see the module docstring)."""
+    h = hashlib.sha256(SCHEME.encode())
+    for p in (kind, *parts):
+        h.update(b"\x1f")
+        h.update(_canonical(p))
+    return h.hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    """sha256 of ``obj`` as sorted-key JSON (the scheme-1 form, kept where keys are stored in outputs)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def spec_digest(spec: BaseModel, *, exclude: set[str] | None = None) -> str:
+    """Digest of one config section's spec (what a stage makes)."""
+    return json_digest(spec.model_dump(mode="json", exclude=exclude))
+
+
+def plain(v: Any) -> Any:
+    """numpy scalars as Python values, so that JSON (and so keys) do not depend on the dtype."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+# --- code --------------------------------------------------------------------------------------
+
+
+def source_digest(obj: Any) -> str:
+    """Digest of a function's or class's source: editing it changes the keys that include it."""
+    try:
+        return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return getattr(obj, "__qualname__", "?")
+
+
+def code_digest(*modules: ModuleType) -> str:
+    """Digest of the source files of ``modules`` (the code that decides a stage's output)."""
+    h = hashlib.sha256()
+    for mod in modules:
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def frame_digest(df: pd.DataFrame, cols: list[str]) -> str:
+    """Digest of the columns ``cols`` of a frame, independent of row order."""
+    d = df[cols].astype(str).sort_values(cols).reset_index(drop=True)
+    return hashlib.sha256(pd.util.hash_pandas_object(d, index=False).values.tobytes()).hexdigest()
+
+
+def manifest_digest(path: str | Path, kind: Any, columns: list[str] | None = None) -> str:
+    """Content digest of a manifest (parts included), independent of row order and file encoding."""
+    from dermt2im.core.manifest import read_manifest
+
+    df = read_manifest(path, kind)
+    cols = columns or kind.columns
+    df = df[cols].sort_values(list(k for k in kind.key if k in cols) or cols).reset_index(drop=True)
+    h = hashlib.sha256()
+    h.update(",".join(cols).encode())
+    h.update(pd.util.hash_pandas_object(df.astype("string").fillna("\x00"), index=False).values.tobytes())
+    return h.hexdigest()
+
+
+def tree_listing(root: str | Path, *, skip: Iterable[str] = ()) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of every file below ``root``: the cheap change detector that
+    make and rsync use (ingest hashes every file itself; this only decides whether to look again).
+    Folders named in ``skip`` (relative POSIX paths) are left out."""
+    root = Path(root)
+    skipped = set(skip)
+    out = []
+    for dirpath, dirs, files in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        dirs[:] = [d for d in dirs if (d if rel_dir == "." else f"{rel_dir}/{d}") not in skipped]
+        for name in files:
+            p = Path(dirpath) / name
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
+# --- recipes whose keys live inside outputs (scheme 1, unchanged) --------------------------------
+
+
+def preprocess_key(sample_id: str, spec: Mapping[str, Any], algorithm: str) -> str:
+    """Key of one processed seed: its content hash, the parameters that change the output, and the
+    algorithm version (stored in the processed PNG and in ``seeds.parquet``)."""
+    return json_digest({"sample_id": sample_id, "params": dict(spec), "algorithm": algorithm})
+
+
+def render_key(params: Mapping[str, Any], base_identity: str, lora_sha256: str | None) -> str:
+    """Key of one synthetic image: what its pixels depend on, given as ``params`` (the plan row's
+    render columns), the base model's identity and the LoRA's sha256 (stored in the PNG and row)."""
+    payload = {c: plain(v) for c, v in params.items()}
+    payload["base_model"] = base_identity
+    payload["lora_sha256"] = lora_sha256 or ""
+    return json_digest(payload)
+
+
+def seed_for_sample(base_seed: int, label: str, index: int) -> int:
+    """The plan's per-image seed: sha256 of (seed, label, index) folded into 63 bits."""
+    digest = hashlib.sha256(f"dermt2im:{base_seed}:{label}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    from dermt2im.core.fileio import sha256_file
+
+    return sha256_file(path)
+
+
+def file_identity(path: str | Path) -> str:
+    """A single-file checkpoint: its sha256 (memoised per path, size and mtime)."""
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    return f"file:{_file_sha256(str(p), st.st_size, st.st_mtime_ns)}"
+
+
+def folder_identity(path: str | Path) -> str:
+    """A diffusers folder: its model_index.json and the name and size of every file (hashing several
+    GB of weights for every key would cost more than it protects)."""
+    p = Path(path).expanduser().resolve()
+    h = hashlib.sha256((p / "model_index.json").read_bytes())
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        rel = f.relative_to(p).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        h.update(f"{rel}\0{f.stat().st_size}\n".encode())
+    return f"dir:{h.hexdigest()}"
+
+
+def hub_identity(repo_id: str, revision: str | None) -> str:
+    return f"hub:{repo_id}@{revision or 'main'}"
+
+
+# --- software -----------------------------------------------------------------------------------
+
+_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "bitsandbytes", "numpy",
+             "pillow", "dermt2im")
+
+
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in _PACKAGES:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of the software that made an output (recorded with every LoRA and synthetic image).
+    Read from package metadata: torch is not imported for this (its CUDA version is added once
+    something else has imported it)."""
+    out = dict(_package_versions())
+    torch = sys.modules.get("torch")
+    out["cuda"] = getattr(getattr(torch, "version", None), "cuda", None) if torch is not None else None
+    return out
+
+
+def library_versions_json() -> str:
+    return json.dumps(library_versions(), sort_keys=True)

@@ -1,0 +1,179 @@
+"""What each stage makes: the part of the configuration that defines a stage's output.
+
+Every field here changes what a stage writes, so every field is hashed into that stage's keys
+(``dermt2im.core.identity``). How a stage runs (devices, batch sizes, worker counts, where files
+live) is in ``dermt2im.core.runtime`` and never enters a key: changing it never re-runs anything.
+
+Each model is frozen and strict: an unknown key or a wrong type is an error naming the key.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Label = Literal["benign", "malignant"]
+LABELS: tuple[Label, ...] = ("benign", "malignant")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class PhantomConfig(Strict):
+    """Procedural seed and test data used when no real SOURCE is given (smoke preset, demos, tests)."""
+
+    n_seed: int = Field(24, ge=2, description="seed images, split evenly between classes")
+    n_test: int = Field(24, ge=2, description="images per phantom test set")
+    seed: int = 0
+    size: int = Field(256, ge=32)
+    seed_style: Literal["isic", "ham"] = "isic"
+    test_styles: tuple[Literal["isic", "ham"], ...] = ("isic", "ham")
+    hair_probability: float = Field(0.3, ge=0, le=1)
+
+
+class SplitConfig(Strict):
+    train: float = Field(0.7, ge=0, le=1)
+    val: float = Field(0.15, ge=0, le=1)
+    test: float = Field(0.15, ge=0, le=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0, got {total:g}")
+        return self
+
+
+class IngestConfig(Strict):
+    layout: Literal["auto", "isic", "isic-challenge", "ham10000", "folders", "csv"] = "auto"
+    diagnosis_labels: dict[str, Label] = Field(
+        default_factory=dict, description="extra or overriding diagnosis -> label entries (dermt2im.ingest.layouts)"
+    )
+    splits: SplitConfig = SplitConfig()
+    max_pixels: int = Field(
+        89_478_485, ge=1, description="larger images are quarantined as possible decompression bombs"
+    )
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class PreprocessConfig(Strict):
+    size: int = Field(512, ge=16, description="output side length: resize the short side, centre-crop")
+    hair_removal: bool = True
+    # DullRazor (Lee et al. 1997) as commonly implemented with OpenCV: black-hat on grey, threshold, inpaint.
+    hair_kernel_size: int = Field(17, ge=3, description="structuring element side, in pixels at 512 px")
+    hair_threshold: int = Field(12, ge=1, le=255, description="black-hat response above which a pixel is hair")
+    inpaint_radius: int = Field(5, ge=1)
+    inpaint_method: Literal["telea", "ns"] = "telea"
+
+
+class TrainConfig(Strict):
+    base_model: str = Field(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description="hub id, local diffusers folder, single .safetensors checkpoint, or 'tiny'",
+    )
+    revision: str | None = None
+    instance_token: str = "sks"
+    instance_prompt: str = "a dermoscopic image of {token} {label} skin lesion"
+    class_prompt: str = "a dermoscopic image of {label} skin lesion"
+    lora_per_class: bool = False
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(4.0, gt=0)
+    target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+    train_text_encoder: bool = False
+    resolution: int = Field(512, ge=16)
+    train_batch_size: int = Field(2, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    epochs: int = Field(120, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
+    learning_rate: float = Field(1e-4, gt=0, description="LoRA learning rate (the one Table II actually uses)")
+    text_encoder_learning_rate: float = Field(2e-6, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    lr_warmup_steps: int = Field(500, ge=0)
+    optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"
+    adam_weight_decay: float = 1e-2
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    max_grad_norm: float = Field(1.0, gt=0)
+    snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float = Field(0.0, ge=0)
+    prior_preservation: bool = False
+    prior_loss_weight: float = Field(1.0, ge=0)
+    num_class_images: int = Field(100, ge=1)
+    class_image_steps: int = Field(25, ge=1, description="sampling steps for prior-preservation class images")
+    seed: int = 42
+    nan_policy: Literal["stop", "skip"] = "stop"
+    validation_images_per_class: int = Field(2, ge=0)
+    validation_steps: int = Field(25, ge=1)
+
+
+class GenerateConfig(Strict):
+    per_class: int = Field(3000, ge=1, description="target number of images per class (not an increment)")
+    samplers: tuple[str, ...] = ("euler", "euler_a", "plms")
+    steps_min: int = Field(20, ge=1)
+    steps_max: int = Field(26, ge=1)
+    guidance_scale: float = Field(7.0, ge=0)
+    lora_scale: float = Field(0.8, ge=0, description="beta in W = W0 + beta * dW (paper, Eq. 2)")
+    width: int = Field(512, ge=16)
+    height: int = Field(512, ge=16)
+    shard_size: int = Field(100, ge=1)
+    seed: int = 1234
+    prompt: str = "a dermoscopic image of {token} {label} skin lesion{transformation}"
+    negative_prompt: str = "blurry, low quality, text, watermark, ruler, deformed"
+    transformations: tuple[str, ...] = (
+        "",
+        ", tiny mole",
+        ", large mole",
+        ", several moles",
+        ", on fair skin, Fitzpatrick type I",
+        ", on light skin, Fitzpatrick type II",
+        ", on medium skin, Fitzpatrick type III",
+        ", on olive skin, Fitzpatrick type IV",
+        ", on brown skin, Fitzpatrick type V",
+        ", on dark brown skin, Fitzpatrick type VI",
+    )
+
+    @model_validator(mode="after")
+    def _step_range(self) -> "GenerateConfig":
+        if self.steps_max < self.steps_min:
+            raise ValueError(f"steps_max ({self.steps_max}) is below steps_min ({self.steps_min})")
+        return self
+
+
+class QualityConfig(Strict):
+    min_std: float = Field(8.0, ge=0, description="below this grey-level std the image is blank / low contrast")
+    max_saturated_fraction: float = Field(0.5, ge=0, le=1)
+    max_high_frequency_ratio: float = Field(
+        0.35, ge=0, le=1, description="noise-like above this (white noise ~0.8, skin photographs < 0.2)"
+    )
+    min_sharpness: float = Field(5.0, ge=0, description="variance of the Laplacian; blurrier is rejected")
+    min_lesion_fraction: float = Field(0.005, ge=0, le=1)
+    max_lesion_fraction: float = Field(0.95, ge=0, le=1)
+    min_lesion_contrast: float = Field(
+        10.0, ge=0, description="grey levels by which the (smoothed) lesion must be darker than the skin around it"
+    )
+    near_duplicate_hamming: int = Field(4, ge=0, le=64)
+    memorisation_threshold: float = Field(0.1, ge=0, description="embedding distance below which a sample is a near-copy")
+    exclude_memorised: bool = True
+
+
+class ValidateConfig(Strict):
+    models: tuple[Literal["vit", "mobilenet_v2"], ...] = ("vit", "mobilenet_v2")
+    vit_model: str = "google/vit-base-patch16-224-in21k"
+    mobilenet_model: str = "google/mobilenet_v2_1.0_224"
+    tiny: bool = False
+    regimes: tuple[str, ...] = ("baseline", "hybrid")
+    synthetic_ratio: float = Field(0.75, ge=0, le=1)
+    sweep_ratios: tuple[float, ...] = ()
+    sweep_settings: tuple[Literal["constant", "additive"], ...] = ("constant", "additive")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(5e-5, gt=0)
+    early_stopping_patience: int = Field(3, ge=1)
+    image_size: int = Field(224, ge=16)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    test_sets: dict[str, str] = Field(default_factory=dict, description="name -> SOURCE of an unseen real test set")
+    segmentation_samples: int = Field(8, ge=0)
+    sam_model: str = "facebook/sam-vit-base"

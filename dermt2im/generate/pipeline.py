@@ -1,0 +1,175 @@
+"""The pipeline to render with, loaded once per process with the LoRA fused at its scale, and one
+batched call of it.
+
+Switching sampler swaps ``pipe.scheduler`` for a cached instance (``samplers.SamplerSwitch``), never
+reloads. A batch is rows sharing ``GROUP_COLUMNS``, one CPU ``torch.Generator`` per image, so an
+image does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dermt2im.core.runtime import GenerateRuntime
+from dermt2im.generate.model import LoraChoice, RenderModel
+from dermt2im.generate.samplers import SamplerSwitch
+
+log = logging.getLogger(__name__)
+
+GROUP_COLUMNS = ("sampler", "steps", "width", "height", "guidance_scale", "lora_scale", "label")
+
+
+@dataclass
+class Prepared:
+    pipe: Any
+    switch: SamplerSwitch
+    lora_sha256: str | None
+    lora_scale: float | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_CACHE: dict[tuple, Prepared] = {}
+_CACHE_LOCK = threading.Lock()
+_PASSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipelines passed in -> their state
+
+
+def resolve_dtype(pref: str, device: str):
+    import torch
+
+    if pref == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[pref]
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fuse(pipe, lora: LoraChoice, scale: float) -> None:
+    from dermt2im.diffusion.lora_files import load_lora
+
+    load_lora(pipe, lora.weights, scale, fuse=True)
+    log.info("fused LoRA %s (sha256 %s) at scale %g", lora.weights, (lora.sha256 or "")[:12], scale)
+
+
+def _lora_state(sha256: str | None, scale: float | None) -> tuple:
+    return (sha256, scale) if sha256 else (None, None)
+
+
+def _given_pipeline(pipe, lora: LoraChoice, scale: float) -> Prepared:
+    """A pipeline passed in (tests, benchmarks), taken as the base model; the LoRA is fused once."""
+    with _CACHE_LOCK:
+        prep = _PASSED.get(pipe)
+        if prep is None:
+            prep = Prepared(pipe, SamplerSwitch(pipe), None, None)
+            _PASSED[pipe] = prep
+    if _lora_state(prep.lora_sha256, prep.lora_scale) != _lora_state(lora.sha256, scale):
+        if prep.lora_sha256 is not None:
+            log.warning("replacing the LoRA fused into the given pipeline (unfuse is not bit-exact)")
+            from dermt2im.diffusion.lora_files import unload_lora
+
+            unload_lora(pipe)
+        if lora.weights is not None:
+            _fuse(pipe, lora, scale)
+        prep.lora_sha256, prep.lora_scale = lora.sha256, scale
+    return prep
+
+
+def prepared_pipeline(model: RenderModel, runtime: GenerateRuntime, lora: LoraChoice, scale: float, *,
+                      pipe=None) -> Prepared:
+    """The pipeline to render with, LoRA fused at ``scale``.
+
+    Without ``pipe``, a per-process cache holds one pipeline: asking for another LoRA (per-class
+    LoRAs) or scale loads a fresh base model rather than unfusing, because unfusing in fp16 does not
+    restore the base weights bit for bit.
+    """
+    scale = float(scale)
+    if pipe is not None:
+        return _given_pipeline(pipe, lora, scale)
+
+    from dermt2im.diffusion.models import load_pipeline, resolve_device
+
+    device = resolve_device(runtime.device)
+    dtype = resolve_dtype(runtime.dtype, device)
+    key = (model.identity, model.revision, device, str(dtype), *_lora_state(lora.sha256, scale))
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        if _CACHE:
+            log.info("releasing the cached pipeline to load %s", key)
+            _CACHE.clear()
+            gc.collect()
+            empty_cuda_cache()
+        t0 = time.perf_counter()
+        import torch
+
+        # fp32 is every loader's default: passing it would only make diffusers warn about casting
+        torch_dtype = None if dtype == torch.float32 else dtype
+        base = load_pipeline(model.base_model, model.revision, torch_dtype=torch_dtype, device=device)
+        base.set_progress_bar_config(disable=True)
+        if lora.weights is not None:
+            _fuse(base, lora, scale)
+        log.info("loaded %s on %s (%s) in %.1f s", model.base_model, device, dtype_name(dtype),
+                 time.perf_counter() - t0)
+        prep = Prepared(base, SamplerSwitch(base), lora.sha256, scale)
+        _CACHE[key] = prep
+        return prep
+
+
+def clear_pipeline_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+    gc.collect()
+    empty_cuda_cache()
+
+
+def empty_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
+def is_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        return isinstance(exc, torch.cuda.OutOfMemoryError)
+    except AttributeError:  # pragma: no cover
+        return False
+
+
+def render_batch(pipe, switch: SamplerSwitch, rows: list[dict]) -> list[np.ndarray]:
+    """Render rows that share GROUP_COLUMNS in one pipeline call, one generator per image."""
+    import torch
+
+    first = rows[0]
+    for r in rows[1:]:
+        for c in GROUP_COLUMNS:
+            if r[c] != first[c]:
+                raise ValueError(f"rows in one batch must share {c}: {r[c]!r} != {first[c]!r}")
+    switch.use(first["sampler"])
+    generators = [torch.Generator("cpu").manual_seed(int(r["seed"])) for r in rows]
+    out = pipe(
+        prompt=[r["prompt"] for r in rows],
+        negative_prompt=[r["negative_prompt"] or "" for r in rows],
+        num_inference_steps=int(first["steps"]),
+        guidance_scale=float(first["guidance_scale"]),
+        height=int(first["height"]),
+        width=int(first["width"]),
+        generator=generators,
+        output_type="np",
+    )
+    images = np.asarray(out.images)
+    return list((images * 255.0).round().clip(0, 255).astype(np.uint8))

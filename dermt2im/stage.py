@@ -1,0 +1,97 @@
+"""The Stage protocol: one shape for every stage of the factory.
+
+A stage's work is split into *units*: one dataset for ingest and preprocess, one LoRA run for train,
+one shard for generate, one (model, regime, seed) cell for validate. For each unit a stage says:
+
+``key(unit)``
+    The content key of everything the unit's output depends on (``dermt2im.core.identity``).
+``finished(unit)``
+    The summary of the unit's output when that output exists and was made for ``key(unit)``, else
+    None. This is the only place where a stage decides whether its work is stale.
+``run(unit)``
+    Make the output and return its summary: a small JSON-able dict (paths, counts, digests; never
+    tensors or pipelines).
+``describe(unit)``
+    What the unit does, in words ("render shard 3"), for log lines and task-run names.
+
+``units()`` may first prepare what the units depend on (generate makes or extends its plan,
+validate opens its MLflow parent run); ``close(results)`` runs once after every unit (fold manifest
+parts in, write the reports) and returns the stage's summary.
+
+The stages know nothing of how they are run. ``dermt2im.runners.sequential`` runs the units one
+after the other (the CLI); ``dermt2im.runners.leased`` lets many workers split them through leases
+(scale-out); ``tasks.stage`` maps each unit to a Prefect task. All three ask ``finished`` before
+``run``, so a unit whose output is up to date is never made again.
+
+Stages whose output carries no key of its own record it in a *stamp* (``Stamps``): a small JSON
+file per unit under ``W/.stamps/<stage>/``, written after the unit's output. Stamps are data, never
+code: a planted stamp can at worst make a stage skip work, never run anything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from dermt2im.core.fileio import atomic_write_text
+
+Summary = dict[str, Any]
+U = TypeVar("U")
+
+
+@runtime_checkable
+class Stage(Protocol[U]):
+    """See the module docstring."""
+
+    name: str
+
+    def units(self) -> Sequence[U]: ...
+
+    def describe(self, unit: U) -> str: ...
+
+    def key(self, unit: U) -> str: ...
+
+    def finished(self, unit: U) -> Summary | None: ...
+
+    def run(self, unit: U) -> Summary: ...
+
+    def close(self, results: Sequence[Summary]) -> Summary: ...
+
+
+def is_done(stage: Stage[U], unit: U) -> bool:
+    return stage.finished(unit) is not None
+
+
+@dataclass(frozen=True)
+class Stamps:
+    """The key each unit's output was last made for, with its summary: ``<root>/<stage>/<unit>.json``."""
+
+    root: Path
+    stage: str
+
+    def _path(self, unit_id: str) -> Path:
+        return Path(self.root) / self.stage / (re.sub(r"[^A-Za-z0-9._=-]", "_", unit_id) + ".json")
+
+    def read(self, unit_id: str) -> dict[str, Any] | None:
+        try:
+            record = json.loads(self._path(unit_id).read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and isinstance(record.get("summary"), dict) else None
+
+    def matching(self, unit_id: str, key: str) -> Summary | None:
+        """The stored summary when the unit's output was made for ``key``, else None."""
+        record = self.read(unit_id)
+        return record["summary"] if record is not None and record.get("key") == key else None
+
+    def write(self, unit_id: str, key: str, summary: Summary) -> None:
+        record = {"key": key, "summary": summary, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_text(self._path(unit_id), json.dumps(record, indent=1, sort_keys=True, default=str))
+
+    def clear(self, unit_id: str) -> None:
+        self._path(unit_id).unlink(missing_ok=True)

@@ -1,0 +1,214 @@
+"""One cell of a comparison: fine-tune one model on one regime's mixture at one seed, test it on
+every test set (``fit_and_test``, no tracking), and record it as a child run of the comparison
+(``run_cell``), or read a finished child run back (``reuse_cell``).
+
+The decision threshold is 0.5; nothing is tuned on a test set.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dermt2im.core.specs import ValidateConfig
+from dermt2im.core.tracking import DatasetRef, Tracker, metric_key
+from dermt2im.validate.inputs import ValidationError, ValidationInputs
+from dermt2im.validate.metrics import CONFUSION, METRICS, THRESHOLD, binary_metrics
+from dermt2im.validate.plan import (
+    KIND_CELL,
+    TAG_CELL_KEY,
+    TAG_KIND,
+    Cell,
+    ValidationPlan,
+)
+
+log = logging.getLogger(__name__)
+
+# Identical on every child run (params and tags), so runs compare column by column in MLflow.
+CELL_TAGS = ("model", "regime", "synthetic_ratio", "seed", "setting", "n_real", "n_synthetic")
+TEST_METRICS = (*METRICS, "precision", "n", *CONFUSION)
+Predictions = dict[str, tuple[tuple[str, int, float], ...]]  # test set -> (key, label, P(malignant))
+
+
+@dataclass(frozen=True)
+class CellResult:
+    run_id: str
+    model: str
+    regime: str
+    seed: int
+    metrics: dict[str, float]  # test.<set>.<metric>
+    predictions: Predictions
+    reused: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "model": self.model, "regime": self.regime, "seed": self.seed,
+                "metrics": self.metrics, "reused": self.reused,
+                "predictions": {k: [list(p) for p in v] for k, v in self.predictions.items()}}
+
+    @classmethod
+    def from_summary(cls, s: dict[str, Any]) -> "CellResult":
+        preds = {k: tuple((str(a), int(b), float(c)) for a, b, c in v) for k, v in s["predictions"].items()}
+        return cls(s["run_id"], s["model"], s["regime"], int(s["seed"]), dict(s["metrics"]), preds, bool(s["reused"]))
+
+
+@dataclass
+class CellOutcome:
+    """What fitting and testing one cell produced (before any of it is logged)."""
+
+    fit: dict[str, float]
+    metrics: dict[str, float]
+    predictions: Predictions
+    per_set: dict[str, tuple[np.ndarray, np.ndarray, dict[str, float]]]  # set -> (labels, P(malignant), metrics)
+    tables: dict[str, pd.DataFrame]  # set -> per-image predictions
+    model: Any
+    processor: Any
+
+
+def fit_and_test(cell: Cell, inputs: ValidationInputs, spec: ValidateConfig, device: Any, batch_size: int,
+                 on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> CellOutcome:
+    """Fine-tune the cell's model on its mixture (early stopping on the real val split) and predict
+    every test set."""
+    from dermt2im.validate import classify
+
+    train_df = cell.mixture.frame()
+    model, processor = classify.build_classifier(cell.model, spec, cell.seed)
+    train_x = classify.load_images(list(train_df["path"]), processor)
+    train_y = classify.labels_to_tensor(train_df["label"])
+    val_x = classify.load_images(list(inputs.real_val["path"]), processor)
+    val_y = classify.labels_to_tensor(inputs.real_val["label"])
+    t0 = time.time()
+    fit = classify.fit(model, processor, train_x, train_y, val_x, val_y, spec, cell.seed, device=device,
+                       batch_size=batch_size, on_epoch=on_epoch)
+    fit_summary = {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
+                   "stopped_early": float(fit.stopped_early), "train_seconds": time.time() - t0}
+    out = CellOutcome(fit_summary, {}, {}, {}, {}, model, processor)
+    amp = classify._amp_dtype(spec, device)
+    for name, ts in sorted(inputs.test_sets.items()):
+        x = classify.load_images(list(ts.rows["path"]), processor)
+        y = classify.labels_to_tensor(ts.rows["label"]).numpy()
+        prob = classify.predict_proba(model, x, processor, batch_size=max(batch_size, 32), device=device,
+                                      amp_dtype=amp)
+        m = binary_metrics(y, prob)
+        out.metrics.update({metric_key("test", name, k): float(m[k]) for k in TEST_METRICS})
+        out.predictions[name] = tuple(zip(ts.rows["key"].astype(str), y.astype(int).tolist(), prob.tolist()))
+        out.per_set[name] = (y, prob, m)
+        out.tables[name] = pd.DataFrame({"key": ts.rows["key"].astype(str), "path": ts.rows["path"], "label": y,
+                                         "prob": prob, "pred": (prob >= THRESHOLD).astype(int)})
+    return out
+
+
+def _cell_tags(plan: ValidationPlan, cell: Cell, key: str) -> dict[str, str]:
+    regime = cell.mixture.regime
+    return {TAG_KIND: KIND_CELL, TAG_CELL_KEY: key, "model": cell.model, "regime": regime.name,
+            "synthetic_ratio": f"{regime.synthetic_ratio:g}", "seed": str(cell.seed), "setting": regime.setting,
+            "n_real": str(cell.mixture.n_real), "n_synthetic": str(cell.mixture.n_synthetic)}
+
+
+def _cell_params(tags: dict[str, str], cell: Cell, inputs: ValidationInputs, spec: ValidateConfig, device: Any,
+                 batch_size: int) -> dict[str, Any]:
+    from dermt2im.validate.classify import model_name
+
+    mixture = cell.mixture
+    return {
+        **{k: tags[k] for k in CELL_TAGS}, "model_name": model_name(cell.model, spec), "n_train": len(mixture.items),
+        "n_real_available": mixture.n_real_available, "target_synthetic": mixture.target_synthetic,
+        "actual_synthetic_ratio": f"{mixture.actual_ratio:.4f}", "n_val": len(inputs.real_val),
+        "epochs": spec.epochs, "batch_size": batch_size, "learning_rate": spec.learning_rate,
+        "early_stopping_patience": spec.early_stopping_patience, "image_size": spec.image_size,
+        "mixed_precision": spec.mixed_precision if device.type == "cuda" else "no", "device": device.type,
+        "threshold": THRESHOLD, "test_sets": ",".join(sorted(inputs.test_sets)),
+        "mixture_digest": mixture.digest()[:16], "mixture_notes": "; ".join(mixture.notes) or "none",
+    }
+
+
+def _datasets(cell: Cell, inputs: ValidationInputs, seeds_manifest: str) -> list[DatasetRef]:
+    regime = cell.mixture.regime
+    refs = [DatasetRef(cell.mixture.frame(), seeds_manifest, f"train-{regime.name}-seed{cell.seed}", "training")]
+    if len(inputs.real_val):
+        refs.append(DatasetRef(inputs.real_val[["path", "label", "lesion_id"]], seeds_manifest, "val", "validation"))
+    for name, ts in sorted(inputs.test_sets.items()):
+        refs.append(DatasetRef(ts.rows[["path", "label", "lesion_id"]], ts.manifest, f"test-{name}", "test"))
+    return refs
+
+
+def _log_outcome(tracker: Tracker, run: str, cell: Cell, outcome: CellOutcome, log_model: bool) -> None:
+    from dermt2im.validate import classify
+    from dermt2im.validate.figures import confusion_figure, roc_figure
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pred_dir = Path(tmp) / "predictions"
+        pred_dir.mkdir()
+        for name, (y, prob, m) in outcome.per_set.items():
+            outcome.tables[name].to_csv(pred_dir / f"{name}.csv", index=False)
+            tracker.log_figure(run, confusion_figure(m, title=f"{cell.name} on {name}"), f"figures/confusion_{name}.png")
+            tracker.log_figure(run, roc_figure(y, prob, title=f"{cell.name} on {name}"), f"figures/roc_{name}.png")
+        tracker.log_folder(run, pred_dir, "predictions")
+        if log_model:
+            model_dir = classify.save_model(outcome.model.cpu(), outcome.processor, Path(tmp) / "model")
+            tracker.log_folder(run, model_dir, "model")
+    tracker.log_metrics(run, {**outcome.fit, **outcome.metrics})
+
+
+def run_cell(tracker: Tracker, plan: ValidationPlan, cell: Cell, key: str, spec: ValidateConfig, device: Any, *,
+             seeds_manifest: str, log_model: bool = True, batch_size: int | None = None) -> CellResult:
+    """Train and test one (model, regime, seed) in a child run of ``plan.parent_run_id``."""
+    import torch
+
+    from dermt2im.validate.classify import ModelUnavailable
+
+    tags = _cell_tags(plan, cell, key)
+    run = tracker.start(cell.name, tags=tags, parent=plan.parent_run_id)
+    bs = batch_size or spec.batch_size
+    try:
+        tracker.log_params(run, _cell_params(tags, cell, plan.inputs, spec, device, bs))
+        tracker.log_datasets(run, _datasets(cell, plan.inputs, seeds_manifest))
+        outcome = fit_and_test(cell, plan.inputs, spec, device, bs,
+                               on_epoch=lambda epoch, row: tracker.log_metrics(run, row, step=epoch))
+        _log_outcome(tracker, run, cell, outcome, log_model)
+        tracker.finish(run)
+    except BaseException as err:
+        try:
+            tracker.set_tags(run, {"dermt2im.error": f"{type(err).__name__}: {err}"[:5000]})
+            tracker.finish(run, "FAILED")
+        except Exception:  # noqa: BLE001 - never hide the original error behind a logging one
+            log.exception("could not mark run %s as failed", run)
+        if isinstance(err, ModelUnavailable):
+            raise ValidationError(str(err)) from err
+        raise
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return CellResult(run, cell.model, cell.regime, cell.seed, outcome.metrics, outcome.predictions)
+
+
+def reuse_cell(tracker: Tracker, plan: ValidationPlan, cell: Cell, key: str) -> CellResult | None:
+    """The finished child run of this cell (same key, same parent), read back; None when there is none."""
+    runs = tracker.runs(
+        f"tags.mlflow.parentRunId = '{plan.parent_run_id}' and tags.`{TAG_CELL_KEY}` = '{key}' "
+        "and attributes.status = 'FINISHED'", order_by=["attributes.end_time DESC"], limit=1)
+    if not runs:
+        return None
+    run = runs[0]
+    predictions = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = tracker.download(run.run_id, "predictions", tmp)
+        except Exception:  # noqa: BLE001 - an incomplete old run is simply trained again
+            return None
+        for name in plan.inputs.test_sets:
+            f = local / f"{name}.csv"
+            if not f.is_file():
+                return None
+            df = pd.read_csv(f, dtype={"key": str})
+            predictions[name] = tuple(zip(df["key"], df["label"].astype(int), df["prob"].astype(float)))
+    metrics = {k: v for k, v in run.metrics.items() if k.startswith("test.")}
+    log.info("cell %s: reusing finished run %s", cell.name, run.run_id)
+    return CellResult(run.run_id, cell.model, cell.regime, cell.seed, metrics, predictions, reused=True)

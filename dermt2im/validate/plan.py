@@ -1,0 +1,171 @@
+"""A comparison, planned: its cells (model x regime x seed, each with its training mixture), its
+content key, and its MLflow parent run (resumed when an identical comparison ran before, so that
+finished cells are read back instead of trained again)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dermt2im.core import identity
+from dermt2im.core.specs import ValidateConfig
+from dermt2im.core.tracking import Tracker
+from dermt2im.core.workdir import Workdir
+from dermt2im.validate import regimes as rg
+from dermt2im.validate.inputs import ValidationError, ValidationInputs, load_inputs
+from dermt2im.validate.metrics import THRESHOLD
+
+log = logging.getLogger(__name__)
+
+KIND_COMPARISON = "comparison"
+KIND_CELL = "cell"
+TAG_KIND = "dermt2im.kind"
+TAG_KEY = "dermt2im.comparison_key"
+TAG_CELL_KEY = "dermt2im.cell_key"
+TAG_SKIPPED = "dermt2im.skipped"
+# The modules that decide what a cell computes: changing them invalidates earlier results.
+CELL_MODULES = ("classify", "metrics", "regimes", "cell", "plan", "inputs")
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str  # vit | mobilenet_v2
+    mixture: rg.Mixture
+
+    @property
+    def regime(self) -> str:
+        return self.mixture.regime.name
+
+    @property
+    def seed(self) -> int:
+        return self.mixture.seed
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.regime}-seed{self.seed}"
+
+
+@dataclass(frozen=True, eq=False)
+class ValidationPlan:
+    parent_run_id: str
+    experiment: str
+    experiment_id: str
+    comparison_key: str
+    inputs: ValidationInputs
+    cells: tuple[Cell, ...]
+    skipped: dict[str, str] = field(default_factory=dict)
+    resumed: bool = False
+
+
+def code_digest() -> str:
+    return identity.code_digest(*(importlib.import_module(f"dermt2im.validate.{m}") for m in CELL_MODULES))
+
+
+def plan_mixtures(inputs: ValidationInputs, spec: ValidateConfig) -> tuple[list[rg.Mixture], dict[str, str]]:
+    """Every (regime, seed) mixture to train on, and the regimes skipped with the reason."""
+    try:
+        specs = rg.expand_regimes(spec)
+    except rg.RegimeError as err:
+        raise ValidationError(str(err)) from err
+    if not specs:
+        raise ValidationError("validate.regimes is empty and no sweep is configured")
+    mixtures: list[rg.Mixture] = []
+    skipped: dict[str, str] = {}
+    for regime in specs:
+        if regime.needs_synthetic and inputs.synthetic.empty:
+            skipped[regime.name] = f"no accepted synthetic images ({inputs.synthetic_note})"
+            continue
+        try:
+            for seed in spec.seeds:
+                mixtures.append(rg.build_mixture(inputs.real_train, inputs.synthetic, regime, seed))
+        except rg.RegimeError as err:
+            mixtures = [m for m in mixtures if m.regime.name != regime.name]
+            skipped[regime.name] = str(err)
+    for name, why in skipped.items():
+        log.warning("regime %s skipped: %s", name, why)
+    if not mixtures:
+        reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        raise ValidationError(
+            f"nothing to validate: every requested regime was skipped ({reasons}). Run generate and the "
+            "quality gate to get accepted synthetic images, or include 'baseline' in validate.regimes."
+        )
+    return mixtures, skipped
+
+
+def comparison_key(spec: ValidateConfig, inputs: ValidationInputs) -> str:
+    return identity.content_key(
+        "comparison",
+        spec.model_dump(mode="json", exclude={"test_sets", "segmentation_samples", "sam_model"}),
+        identity.frame_digest(inputs.real_train, ["path", "label", "key"]),
+        identity.frame_digest(inputs.real_val, ["path", "label", "key"]) if len(inputs.real_val) else "none",
+        identity.frame_digest(inputs.synthetic, ["path", "label", "sha256"]) if len(inputs.synthetic) else "none",
+        {name: ts.digest for name, ts in sorted(inputs.test_sets.items())},
+        code_digest(),
+    )
+
+
+def cell_key(spec: ValidateConfig, inputs: ValidationInputs, cell: Cell) -> str:
+    """Content key of one cell: training rows, validation rows, test sets, spec, model, regime, seed."""
+    from dermt2im.validate.classify import model_name
+
+    synthetic_paths = {path for path, _label, source in cell.mixture.items if source == rg.SYNTHETIC}
+    used = inputs.synthetic[inputs.synthetic["path"].isin(synthetic_paths)] if synthetic_paths else None
+    return identity.content_key(
+        "cell",
+        cell.mixture.digest(),
+        identity.frame_digest(used, ["path", "sha256"]) if used is not None and len(used) else "no synthetic",
+        identity.frame_digest(inputs.real_val, ["path", "label"]) if len(inputs.real_val) else "none",
+        {name: ts.digest for name, ts in sorted(inputs.test_sets.items())},
+        identity.spec_digest(spec),
+        cell.model,
+        model_name(cell.model, spec),
+        cell.regime,
+        cell.seed,
+        code_digest(),
+    )
+
+
+def _open_parent(tracker: Tracker, spec: ValidateConfig, inputs: ValidationInputs, mixtures: list[rg.Mixture],
+                 skipped: dict[str, str], key: str, resume: bool) -> tuple[str, bool]:
+    """The comparison's parent run: the newest with this key (reopened) when ``resume``, else a new one."""
+    found = tracker.runs(f"tags.`{TAG_KIND}` = '{KIND_COMPARISON}' and tags.`{TAG_KEY}` = '{key}'",
+                         order_by=["attributes.start_time DESC"], limit=1) if resume else []
+    if found:
+        tracker.reopen(found[0].run_id)
+        log.info("resuming comparison %s", found[0].run_id)
+        return found[0].run_id, True
+    parent = tracker.start(f"comparison-{time.strftime('%Y%m%d-%H%M%S')}",
+                           tags={TAG_KIND: KIND_COMPARISON, TAG_KEY: key})
+    regimes_run = sorted({(m.regime.name, m.regime.setting, m.regime.synthetic_ratio) for m in mixtures})
+    tracker.log_params(parent, {
+        "models": ",".join(spec.models), "regimes": ",".join(r[0] for r in regimes_run),
+        "seeds": ",".join(map(str, spec.seeds)), "test_sets": ",".join(sorted(inputs.test_sets)),
+        "synthetic_ratio": spec.synthetic_ratio, "tiny": spec.tiny, "epochs": spec.epochs, "threshold": THRESHOLD,
+        "n_real_train": len(inputs.real_train), "n_real_val": len(inputs.real_val),
+        "n_synthetic_usable": len(inputs.synthetic), "validate_config_digest": identity.spec_digest(spec),
+    })
+    tracker.log_dict(parent, spec.model_dump(mode="json"), "config/validate.json")
+    tracker.log_dict(parent, {"regimes": [{"name": n, "setting": s, "synthetic_ratio": r} for n, s, r in regimes_run],
+                              "skipped": skipped, "synthetic": inputs.synthetic_note}, "config/regimes.json")
+    return parent, False
+
+
+def prepare(workdir: Workdir, spec: ValidateConfig, tracker: Tracker,
+            test_sets: dict[str, str | Path] | None = None, *, resume: bool = True) -> ValidationPlan:
+    """Load and check the inputs, build the mixtures and open (or resume) the parent run."""
+    import json
+
+    if not spec.models:
+        raise ValidationError("validate.models is empty")
+    if not spec.seeds:
+        raise ValidationError("validate.seeds is empty")
+    inputs = load_inputs(workdir, test_sets)
+    mixtures, skipped = plan_mixtures(inputs, spec)
+    cells = tuple(Cell(model, m) for model in spec.models for m in mixtures)
+    key = comparison_key(spec, inputs)
+    parent, resumed = _open_parent(tracker, spec, inputs, mixtures, skipped, key, resume)
+    tracker.set_tags(parent, {TAG_SKIPPED: json.dumps(skipped, sort_keys=True)})
+    return ValidationPlan(parent, tracker.experiment, tracker.experiment_id, key, inputs, cells, skipped, resumed)

@@ -1,0 +1,37 @@
+"""Prefect deployment settings: the ``orchestration`` section of a factory config.
+
+The domain never reads these; flows do. They say how the CPU parent flow reaches the GPU stages and
+how generation fans out over worker runs, never what is made, so they enter no key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from dermt2im.core.errors import ConfigError
+from dermt2im.core.specs import Strict
+
+
+class OrchestrationSettings(Strict):
+    gpu_deployments: bool = Field(
+        False, description="run train / generate through run_deployment on the cuda work pool instead of in-process"
+    )
+    train_deployment: str = "train/train-cuda"
+    generate_deployment: str = "generate/generate-cuda"
+    deployment_timeout_s: float | None = Field(None, gt=0, description="None waits for as long as the run takes")
+    parallel_workers: int = Field(
+        0, ge=0, description="> 0: the generate flow renders through this many runs of worker_deployment (scale-out)"
+    )
+    worker_deployment: str = "generate-worker/generate-worker-cuda"
+
+
+def orchestration(cfg: Any) -> OrchestrationSettings:
+    """The validated ``orchestration`` section of a factory config (a clear error naming the key)."""
+    try:
+        return OrchestrationSettings.model_validate(cfg.orchestration or {})
+    except ValidationError as err:
+        lines = [f"  orchestration.{'.'.join(map(str, e['loc']))}: "
+                 + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"]) for e in err.errors()]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

@@ -1,0 +1,59 @@
+"""The one Prefect adapter over the Stage protocol (``dermt2im.stage``): every unit of a stage
+becomes a task run named by what it does ("render shard 3 (benign)", "validate vit hybrid seed 0").
+
+A unit whose output is up to date (``stage.finished(unit)`` is not None) is not run again: its task
+run ends in a ``Completed`` state named ``Cached``, carrying the stored summary. Nothing is
+persisted by Prefect: no task result is ever written to or read from Prefect's result storage, so a
+file planted in a shared workdir can never be unpickled (the stages' own records are JSON and
+Parquet). Retries are for transient faults only (I/O, network, a locked tracking store).
+
+Units run one after the other in the flow's thread, in the order the stage gives them: they share
+one device and one loaded pipeline. ``run_stage`` also keeps a progress artifact per stage and
+closes the stage in a task of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
+
+from dermt2im.stage import Stage, Summary
+from tasks.retries import retry_transient_only
+
+
+@task(name="stage-unit", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient_only)
+def run_unit(stage: Stage, unit: Any) -> Summary | State:
+    """Run one unit of ``stage`` unless its output is up to date."""
+    done = stage.finished(unit)
+    if done is not None:
+        return Completed(name="Cached", data=done, message=f"{stage.describe(unit)}: up to date, not run again")
+    return stage.run(unit)
+
+
+@task(name="stage-close", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient_only)
+def close_stage(stage: Stage, results: Sequence[Summary]) -> Summary:
+    """What a stage does once every unit is done (fold manifest parts in, write its reports)."""
+    return stage.close(results)
+
+
+def run_stage(stage: Stage, *, tags: Sequence[str] = (), wait_for: Sequence[Any] | None = None) -> Summary:
+    """Every unit of ``stage`` as a task run, then its closing task; returns the closing summary."""
+    units = list(stage.units())
+    all_tags = {*tags, f"stage:{stage.name}"}
+    progress = create_progress_artifact(progress=0.0, key=f"{stage.name}-progress",
+                                        description=f"{stage.name}: units done")
+    results: list[Summary] = []
+    for i, unit in enumerate(units, start=1):
+        unit_task = run_unit.with_options(name=stage.name, task_run_name=stage.describe(unit), tags=all_tags)
+        results.append(unit_task(stage, unit, wait_for=wait_for))
+        update_progress_artifact(artifact_id=progress, progress=100.0 * i / max(1, len(units)))
+    closing = close_stage.with_options(name=f"{stage.name}-close", task_run_name=f"{stage.name}: close",
+                                       tags={*tags, f"stage:{stage.name}-close"})
+    return closing(stage, results)
