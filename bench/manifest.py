@@ -26,7 +26,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dermt2im.core import manifest as mf  # noqa: E402
+from dermt2im.core import manifest as mf
+from dermt2im.core import writers  # noqa: E402
 from dermt2im.core.manifest import SYNTHETIC  # noqa: E402
 
 
@@ -95,7 +96,7 @@ def main() -> None:
         parts = [rows(keys[j * args.batch * stride:(j + 1) * args.batch * stride:stride], f"part{j}")
                  for j in range(args.parts)]
         for p in parts:
-            mf.append_rows(base, p, SYNTHETIC)
+            writers.append_rows(base, p, SYNTHETIC)
 
         def naive_read() -> pd.DataFrame:
             frame = mf._read_file(base, SYNTHETIC)

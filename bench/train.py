@@ -70,7 +70,7 @@ def _setup(tmp: Path, args):
 
     torch.set_num_threads(args.threads)
     from dermt2im.core.workdir import Workdir
-    from tests.train_fixtures import make_seed_manifest, tiny_config
+    from tests.train.train_fixtures import make_seed_manifest, tiny_config
 
     w = Workdir.at(tmp / "work")
     make_seed_manifest(w, n_per_class=args.images, size=args.resolution, extra_val=False)
@@ -115,7 +115,7 @@ def run_trainer(tmp: Path, args) -> dict:
     import mlflow  # noqa: F401 - imported before the baseline, like everything else the trainer uses
     import torch
 
-    from tests.train_fixtures import train
+    from tests.train.train_fixtures import train
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

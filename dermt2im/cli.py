@@ -215,11 +215,9 @@ def worker(
 def quality(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Run the quality gate and memorisation audit over W/manifests/synthetic.parquet."""
     w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.core.manifest import SYNTHETIC, compact
     from dermt2im.quality.stage import QualityStage
 
-    compact(w.synthetic_manifest, SYNTHETIC, w.locks)  # rows workers appended as parts (object stores)
-    _run(QualityStage(w, cfg.quality))
+    _run(QualityStage(w, cfg.quality))  # saving the verdicts also folds in rows workers appended as parts
 
 
 @app.command()

@@ -9,8 +9,8 @@ from PIL import Image
 
 from dermt2im.export import ExportError, export_imagefolder
 from dermt2im.quality.stage import assess
-from tests.gate_config import smoke_with_full_gate
-from tests.test_quality import (
+from tests.quality.gate_config import smoke_with_full_gate
+from tests.quality.test_quality import (
     altered_copy,
     bad_images,
     phantom,

@@ -13,7 +13,7 @@ There is no cross-writer lock on object stores: a read-modify-write of one manif
 (``manifest.append_rows``) that readers merge and one coordinator later folds in
 (``manifest.compact``); on local / shared POSIX storage ``manifest.writer_lock`` serialises writers.
 
-Synthetic images can live on such a location too (``generate.image_store``): the manifest's
+Synthetic images can live on such a location too (``storage.images``): the manifest's
 ``path`` column then holds the image's URL and every reader goes through ``resolve`` /
 ``is_file`` / ``read_bytes`` / ``sha256`` / ``version_token`` here. So can the manifests
 (``storage.manifests``). The workdir itself (config snapshot, shard leases, LoRA weights, processed

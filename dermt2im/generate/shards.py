@@ -25,7 +25,8 @@ import pandas as pd
 from dermt2im.core import identity, storage
 from dermt2im.core.fileio import atomic_write_bytes, sha256_bytes
 from dermt2im.core.imaging import encode_png
-from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest, record_rows
+from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest
+from dermt2im.core.writers import record_rows
 from dermt2im.core.runtime import GenerateRuntime
 from dermt2im.core.workdir import Workdir
 from dermt2im.generate.model import GenerationError, LoraChoice, RenderModel

@@ -28,7 +28,8 @@ from typing import Any
 import pandas as pd
 
 from dermt2im.core import identity
-from dermt2im.core.manifest import SYNTHETIC, compact, writer_lock
+from dermt2im.core.manifest import SYNTHETIC
+from dermt2im.core.writers import compact, writer_lock
 from dermt2im.core.runtime import GenerateRuntime
 from dermt2im.core.specs import LABELS, GenerateConfig
 from dermt2im.core.workdir import Workdir

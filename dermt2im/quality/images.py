@@ -11,7 +11,7 @@ from dermt2im.core import storage
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """RGB pixels of a local image or one on an fsspec URL (``generate.image_store``)."""
+    """RGB pixels of a local image or one on an fsspec URL (``storage.images``)."""
     from PIL import Image
 
     src = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path

@@ -22,7 +22,8 @@ import cv2
 import pandas as pd
 
 from dermt2im.core import identity, storage
-from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, rewrite, writer_lock
+from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, rewrite
+from dermt2im.core.writers import writer_lock
 from dermt2im.core.specs import QualityConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.quality.audit import audit, embed, load_seeds

@@ -76,14 +76,14 @@ def fit_and_test(cell: Cell, inputs: ValidationInputs, spec: ValidateConfig, dev
                  on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> CellOutcome:
     """Fine-tune the cell's model on its mixture (early stopping on the real val split) and predict
     every test set."""
-    from dermt2im.validate import classify
+    from dermt2im.validate import classify, images, models
 
     train_df = cell.mixture.frame()
-    model, processor = classify.build_classifier(cell.model, spec, cell.seed)
-    train_x = classify.load_images(list(train_df["path"]), processor)
-    train_y = classify.labels_to_tensor(train_df["label"])
-    val_x = classify.load_images(list(inputs.real_val["path"]), processor)
-    val_y = classify.labels_to_tensor(inputs.real_val["label"])
+    model, processor = models.build_classifier(cell.model, spec, cell.seed)
+    train_x = images.load_images(list(train_df["path"]), processor)
+    train_y = images.labels_to_tensor(train_df["label"])
+    val_x = images.load_images(list(inputs.real_val["path"]), processor)
+    val_y = images.labels_to_tensor(inputs.real_val["label"])
     t0 = time.time()
     fit = classify.fit(model, processor, train_x, train_y, val_x, val_y, spec, cell.seed, device=device,
                        batch_size=batch_size, on_epoch=on_epoch)
@@ -92,8 +92,8 @@ def fit_and_test(cell: Cell, inputs: ValidationInputs, spec: ValidateConfig, dev
     out = CellOutcome(fit_summary, {}, {}, {}, {}, model, processor)
     amp = classify._amp_dtype(spec, device)
     for name, ts in sorted(inputs.test_sets.items()):
-        x = classify.load_images(list(ts.rows["path"]), processor)
-        y = classify.labels_to_tensor(ts.rows["label"]).numpy()
+        x = images.load_images(list(ts.rows["path"]), processor)
+        y = images.labels_to_tensor(ts.rows["label"]).numpy()
         prob = classify.predict_proba(model, x, processor, batch_size=max(batch_size, 32), device=device,
                                       amp_dtype=amp)
         m = binary_metrics(y, prob)
@@ -114,7 +114,7 @@ def _cell_tags(plan: ValidationPlan, cell: Cell, key: str) -> dict[str, str]:
 
 def _cell_params(tags: dict[str, str], cell: Cell, inputs: ValidationInputs, spec: ValidateConfig, device: Any,
                  batch_size: int) -> dict[str, Any]:
-    from dermt2im.validate.classify import model_name
+    from dermt2im.validate.models import model_name
 
     mixture = cell.mixture
     return {
@@ -140,8 +140,8 @@ def _datasets(cell: Cell, inputs: ValidationInputs, seeds_manifest: str) -> list
 
 
 def _log_outcome(tracker: Tracker, run: str, cell: Cell, outcome: CellOutcome, log_model: bool) -> None:
-    from dermt2im.validate import classify
     from dermt2im.validate.figures import confusion_figure, roc_figure
+    from dermt2im.validate.models import save_model
 
     with tempfile.TemporaryDirectory() as tmp:
         pred_dir = Path(tmp) / "predictions"
@@ -152,7 +152,7 @@ def _log_outcome(tracker: Tracker, run: str, cell: Cell, outcome: CellOutcome, l
             tracker.log_figure(run, roc_figure(y, prob, title=f"{cell.name} on {name}"), f"figures/roc_{name}.png")
         tracker.log_folder(run, pred_dir, "predictions")
         if log_model:
-            model_dir = classify.save_model(outcome.model.cpu(), outcome.processor, Path(tmp) / "model")
+            model_dir = save_model(outcome.model.cpu(), outcome.processor, Path(tmp) / "model")
             tracker.log_folder(run, model_dir, "model")
     tracker.log_metrics(run, {**outcome.fit, **outcome.metrics})
 
@@ -162,7 +162,7 @@ def run_cell(tracker: Tracker, plan: ValidationPlan, cell: Cell, key: str, spec:
     """Train and test one (model, regime, seed) in a child run of ``plan.parent_run_id``."""
     import torch
 
-    from dermt2im.validate.classify import ModelUnavailable
+    from dermt2im.validate.models import ModelUnavailable
 
     tags = _cell_tags(plan, cell, key)
     run = tracker.start(cell.name, tags=tags, parent=plan.parent_run_id)

@@ -3,9 +3,6 @@ seed, on the same test images) logged on the parent run, which is then closed.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
@@ -43,31 +40,6 @@ def mcnemar_tests(results: list[CellResult], baseline: str = "baseline") -> pd.D
 
 def mcnemar_metric(model: str, regime: str, test_set: str, seed: int, what: str = "p_value") -> str:
     return metric_key("mcnemar", model, regime, test_set, f"seed{seed}", what)
-
-
-@dataclass(frozen=True)
-class ValidationReport:
-    parent_run_id: str
-    experiment: str
-    runs: int
-    table_path: Path | None
-    skipped: dict[str, str] = field(default_factory=dict)
-    verdict: str = ""
-    reused: int = 0
-    segmentation: str = ""
-
-    def summary(self) -> str:
-        lines = [f"comparison run {self.parent_run_id} in MLflow experiment {self.experiment!r}: "
-                 f"{self.runs} child runs ({self.reused} reused from an earlier identical run)"]
-        for name, why in sorted(self.skipped.items()):
-            lines.append(f"skipped regime {name}: {why}")
-        if self.table_path is not None:
-            lines.append(f"Table IV: {self.table_path}")
-        if self.verdict:
-            lines.append(self.verdict)
-        if self.segmentation:
-            lines.append(self.segmentation)
-        return "\n".join(lines)
 
 
 def close_comparison(tracker: Tracker, plan: ValidationPlan, results: list[CellResult]) -> pd.DataFrame:

@@ -27,7 +27,7 @@ TAG_KEY = "dermt2im.comparison_key"
 TAG_CELL_KEY = "dermt2im.cell_key"
 TAG_SKIPPED = "dermt2im.skipped"
 # The modules that decide what a cell computes: changing them invalidates earlier results.
-CELL_MODULES = ("classify", "metrics", "regimes", "cell", "plan", "inputs")
+CELL_MODULES = ("classify", "models", "images", "metrics", "regimes", "cell", "plan", "inputs")
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def comparison_key(spec: ValidateConfig, inputs: ValidationInputs) -> str:
 
 def cell_key(spec: ValidateConfig, inputs: ValidationInputs, cell: Cell) -> str:
     """Content key of one cell: training rows, validation rows, test sets, spec, model, regime, seed."""
-    from dermt2im.validate.classify import model_name
+    from dermt2im.validate.models import model_name
 
     synthetic_paths = {path for path, _label, source in cell.mixture.items if source == rg.SYNTHETIC}
     used = inputs.synthetic[inputs.synthetic["path"].isin(synthetic_paths)] if synthetic_paths else None

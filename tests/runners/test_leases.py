@@ -152,7 +152,7 @@ TINY = ["generate.per_class=4", "generate.shard_size=2", "generate.width=32", "g
 
 def _worker(workdir, cfg, owner, timeout, pipe=None):
     from dermt2im.runners.leased import run_claimed
-    from tests.generate_fixtures import stage
+    from tests.generate.generate_fixtures import stage
 
     return run_claimed(stage(workdir, cfg, pipe=pipe), workdir.leases, ttl=cfg.runtime.generate.lease_seconds,
                        owner=owner, poll_seconds=0.1, timeout=timeout)
@@ -161,7 +161,7 @@ def _worker(workdir, cfg, owner, timeout, pipe=None):
 def test_worker_takes_over_a_dead_workers_shard_and_completes_the_plan(workdir, pipe):
     from dermt2im.core.config import load_config
     from dermt2im.core.manifest import SYNTHETIC, read_manifest, write_manifest
-    from tests.generate_fixtures import complete, plan, render
+    from tests.generate.generate_fixtures import complete, plan, render
 
     cfg = load_config("smoke", TINY)
     planned = plan(workdir, cfg)

@@ -20,7 +20,7 @@ from dermt2im.train import state as training
 from dermt2im.train.checkpoints import latest_checkpoint
 from dermt2im.train.inputs import seeds_digest, training_images
 from dermt2im.train.stage import find_trained
-from tests.train_fixtures import TINY_TRAIN, make_seed_manifest, tiny_config, train
+from tests.train.train_fixtures import TINY_TRAIN, make_seed_manifest, tiny_config, train
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from dermt2im.ingest.labels import label_map, resolve_label
 from dermt2im.ingest.layouts import IngestError, detect_layout
 from dermt2im.ingest.splits import assign_splits, split_counts
 from dermt2im.ingest.stage import ingest_source, reason_category
-from tests.ingest_fixtures import (
+from tests.ingest.ingest_fixtures import (
     TEXT_AS_JPEG,
     class_folders,
     cmyk_jpeg,

@@ -15,21 +15,19 @@ import pytest
 from dermt2im.core import manifest as mf
 from dermt2im.core import storage
 from dermt2im.core.config import load_config
+from dermt2im.core.errors import ManifestError
 from dermt2im.core.manifest import (
     SYNTHETIC,
-    ManifestError,
-    append_rows,
-    compact,
     manifest_exists,
     pending_parts,
     read_manifest,
-    record_rows,
     rewrite,
     upsert,
     write_manifest,
 )
+from dermt2im.core.writers import append_rows, compact, record_rows, writer_lock
 from dermt2im.core.workdir import Workdir
-from tests.test_storage import s3_bucket  # noqa: F401  (fixture)
+from tests.core.test_storage import s3_bucket  # noqa: F401  (fixture)
 
 
 def _rows(keys, sha="a") -> pd.DataFrame:
@@ -180,7 +178,7 @@ def _compact_slowly(path: str, lock_dir: str, hold: float, out) -> None:
         time.sleep(hold)  # a slow rewrite: another compactor must wait, not read the same parts
         return current
 
-    with mf.writer_lock(path, lock_dir):
+    with writer_lock(path, lock_dir):
         out.put(len(pending_parts(path)))
         rewrite(path, SYNTHETIC, slow)
 

@@ -10,8 +10,8 @@ from mlflow import MlflowClient
 from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
 from dermt2im.validate.cell import CELL_TAGS
 from dermt2im.validate.inputs import ValidationError
-from tests.validate_fixtures import make_validation_data, tiny_config
-from tests.validate_fixtures import run_validation as validate
+from tests.validate.validate_fixtures import make_validation_data, tiny_config
+from tests.validate.validate_fixtures import run_validation as validate
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from dermt2im.diffusion import lora_files as lora_io
 from flows.train import train
 from tasks.retries import is_transient
 from tests.prefect_utils import task_states
-from tests.train_fixtures import TINY_TRAIN, TINY_TRAIN_RUNTIME, make_seed_manifest
+from tests.train.train_fixtures import TINY_TRAIN, TINY_TRAIN_RUNTIME, make_seed_manifest
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from dermt2im.quality.audit import embed
 from dermt2im.quality.checks import check_image, reason_code
 from dermt2im.quality.dedupe import hamming_matrix, phash
 from dermt2im.quality.stage import assess
-from tests.gate_config import smoke_with_full_gate
+from tests.quality.gate_config import smoke_with_full_gate
 
 Q = QualityConfig()
 

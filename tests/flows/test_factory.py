@@ -7,13 +7,13 @@ from dermt2im.core.manifest import PLAN, SEEDS, SYNTHETIC, read_manifest
 from dermt2im.core.workdir import Workdir
 from flows.factory import factory
 from tests.prefect_utils import task_states
-from tests.test_storage import s3_bucket  # noqa: F401  (fixture)
+from tests.core.test_storage import s3_bucket  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
 SMALL = [
     "phantoms.n_seed=16", "phantoms.n_test=8", "phantoms.size=48", "preprocess.size=32",
-    "train.max_steps=6", "train.checkpoint_every=3", "train.validation_images_per_class=1",
+    "train.max_steps=6", "runtime.train.checkpoint_every=3", "train.validation_images_per_class=1",
     "train.validation_steps=2",
     "generate.per_class=4", "generate.shard_size=4", "generate.width=32", "generate.height=32",
     "generate.steps_min=2", "generate.steps_max=3", "runtime.generate.batch_size=4",
@@ -70,7 +70,7 @@ def test_factory_end_to_end_then_cache_then_partial_reruns(prefect_harness, work
 
 
 def test_factory_with_manifests_and_images_on_a_local_s3_endpoint(prefect_harness, workdir, s3_bucket):
-    """storage.manifests and generate.image_store on S3 (moto): every manifest lives there, the
+    """storage.manifests and storage.images on S3 (moto): every manifest lives there, the
     workdir keeps none, and a second run with nothing changed is served from cache."""
     from dermt2im.core import storage
     from dermt2im.core.manifest import pending_parts

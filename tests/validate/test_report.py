@@ -8,7 +8,7 @@ from dermt2im.core.tracking import open_tracker
 from dermt2im.validate.compare import mcnemar_metric
 from dermt2im.validate.metrics import mean_ci
 from dermt2im.validate.table import ReportError, build_report
-from tests.validate_fixtures import tiny_config
+from tests.validate.validate_fixtures import tiny_config
 
 
 def tracking_client(workdir, tracking):

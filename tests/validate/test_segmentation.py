@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from dermt2im.validate.segmentation import lesion_prompt, mask_stats, segmentation_check
-from tests.validate_fixtures import make_validation_data, tiny_config
+from tests.validate.validate_fixtures import make_validation_data, tiny_config
 
 
 def _disc(size=64, r=10, cx=30, cy=34):

@@ -6,9 +6,11 @@ import torch
 
 from dermt2im.core.manifest import SEEDS, read_manifest
 from dermt2im.validate import classify
+from dermt2im.validate import images as classify_images
+from dermt2im.validate import models as classify_models
 from dermt2im.validate.metrics import binary_metrics
 from dermt2im.validate.regimes import real_rows
-from tests.validate_fixtures import make_validation_data, tiny_config
+from tests.validate.validate_fixtures import make_validation_data, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +28,9 @@ def _train(kind, data, seed=0, **over):
     train, val, _ = data
     opts = {"models": [kind], "learning_rate": 1e-3, "epochs": 6, "early_stopping_patience": 3, **over}
     cfg = tiny_config(**opts).validation
-    model, processor = classify.build_classifier(kind, cfg, seed)
-    tx, ty = classify.load_images(list(train["path"]), processor), classify.labels_to_tensor(train["label"])
-    vx, vy = classify.load_images(list(val["path"]), processor), classify.labels_to_tensor(val["label"])
+    model, processor = classify_models.build_classifier(kind, cfg, seed)
+    tx, ty = classify_images.load_images(list(train["path"]), processor), classify_images.labels_to_tensor(train["label"])
+    vx, vy = classify_images.load_images(list(val["path"]), processor), classify_images.labels_to_tensor(val["label"])
     fit = classify.fit(model, processor, tx, ty, vx, vy, cfg, seed)
     return model, processor, fit
 
@@ -37,9 +39,9 @@ def _train(kind, data, seed=0, **over):
 def test_tiny_classifier_learns_well_above_chance(kind, data):
     model, processor, fit = _train(kind, data)
     test = data[2]
-    x = classify.load_images(list(test["processed_path"]), processor)
+    x = classify_images.load_images(list(test["processed_path"]), processor)
     assert x.dtype == torch.uint8 and tuple(x.shape[1:]) == (3, 32, 32)
-    m = binary_metrics(classify.labels_to_tensor(test["label"]).numpy(), classify.predict_proba(model, x, processor))
+    m = binary_metrics(classify_images.labels_to_tensor(test["label"]).numpy(), classify.predict_proba(model, x, processor))
     assert m["balanced_accuracy"] >= 0.8, m
     assert m["roc_auc"] >= 0.9, m
     assert 1 <= fit.best_epoch <= fit.epochs_run <= 6
@@ -51,7 +53,7 @@ def test_training_is_deterministic_per_seed(data):
     a, pa, _ = _train("vit", data, seed=1, epochs=1)
     b, pb, _ = _train("vit", data, seed=1, epochs=1)
     c, pc, _ = _train("vit", data, seed=2, epochs=1)
-    x = classify.load_images(list(test["processed_path"]), pa)
+    x = classify_images.load_images(list(test["processed_path"]), pa)
     prob = [classify.predict_proba(m, x, p) for m, p in ((a, pa), (b, pb), (c, pc))]
     assert (prob[0] == prob[1]).all()
     assert not (prob[0] == prob[2]).all()
@@ -60,11 +62,11 @@ def test_training_is_deterministic_per_seed(data):
 def test_early_stopping_restores_the_best_epoch(data):
     train, val, _ = data
     cfg = tiny_config(learning_rate=1e-3, epochs=8, early_stopping_patience=1).validation
-    model, processor = classify.build_classifier("vit", cfg, 0)
-    vx, vy = classify.load_images(list(val["path"]), processor), classify.labels_to_tensor(val["label"])
+    model, processor = classify_models.build_classifier("vit", cfg, 0)
+    vx, vy = classify_images.load_images(list(val["path"]), processor), classify_images.labels_to_tensor(val["label"])
     # train on shuffled labels: validation does not improve for long, so training stops early
     shuffled = train.assign(label=train["label"].sample(frac=1, random_state=0).to_numpy())
-    tx, ty = classify.load_images(list(shuffled["path"]), processor), classify.labels_to_tensor(shuffled["label"])
+    tx, ty = classify_images.load_images(list(shuffled["path"]), processor), classify_images.labels_to_tensor(shuffled["label"])
     fit = classify.fit(model, processor, tx, ty, vx, vy, cfg, 0)
     best = fit.history[fit.best_epoch - 1]
     assert fit.epochs_run == fit.best_epoch + 1 or fit.epochs_run == 8
@@ -81,7 +83,7 @@ def test_early_stopping_restores_the_best_epoch(data):
 def test_augmentation_keeps_shape_and_range():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
-    y = classify.augment(x, g)
+    y = classify_images.augment(x, g)
     assert y.shape == x.shape and y.dtype == torch.float32
     assert float(y.min()) >= 0 and float(y.max()) <= 255
     flat = x[:1].float()
@@ -90,5 +92,5 @@ def test_augmentation_keeps_shape_and_range():
 
 def test_missing_pretrained_model_gives_a_clear_message():
     cfg = tiny_config(tiny=False, vit_model="/nonexistent/vit-model").validation
-    with pytest.raises(classify.ModelUnavailable, match="cannot load vit model '/nonexistent/vit-model'.*validate.tiny"):
-        classify.build_classifier("vit", cfg, 0)
+    with pytest.raises(classify_models.ModelUnavailable, match="cannot load vit model '/nonexistent/vit-model'.*validate.tiny"):
+        classify_models.build_classifier("vit", cfg, 0)

@@ -6,7 +6,7 @@ import pytest
 
 from dermt2im.core.manifest import SYNTHETIC, read_manifest
 from flows.generate import generate
-from tests.gate_config import FULL_GATE
+from tests.quality.gate_config import FULL_GATE
 from tests.prefect_utils import task_states
 
 pytestmark = pytest.mark.slow

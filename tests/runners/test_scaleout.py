@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_storage import s3_bucket  # noqa: F401  (fixture)
+from tests.core.test_storage import s3_bucket  # noqa: F401  (fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 PER_CLASS, SHARD_SIZE = 8, 2  # 2 classes x 8 images in shards of 2: 8 shards
@@ -171,7 +171,7 @@ def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(prefect_ser
     from dermt2im.core.workdir import Workdir, workdir_config
     from dermt2im.generate.plan import update_plan
     from dermt2im.runners.leases import read_lease
-    from tests.generate_fixtures import complete
+    from tests.generate.generate_fixtures import complete
 
     # the plan, in a fresh workdir; its config snapshot is what the workers read (config=None)
     w = Workdir.at(tmp_path / "work")

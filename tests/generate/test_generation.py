@@ -18,8 +18,8 @@ from dermt2im.generate import pipeline, shards
 from dermt2im.generate.model import GenerationError
 from dermt2im.generate.plan import build_plan
 from dermt2im.generate.samplers import SAMPLERS, SamplerSwitch, UnknownSamplerError
-from tests.generate_fixtures import complete, generate, missing, render
-from tests.generate_fixtures import plan as make_plan
+from tests.generate.generate_fixtures import complete, generate, missing, render
+from tests.generate.generate_fixtures import plan as make_plan
 
 TINY = [
     "generate.per_class=6",

@@ -15,13 +15,14 @@ from dermt2im.diffusion.models import build_tiny_pipeline
 from dermt2im.export import export_imagefolder
 from dermt2im.quality.images import load_rgb
 from dermt2im.quality.stage import assess
-from dermt2im.validate import classify
-from tests.generate_fixtures import plan, render, stage
-from tests.generate_fixtures import state as shard_state
-from tests.test_generation import tiny_cfg
-from tests.test_quality import seed_workdir
-from tests.test_storage import s3_bucket  # noqa: F401  (fixture)
-from tests.validate_fixtures import tiny_config
+from dermt2im.validate import images as classify_images
+from dermt2im.validate import models as classify_models
+from tests.generate.generate_fixtures import plan, render, stage
+from tests.generate.generate_fixtures import state as shard_state
+from tests.generate.test_generation import tiny_cfg
+from tests.quality.test_quality import seed_workdir
+from tests.core.test_storage import s3_bucket  # noqa: F401  (fixture)
+from tests.validate.validate_fixtures import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +101,8 @@ def test_render_assess_export_and_load_from_a_memory_store(workdir, tmp_path, pi
     # validation's loader decodes an image-store URL (and caches it under the object's version)
     url = df.iloc[1]["path"]
     assert load_rgb(url).shape == (32, 32, 3)
-    _model, processor = classify.build_classifier("vit", tiny_config().validation, 0)
-    x = classify.load_images([url, url], processor)
+    _model, processor = classify_models.build_classifier("vit", tiny_config().validation, 0)
+    x = classify_images.load_images([url, url], processor)
     assert x.dtype == torch.uint8 and x.shape[0] == 2 and np.array_equal(x[0].numpy(), x[1].numpy())
     assert storage.is_file(url) and not storage.is_file(f"{memory_root}/benign/nope.png")
 
