@@ -51,9 +51,9 @@ def run_plain(workdir: Path, config: str, overrides: list[str]) -> None:
     w, cfg = open_workdir(workdir, config, overrides)
     sets = run_stage(PhantomStage(cfg.phantoms, w.data, Stamps(w.stamps, "phantoms"))).closing
     datasets = seed_datasets(w, sets.pop("seeds"), sets)
-    run_stage(IngestStage(cfg.ingest, datasets, Stamps(w.stamps, "ingest")))
+    run_stage(IngestStage(cfg.ingest, datasets, w))
     run_stage(PreprocessStage(cfg.preprocess, {d.name: d.manifest for d in datasets}, w.processed,
-                              max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers))
+                              max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers, locks=w.locks))
     lora = run_stage(TrainStage.of(w, cfg)).closing
     model = resolve_model(w, lora["lora_dir"])
     run_stage(GenerateStage(w, cfg.generate, cfg.runtime.generate, model))

@@ -7,6 +7,8 @@ workdir's saved config unless ``--config`` / ``--set`` say otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import sys
 from collections.abc import Callable
@@ -17,7 +19,7 @@ import typer
 
 from dermt2im.core import storage
 from dermt2im.core.errors import DermT2imError
-from dermt2im.core.workdir import Workdir, configure_runtime, open_workdir
+from dermt2im.core.workdir import Workdir, configure_runtime, open_workdir, workdir_lock
 
 app = typer.Typer(
     name="dermt2im",
@@ -38,13 +40,42 @@ SetOpt = Annotated[
 DEFAULT_WORKDIR = Path("dermt2im-work")
 
 
-def _setup(workdir: Path, config: str | None, overrides: list[str] | None):
+def _setup(workdir: Path, config: str | None, overrides: list[str] | None, *, hold: str | None = "exclusive"):
+    """Logging, runtime settings and the workdir's config; ``hold`` takes the workdir for the rest of
+    the command: "exclusive" (one run of the stages at a time), "shared" (scale-out workers) or None."""
     configure_runtime(Workdir.at(workdir))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for chatty in ("httpx", "httpcore", "docket", "alembic", "urllib3"):  # per-request lines drown the stage logs
         logging.getLogger(chatty).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # probes for CUDA kernels even on CPU-only runs
-    return _guard(lambda: open_workdir(workdir, config, overrides))
+    if hold is not None:  # before the config is saved: a second run must not change it under the first
+        command = " ".join(["dermt2im", *sys.argv[1:2]]) if sys.argv else "dermt2im"
+        _guard(lambda: _RESOURCES.enter_context(workdir_lock(Workdir.at(workdir), command, shared=hold == "shared")))
+    from flows.settings import (
+        orchestration,  # validated before the config is saved, like every section
+    )
+
+    return _guard(lambda: open_workdir(workdir, config, overrides, check=orchestration))
+
+
+# What a command holds until it ends (the workdir lock): closed by ``command`` however it ends.
+_RESOURCES = contextlib.ExitStack()
+
+
+def command(*args: Any, **kwargs: Any) -> Callable:
+    """``app.command``, releasing what the command held when it returns or fails."""
+
+    def register(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*a: Any, **k: Any) -> Any:
+            try:
+                return fn(*a, **k)
+            finally:
+                _RESOURCES.close()
+
+        return app.command(*args, **kwargs)(run)
+
+    return register
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
@@ -59,13 +90,13 @@ def _echo(text: str) -> None:
     typer.echo(text)
 
 
-@app.command()
+@command()
 def phantoms(
     out: Annotated[Path, typer.Argument(help="output folder: class folders plus labels.csv")],
-    n: Annotated[int, typer.Option("--n", help="number of images, split evenly between classes")] = 24,
+    n: Annotated[int, typer.Option("--n", min=1, help="number of images, split evenly between classes")] = 24,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     style: Annotated[str, typer.Option(help="isic or ham: colour and lighting style")] = "isic",
-    size: Annotated[int, typer.Option(help="side length in pixels")] = 256,
+    size: Annotated[int, typer.Option(min=32, help="side length in pixels (at least 32)")] = 256,
     hair_probability: Annotated[float, typer.Option(help="share of images with drawn hair")] = 0.3,
 ) -> None:
     """Make procedural dermoscopy-like phantom images with known labels."""
@@ -91,7 +122,7 @@ def _run(stage) -> dict:
     return _guard(lambda: run_stage(stage, on_unit=said).closing)
 
 
-@app.command()
+@command()
 def ingest(
     source: Annotated[Path, typer.Argument(help="folder of seed images (ISIC, HAM10000, class folders or CSV)")],
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
@@ -105,17 +136,16 @@ def ingest(
     """Ingest seed images into W/manifests/seeds.parquet (bad files are quarantined with a reason)."""
     w, cfg = _setup(workdir, config, overrides)
     from dermt2im.ingest.stage import Dataset, IngestStage
-    from dermt2im.stage import Stamps
 
     chosen = None if layout == "auto" else layout
     if test_set:
         dataset = Dataset(test_set, str(source), str(w.test_set_manifest(test_set)), "test", chosen)
     else:
         dataset = Dataset("seeds", str(source), str(w.seeds_manifest), None, chosen)
-    _run(IngestStage(cfg.ingest, [dataset], Stamps(w.stamps, "ingest")))
+    _run(IngestStage(cfg.ingest, [dataset], w))
 
 
-@app.command()
+@command()
 def preprocess(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     test_set: Annotated[str | None, typer.Option("--test-set", help="preprocess test set NAME instead of the seeds")] = None,
@@ -131,10 +161,10 @@ def preprocess(
         typer.secho(f"error: {manifest} does not exist: run `dermt2im ingest` first", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     _run(PreprocessStage(cfg.preprocess, {test_set or "seeds": manifest}, w.processed,
-                         max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers))
+                         max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers, locks=w.locks))
 
 
-@app.command()
+@command()
 def train(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder to resume from")] = None,
@@ -160,11 +190,13 @@ def _model(w, cfg, lora: Path | None, base_model_only: bool = False):
                                         revision=cfg.train.revision, token=cfg.train.instance_token))
 
 
-@app.command()
+@command()
 def generate(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     lora: Annotated[Path | None, typer.Option(help="LoRA run folder or .safetensors; default: newest in W/lora")] = None,
-    per_class: Annotated[int | None, typer.Option("--per-class", help="target number of images per class (extends the plan)")] = None,
+    per_class: Annotated[int | None, typer.Option(
+        "--per-class", min=1, help="how many images each class should have in all (a target, not an increment); "
+        "more than planned extends the plan, fewer keeps it")] = None,
     shard: Annotated[list[int] | None, typer.Option(help="render only these shards (repeatable)")] = None,
     base_model_only: Annotated[bool, typer.Option("--base-model-only", help="render with train.base_model alone, no LoRA")] = False,
     config: ConfigOpt = None,
@@ -180,7 +212,7 @@ def generate(
     _run(QualityStage(w, cfg.quality))
 
 
-@app.command()
+@command()
 def worker(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     lora: Annotated[Path | None, typer.Option(help="LoRA run folder or .safetensors; default: newest in W/lora")] = None,
@@ -198,7 +230,7 @@ def worker(
     split it through shard leases, and a dead worker's shards are taken over when its lease expires.
     Run `dermt2im quality` once every worker is done (it also folds in rows appended on an object store).
     """
-    w, cfg = _setup(workdir, config, overrides)
+    w, cfg = _setup(workdir, config, overrides, hold="shared")
     from dermt2im.generate.stage import GenerateStage
     from dermt2im.runners.leased import run_claimed
 
@@ -211,7 +243,7 @@ def worker(
         raise typer.Exit(3)
 
 
-@app.command()
+@command()
 def quality(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Run the quality gate and memorisation audit over W/manifests/synthetic.parquet."""
     w, cfg = _setup(workdir, config, overrides)
@@ -220,7 +252,7 @@ def quality(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, ove
     _run(QualityStage(w, cfg.quality))  # saving the verdicts also folds in rows workers appended as parts
 
 
-@app.command()
+@command()
 def export(
     out: Annotated[Path, typer.Argument(help="output folder")],
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
@@ -228,7 +260,7 @@ def export(
     include_rejected: Annotated[bool, typer.Option(help="also export rejected images")] = False,
 ) -> None:
     """Export the accepted synthetic set (class folders + metadata.csv, Hugging Face imagefolder)."""
-    w, _cfg = _setup(workdir, None, None)
+    w, _cfg = _setup(workdir, None, None, hold=None)
     if format != "imagefolder":
         raise typer.BadParameter("only 'imagefolder' is supported", param_hint="--format")
     from dermt2im.export import export_imagefolder
@@ -246,7 +278,7 @@ def _parse_test_sets(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-@app.command()
+@command()
 def validate(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     test_set: Annotated[list[str] | None, typer.Option("--test-set", help="NAME=SOURCE of an unseen real test set (repeatable)")] = None,
@@ -258,35 +290,34 @@ def validate(
     w, cfg = _setup(workdir, config, overrides)
     from dermt2im.ingest.stage import IngestStage, seed_datasets
     from dermt2im.preprocess.stage import PreprocessStage
-    from dermt2im.stage import Stamps
     from dermt2im.validate.segmentation import SegmentationStage
     from dermt2im.validate.stage import ValidateStage
 
     sets = {**cfg.validation.test_sets, **tests}
     if sets:
         datasets = seed_datasets(w, "", sets)[1:]  # the test sets only
-        _run(IngestStage(cfg.ingest, datasets, Stamps(w.stamps, "ingest")))
+        _run(IngestStage(cfg.ingest, datasets, w))
         _run(PreprocessStage(cfg.preprocess, {d.name: d.manifest for d in datasets}, w.processed,
-                             max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers))
+                             max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers, locks=w.locks))
     manifests = {name: w.test_set_manifest(name) for name in sets} or None
     _run(ValidateStage.of(w, cfg, test_sets=manifests, segmentation=False))
     _run(SegmentationStage(w, cfg.validation))
 
 
-@app.command()
+@command()
 def report(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     parent_run_id: Annotated[str | None, typer.Option(help="comparison run id; default: the newest")] = None,
 ) -> None:
     """Rebuild Table IV (model x regime x test set, mean +- 95% CI) and Fig. 10 from MLflow alone."""
-    w, cfg = _setup(workdir, None, None)
+    w, cfg = _setup(workdir, None, None, hold=None)
     from dermt2im.validate.table import build_report
 
     for name, path in _guard(lambda: build_report(w, cfg.tracking, parent_run_id=parent_run_id)).items():
         _echo(f"{name}: {path}")
 
 
-@app.command()
+@command()
 def run(
     source: Annotated[Path | None, typer.Argument(help="seed images; omit to use phantoms (smoke preset)")] = None,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
@@ -301,10 +332,46 @@ def run(
     w, cfg = _setup(workdir, config, overrides)
     from flows.factory import factory
 
+    _guard(_start_prefect_server)
     result = _guard(lambda: factory(str(w.root), str(source) if source else None, None, None,
                                     None if layout == "auto" else layout))
     _echo(f"factory finished in {w.root}")
     _echo(_format_result(result))
+
+
+def _start_prefect_server(attempts: int = 3) -> None:
+    """Start Prefect's temporary local server before the flow needs it, saying so, and try again
+    (twice as patiently) when a busy machine makes it miss its start-up timeout; a server that
+    timed out is stopped first, so no half-started one is left behind. A configured
+    PREFECT_API_URL (a real server) needs none of this."""
+    import os
+
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    timeout = int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120)
+    for attempt in range(1, attempts + 1):
+        _echo(f"starting Prefect's temporary local server (waiting up to {timeout} s) ...")
+        server = SubprocessASGIServer()
+        try:
+            server.start(timeout=timeout)
+            return
+        except RuntimeError as err:
+            if "Timed out" not in str(err):
+                raise
+            server.stop()
+            _echo(f"  it did not answer within {timeout} s (a busy machine?)"
+                  + ("; trying again" if attempt < attempts else ""))
+            timeout *= 2
+    raise _Unstartable(
+        f"Prefect's temporary server did not start in {attempts} attempts. Start one yourself "
+        "(`prefect server start --host 127.0.0.1`) and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+    )
+
+
+class _Unstartable(DermT2imError, RuntimeError):
+    pass
 
 
 def _format_result(result: Any, indent: int = 2) -> str:
@@ -319,7 +386,7 @@ def _format_result(result: Any, indent: int = 2) -> str:
     return "\n".join(lines)
 
 
-@app.command("config")
+@command("config")
 def show_config(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     config: ConfigOpt = None,
@@ -328,7 +395,7 @@ def show_config(
     """Print the resolved configuration for a workdir (and save it as W/config.yaml)."""
     import yaml
 
-    _w, cfg = _setup(workdir, config, overrides)
+    _w, cfg = _setup(workdir, config, overrides, hold=None)
     _echo(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
 
 

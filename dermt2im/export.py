@@ -4,22 +4,26 @@
 to OUT (``datasets.load_dataset("imagefolder", data_dir=OUT)`` reads it; the ``label`` column
 carries the class, since imagefolder does not infer labels from folders when metadata exists).
 The export is built in a temporary folder beside OUT and renamed into place, so OUT is always
-either the previous complete export or the new complete one.
+either the previous complete export or the new complete one. OUT is only ever replaced when it is
+empty or an earlier export (it holds the ``.dermt2im-export`` marker): any other folder, the workdir,
+a folder inside it or one holding it, is refused before anything is written.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from dermt2im.core import storage
 from dermt2im.core.errors import DermT2imError
-from dermt2im.core.fileio import sha256_bytes, sha256_file
+from dermt2im.core.fileio import as_new_folder, sha256_bytes, sha256_file
 from dermt2im.core.manifest import SYNTHETIC, read_manifest
 from dermt2im.core.workdir import Workdir
 
@@ -52,6 +56,28 @@ METADATA_COLUMNS = [
 
 class ExportError(DermT2imError, ValueError):
     pass
+
+
+MARKER = ".dermt2im-export"  # says "dermt2im wrote this folder": only such a folder is ever replaced
+
+
+def _inside(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def check_target(out: Path, workdir: Path) -> None:
+    """Refuse any export target whose replacement could lose files dermt2im did not write."""
+    out, workdir = Path(out).resolve(), Path(workdir).resolve()
+    if _inside(out, workdir):
+        where = "is the workdir" if out == workdir else f"is inside the workdir {workdir}"
+        raise ExportError(f"refusing to export to {out}: it {where}; choose a folder outside it")
+    if _inside(workdir, out):
+        raise ExportError(f"refusing to export to {out}: it holds the workdir {workdir}; choose a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ExportError(f"refusing to replace {out}: it holds files dermt2im did not write (no {MARKER} marker); "
+                          "choose an empty or new folder")
 
 
 def select_for_export(df: pd.DataFrame, *, include_rejected: bool = False, include_memorised: bool = False) -> pd.DataFrame:
@@ -87,8 +113,7 @@ def export_imagefolder(
             f"({df['reason'].dropna().str.split(':').str[0].value_counts().to_dict()}); "
             "see W/reports/quality.md, or pass --include-rejected"
         )
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
+    check_target(out, workdir.root)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -112,6 +137,9 @@ def export_imagefolder(
             records.append({**{c: r.get(c) for c in METADATA_COLUMNS}, "file_name": rel})
         meta = pd.DataFrame(records, columns=METADATA_COLUMNS)
         meta.to_csv(tmp / "metadata.csv", index=False)
+        (tmp / MARKER).write_text(json.dumps({"workdir": str(workdir.root), "images": len(meta),
+                                              "made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        as_new_folder(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

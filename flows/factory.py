@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from dermt2im.core.workdir import open_workdir
+from dermt2im.core.workdir import Workdir, open_workdir, workdir_lock
 from flows.dispatch import run_gpu_stage
 from flows.generate import generate
 from flows.seeds import prepare_seeds
@@ -26,11 +26,13 @@ def factory(
     overrides: list[str] | None = None,
     layout: str | None = None,
 ) -> dict:
-    w, cfg = open_workdir(workdir, config, overrides)  # saved as W/config.yaml; every stage below reads it
-    gpu = orchestration(cfg)
-    seeds = prepare_seeds(workdir, source, layout=layout)
-    lora = run_gpu_stage(train, gpu.train_deployment, {"workdir": workdir}, gpu)
-    synthetic = run_gpu_stage(generate, gpu.generate_deployment, {"workdir": workdir, "lora": lora.get("lora_dir")}, gpu)
-    validation = validate(workdir)
-    publish_factory(w)
+    with workdir_lock(Workdir.at(workdir), "derm-t2im-factory flow"):  # one run at a time per workdir
+        w, cfg = open_workdir(workdir, config, overrides, check=orchestration)  # W/config.yaml: every stage reads it
+        gpu = orchestration(cfg)
+        seeds = prepare_seeds(workdir, source, layout=layout)
+        lora = run_gpu_stage(train, gpu.train_deployment, {"workdir": workdir}, gpu)
+        synthetic = run_gpu_stage(generate, gpu.generate_deployment,
+                                  {"workdir": workdir, "lora": lora.get("lora_dir")}, gpu)
+        validation = validate(workdir)
+        publish_factory(w)
     return {"seeds": seeds, "lora": lora, "synthetic": synthetic, "validation": validation}

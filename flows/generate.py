@@ -34,7 +34,7 @@ def generate(
     render only these. With ``orchestration.parallel_workers`` > 0 (and no ``shards``) the shards are
     rendered by that many runs of the worker deployment (flows.generate_worker) instead of here.
     """
-    w, cfg = open_workdir(workdir, config, overrides)
+    w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
     model = resolve_model(w, lora, base_model_only=base_model_only, base_model=cfg.train.base_model,
                           revision=cfg.train.revision, token=cfg.train.instance_token)
     stage = GenerateStage(w, cfg.generate, cfg.runtime.generate, model, per_class=per_class, shards=shards)

@@ -14,6 +14,7 @@ from dermt2im.core.workdir import open_workdir
 from dermt2im.generate.model import GenerationError, resolve_model
 from dermt2im.generate.stage import GenerateStage
 from dermt2im.runners.leased import run_claimed
+from flows.settings import orchestration
 
 
 @flow(name="generate-worker", log_prints=True)
@@ -28,7 +29,7 @@ def generate_worker(
     base_model_only: bool = False,
 ) -> dict:
     """Claim, render and release shards until the plan is complete; returns this worker's counts."""
-    w, cfg = open_workdir(workdir, config, overrides)
+    w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
     if owner is None:
         from prefect.runtime import flow_run
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from dermt2im.core.workdir import open_workdir
+from dermt2im.core.workdir import Workdir, open_workdir, workdir_lock
 from dermt2im.generate.plan import planned_per_class
 from flows.dispatch import run_gpu_stage
 from flows.generate import generate
@@ -21,10 +21,11 @@ def regenerate(
 ) -> dict:
     """Extend the plan by ``per_class_increment`` images per class (new plan rows carry new seeds),
     render only what is new, gate and audit it, then validate again against the grown set."""
-    w, cfg = open_workdir(workdir, config, overrides)
-    before = planned_per_class(w.plan_manifest)
-    target = before + (per_class_increment or cfg.generate.per_class)
-    settings = orchestration(cfg)
-    gen = run_gpu_stage(generate, settings.generate_deployment, {"workdir": workdir, "per_class": target}, settings)
-    val = validate(workdir)
+    with workdir_lock(Workdir.at(workdir), "regenerate flow"):  # a scheduled run never overlaps another
+        w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
+        before = planned_per_class(w.plan_manifest)
+        target = before + (per_class_increment or cfg.generate.per_class)
+        settings = orchestration(cfg)
+        gen = run_gpu_stage(generate, settings.generate_deployment, {"workdir": workdir, "per_class": target}, settings)
+        val = validate(workdir)
     return {"per_class_before": before, "per_class_after": target, "generate": gen, "validate": val}

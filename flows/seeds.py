@@ -12,6 +12,7 @@ from dermt2im.ingest.stage import IngestStage, seed_datasets
 from dermt2im.phantoms import PhantomStage
 from dermt2im.preprocess.stage import PreprocessStage
 from dermt2im.stage import Stamps
+from flows.settings import orchestration
 from tasks.artifacts import publish_datasets
 from tasks.stage import run_stage
 
@@ -30,16 +31,16 @@ def prepare_seeds(
     With no ``source`` the factory makes its own phantom seed set and phantom test sets of each
     configured style, so a new user sees the whole pipeline work offline.
     """
-    w, cfg = open_workdir(workdir, config, overrides)
+    w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
     tests = {**cfg.validation.test_sets, **(test_sets or {})}
     if source is None:
         phantoms = run_stage(PhantomStage(cfg.phantoms, w.data, Stamps(w.stamps, "phantoms")))
         source = phantoms.pop("seeds")
         tests = {**phantoms, **tests}
     datasets = seed_datasets(w, source, tests, layout)
-    ingested = run_stage(IngestStage(cfg.ingest, datasets, Stamps(w.stamps, "ingest")))
+    ingested = run_stage(IngestStage(cfg.ingest, datasets, w))
     processed = run_stage(PreprocessStage(cfg.preprocess, {d.name: d.manifest for d in datasets}, w.processed,
-                                          max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers))
+                                          max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers, locks=w.locks))
     publish_datasets("ingest", ingested)
     publish_datasets("preprocess", processed)
     return {"seeds": str(w.seeds_manifest), "seeds_digest": manifest_digest(w.seeds_manifest, SEEDS),

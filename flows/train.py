@@ -11,6 +11,7 @@ from prefect import flow
 
 from dermt2im.core.workdir import open_workdir
 from dermt2im.train.stage import TrainStage
+from flows.settings import orchestration
 from tasks.artifacts import publish_lora
 from tasks.stage import run_stage
 
@@ -23,7 +24,7 @@ def train(workdir: str, config: str | None = None, overrides: list[str] | None =
     ``resume``: "latest" (default) continues an interrupted run of the same inputs from its newest
     checkpoint; None starts over.
     """
-    w, cfg = open_workdir(workdir, config, overrides)
+    w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
     lora = run_stage(TrainStage.of(w, cfg, resume=resume), tags=["gpu"])
     publish_lora(lora)
     return lora

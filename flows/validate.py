@@ -7,6 +7,7 @@ from prefect import flow
 from dermt2im.core.workdir import open_workdir
 from dermt2im.validate.segmentation import SegmentationStage
 from dermt2im.validate.stage import ValidateStage
+from flows.settings import orchestration
 from tasks.artifacts import publish_segmentation, publish_table_iv
 from tasks.stage import run_stage
 
@@ -25,7 +26,7 @@ def validate(
     and the deployments call it): the workdir's saved config. ``test_sets``: name -> ingested
     test-set manifest; default: every manifest under W/manifests/test_sets plus the seeds' own test
     split."""
-    w, cfg = open_workdir(workdir, config, overrides)
+    w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
     tags = ["gpu" if cfg.runtime.validation.device != "cpu" else "cpu", "validate"]
     compared = run_stage(ValidateStage.of(w, cfg, test_sets=test_sets, log_model=log_model, segmentation=False),
                          tags=tags)

@@ -99,6 +99,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
         raise DecodeError(f"too many pixels: {count} exceeds the limit (possible decompression bomb)") from None
     except _DECODE_ERRORS as err:
         raise DecodeError(f"truncated or corrupt image header: {err}") from None
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        raise DecodeError(f"animated or multi-page {img.format or 'image'} ({frames} frames): which frame shows the "
+                          "lesion is unclear; save that frame as an image of its own")
     width, height = img.size
     if width <= 0 or height <= 0:
         raise DecodeError(f"invalid image size {width}x{height}")

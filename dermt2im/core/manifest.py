@@ -31,6 +31,7 @@ class ManifestSchema:
     schema: pa.Schema
     key: tuple[str, ...]
     version: int = SCHEMA_VERSION
+    optional: tuple[str, ...] = ()  # columns added since the first version: absent in older files
 
     @property
     def arrow(self) -> pa.Schema:
@@ -79,6 +80,14 @@ SEEDS = ManifestSchema(
 
 MANIFESTS: dict[str, ManifestSchema] = {SEEDS.name: SEEDS}
 
+# A seeds row quarantined for a reason that may pass (the file could not be read: a mount away, a
+# permission being fixed) carries this prefix; ingest and preprocess look at such a row again.
+TRANSIENT = "preprocess (transient): "
+
+
+def is_transient(reason: str | None) -> bool:
+    return str(reason or "").startswith(TRANSIENT)
+
 
 def register(schema: ManifestSchema) -> ManifestSchema:
     MANIFESTS[schema.name] = schema
@@ -123,6 +132,11 @@ def _read_file(path: str | Path, kind: ManifestSchema) -> pd.DataFrame | None:
             table = pq.read_table(storage.local_path(path))
     except FileNotFoundError:
         return None
+    except (pa.ArrowInvalid, OSError) as err:  # cut short, zero bytes, not Parquet at all
+        raise ManifestError(
+            f"{path} cannot be read as a {kind.name} manifest ({str(err).strip()[:160]}): the file is damaged; "
+            f"restore it from a copy, or delete it and run again the stage that writes it ({_WRITER[kind.name]})"
+        ) from None
     meta = table.schema.metadata or {}
     name = meta.get(b"dermt2im.manifest", b"").decode()
     version = int(meta.get(b"dermt2im.schema_version", b"0") or 0)
@@ -131,10 +145,20 @@ def _read_file(path: str | Path, kind: ManifestSchema) -> pd.DataFrame | None:
     if version > kind.version:
         raise ManifestError(f"{path} has schema version {version}; this dermt2im reads up to {kind.version}")
     df = table.to_pandas()
-    for col in kind.columns:  # older versions: add columns introduced since
+    lost = [c for c in kind.columns if c not in df.columns and c not in kind.optional]
+    if lost:
+        raise ManifestError(
+            f"{path} lacks the column(s) {', '.join(lost)} that every {kind.name} manifest has: it was damaged or "
+            f"not written by dermt2im; delete it and run again the stage that writes it ({_WRITER[kind.name]})"
+        )
+    for col in kind.optional:  # columns introduced after the file was written
         if col not in df.columns:
             df[col] = None
     return df[kind.columns]
+
+
+# Which command writes each manifest, for error messages.
+_WRITER = {"seeds": "`dermt2im ingest`", "plan": "`dermt2im generate`", "synthetic": "`dermt2im generate`"}
 
 
 def parts_folder(path: str | Path) -> str | Path:
@@ -302,7 +326,10 @@ SYNTHETIC = register(
             .append(pa.field("saturated_fraction", pa.float64()))
             .append(pa.field("lesion_contrast", pa.float64()))
             .append(_s("duplicate_of"))  # sample_key of the kept image for exact / near duplicates
+            # rendered with the base model alone (--base-model-only): no lesion of a class, never trained on
+            .append(pa.field("base_model_only", pa.bool_()))
         ),
+        optional=("base_model_only",),
     )
 )
 

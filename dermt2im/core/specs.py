@@ -15,6 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Label = Literal["benign", "malignant"]
 LABELS: tuple[Label, ...] = ("benign", "malignant")
+# The samplers generation can use (``dermt2im.generate.samplers`` builds each); checked here so that a
+# misspelt one is refused before a config is saved, not when rendering starts.
+SAMPLER_NAMES: tuple[str, ...] = ("euler", "euler_a", "plms", "ddim", "dpmpp_2m")
+
+
+def _multiple_of_8(name: str, value: int) -> None:
+    if value % 8:
+        raise ValueError(f"{name} must be a multiple of 8 (the VAE works on 8 x 8 pixel blocks), got {value}")
 
 
 class Strict(BaseModel):
@@ -56,7 +64,11 @@ class IngestConfig(Strict):
     max_pixels: int = Field(
         89_478_485, ge=1, description="larger images are quarantined as possible decompression bombs"
     )
-    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+    min_side: int = Field(64, ge=1, description="images with a shorter side are quarantined (too small to be a lesion)")
+    max_aspect_ratio: float = Field(
+        4.0, ge=1, description="images longer than this many times their width (or wider) are quarantined"
+    )
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 class PreprocessConfig(Strict):
@@ -107,6 +119,11 @@ class TrainConfig(Strict):
     validation_images_per_class: int = Field(2, ge=0)
     validation_steps: int = Field(25, ge=1)
 
+    @model_validator(mode="after")
+    def _coherent(self) -> "TrainConfig":
+        _multiple_of_8("resolution", self.resolution)
+        return self
+
 
 class GenerateConfig(Strict):
     per_class: int = Field(3000, ge=1, description="target number of images per class (not an increment)")
@@ -135,9 +152,17 @@ class GenerateConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _step_range(self) -> "GenerateConfig":
+    def _coherent(self) -> "GenerateConfig":
         if self.steps_max < self.steps_min:
             raise ValueError(f"steps_max ({self.steps_max}) is below steps_min ({self.steps_min})")
+        if not self.samplers:
+            raise ValueError(f"samplers is empty; name at least one of: {', '.join(SAMPLER_NAMES)}")
+        unknown = [s for s in self.samplers if s not in SAMPLER_NAMES]
+        if unknown:
+            raise ValueError(f"unknown sampler(s) {', '.join(map(repr, unknown))}; known samplers: "
+                             f"{', '.join(sorted(SAMPLER_NAMES))}")
+        _multiple_of_8("width", self.width)
+        _multiple_of_8("height", self.height)
         return self
 
 

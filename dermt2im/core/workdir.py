@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dermt2im.core import storage
+from dermt2im.core.errors import DermT2imError
+from dermt2im.core.fileio import atomic_write_text
 
 if TYPE_CHECKING:
     from dermt2im.core.config import FactoryConfig
@@ -158,39 +166,133 @@ def configure_runtime(workdir: Workdir) -> None:
     # Offline by default: no usage telemetry from the temporary local server.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # A busy machine (CI, a shared box) can take longer than Prefect's default 20 s to start it.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # A workdir is shared: Prefect must never read a cached result from it (a planted record can
+    # name any serializer, pickle included). The stages keep their own JSON / Parquet records.
+    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "false")
+    os.environ.setdefault("PREFECT_TASKS_DISABLE_CACHING", "true")
 
 
 CONFIG_SNAPSHOT = "config.yaml"
 
 
-def workdir_config(workdir: Workdir, config: str | Path | None = None, overrides: list[str] | None = None):
+def _read_snapshot(snapshot: Path) -> dict:
+    import yaml
+
+    from dermt2im.core.errors import ConfigError
+
+    hint = "fix it, or delete it and pass --config to start this workdir's config again"
+    try:
+        saved = yaml.safe_load(snapshot.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"{snapshot} is not valid YAML{at}: {getattr(err, 'problem', None) or err}; {hint}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{snapshot} must hold a mapping of sections, got {type(saved).__name__}; {hint}")
+    return saved
+
+
+def workdir_config(workdir: Workdir, config: str | Path | None = None, overrides: list[str] | None = None,
+                   check: Callable[[FactoryConfig], object] | None = None):
     """The factory config for this workdir.
 
     An explicit ``config`` (preset name or file) plus ``overrides`` is resolved, validated and saved
     as ``W/config.yaml`` so that later stages run against the same settings; with no ``config`` the
     saved snapshot is used (overrides on top), and a fresh workdir falls back to the smoke preset.
     """
-    import yaml
 
     from dermt2im.core.config import config_from_dict, load_config
     from dermt2im.core.fileio import atomic_write_text
 
     snapshot = workdir.root / CONFIG_SNAPSHOT
     if config is None and snapshot.is_file():
-        saved = yaml.safe_load(snapshot.read_text()) or {}
+        saved = _read_snapshot(snapshot)
         cfg = config_from_dict(saved, str(snapshot), overrides)
         if not overrides and saved == cfg.model_dump(mode="json", by_alias=True):
             return cfg  # unchanged (a snapshot in an older layout is saved again in the current one)
     else:
         cfg = load_config(config or "smoke", overrides)
+    if check is not None:  # sections validated outside the domain (orchestration): before anything is saved
+        check(cfg)
     atomic_write_text(snapshot, cfg.as_yaml())
     return cfg
 
 
-def open_workdir(root: str | Path, config: str | Path | None = None,
-                 overrides: list[str] | None = None) -> tuple[Workdir, "FactoryConfig"]:
+def open_workdir(root: str | Path, config: str | Path | None = None, overrides: list[str] | None = None,
+                 check: Callable[[FactoryConfig], object] | None = None) -> tuple[Workdir, "FactoryConfig"]:
     """The workdir at ``root`` with its config (``workdir_config``: saved as ``W/config.yaml``), the
     workdir pointing at the manifest location that config names (``storage.manifests``)."""
     w = Workdir.at(root)
-    cfg = workdir_config(w, config, overrides)
+    cfg = workdir_config(w, config, overrides, check)
     return w.using(cfg), cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# one run at a time
+
+
+class WorkdirBusy(DermT2imError, RuntimeError):
+    """Another process is running a stage on this workdir."""
+
+
+_HELD: dict[str, list] = {}  # lock path -> [mode, count, open file] for this process
+_HELD_LOCK = threading.Lock()
+
+
+def _holder(info: Path) -> str:
+    try:
+        d = json.loads(info.read_text())
+        return f"`{d['command']}` (pid {d['pid']} on {d['host']}, since {d['since']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Workdir, command: str, *, shared: bool = False) -> Iterator[None]:
+    """Hold this workdir for ``command``: exclusively (one run of the stages at a time), or shared
+    (scale-out workers, any number, but never beside an exclusive holder). Refuses at once, naming
+    the holder, when the workdir is taken; released when the block ends or the process dies.
+    Re-entrant within a process (a flow inside a command holding the lock)."""
+    import fcntl
+
+    path = workdir.locks / "workdir.lock"
+    info = workdir.locks / "workdir.json"
+    key = str(path)
+    with _HELD_LOCK:
+        held = _HELD.get(key)
+        if held is not None:
+            if held[0] == "shared" and not shared:
+                raise WorkdirBusy(f"{command} needs {workdir.root} to itself, but this process holds it as a worker")
+            held[1] += 1
+    if held is not None:
+        try:
+            yield
+        finally:
+            with _HELD_LOCK:
+                held[1] -= 1
+        return
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise WorkdirBusy(
+            f"{workdir.root} is in use by {_holder(info)}: one run at a time per workdir. Wait for it to finish, "
+            "or use another --workdir"
+        ) from None
+    if not shared:
+        atomic_write_text(info, json.dumps({"command": command, "pid": os.getpid(), "host": socket.gethostname(),
+                                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    with _HELD_LOCK:
+        _HELD[key] = ["shared" if shared else "exclusive", 1, fh]
+    try:
+        yield
+    finally:
+        with _HELD_LOCK:
+            entry = _HELD[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _HELD[key]
+                fh.close()  # closing the file releases the lock

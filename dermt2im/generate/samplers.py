@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dermt2im.core.errors import DermT2imError
+from dermt2im.core.specs import SAMPLER_NAMES
 
 if TYPE_CHECKING:  # diffusers is imported by the factories, so planning stays light
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -109,3 +110,6 @@ class SamplerSwitch:
             self.pipe.scheduler = sched
         self.current = name
         return sched
+
+
+assert tuple(sorted(SAMPLERS)) == tuple(sorted(SAMPLER_NAMES)), "core.specs.SAMPLER_NAMES lists every sampler"

@@ -26,9 +26,9 @@ from dermt2im.core import identity, storage
 from dermt2im.core.fileio import atomic_write_bytes, sha256_bytes
 from dermt2im.core.imaging import encode_png
 from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest
-from dermt2im.core.writers import record_rows
 from dermt2im.core.runtime import GenerateRuntime
 from dermt2im.core.workdir import Workdir
+from dermt2im.core.writers import record_rows
 from dermt2im.generate.model import GenerationError, LoraChoice, RenderModel
 from dermt2im.generate.pipeline import (
     GROUP_COLUMNS,
@@ -66,7 +66,8 @@ def expected_rows(workdir: Workdir, model: RenderModel, rows: pd.DataFrame) -> l
         rec = {k: identity.plain(v) for k, v in rec.items()}
         rec.update(path=str(workdir.png_path(label, rec["sample_key"])), base_model=model.identity,
                    base_revision=model.revision, lora_path=str(choice.weights) if choice.weights else None,
-                   lora_sha256=choice.sha256, library_versions=versions, status="rendered", reason=None)
+                   lora_sha256=choice.sha256, library_versions=versions, status="rendered", reason=None,
+                   base_model_only=model.lora is None)
         rec["render_key"] = identity.render_key({c: rec[c] for c in RENDER_COLUMNS}, model.identity, choice.sha256)
         out.append(rec)
     return out

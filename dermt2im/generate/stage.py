@@ -29,10 +29,10 @@ import pandas as pd
 
 from dermt2im.core import identity
 from dermt2im.core.manifest import SYNTHETIC
-from dermt2im.core.writers import compact, writer_lock
 from dermt2im.core.runtime import GenerateRuntime
 from dermt2im.core.specs import LABELS, GenerateConfig
 from dermt2im.core.workdir import Workdir
+from dermt2im.core.writers import compact, writer_lock
 from dermt2im.generate import pipeline, shards
 from dermt2im.generate.model import GenerationError, RenderModel
 from dermt2im.generate.plan import shards_of, update_plan

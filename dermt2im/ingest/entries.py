@@ -7,6 +7,7 @@ the source. Paths that a CSV names outside the source are never opened.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,17 +40,86 @@ class Entry:
     matches: int = 1  # how many files the naming CSV line matched
 
 
-def scan_images(root: Path, extensions: Iterable[str]) -> list[str]:
-    """Absolute paths of every file under ``root`` with an image extension, sorted."""
+@dataclass(frozen=True)
+class Scan:
+    """Every file under a source: the images to read, and every other path with the reason it
+    cannot be an input (each becomes a quarantined row: nothing under the source is left out)."""
+
+    images: list[str]
+    refused: dict[str, str]
+
+
+def _printable(path: str) -> str:
+    """A path as text that can be stored: bytes that are not UTF-8 shown as \\x escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _symlink_problem(path: str, root: str) -> str | None:
+    """Why a symbolic link cannot be an input (broken, a loop, or leading out of the source)."""
+    try:
+        target = os.path.realpath(path, strict=True)
+    except OSError as err:
+        return (f"symbolic link loop: {_printable(os.readlink(path))}" if getattr(err, "errno", None) == errno.ELOOP
+                else f"broken symbolic link: points to {_printable(os.readlink(path))}, which does not exist")
+    if not _within(root, target):
+        return f"symbolic link points outside the source folder (to {_printable(target)}): not followed"
+    return None
+
+
+def scan_source(root: Path, extensions: Iterable[str], skip: Iterable[str] = ()) -> Scan:
+    """Every file under ``root`` (folders are walked by hand so that none is passed over silently):
+    images with a known extension to read, and the reason for everything else. ``skip``: paths
+    that are no inputs (the layout's own metadata CSV)."""
     exts = {e.lower() for e in extensions}
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if os.path.splitext(name)[1].lower() in exts and os.path.isfile(path):
-                found.append(os.path.normpath(path))
-    return sorted(found)
+    base = os.path.normpath(str(root))
+    skipped = {os.path.normpath(str(s)) for s in skip}
+    images: list[str] = []
+    refused: dict[str, str] = {}
+    stack = [base]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                found = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            refused[_printable(folder)] = f"folder cannot be read: {err.strerror or err} (its files are not ingested)"
+            continue
+        for entry in found:
+            path = os.path.normpath(entry.path)
+            if path in skipped:
+                continue
+            if not _is_utf8(path):
+                refused[_printable(path)] = ("file name is not valid UTF-8 (shown with \\x escapes): rename it, "
+                                             "e.g. with convmv, and ingest again")
+                continue
+            if entry.is_symlink():
+                problem = _symlink_problem(path, base)
+                if problem is not None:
+                    refused[path] = problem
+                    continue
+                if os.path.isdir(path):
+                    continue  # a link to a folder inside the source: that folder is walked as itself
+            if entry.is_dir():
+                stack.append(path)
+            elif os.path.splitext(entry.name)[1].lower() in exts:
+                images.append(path)
+            else:
+                kind = os.path.splitext(entry.name)[1].lower() or "no extension"
+                refused[path] = f"not an image file ({kind}): only {', '.join(sorted(exts))} are read"
+    return Scan(sorted(images), dict(sorted(refused.items())))
+
+
+def scan_images(root: Path, extensions: Iterable[str]) -> list[str]:
+    """Absolute paths of every image file under ``root``, sorted (``scan_source`` says what else is there)."""
+    return scan_source(root, extensions).images
 
 
 def _within(folder: str, path: str) -> bool:
@@ -193,17 +263,22 @@ def _entries_from_folders(plan: LayoutPlan, images: Sequence[str], label_map: Ma
     return entries
 
 
-def read_entries(plan: LayoutPlan, images: Sequence[str], label_map: Mapping[str, str]) -> list[Entry]:
-    """Every input of the source, one entry per path: what the layout names, plus every scanned
-    image it does not name (quarantined as not listed)."""
+def read_entries(plan: LayoutPlan, scan: Scan, label_map: Mapping[str, str]) -> list[Entry]:
+    """Every input of the source, one entry per path: what the layout names, every scanned image it
+    does not name (quarantined as not listed), and every other file with the reason it is no input."""
+    images = scan.images
     if plan.layout == "folders":
-        return _entries_from_folders(plan, images, label_map)
-    entries = _entries_from_csv(plan, images) if plan.layout == "csv" else _entries_from_ids(plan, images)
-    entries = _merge_repeated(entries)
-    listed = {e.path for e in entries}
-    assert plan.csv_path is not None
-    unlisted = f"not listed in {plan.csv_path.name}"
-    return entries + [Entry(p, origin="scan", problem=unlisted) for p in images if p not in listed]
+        entries = _entries_from_folders(plan, images, label_map)
+    else:
+        entries = _entries_from_csv(plan, images) if plan.layout == "csv" else _entries_from_ids(plan, images)
+        entries = _merge_repeated(entries)
+        listed = {e.path for e in entries}
+        assert plan.csv_path is not None
+        unlisted = f"not listed in {plan.csv_path.name}"
+        entries += [Entry(p, origin="scan", problem=unlisted) for p in images if p not in listed]
+    named = {e.path for e in entries}
+    return entries + [Entry(p, origin="scan", problem=why, readable=False)
+                      for p, why in scan.refused.items() if p not in named]
 
 
 def _merge_repeated(entries: Sequence[Entry]) -> list[Entry]:

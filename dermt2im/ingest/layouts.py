@@ -78,6 +78,7 @@ class LayoutPlan:
     root: Path  # resolved source folder
     csv_path: Path | None = None
     given_root: str = ""  # the folder as the user named it, for absolute paths written against it
+    metadata: tuple[Path, ...] = ()  # the source's readable CSVs: descriptions of the inputs, not inputs
 
 
 def _read_columns(path: Path) -> list[str] | str:
@@ -187,8 +188,10 @@ def _plan_layout(source: Path, forced: str | None, label_map: Mapping[str, str])
     intents = {p: s for p, c in columns.items() if isinstance(c, list) and (s := _intent(c)) is not None}
     folders, other = _class_folders(root, label_map) if source.is_dir() else ([], [])
 
+    metadata = tuple(p for p, c in columns.items() if isinstance(c, list))
+
     def plan(layout: str, explanation: str, csv_path: Path | None = None) -> LayoutPlan:
-        return LayoutPlan(layout, explanation, root, csv_path, os.path.normpath(given))
+        return LayoutPlan(layout, explanation, root, csv_path, os.path.normpath(given), metadata)
 
     if forced == "folders":
         return plan("folders", f"layout folders as requested; {_folders_explanation(folders, other)}")

@@ -8,6 +8,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from dermt2im.core.manifest import is_transient
+from dermt2im.core.specs import IngestConfig
 from dermt2im.ingest.entries import Entry, _within
 from dermt2im.ingest.files import FileFacts, examine_files
 from dermt2im.ingest.labels import resolve_label
@@ -93,14 +95,28 @@ def resolve_duplicates(rows: list[dict[str, Any]], preferred: set[str]) -> list[
     return out
 
 
+def size_problem(facts: FileFacts | None, cfg: IngestConfig) -> str | None:
+    """Why an image's size rules it out (too small to be a lesion, or a strip), else None."""
+    if facts is None or facts.width is None or facts.height is None:
+        return None
+    short, long = sorted((facts.width, facts.height))
+    if short < cfg.min_side:
+        return (f"image too small: {facts.width}x{facts.height}, the shorter side is under "
+                f"ingest.min_side ({cfg.min_side} px)")
+    if long > cfg.max_aspect_ratio * short:
+        return (f"image too elongated: {facts.width}x{facts.height} is {long / short:.1f} times longer than wide "
+                f"(ingest.max_aspect_ratio {cfg.max_aspect_ratio:g})")
+    return None
+
+
 def build_rows(plan: LayoutPlan, entries: Sequence[Entry], label_map: Mapping[str, str],
-               known: Mapping[str, FileFacts], max_pixels: int, preferred: set[str]) -> list[dict[str, Any]]:
+               known: Mapping[str, FileFacts], cfg: IngestConfig, preferred: set[str]) -> list[dict[str, Any]]:
     """Fresh rows for every entry, before splits: labels, file facts, then ambiguity and duplicates."""
     labels = [resolve_label(e.label, e.diagnosis, label_map) for e in entries]
     jobs = [(e.path, e.problem is None and problem is None) for e, (_, problem) in zip(entries, labels) if e.readable]
-    facts = examine_files(jobs, known, max_pixels)
+    facts = examine_files(jobs, known, cfg.max_pixels)
     rows = [
-        _row(e, plan, label, e.problem or problem, facts.get(e.path))
+        _row(e, plan, label, e.problem or problem or size_problem(facts.get(e.path), cfg), facts.get(e.path))
         for e, (label, problem) in zip(entries, labels)
     ]
     return resolve_duplicates(resolve_ambiguous(rows, entries), preferred)
@@ -112,7 +128,8 @@ def _carry_over(old: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     if old["sample_id"] and old["sample_id"] == new["sample_id"]:
         for col in PREPROCESS_COLUMNS:  # same bytes: preprocessing is still valid
             row[col] = old[col]
-        if old["status"] == QUARANTINED and str(old["reason"] or "").startswith("preprocess"):
+        reason = str(old["reason"] or "")
+        if old["status"] == QUARANTINED and reason.startswith("preprocess") and not is_transient(reason):
             return _quarantine(row, old["reason"])  # preprocess decided this; ingest cannot undo it
     if row["status"] == ACCEPTED and old["status"] == ACCEPTED and old["split"]:
         row["split"] = old["split"]

@@ -12,9 +12,10 @@ Patient metadata (age, sex, site) in the CSVs is never read into the manifest.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +26,22 @@ from dermt2im.core.identity import code_digest, content_key, spec_digest, tree_l
 from dermt2im.core.manifest import (
     SEEDS,
     conform,
+    is_transient,
     manifest_exists,
     read_manifest,
     write_manifest,
 )
 from dermt2im.core.specs import IngestConfig
-from dermt2im.ingest.entries import read_entries, scan_images
+from dermt2im.core.writers import writer_lock
+from dermt2im.ingest.entries import read_entries, scan_source
 from dermt2im.ingest.files import _decode_cache
 from dermt2im.ingest.labels import label_map as make_label_map
 from dermt2im.ingest.layouts import IngestError, LayoutPlan, _plan_layout
 from dermt2im.ingest.rows import ACCEPTED, build_rows, merge_rows
 from dermt2im.ingest.splits import SPLITS, fill_splits
 from dermt2im.stage import Stamps
+
+log = logging.getLogger(__name__)
 
 
 def reason_category(reason: str) -> str:
@@ -59,6 +64,7 @@ class IngestReport:
     reasons: dict[str, int]  # quarantine reason category -> count
     labels: dict[str, int] = field(default_factory=dict)  # accepted rows per label
     splits: dict[str, int] = field(default_factory=dict)  # accepted rows per split
+    reconsidered: int = 0  # rows preprocess had quarantined for an I/O error, inputs again
 
     def summary(self) -> str:
         def counts(d: Mapping[str, int]) -> str:
@@ -74,6 +80,9 @@ class IngestReport:
         if self.reasons:
             top = sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
             lines.append("quarantine reasons: " + counts(dict(top[:6])) + (" …" if len(top) > 6 else ""))
+        if self.reconsidered:
+            lines.append(f"reconsidered: {self.reconsidered} row(s) that preprocess had quarantined for an I/O error "
+                         "(the next preprocess tries them again)")
         return "\n".join(lines)
 
 
@@ -102,6 +111,7 @@ def ingest_source(
     *,
     layout: str | None = None,
     split: str | None = None,
+    lock_dir: Path | None = None,
 ) -> IngestReport:
     """Ingest every image under ``source`` into the seeds manifest at ``manifest_path``.
 
@@ -117,19 +127,31 @@ def ingest_source(
     plan = _plan_layout(Path(source), None if wanted == "auto" else wanted, label_map)
 
     manifest_path = manifest_path if storage.is_remote(manifest_path) else storage.local_path(manifest_path)
-    before = conform(read_manifest(manifest_path, SEEDS), SEEDS)
-    existing = before.to_pylist()
-    images = scan_images(plan.root, cfg.extensions)
-    entries = read_entries(plan, images, label_map)
-    preferred = {r["source_path"] for r in existing if r["status"] == ACCEPTED}
-    fresh = build_rows(plan, entries, label_map, _decode_cache(existing), cfg.max_pixels, preferred)
+    # The whole read-merge-write holds the manifest's writer lock: a concurrent ingest into the same
+    # manifest waits, then merges with what this one wrote (no row is lost).
+    with writer_lock(manifest_path, lock_dir):
+        before = conform(read_manifest(manifest_path, SEEDS), SEEDS)
+        existing = before.to_pylist()
+        scan = scan_source(plan.root, cfg.extensions, skip=plan.metadata)
+        entries = read_entries(plan, scan, label_map)
+        preferred = {r["source_path"] for r in existing if r["status"] == ACCEPTED}
+        fresh = build_rows(plan, entries, label_map, _decode_cache(existing), cfg, preferred)
 
-    rows, new = merge_rows(existing, fresh, str(plan.root))
-    rows = fill_splits(rows, str(plan.root), cfg.splits, split)
-    frame = pd.DataFrame(rows, columns=SEEDS.columns)
-    if not (storage.exists(manifest_path) and conform(frame, SEEDS).equals(before)):
-        write_manifest(frame, manifest_path, SEEDS)
-    return _report(plan, manifest_path, rows, new)
+        rows, new = merge_rows(existing, fresh, str(plan.root))
+        rows = fill_splits(rows, str(plan.root), cfg.splits, split)
+        frame = pd.DataFrame(rows, columns=SEEDS.columns)
+        if not (storage.exists(manifest_path) and conform(frame, SEEDS).equals(before)):
+            write_manifest(frame, manifest_path, SEEDS)
+    reconsidered = _reconsidered(existing, rows)
+    if reconsidered:
+        log.info("ingest: %d row(s) that preprocess had quarantined for an I/O error are inputs again", reconsidered)
+    return replace(_report(plan, manifest_path, rows, new), reconsidered=reconsidered)
+
+
+def _reconsidered(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]]) -> int:
+    """Rows that preprocess had quarantined for a transient reason and that are inputs again."""
+    was = {r["source_path"] for r in before if r["status"] != ACCEPTED and is_transient(r["reason"])}
+    return sum(1 for r in after if r["source_path"] in was and not is_transient(r["reason"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,8 +187,9 @@ class IngestStage:
 
     name = "ingest"
 
-    def __init__(self, cfg: IngestConfig, datasets: Sequence[Dataset], stamps: Stamps) -> None:
-        self.cfg, self.datasets, self.stamps = cfg, list(datasets), stamps
+    def __init__(self, cfg: IngestConfig, datasets: Sequence[Dataset], workdir: Any) -> None:
+        self.cfg, self.datasets = cfg, list(datasets)
+        self.stamps, self.locks = Stamps(workdir.stamps, self.name), workdir.locks
 
     def units(self) -> list[Dataset]:
         return self.datasets
@@ -188,7 +211,7 @@ class IngestStage:
 
     def run(self, d: Dataset) -> dict[str, Any]:
         key = self.key(d)
-        report = ingest_source(Path(d.source), d.manifest, self.cfg, layout=d.layout, split=d.split)
+        report = ingest_source(Path(d.source), d.manifest, self.cfg, layout=d.layout, split=d.split, lock_dir=self.locks)
         summary = ingest_summary(report)
         self.stamps.write(d.unit_id, key, summary)
         return summary

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import cv2
 from dermt2im.core.errors import DecodeError
 from dermt2im.core.fileio import atomic_write_bytes, sha256_bytes
 from dermt2im.core.imaging import encode_png
+from dermt2im.core.manifest import TRANSIENT, is_transient
 from dermt2im.core.specs import PreprocessConfig
 from dermt2im.preprocess.resize import preprocess_image
 
@@ -41,31 +44,46 @@ class _Outcome:
     reason: str | None = None
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
+
+
+def _exit_with(parent: int, every: float = 0.5) -> None:
+    """End this worker when the process that started the pool is gone (killed, even by SIGKILL):
+    the pool's queues would otherwise keep it waiting for work forever."""
+    while True:
+        time.sleep(every)
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # the pid now belongs to another user's process: ours is gone
+            os._exit(1)
 
 
 def _read_source(job: _Job) -> tuple[bytes | None, str]:
-    """The bytes of the first copy that still exists and still hashes to the sample_id, else why not."""
+    """The bytes of the first copy that still exists and still hashes to the sample_id, else the
+    quarantine reason: transient when no copy could be read at all (it may be there again later)."""
     reasons = []
     for source in job.sources:
         try:
             data = Path(source).read_bytes()
         except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
-            reasons.append(f"cannot read source file: {err.strerror or err}")
+            reasons.append(f"{TRANSIENT}cannot read source file: {err.strerror or err}")
             continue
         actual = sha256_bytes(data)
         if actual == job.sample_id:
             return data, ""
-        reasons.append(f"file changed since ingest (sha256 is now {actual[:12]}…)")
-    return None, reasons[0]
+        reasons.append(f"preprocess: file changed since ingest (sha256 is now {actual[:12]}…; ingest again)")
+    return None, reasons[-1] if all(is_transient(r) for r in reasons) else next(r for r in reasons if not is_transient(r))
 
 
 def _process_job(job: _Job, cfg: PreprocessConfig, max_pixels: int) -> _Outcome:
     # Only a plain OSError (EIO, stale NFS handle) escapes: it is transient and the task retries it.
     data, why_not = _read_source(job)
     if data is None:
-        return _Outcome(job.sample_id, None, f"preprocess: {why_not}")
+        return _Outcome(job.sample_id, None, why_not)
     try:
         rgb, fraction = preprocess_image(data, cfg, max_pixels=max_pixels)
     except DecodeError as err:
@@ -123,7 +141,8 @@ def run_jobs(jobs: Sequence[_Job], cfg: PreprocessConfig, max_pixels: int, worke
     if workers == 1:
         return _process_chunk(jobs, cfg, max_pixels)
     outcomes: list[_Outcome] = []
-    with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker,
+                             initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_process_chunk, chunk, cfg, max_pixels) for chunk in _chunks(jobs, workers)]
         for future in as_completed(futures):
             outcomes.extend(future.result())

@@ -24,12 +24,21 @@ from dermt2im.core.imaging import DEFAULT_MAX_PIXELS, decode_image
 from dermt2im.core.specs import PreprocessConfig
 from dermt2im.preprocess.hair import remove_hair
 
+# A resize may produce at most this many pixels (or 64 x size^2 when that is more): a strip of
+# 1 x 100000 pixels would otherwise ask for gigabytes before anything else could refuse it.
+RESIZE_BUDGET = 1 << 26
+
 
 def resize_short_side(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Scale so that the short side is ``size`` (area averaging down, bicubic up), keeping aspect."""
+    """Scale so that the short side is ``size`` (area averaging down, bicubic up), keeping aspect.
+    Raises ``DecodeError`` before allocating when the result would exceed the pixel budget."""
     h, w = rgb.shape[:2]
     scale = size / min(h, w)
     new_w, new_h = max(size, int(round(w * scale))), max(size, int(round(h * scale)))
+    budget = max(RESIZE_BUDGET, 64 * size * size)
+    if new_w * new_h > budget:
+        raise DecodeError(f"image too elongated: resizing {w}x{h} to a short side of {size} px would make "
+                          f"{new_w}x{new_h} pixels (more than {budget:,})")
     if (new_w, new_h) == (w, h):
         return rgb
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC

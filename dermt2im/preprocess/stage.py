@@ -25,8 +25,9 @@ from PIL import Image
 
 from dermt2im.core import identity, storage
 from dermt2im.core.imaging import DEFAULT_MAX_PIXELS
-from dermt2im.core.manifest import SEEDS, read_manifest, upsert
+from dermt2im.core.manifest import SEEDS, is_transient, read_manifest, rewrite
 from dermt2im.core.specs import PreprocessConfig
+from dermt2im.core.writers import writer_lock
 from dermt2im.preprocess.pool import TEXT_HAIR, TEXT_KEY, _Job, run_jobs, worker_count
 
 # Bump when the processing changes its output for the same parameters: it is part of every key.
@@ -70,12 +71,14 @@ class PreprocessReport:
     cached: int
     failed: int
     seconds: float
+    retried: int = 0  # rows quarantined earlier because their file could not be read, tried again
 
     def summary(self) -> str:
         rate = f", {self.processed / self.seconds:.1f} images/s" if self.processed and self.seconds > 0 else ""
+        retried = (f"; tried again {self.retried} row(s) whose file could not be read before" if self.retried else "")
         return (
             f"preprocess {self.manifest_path}: {self.processed} processed, {self.cached} cached, "
-            f"{self.failed} quarantined in {self.seconds:.1f} s{rate}"
+            f"{self.failed} quarantined in {self.seconds:.1f} s{rate}{retried}"
         )
 
 
@@ -138,9 +141,29 @@ def _filled(row: pd.Series, path: str, key: str, fraction: float) -> pd.Series:
     return row
 
 
+_WRITES = ["status", "reason", "processed_path", "preprocess_key", "hair_fraction"]
+
+
+def _record(manifest: Path | str, updates: pd.DataFrame, lock_dir: Path | None) -> None:
+    """Write preprocess's columns into the manifest as it is now, under its writer lock: rows ingest
+    changed meanwhile (other bytes at the same path) and rows it added are left as they are."""
+    by_key = updates.set_index("source_path")
+
+    def apply(current: pd.DataFrame) -> pd.DataFrame:
+        current = current.copy()
+        for i, (path, sample_id) in enumerate(zip(current["source_path"], current["sample_id"])):
+            if path in by_key.index and by_key.at[path, "sample_id"] == sample_id:
+                for col in _WRITES:
+                    current.iat[i, current.columns.get_loc(col)] = by_key.at[path, col]
+        return current
+
+    with writer_lock(manifest, lock_dir):
+        rewrite(manifest, SEEDS, apply)
+
+
 def preprocess_manifest(
     manifest_path: Path | str, out_dir: Path, cfg: PreprocessConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-    workers: int = 0,
+    workers: int = 0, lock_dir: Path | None = None,
 ) -> PreprocessReport:
     """Hair-remove, resize and crop every accepted row of a seeds manifest into ``out_dir``.
 
@@ -151,6 +174,11 @@ def preprocess_manifest(
     start = time.perf_counter()
     manifest_path = manifest_path if storage.is_remote(manifest_path) else storage.local_path(manifest_path)
     df = read_manifest(manifest_path, SEEDS)
+    retry = df["status"].eq("quarantined") & df["reason"].map(is_transient)
+    if retry.any():  # a file that could not be read last time may be back: try it again
+        log.info("preprocess: trying again %d row(s) quarantined earlier because their file could not be read",
+                 int(retry.sum()))
+        df.loc[retry, ["status", "reason"]] = ["accepted", None]
     plan = plan_work(df, out_dir, cfg)
     if plan.jobs:
         log.info("preprocess: %d image(s) to process on %d process(es), %d row(s) up to date",
@@ -175,13 +203,14 @@ def preprocess_manifest(
                 updates.append(_filled(df.loc[pos], job.target, job.key, outcome.hair_fraction))
                 processed += 1
     if updates:
-        upsert(manifest_path, pd.DataFrame(updates).reset_index(drop=True), SEEDS)
+        _record(manifest_path, pd.DataFrame(updates).reset_index(drop=True), lock_dir)
     report = PreprocessReport(
         manifest_path=manifest_path,
         processed=processed,
         cached=len(plan.cached) + len(plan.adopted),
         failed=failed,
         seconds=time.perf_counter() - start,
+        retried=int(retry.sum()),
     )
     log.debug(report.summary())
     return report
@@ -191,8 +220,11 @@ def preprocess_manifest(
 
 
 def outputs_current(manifest: Path | str, cfg: PreprocessConfig) -> bool:
-    """Every accepted row holds the processed image its current key names (and the file exists)."""
+    """Every accepted row holds the processed image its current key names (and the file exists), and
+    no row waits to be tried again (quarantined because its file could not be read)."""
     df = read_manifest(manifest, SEEDS)
+    if df["reason"].map(is_transient).any():
+        return False
     accepted = df[df["status"] == "accepted"]
     if accepted.empty:
         return storage.is_file(manifest)
@@ -217,9 +249,9 @@ class PreprocessStage:
     name = "preprocess"
 
     def __init__(self, cfg: PreprocessConfig, manifests: dict[str, Path | str], out_dir: Path, *,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 0) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 0, locks: Path | None = None) -> None:
         self.cfg, self.manifests, self.out_dir = cfg, dict(manifests), Path(out_dir)
-        self.max_pixels, self.workers = max_pixels, workers
+        self.max_pixels, self.workers, self.locks = max_pixels, workers, locks
 
     def units(self) -> list[str]:
         return list(self.manifests)
@@ -238,7 +270,7 @@ class PreprocessStage:
 
     def run(self, name: str) -> dict[str, Any]:
         report = preprocess_manifest(self.manifests[name], self.out_dir, self.cfg, max_pixels=self.max_pixels,
-                                     workers=self.workers)
+                                     workers=self.workers, lock_dir=self.locks)
         return {**manifest_summary(self.manifests[name]), "processed": report.processed, "failed": report.failed,
                 "seconds": round(report.seconds, 3), "text": report.summary()}
 

@@ -23,9 +23,9 @@ import pandas as pd
 
 from dermt2im.core import identity, storage
 from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, rewrite
-from dermt2im.core.writers import writer_lock
 from dermt2im.core.specs import QualityConfig
 from dermt2im.core.workdir import Workdir
+from dermt2im.core.writers import writer_lock
 from dermt2im.quality.audit import audit, embed, load_seeds
 from dermt2im.quality.checks import check_image, reason_code
 from dermt2im.quality.dedupe import mark_duplicates, phash, phash_hex

@@ -117,9 +117,36 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
 
 
+CHECKPOINT_FILES = ("lora.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from (a file missing or cut short), else None."""
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"state.json unreadable ({type(err).__name__}: {err})"
+    for name in CHECKPOINT_FILES:
+        try:
+            with safe_open(str(path / name), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)  # the header names every tensor; reading its slice checks the bytes are there
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+            return f"{name} unreadable ({str(err).strip()[:120]})"
+    return None
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    found = _checkpoints(root)
-    return found[-1] if found else None
+    """The newest checkpoint that can be resumed from; damaged newer ones are named in the log."""
+    for ckpt in reversed(_checkpoints(root)):
+        why = damage(ckpt)
+        if why is None:
+            return ckpt
+        LOG.warning("checkpoint %s is damaged (%s): trying the one before it", ckpt, why)
+    return None
 
 
 def _load_checkpoint(ctx: TrainContext, run: LoraRun, path: Path) -> None:
@@ -158,3 +185,21 @@ def _load_checkpoint(ctx: TrainContext, run: LoraRun, path: Path) -> None:
     run.skipped = list(state["skipped"])
     run.oom_events = list(state["oom_events"])
     LOG.info("resumed %s from %s (step %d of %d)", run.name, path, run.step, run.total)
+
+
+def resume_point(root: Path, resume: str) -> tuple[Path | None, str | None]:
+    """The checkpoint to resume from (``"latest"`` or a folder) and, when the newest one was damaged
+    and an older one is used, a sentence saying so. A damaged folder named explicitly is an error."""
+    if resume != "latest":
+        ckpt = Path(resume)
+        if not (ckpt / "state.json").is_file():
+            raise TrainingError(f"resume checkpoint {ckpt} not found (or incomplete)")
+        why = damage(ckpt)
+        if why is not None:
+            raise TrainingError(f"resume checkpoint {ckpt} is damaged: {why}; resume from 'latest' or another checkpoint")
+        return ckpt, None
+    found = _checkpoints(root)
+    ckpt = latest_checkpoint(root)
+    if ckpt is not None and ckpt != found[-1]:
+        return ckpt, f"the newest checkpoint {found[-1].name} is damaged: resumed from {ckpt.name} instead"
+    return ckpt, None

@@ -22,6 +22,7 @@ from dermt2im.train.checkpoints import (
     _load_checkpoint,
     _save_checkpoint,
     latest_checkpoint,
+    resume_point,
 )
 from dermt2im.train.data import _build_data
 from dermt2im.train.inputs import TrainingImage, planned_steps
@@ -288,9 +289,10 @@ def _start_run(ctx: TrainContext, images: dict[str, list[TrainingImage]], name: 
     if resume is None:
         shutil.rmtree(run.ckpt_root, ignore_errors=True)
         return run
-    ckpt = latest_checkpoint(run.ckpt_root) if resume == "latest" else Path(resume)
-    if ckpt is not None and not (ckpt / "state.json").is_file():
-        raise TrainingError(f"resume checkpoint {ckpt} not found (or incomplete)")
+    ckpt, note = resume_point(run.ckpt_root, resume)
+    if note is not None:
+        LOG.warning("%s: %s", name, note)
+        ctx.warnings.append(f"{name}: {note}")
     if ckpt is not None:
         _load_checkpoint(ctx, run, ckpt)
     else:

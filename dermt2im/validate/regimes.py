@@ -33,7 +33,8 @@ a regime takes a prefix of it. So at one seed the 50 % synthetic images are a su
 ones and the kept real images of a constant regime are a subset of the baseline's.
 
 Only synthetic rows with ``status == "accepted"`` and ``memorised`` not True are usable (the
-quality gate and the memorisation audit both passed).
+quality gate and the memorisation audit both passed), and never rows rendered with the base model
+alone (``base_model_only``).
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def usable_synthetic(synthetic: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=[*ITEM_COLUMNS, "sha256"])
     df = synthetic
     ok = (df["status"] == "accepted") & ~df["memorised"].map(_is_true) & df["label"].isin(LABELS)
+    if "base_model_only" in df.columns:  # the base model alone draws no lesion of a class
+        ok &= ~df["base_model_only"].map(_is_true)
     ok &= df["path"].notna()
     out = df.loc[ok, ["path", "label"]].copy()
     out["sha256"] = df.loc[ok, "sha256"].values if "sha256" in df.columns else None

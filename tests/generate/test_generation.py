@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dermt2im.core.config import load_config
+from dermt2im.core.errors import ConfigError
 from dermt2im.core.fileio import atomic_path, sha256_file
 from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest, write_manifest
 from dermt2im.diffusion.models import build_tiny_pipeline
@@ -77,7 +78,9 @@ def test_unknown_sampler_is_a_clear_value_error():
     with pytest.raises(ValueError, match=r"unknown sampler 'k_lms'; known samplers: ddim, dpmpp_2m, euler, euler_a, plms"):
         SAMPLERS["k_lms"]
     with pytest.raises(UnknownSamplerError):
-        build_plan(tiny_cfg("generate.samplers=[euler, k_lms]").generate, token="sks")
+        build_plan(tiny_cfg().generate.model_copy(update={"samplers": ("euler", "k_lms")}), token="sks")
+    with pytest.raises(ConfigError, match="unknown sampler.*'k_lms'"):  # refused with the config, before a plan
+        tiny_cfg("generate.samplers=[euler, k_lms]")
 
 
 def test_switching_sampler_swaps_the_scheduler_never_the_model(pipe):
@@ -294,6 +297,10 @@ def test_generate_uses_the_newest_lora_fused_and_records_it(workdir, tmp_path):
     base = generate(workdir, cfg, base_model_only=True)  # the base model alone, asked for explicitly
     assert base.lora is None and base.planned == base.rendered == 4
     base_df = read_manifest(workdir.synthetic_manifest, SYNTHETIC).set_index("sample_key").sort_index()
+    assert base_df["base_model_only"].eq(True).all()  # marked: never a lesion of a class for validation
+    from dermt2im.validate.regimes import usable_synthetic
+
+    assert usable_synthetic(base_df.assign(status="accepted", memorised=False).reset_index()).empty
 
     weights = _make_lora(workdir.root / "lora" / "run-1")
     report = generate(workdir, cfg)  # the LoRA changes every render key: all rendered again
@@ -301,6 +308,8 @@ def test_generate_uses_the_newest_lora_fused_and_records_it(workdir, tmp_path):
     df = read_manifest(workdir.synthetic_manifest, SYNTHETIC).set_index("sample_key").sort_index()
     assert (df["lora_sha256"] == sha256_file(weights)).all() and (df["lora_path"] == str(weights.resolve())).all()
     assert (df["sha256"] != base_df["sha256"]).all()
+    assert df["base_model_only"].eq(False).all()
+    assert len(usable_synthetic(df.assign(status="accepted", memorised=False).reset_index())) == 4
     prep = next(iter(pipeline._CACHE.values()))
     assert prep.lora_sha256 == sha256_file(weights)  # one cached pipeline, LoRA fused
     assert "Lora hashes" in json.dumps(_png_text(df["path"].iloc[0]))

@@ -35,7 +35,10 @@ from tests.ingest.ingest_fixtures import (
     write_csv,
 )
 
-CFG = IngestConfig()
+# The fixtures' images are a few pixels wide: the size limits that refuse such images in real data are
+# checked in tests/test_faults.py.
+SMALL = {"min_side": 8}
+CFG = IngestConfig(**SMALL)
 
 
 def run(source: Path, manifest: Path, cfg: IngestConfig = CFG, **kw):
@@ -134,7 +137,7 @@ def test_missing_required_column_stops_before_any_work(tmp_path, monkeypatch, he
     def no_work(*a, **k):
         raise AssertionError("files were scanned before the CSV was checked")
 
-    monkeypatch.setattr(ingest_stage, "scan_images", no_work)
+    monkeypatch.setattr(ingest_stage, "scan_source", no_work)
     manifest = tmp_path / "m.parquet"
     with pytest.raises(IngestError) as err:
         ingest_source(src, manifest, CFG, layout=layout)
@@ -181,12 +184,14 @@ def test_isic_layout_labels_diagnoses_and_quarantines(tmp_path):
     assert missing["status"] == "quarantined" and missing["reason"].startswith("file not found")
     assert pd.isna(missing["sample_id"])
     assert rows.loc["ISIC_9.jpg", "reason"] == "not listed in metadata.csv"
-    assert not any(p.endswith((".txt", ".json", ".csv")) for p in df["source_path"])
-    assert len(df) == 7 and df["source_path"].is_unique
+    assert not any(p.endswith(".csv") for p in df["source_path"])  # the metadata describes inputs, is none
+    for other in ("README.txt", "images/meta.json"):  # every other file has its row (issue 11)
+        assert rows.loc[other, "status"] == "quarantined" and rows.loc[other, "reason"].startswith("not an image file")
+    assert len(df) == 9 and df["source_path"].is_unique
     assert set(df.columns) == set(SEEDS.columns)  # no age / sex
     assert not df.isin(["male", "female"]).any().any()
     assert report.reasons == {"file not found": 1, "label disagreement": 1, "not listed in metadata.csv": 1,
-                              "unknown diagnosis": 1}
+                              "unknown diagnosis": 1, "not an image file": 2}
 
 
 def test_isic_2018_and_2019_one_hot_ground_truth(tmp_path):
@@ -297,7 +302,7 @@ def test_label_map_overrides_from_config(tmp_path):
     src = tmp_path / "isic"
     put(src / "ISIC_4.jpg", jpeg(4))
     write_csv(src / "metadata.csv", ("isic_id", "diagnosis"), [("ISIC_4", "Lentigo_Simplex")])
-    cfg = IngestConfig(diagnosis_labels={"lentigo simplex": "benign"})
+    cfg = IngestConfig(diagnosis_labels={"lentigo simplex": "benign"}, **SMALL)
     _, df = run(src, tmp_path / "m.parquet", cfg)
     assert df.loc[0, "status"] == "accepted" and df.loc[0, "label"] == "benign"
 
@@ -355,7 +360,8 @@ def test_class_folders_unknown_folder_and_loose_files(tmp_path):
     assert "unknown class folder" in other["reason"] and "'other'" in other["reason"]
     assert "label disagreement" in rows.loc["benign/melanoma/g.jpg", "reason"]
     assert rows.loc["loose.jpg", "reason"].startswith("not in a class folder")
-    assert len(df) == 8
+    assert rows.loc["benign/notes.txt", "reason"].startswith("not an image file (.txt)")  # issue 11: every file
+    assert len(df) == 9
 
 
 def test_plain_csv_paths_missing_escaping_and_found_below(tmp_path, monkeypatch):
@@ -405,10 +411,10 @@ def test_source_may_be_the_metadata_csv_itself(tmp_path):
 
 
 def test_phantom_folders_can_be_forced_to_the_folder_layout(tmp_path):
-    phantom_like(tmp_path)
-    report, df = run(tmp_path, tmp_path / "m.parquet", layout="folders")
+    src = phantom_like(tmp_path / "src")  # manifests outside the source: every file in it has a row
+    report, df = run(src, tmp_path / "m.parquet", layout="folders")
     assert report.layout == "folders" and (df["status"] == "accepted").all() and df["lesion_id"].isna().all()
-    report, df = run(tmp_path, tmp_path / "m2.parquet")
+    report, df = run(src, tmp_path / "m2.parquet")
     assert report.layout == "csv" and df["lesion_id"].notna().all() and len(df) == 6
 
 
@@ -493,7 +499,7 @@ def test_every_input_file_is_in_the_manifest_exactly_once(bad_input):
 
 def test_max_pixels_comes_from_the_config(tmp_path):
     put(tmp_path / "src" / "benign" / "a.jpg", jpeg(1, (16, 12)))
-    _, df = run(tmp_path / "src", tmp_path / "m.parquet", IngestConfig(max_pixels=100))
+    _, df = run(tmp_path / "src", tmp_path / "m.parquet", IngestConfig(max_pixels=100, **SMALL))
     assert df.loc[0, "status"] == "quarantined" and "too many pixels: 16x12" in df.loc[0, "reason"]
 
 
@@ -552,7 +558,7 @@ def test_grown_source_adds_only_new_rows_and_keeps_splits(tmp_path):
     put(src / label / "again.jpg", jpeg(7777))
     more.append((f"{label}/again.jpg", label, lesion))
     write_csv(src / "labels.csv", ("file", "label", "lesion_id"), rows + more)
-    all_train = IngestConfig(splits=SplitConfig(train=1.0, val=0.0, test=0.0))
+    all_train = IngestConfig(splits=SplitConfig(train=1.0, val=0.0, test=0.0), **SMALL)
     report, after = run(src, manifest, all_train)
 
     assert report.new == 7 and len(after) == 19

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.core.test_storage import s3_bucket  # noqa: F401  (fixture)
+from tests.processes import descendants
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -84,30 +85,9 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc): the flow-run supervisor starts its own session, so
-    killing the worker's process group alone would leave the flow run rendering."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, frontier = [], [pid]
-    while frontier:
-        p = frontier.pop()
-        for c in children.get(p, []):
-            out.append(c)
-            frontier.append(c)
-    return out
-
-
 def _kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a worker, its process group and every process it started (a machine lost)."""
-    for pid in _descendants(proc.pid):
+    for pid in descendants(proc.pid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -122,7 +102,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 def _stop(proc: subprocess.Popen | None) -> None:
     if proc is None or proc.poll() is not None:
         return
-    stragglers = _descendants(proc.pid)
+    stragglers = descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=15)

@@ -215,6 +215,31 @@ def test_same_config_same_weights_and_resume_is_exact(reference):
     assert json.loads((resumed.lora_json).read_text())["steps"] == 12
 
 
+@pytest.mark.parametrize("damaged", ["lora.safetensors", "optimizer.safetensors", "state.json"])
+def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(reference, damaged):
+    w, cfg, ref = reference
+    run_id = f"cut-{damaged.split('.')[0]}"
+
+    def kill_at_11(step, total, loss):
+        if step == 11:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(w, cfg, run_id=run_id, progress=kill_at_11)
+    ckpts = w.lora / run_id / training.CHECKPOINTS
+    assert latest_checkpoint(ckpts).name == "step-000008"
+    cut = ckpts / "step-000008" / damaged
+    cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) // 3])  # a disk that filled up mid-write
+
+    assert latest_checkpoint(ckpts).name == "step-000004"
+    with pytest.raises(training.TrainingError, match=f"step-000008 is damaged: {damaged} unreadable"):
+        train(w, cfg, run_id=run_id, resume=str(ckpts / "step-000008"))  # named explicitly: refused, not guessed
+    resumed = train(w, cfg, run_id=run_id, resume="latest")
+    _assert_same_weights(ref.weights["all"], resumed.weights["all"])
+    note = json.loads(resumed.lora_json.read_text())["warnings"]
+    assert any("step-000008 is damaged: resumed from step-000004" in n for n in note)
+
+
 def test_resume_refuses_a_checkpoint_of_other_inputs(reference):
     w, cfg, ref = reference
     with pytest.raises(training.TrainingError, match="different training"):
@@ -291,7 +316,6 @@ def test_empty_manifest_names_both_classes(workdir, no_model):
     [
         ({"instance_prompt": "a photo of {token} lesion"}, "no {label} placeholder"),
         ({"instance_prompt": "a photo of {token} {label} {colour}"}, "unknown placeholder"),
-        ({"resolution": 36}, "multiple of 8"),
         ({"base_model": "/nowhere/model.safetensors"}, "not found"),
         ({"base_model": "weights.ckpt"}, "never pickles"),
     ],
@@ -300,6 +324,13 @@ def test_bad_configs_give_clear_errors(workdir, no_model, settings, message):
     make_seed_manifest(workdir, n_per_class=1, extra_val=False)
     with pytest.raises(training.TrainingError, match=message):
         train(workdir, tiny_config(**settings))
+
+
+def test_a_resolution_that_is_not_a_multiple_of_8_is_refused_with_the_config():
+    from dermt2im.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        tiny_config(resolution=36)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
