@@ -167,3 +167,29 @@ def test_report_errors_are_clear(workdir):
                                      without_predictions={("vit", "baseline", 0)})
     with pytest.raises(ReportError, match=f"child run {ids[('vit', 'baseline', 0)]} .* has no predictions"):
         build_report(workdir, cfg.tracking, parent_run_id=parent)
+
+
+def test_a_moved_workdir_keeps_its_artifacts(tmp_path, monkeypatch):
+    """Artifact locations are relative to the store (mlflow-artifacts:/...), never absolute paths:
+    Table IV rebuilds from a workdir moved elsewhere, and MLflow's Default experiment does not
+    point into whatever directory the first command ran from."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from dermt2im.core.workdir import Workdir
+
+    old = Workdir.at(tmp_path / "old")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the workdir's own store, W/mlflow.db
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config("report-moved")
+    cells = {("vit", "baseline", 0): {"s": _cell(range(10), 0)}, ("vit", "hybrid", 0): {"s": _cell(range(5), 1)}}
+    parent, _, _ = _log_comparison(old, cfg, cells)
+    assert (old.root / "mlartifacts").is_dir()
+    shutil.move(old.root, tmp_path / "new")
+    moved = Workdir.at(tmp_path / "new")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", moved.mlflow_uri)  # as a new process on the moved workdir sets it
+    table = pd.read_csv(build_report(moved, cfg.tracking, parent_run_id=parent)["table_csv"])
+    assert len(table) == 2 and table["balanced_accuracy_mean"].notna().all()
+    locations = {e.name: e.artifact_location for e in MlflowClient(moved.mlflow_uri).search_experiments()}
+    assert locations == {"Default": "mlflow-artifacts:/0", "report-moved": "mlflow-artifacts:/report-moved"}
