@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from dermt2im.core.workdir import open_workdir
+from dermt2im.core.workdir import DEFAULTS, open_workdir
 from flows.dispatch import run_gpu_stage
 from flows.generate import generate
 from flows.seeds import prepare_seeds
@@ -26,7 +26,9 @@ def factory(
     overrides: list[str] | None = None,
     layout: str | None = None,
 ) -> dict:
-    w, cfg = open_workdir(workdir, config, overrides)  # saved as W/config.yaml; every stage below reads it
+    # Saved as W/config.yaml; every stage below reads it. A fresh workdir: the paper's defaults for a
+    # real source, the smoke preset for the phantom demo.
+    w, cfg = open_workdir(workdir, config, overrides, fallback="smoke" if source is None else DEFAULTS)
     gpu = orchestration(cfg)
     seeds = prepare_seeds(workdir, source, layout=layout)
     lora = run_gpu_stage(train, gpu.train_deployment, {"workdir": workdir}, gpu)

@@ -163,13 +163,20 @@ def configure_runtime(workdir: Workdir) -> None:
 CONFIG_SNAPSHOT = "config.yaml"
 
 
-def workdir_config(workdir: Workdir, config: str | Path | None = None, overrides: list[str] | None = None):
+DEFAULTS = "defaults"  # no preset: the config models' own defaults, which are the paper's settings
+
+
+def workdir_config(workdir: Workdir, config: str | Path | None = None, overrides: list[str] | None = None, *,
+                   fallback: str = DEFAULTS):
     """The factory config for this workdir.
 
     An explicit ``config`` (preset name or file) plus ``overrides`` is resolved, validated and saved
     as ``W/config.yaml`` so that later stages run against the same settings; with no ``config`` the
-    saved snapshot is used (overrides on top), and a fresh workdir falls back to the smoke preset.
+    saved snapshot is used (overrides on top), and a fresh workdir gets ``fallback``: the built-in
+    defaults (the paper's settings), or a preset such as ``smoke`` for the phantom demo.
     """
+    import logging
+
     import yaml
 
     from dermt2im.core.config import config_from_dict, load_config
@@ -179,18 +186,24 @@ def workdir_config(workdir: Workdir, config: str | Path | None = None, overrides
     if config is None and snapshot.is_file():
         saved = yaml.safe_load(snapshot.read_text()) or {}
         cfg = config_from_dict(saved, str(snapshot), overrides)
+        origin = f"{snapshot}{' with overrides ' + str(overrides) if overrides else ''}"
         if not overrides and saved == cfg.model_dump(mode="json", by_alias=True):
+            logging.getLogger(__name__).info("config %s: %s", cfg.name, origin)
             return cfg  # unchanged (a snapshot in an older layout is saved again in the current one)
     else:
-        cfg = load_config(config or "smoke", overrides)
+        chosen = config or fallback
+        cfg = config_from_dict({}, "the built-in defaults", overrides) if chosen == DEFAULTS else load_config(
+            chosen, overrides)
+        origin = "the built-in defaults (the paper's settings)" if chosen == DEFAULTS else str(chosen)
+    logging.getLogger(__name__).info("config %s: %s, saved as %s", cfg.name, origin, snapshot)
     atomic_write_text(snapshot, cfg.as_yaml())
     return cfg
 
 
-def open_workdir(root: str | Path, config: str | Path | None = None,
-                 overrides: list[str] | None = None) -> tuple[Workdir, "FactoryConfig"]:
+def open_workdir(root: str | Path, config: str | Path | None = None, overrides: list[str] | None = None, *,
+                 fallback: str = DEFAULTS) -> tuple[Workdir, "FactoryConfig"]:
     """The workdir at ``root`` with its config (``workdir_config``: saved as ``W/config.yaml``), the
     workdir pointing at the manifest location that config names (``storage.manifests``)."""
     w = Workdir.at(root)
-    cfg = workdir_config(w, config, overrides)
+    cfg = workdir_config(w, config, overrides, fallback=fallback)
     return w.using(cfg), cfg

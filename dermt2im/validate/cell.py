@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dermt2im.core import progress
 from dermt2im.core.specs import ValidateConfig
 from dermt2im.core.tracking import DatasetRef, Tracker, metric_key
 from dermt2im.validate.inputs import ValidationError, ValidationInputs
@@ -194,8 +195,12 @@ def run_cell(tracker: Tracker, plan: ValidationPlan, cell: Cell, key: str, spec:
             log.warning("%s: %s", cell.name, describe_cell(cell))
         tracker.log_params(run, _cell_params(tags, cell, plan.inputs, spec, device, bs))
         tracker.log_datasets(run, _datasets(cell, plan.inputs, seeds_manifest))
-        outcome = fit_and_test(cell, plan.inputs, spec, device, bs,
-                               on_epoch=lambda epoch, row: tracker.log_metrics(run, row, step=epoch))
+        with progress.task(f"fit {cell.model} {cell.regime} seed {cell.seed}", total=spec.epochs, unit="epochs") as bar:
+            def on_epoch(epoch: int, row: dict[str, float]) -> None:
+                tracker.log_metrics(run, row, step=epoch)
+                bar.update(epoch, note=", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("val_")))
+
+            outcome = fit_and_test(cell, plan.inputs, spec, device, bs, on_epoch=on_epoch)
         _log_outcome(tracker, run, cell, outcome, log_model)
         tracker.finish(run)
     except BaseException as err:

@@ -65,6 +65,7 @@ class ValidateStage:
     """Validate: one unit per (model, regime, seed) cell of the comparison."""
 
     name = "validate"
+    unit_noun = "cells"
 
     def __init__(self, workdir: Workdir, spec: ValidateConfig, runtime: ValidateRuntime, tracking: TrackingConfig, *,
                  test_sets: dict[str, str | Path] | None = None, log_model: bool = True, resume: bool = True,
