@@ -357,6 +357,7 @@ def run(
     Its config (with any --set) is saved as W/config.yaml: every stage of the flow reads it there.
     Without SOURCE the factory makes phantom seed and test images and, on a fresh workdir, uses the
     smoke preset; with a SOURCE a fresh workdir gets the built-in defaults (the paper's settings)."""
+    from dermt2im import cli_session
     from dermt2im.ingest.stage import check_source
 
     chosen = None if layout == "auto" else layout
@@ -366,19 +367,7 @@ def run(
 
     result = _guard(lambda: factory(str(w.root), str(source) if source else None, None, None, chosen))
     _echo(f"factory finished in {w.root}")
-    _echo(_format_result(result))
-
-
-def _format_result(result: Any, indent: int = 2) -> str:
-    lines = []
-    if isinstance(result, dict):
-        for k, v in result.items():
-            if isinstance(v, dict):
-                lines.append(" " * indent + f"{k}:")
-                lines.append(_format_result(v, indent + 2))
-            else:
-                lines.append(" " * indent + f"{k}: {v}")
-    return "\n".join(lines)
+    _echo(cli_session.format_result(result))
 
 
 @app.command("config")

@@ -119,3 +119,16 @@ def setup_output() -> None:
         logging.basicConfig(level=logging.INFO, format=fmt, force=True)
         progress.use(progress.LogReporter())
     quiet_libraries()  # basicConfig(force=True) leaves logger levels alone; this keeps the chatty ones down
+
+
+def format_result(result: Any, indent: int = 2) -> str:
+    """A flow's result (nested dicts) as indented ``key: value`` lines."""
+    lines = []
+    if isinstance(result, dict):
+        for k, v in result.items():
+            if isinstance(v, dict):
+                lines.append(" " * indent + f"{k}:")
+                lines.append(format_result(v, indent + 2))
+            else:
+                lines.append(" " * indent + f"{k}: {v}")
+    return "\n".join(lines)

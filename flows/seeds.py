@@ -12,11 +12,12 @@ from dermt2im.ingest.stage import IngestStage, seed_datasets
 from dermt2im.phantoms import PhantomStage
 from dermt2im.preprocess.stage import PreprocessStage
 from dermt2im.stage import Stamps
+from flows.names import in_workdir
 from tasks.artifacts import publish_datasets
 from tasks.stage import run_stage
 
 
-@flow(name="prepare-seeds", log_prints=True)
+@flow(name="prepare-seeds", log_prints=True, flow_run_name=in_workdir("seeds and test sets"))
 def prepare_seeds(
     workdir: str,
     source: str | None = None,

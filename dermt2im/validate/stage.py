@@ -132,7 +132,8 @@ class ValidateStage:
                                   dict(self.plan.skipped), verdict, sum(c.reused for c in cells),
                                   self._segmentation_check() if self.segmentation else "")
         self.report = report
-        return {"parent_run_id": report.parent_run_id, "experiment": report.experiment, "runs": report.runs,
+        return {"parent_run_id": report.parent_run_id, "experiment": report.experiment,
+                "experiment_id": self.plan.experiment_id, "runs": report.runs,
                 "reused": report.reused, "skipped": report.skipped,
                 "table_md": str(table_path) if table_path else None, "report": {k: str(v) for k, v in paths.items()},
                 "text": report.summary()}

@@ -34,7 +34,7 @@ from dermt2im.core.tracking import RunRecord, Tracker, metric_key, open_tracker
 from dermt2im.core.workdir import Workdir
 from dermt2im.validate.bootstrap import paired_difference, seed_mean_interval
 from dermt2im.validate.figures import MODEL_ORDER, _regime_order, fig10
-from dermt2im.validate.metrics import METRICS, THRESHOLD, mcnemar_from_predictions
+from dermt2im.validate.metrics import METRICS, THRESHOLD, binary_metrics, mcnemar_from_predictions
 from dermt2im.validate.table_text import headline, markdown, verdicts
 
 PRIMARY = "balanced_accuracy"
@@ -162,7 +162,10 @@ def table_iv(preds: pd.DataFrame) -> pd.DataFrame:
                                   **_share_columns(g.info)}
         for m in METRICS:
             ci = seed_mean_interval(g.labels, g.probs, m)
-            row.update({f"{m}_mean": ci.value, f"{m}_ci_low": ci.low, f"{m}_ci_high": ci.high})
+            per_seed = [binary_metrics(g.labels, p)[m] for p in g.probs]  # how far the seeds disagree
+            row.update({f"{m}_mean": ci.value, f"{m}_ci_low": ci.low, f"{m}_ci_high": ci.high,
+                        f"{m}_seed_min": float(np.nanmin(per_seed)) if not np.isnan(per_seed).all() else math.nan,
+                        f"{m}_seed_max": float(np.nanmax(per_seed)) if not np.isnan(per_seed).all() else math.nan})
         base = groups.get((model, "baseline", test_set))
         diff = paired_difference(g.labels, base.probs, g.probs, PRIMARY) if base and regime != "baseline" else None
         row.update({f"{PRIMARY}_diff": diff.value if diff else math.nan,

@@ -112,14 +112,38 @@ def headline(table: pd.DataFrame, lines: list[str], regime: str = "hybrid", skip
     return text
 
 
+def _stacked(value: float, low: float, high: float, signed: bool = False) -> str:
+    """A value above its interval (two decimals), for narrow table cells."""
+    iv = Interval(value, low, high)
+    if math.isnan(iv.value):
+        return "n/a"
+    f = f"{{:{'+' if signed else ''}.2f}}"
+    head = f"{iv.value:{'+' if signed else ''}.3f}"
+    return head if math.isnan(iv.low) else f"{head}<br>[{f.format(iv.low)}, {f.format(iv.high)}]"
+
+
 def compact_markdown(table: pd.DataFrame) -> str:
-    """The table with only what fits a narrow pane: counts, share, balanced accuracy, difference."""
-    out = [f"| Model | Regime | Test set | Training images (real + synthetic) | Synthetic share | "
-           f"Balanced acc. [{PCT} CI] | Difference to baseline |", "|---|---|---|---|---|---|---|"]
-    for _, r in table.iterrows():
-        diff = "–" if r["regime"] == "baseline" else _interval(r, f"{PRIMARY}_diff", signed=True)
-        out.append(f"| {r['model']} | {r['regime']} | {r['test_set']} | {training_images(r)} | {share(r)} | "
-                   f"{_interval(r, PRIMARY)} | {diff} |")
+    """Table IV for a narrow pane (the Prefect UI's artifacts): one row per regime other than the
+    baseline, beside its baseline; balanced accuracy with its interval under it, the difference, and
+    what the regime trained on."""
+    base = {(r["model"], r["test_set"]): r for _, r in table[table["regime"] == "baseline"].iterrows()}
+    others = table[table["regime"] != "baseline"]
+    rows = others if len(others) else table
+    out = [f"| Model | Test set | Regime (real + synthetic) | Balanced acc. [{PCT} CI] | Baseline | Difference |",
+           "|---|---|---|---|---|---|"]
+    for _, r in rows.iterrows():
+        b = base.get((r["model"], r["test_set"]))
+        what = f"{r['regime']}<br>{training_images(r)} images<br>{r['synthetic_share']:.0%} synthetic"
+        if not r["share_reached"]:
+            what = (f"{r['regime']}<br>{training_images(r)} images<br>**{r['synthetic_share']:.0%} synthetic**, "
+                    f"not the configured {r['configured_share']:.0%}")
+        mine = _stacked(r[f"{PRIMARY}_mean"], r[f"{PRIMARY}_ci_low"], r[f"{PRIMARY}_ci_high"])
+        if r["regime"] == "baseline" or b is None:
+            baseline, diff = "–", "–"
+        else:
+            baseline = _stacked(b[f"{PRIMARY}_mean"], b[f"{PRIMARY}_ci_low"], b[f"{PRIMARY}_ci_high"])
+            diff = _stacked(r[f"{PRIMARY}_diff"], r[f"{PRIMARY}_diff_ci_low"], r[f"{PRIMARY}_diff_ci_high"], True)
+        out.append(f"| {r['model']} | {r['test_set']} | {what} | {mine} | {baseline} | {diff} |")
     return "\n".join(out)
 
 
@@ -133,7 +157,8 @@ def markdown(table: pd.DataFrame, lines: list[str], head: str, *, parent_run_id:
         f"Each cell: the mean over seeds, with its {PCT} percentile bootstrap interval over the test images "
         f"({N_RESAMPLES} resamples within each class, the same images for every seed; seeds pooled). "
         "Training images: real + synthetic images a cell actually trained on; synthetic share: the share they "
-        "reached (flagged where short of the configured one). Threshold 0.5 on P(malignant), fixed; "
+        "reached (flagged where short of the configured one). table_iv.csv also has each metric's range over "
+        "the seeds (`_seed_min`, `_seed_max`). Threshold 0.5 on P(malignant), fixed; "
         "sensitivity and specificity are for malignant. Difference: the regime's balanced accuracy minus the "
         "baseline's, with a paired bootstrap interval (the same resampled images for both). McNemar: exact "
         "two-sided test, baseline vs the regime on the same test images, one p-value per seed.",

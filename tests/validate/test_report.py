@@ -77,6 +77,7 @@ def test_every_number_is_recomputed_from_the_predictions_in_mlflow(workdir):
         for m in METRICS:
             stored = [tracker.run(r).metrics[f"test.{row['test_set']}.{m}"] for r in runs]
             assert row[f"{m}_mean"] == pytest.approx(np.mean(stored), abs=1e-9)
+            assert (row[f"{m}_seed_min"], row[f"{m}_seed_max"]) == pytest.approx((min(stored), max(stored)))
             assert 0 <= row[f"{m}_ci_low"] <= row[f"{m}_mean"] <= row[f"{m}_ci_high"] <= 1
     hybrid = table[(table["regime"] == "hybrid") & (table["test_set"] == "set-a")].iloc[0]
     assert (hybrid["n_real_min"], hybrid["n_synthetic_min"], hybrid["synthetic_share"]) == (10, 30, 0.75)
