@@ -5,7 +5,8 @@ The deployment is registered with ``prefect deploy`` from the shipped prefect.ya
 changes only: its parameters point at a small workdir made here, and a 5-second interval is added
 beside its Monday 03:00 UTC cron, so that one run falls due within seconds. The server must have
 created runs for both schedules (the cron's on Mondays at 03:00 UTC, the interval's now), and
-the run the worker picked must complete and have grown the plan.
+the run the worker picked must complete and have grown the plan; its log shows the stages' progress
+and none of the libraries' known harmless notices.
 
 This is the check that catches a scheduler that silently never inserts runs (Prefect 3.8.8 with
 SQLAlchemy 2.1 logs "Can't evaluate bulk DML statement" every loop and schedules nothing).
@@ -13,6 +14,7 @@ SQLAlchemy 2.1 logs "Can't evaluate bulk DML statement" every loop and schedules
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -117,11 +119,17 @@ def test_regenerate_weekly_is_scheduled_and_a_worker_runs_it(tmp_path):
         worker_env = {"DERMT2IM_PROJECT_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         with process_worker(server, "cpu", tmp_path, ["--run-once", "--limit", "1"], worker_env) as worker:
             code = worker.wait(600)
-        log = worker.log.read_text(errors="replace")[-4000:]
+        full_log = worker.log.read_text(errors="replace")
+        log = full_log[-4000:]
         finished = [r for r in _runs(server, dep["id"]) if r["state"]["type"] not in ("SCHEDULED", "PENDING")]
         assert code == 0 and finished, f"worker exited {code}; no run left the Scheduled state\n{log}"
         assert [r["state"]["type"] for r in finished] == ["COMPLETED"], f"{finished}\n{log}"
         assert not server.log_lines("Can't evaluate bulk DML")
+    # What the worker printed: the stages' progress lines, none of the libraries' known harmless notices.
+    assert re.search(r"render shard \d+: 2/2 images in \d+ s", full_log), log
+    assert re.search(r"fit vit hybrid seed 0: 1/1 epochs in", full_log), log
+    for notice in ("requires torchvision (not installed)", "No LoRA keys associated to CLIPTextModel", "kernels-community"):
+        assert notice not in full_log, notice
     assert planned_per_class(Path(work) / "manifests" / "plan.parquet") == before + 2
 
 
