@@ -108,12 +108,18 @@ def publish_quality(workdir: Workdir, assessed: dict[str, Any]) -> list[str]:
 
 
 def mlflow_link(tracking: TrackingConfig, workdir: Workdir, experiment_id: str, run_id: str) -> str:
-    """Where to see a run in MLflow: its URL on a tracking server, or how to open the local store."""
+    """Where to see a run in MLflow: its URL on a tracking server, or how to open the local store.
+
+    DERMT2IM_MLFLOW_UI_URL gives the address a browser uses when it differs from the tracking URI
+    the workers use (docker compose: http://mlflow:5000 inside, http://127.0.0.1:5000 outside)."""
+    import os
+
     from dermt2im.core.tracking import sqlite_artifact_root, tracking_uri
 
     uri = tracking_uri(workdir, tracking)
-    if uri.startswith(("http://", "https://")):
-        url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    browser = os.environ.get("DERMT2IM_MLFLOW_UI_URL") or (uri if uri.startswith(("http://", "https://")) else "")
+    if browser:
+        url = f"{browser.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
         return f"[MLflow comparison run {run_id}]({url})"
     artifacts = sqlite_artifact_root(uri)
     serve = f" --artifacts-destination {artifacts}" if artifacts else ""
