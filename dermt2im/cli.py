@@ -1,15 +1,16 @@
 """The ``dermt2im`` command line: one command per stage, plus ``run`` for the whole factory.
 
 Stage commands call the domain functions directly (no server, no orchestration overhead);
-``run`` executes the factory as a Prefect flow. Every command takes ``--workdir`` and reads the
-workdir's saved config unless ``--config`` / ``--set`` say otherwise.
+``run`` executes the factory as a Prefect flow. Every command takes ``--workdir``, ``--config``,
+``--set`` and ``--save``; which config a command uses and when ``W/config.yaml`` changes is
+``dermt2im.cli_session``'s to say, and each command prints it in one line. Long work shows a
+progress bar on an interactive terminal and a log line every few seconds otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +18,10 @@ from typing import Annotated, Any
 
 import typer
 
+from dermt2im import __version__
 from dermt2im.core import storage
 from dermt2im.core.errors import DermT2imError
-from dermt2im.core.workdir import Workdir, configure_runtime, open_workdir, workdir_lock
+from dermt2im.core.workdir import CONFIG_SNAPSHOT, Workdir, workdir_lock
 
 app = typer.Typer(
     name="dermt2im",
@@ -27,35 +29,76 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 WorkdirOpt = Annotated[Path, typer.Option("--workdir", "-w", help="factory working directory")]
 ConfigOpt = Annotated[
     str | None,
-    typer.Option("--config", "-c", help="preset name (smoke, paper) or YAML file; default: the workdir's saved config, else smoke"),
+    typer.Option("--config", "-c", help="preset name (smoke, paper) or YAML file; it becomes the workdir's config. "
+                 "Default: the workdir's W/config.yaml; a fresh workdir gets the built-in defaults (the paper's)"),
 ]
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", "-s", help="override a config value, e.g. --set train.rank=8 (repeatable)")
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a config value, e.g. --set train.rank=8 (repeatable); for this "
+                 "command only unless --save"),
 ]
+SaveOpt = Annotated[bool, typer.Option("--save", help="write the --set values into W/config.yaml for later commands")]
 DEFAULT_WORKDIR = Path("dermt2im-work")
+LAYOUTS = "auto | isic | isic-challenge | ham10000 | folders | csv"
 
 
-def _setup(workdir: Path, config: str | None, overrides: list[str] | None, *, hold: str | None = "exclusive"):
-    """Logging, runtime settings and the workdir's config; ``hold`` takes the workdir for the rest of
-    the command: "exclusive" (one run of the stages at a time), "shared" (scale-out workers) or None."""
-    configure_runtime(Workdir.at(workdir))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for chatty in ("httpx", "httpcore", "docket", "alembic", "urllib3"):  # per-request lines drown the stage logs
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # probes for CUDA kernels even on CPU-only runs
-    if hold is not None:  # before the config is saved: a second run must not change it under the first
-        command = " ".join(["dermt2im", *sys.argv[1:2]]) if sys.argv else "dermt2im"
-        _guard(lambda: _RESOURCES.enter_context(workdir_lock(Workdir.at(workdir), command, shared=hold == "shared")))
-    from flows.settings import (
-        orchestration,  # validated before the config is saved, like every section
-    )
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dermt2im {__version__}")
+        raise typer.Exit()
 
-    return _guard(lambda: open_workdir(workdir, config, overrides, check=orchestration))
+
+@app.callback()
+def main_options(
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+                                                 help="print the version and exit")] = None,
+) -> None:
+    """Derm-T2IM synthetic dermoscopy data factory: ingest -> preprocess -> train -> generate -> validate."""
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except (DermT2imError, FileNotFoundError) as err:  # input or config problems: one line, no traceback
+        _fail(str(err))
+
+
+def _session(workdir: Path, config: str | None, overrides: list[str] | None, save: bool = False, *,
+             fallback: str | None = None, existing: bool = True,
+             check: Callable[[Any], None] | None = None, hold: str | None = "exclusive") -> tuple[Workdir, Any]:
+    """The workdir and config a command runs with. Nothing is created until the inputs are checked:
+    an ``existing`` workdir must already hold a config; ``check(cfg)`` checks the command's inputs.
+    ``hold`` takes the workdir for the rest of the command, before its config is saved: "exclusive"
+    (one run of the stages at a time), "shared" (scale-out workers) or None (commands that only read)."""
+    from dermt2im import cli_session
+    from flows.settings import orchestration  # validated with every other section, before anything is saved
+
+    root = workdir.expanduser().resolve()
+    if existing and not (root / CONFIG_SNAPSHOT).is_file():
+        _fail(f"no factory workdir at {root} (no {CONFIG_SNAPSHOT}): start with `dermt2im ingest SOURCE "
+              f"--workdir {workdir}`, or `dermt2im run`")
+    resolved = _guard(lambda: cli_session.resolve(root, config, overrides, save=save,
+                                                  fallback=fallback or cli_session.DEFAULTS))
+    _guard(lambda: orchestration(resolved.cfg))
+    if check is not None:
+        _guard(lambda: check(resolved.cfg))
+    if hold is not None:
+        name = " ".join(["dermt2im", *sys.argv[1:2]])
+        _guard(lambda: _RESOURCES.enter_context(workdir_lock(Workdir.at(root), name, shared=hold == "shared")))
+    cli_session.setup_output()
+    typer.echo(cli_session.config_line(resolved, root), err=True)
+    return cli_session.start(root, resolved), resolved.cfg
 
 
 # What a command holds until it ends (the workdir lock): closed by ``command`` however it ends.
@@ -76,14 +119,6 @@ def command(*args: Any, **kwargs: Any) -> Callable:
         return app.command(*args, **kwargs)(run)
 
     return register
-
-
-def _guard(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except (DermT2imError, FileNotFoundError) as err:  # input or config problems: one line, no traceback
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
 
 
 def _echo(text: str) -> None:
@@ -126,18 +161,20 @@ def _run(stage) -> dict:
 def ingest(
     source: Annotated[Path, typer.Argument(help="folder of seed images (ISIC, HAM10000, class folders or CSV)")],
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
-    layout: Annotated[str, typer.Option(help="auto | isic | isic-challenge | ham10000 | folders | csv")] = "auto",
+    layout: Annotated[str, typer.Option(help=LAYOUTS)] = "auto",
     test_set: Annotated[
         str | None, typer.Option("--test-set", help="ingest SOURCE as the unseen real test set NAME instead of as seeds")
     ] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
+    save: SaveOpt = False,
 ) -> None:
     """Ingest seed images into W/manifests/seeds.parquet (bad files are quarantined with a reason)."""
-    w, cfg = _setup(workdir, config, overrides)
-    from dermt2im.ingest.stage import Dataset, IngestStage
+    from dermt2im.ingest.stage import Dataset, IngestStage, check_source
 
     chosen = None if layout == "auto" else layout
+    w, cfg = _session(workdir, config, overrides, save, existing=False,
+                      check=lambda c: check_source(source, c.ingest, chosen))
     if test_set:
         dataset = Dataset(test_set, str(source), str(w.test_set_manifest(test_set)), "test", chosen)
     else:
@@ -151,15 +188,15 @@ def preprocess(
     test_set: Annotated[str | None, typer.Option("--test-set", help="preprocess test set NAME instead of the seeds")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
+    save: SaveOpt = False,
 ) -> None:
     """Remove hair (DullRazor) and resize / centre-crop every accepted image; cached by content."""
-    w, cfg = _setup(workdir, config, overrides)
+    w, cfg = _session(workdir, config, overrides, save)
     from dermt2im.preprocess.stage import PreprocessStage
 
     manifest = w.test_set_manifest(test_set) if test_set else w.seeds_manifest
     if not storage.is_file(manifest):
-        typer.secho(f"error: {manifest} does not exist: run `dermt2im ingest` first", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
+        _fail(f"{manifest} does not exist: run `dermt2im ingest` first")
     _run(PreprocessStage(cfg.preprocess, {test_set or "seeds": manifest}, w.processed,
                          max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers, locks=w.locks))
 
@@ -171,13 +208,15 @@ def train(
     run_id: Annotated[str | None, typer.Option(help="name of the run folder under W/lora/")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
+    save: SaveOpt = False,
 ) -> None:
     """Fine-tune Stable Diffusion with DreamBooth + LoRA on the accepted training-split seeds."""
-    w, cfg = _setup(workdir, config, overrides)
+    w, cfg = _session(workdir, config, overrides, save)
     from dermt2im.train.stage import TrainStage
 
     result = _run(TrainStage.of(w, cfg, resume=resume, run_id=run_id))
-    _echo(f"LoRA run {result['run_id']}: {result['steps']} steps, final loss {result['final_loss']:.4f}, "
+    how = "up to date, not trained again" if result.get("cached") else "trained now"
+    _echo(f"LoRA run {result['run_id']} ({how}): {result['steps']} steps, final loss {result['final_loss']:.4f}, "
           f"optimizer {result['optimizer']} on {result['device']}")
     for label, path in result["weights"].items():
         _echo(f"  {label}: {path} (sha256 {result['sha256'][label][:12]})")
@@ -201,9 +240,10 @@ def generate(
     base_model_only: Annotated[bool, typer.Option("--base-model-only", help="render with train.base_model alone, no LoRA")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
+    save: SaveOpt = False,
 ) -> None:
     """Plan, render (Euler / Euler a / PLMS ...), then quality-gate and audit synthetic lesions."""
-    w, cfg = _setup(workdir, config, overrides)
+    w, cfg = _session(workdir, config, overrides, save)
     from dermt2im.generate.stage import GenerateStage
     from dermt2im.quality.stage import QualityStage
 
@@ -222,6 +262,7 @@ def worker(
     base_model_only: Annotated[bool, typer.Option("--base-model-only", help="render with train.base_model alone, no LoRA")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
+    save: SaveOpt = False,
 ) -> None:
     """Render shards of the existing plan until it is complete, alongside any number of other workers.
 
@@ -230,7 +271,7 @@ def worker(
     split it through shard leases, and a dead worker's shards are taken over when its lease expires.
     Run `dermt2im quality` once every worker is done (it also folds in rows appended on an object store).
     """
-    w, cfg = _setup(workdir, config, overrides, hold="shared")
+    w, cfg = _session(workdir, config, overrides, save, hold="shared")
     from dermt2im.generate.stage import GenerateStage
     from dermt2im.runners.leased import run_claimed
 
@@ -244,9 +285,10 @@ def worker(
 
 
 @command()
-def quality(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+def quality(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, overrides: SetOpt = None,
+            save: SaveOpt = False) -> None:
     """Run the quality gate and memorisation audit over W/manifests/synthetic.parquet."""
-    w, cfg = _setup(workdir, config, overrides)
+    w, cfg = _session(workdir, config, overrides, save)
     from dermt2im.quality.stage import QualityStage
 
     _run(QualityStage(w, cfg.quality))  # saving the verdicts also folds in rows workers appended as parts
@@ -258,11 +300,14 @@ def export(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     format: Annotated[str, typer.Option("--format", help="imagefolder")] = "imagefolder",
     include_rejected: Annotated[bool, typer.Option(help="also export rejected images")] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    save: SaveOpt = False,
 ) -> None:
     """Export the accepted synthetic set (class folders + metadata.csv, Hugging Face imagefolder)."""
-    w, _cfg = _setup(workdir, None, None, hold=None)
     if format != "imagefolder":
         raise typer.BadParameter("only 'imagefolder' is supported", param_hint="--format")
+    w, _cfg = _session(workdir, config, overrides, save, hold=None)
     from dermt2im.export import export_imagefolder
 
     _echo(f"exported to {_guard(lambda: export_imagefolder(w, out, include_rejected=include_rejected))}")
@@ -284,10 +329,17 @@ def validate(
     test_set: Annotated[list[str] | None, typer.Option("--test-set", help="NAME=SOURCE of an unseen real test set (repeatable)")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
+    save: SaveOpt = False,
 ) -> None:
     """Fine-tune ViT / MobileNetV2 on baseline vs hybrid data and test on unseen real test sets (MLflow)."""
     tests = _parse_test_sets(test_set)
-    w, cfg = _setup(workdir, config, overrides)
+    from dermt2im.ingest.stage import check_source
+
+    def check(cfg) -> None:
+        for src in {**cfg.validation.test_sets, **tests}.values():
+            check_source(src, cfg.ingest)
+
+    w, cfg = _session(workdir, config, overrides, save, check=check)
     from dermt2im.ingest.stage import IngestStage, seed_datasets
     from dermt2im.preprocess.stage import PreprocessStage
     from dermt2im.validate.segmentation import SegmentationStage
@@ -308,9 +360,13 @@ def validate(
 def report(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     parent_run_id: Annotated[str | None, typer.Option(help="comparison run id; default: the newest")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    save: SaveOpt = False,
 ) -> None:
-    """Rebuild Table IV (model x regime x test set, mean +- 95% CI) and Fig. 10 from MLflow alone."""
-    w, cfg = _setup(workdir, None, None, hold=None)
+    """Rebuild Table IV (model x regime x test set, bootstrap intervals over test images) and Fig. 10
+    from MLflow alone."""
+    w, cfg = _session(workdir, config, overrides, save, hold=None)
     from dermt2im.validate.table import build_report
 
     for name, path in _guard(lambda: build_report(w, cfg.tracking, parent_run_id=parent_run_id)).items():
@@ -321,69 +377,27 @@ def report(
 def run(
     source: Annotated[Path | None, typer.Argument(help="seed images; omit to use phantoms (smoke preset)")] = None,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
-    layout: Annotated[str, typer.Option(help="auto | isic | isic-challenge | ham10000 | folders | csv")] = "auto",
+    layout: Annotated[str, typer.Option(help=LAYOUTS)] = "auto",
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Run the whole factory as one Prefect flow (temporary local Prefect server, SQLite MLflow)."""
-    if source is not None and not source.exists():  # fail before starting a server and a flow run
-        typer.secho(f"error: source not found: {source}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
-    w, cfg = _setup(workdir, config, overrides)
+    """Run the whole factory as one Prefect flow (temporary local Prefect server, SQLite MLflow).
+
+    Its config (with any --set) is saved as W/config.yaml: every stage of the flow reads it there.
+    Without SOURCE the factory makes phantom seed and test images and, on a fresh workdir, uses the
+    smoke preset; with a SOURCE a fresh workdir gets the built-in defaults (the paper's settings)."""
+    from dermt2im import cli_session
+    from dermt2im.ingest.stage import check_source
+
+    chosen = None if layout == "auto" else layout
+    w, cfg = _session(workdir, config, overrides, True, existing=False, fallback="smoke" if source is None else None,
+                      check=(lambda c: check_source(source, c.ingest, chosen)) if source is not None else None)
     from flows.factory import factory
 
-    _guard(_start_prefect_server)
-    result = _guard(lambda: factory(str(w.root), str(source) if source else None, None, None,
-                                    None if layout == "auto" else layout))
+    _guard(lambda: cli_session.start_prefect_server(_echo))
+    result = _guard(lambda: factory(str(w.root), str(source) if source else None, None, None, chosen))
     _echo(f"factory finished in {w.root}")
-    _echo(_format_result(result))
-
-
-def _start_prefect_server(attempts: int = 3) -> None:
-    """Start Prefect's temporary local server before the flow needs it, saying so, and try again
-    (twice as patiently) when a busy machine makes it miss its start-up timeout; a server that
-    timed out is stopped first, so no half-started one is left behind. A configured
-    PREFECT_API_URL (a real server) needs none of this."""
-    import os
-
-    if os.environ.get("PREFECT_API_URL"):
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    timeout = int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120)
-    for attempt in range(1, attempts + 1):
-        _echo(f"starting Prefect's temporary local server (waiting up to {timeout} s) ...")
-        server = SubprocessASGIServer()
-        try:
-            server.start(timeout=timeout)
-            return
-        except RuntimeError as err:
-            if "Timed out" not in str(err):
-                raise
-            server.stop()
-            _echo(f"  it did not answer within {timeout} s (a busy machine?)"
-                  + ("; trying again" if attempt < attempts else ""))
-            timeout *= 2
-    raise _Unstartable(
-        f"Prefect's temporary server did not start in {attempts} attempts. Start one yourself "
-        "(`prefect server start --host 127.0.0.1`) and set PREFECT_API_URL=http://127.0.0.1:4200/api"
-    )
-
-
-class _Unstartable(DermT2imError, RuntimeError):
-    pass
-
-
-def _format_result(result: Any, indent: int = 2) -> str:
-    lines = []
-    if isinstance(result, dict):
-        for k, v in result.items():
-            if isinstance(v, dict):
-                lines.append(" " * indent + f"{k}:")
-                lines.append(_format_result(v, indent + 2))
-            else:
-                lines.append(" " * indent + f"{k}: {v}")
-    return "\n".join(lines)
+    _echo(cli_session.format_result(result))
 
 
 @command("config")
@@ -391,12 +405,26 @@ def show_config(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
+    save: SaveOpt = False,
 ) -> None:
-    """Print the resolved configuration for a workdir (and save it as W/config.yaml)."""
+    """Print the config a workdir's commands run with (with --save or --config, save it as W/config.yaml)."""
     import yaml
 
-    _w, cfg = _setup(workdir, config, overrides, hold=None)
-    _echo(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+    from dermt2im import cli_session
+
+    from flows.settings import orchestration
+
+    root = workdir.expanduser().resolve()
+    resolved = _guard(lambda: cli_session.resolve(root, config, overrides, save=save))
+    _guard(lambda: orchestration(resolved.cfg))
+    if resolved.write and (save or config is not None):  # a run in progress keeps the config it started with
+        _guard(lambda: _RESOURCES.enter_context(workdir_lock(Workdir.at(root), "dermt2im config --save")))
+        typer.echo(cli_session.config_line(resolved, root), err=True)
+        cli_session.start(root, resolved)
+    else:
+        typer.echo(f"config: {resolved.origin}{'' if root.exists() else ' (nothing saved: no such workdir yet)'}",
+                   err=True)
+    _echo(yaml.safe_dump(resolved.cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
 
 
 def main() -> None:  # pragma: no cover - console entry point

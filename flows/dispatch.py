@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prefect import get_run_logger
@@ -15,12 +15,14 @@ class StageFailed(DermT2imError, RuntimeError):
     pass
 
 
-def run_gpu_stage(flow_fn: Callable[..., Any], deployment: str, parameters: dict, orch: OrchestrationSettings) -> Any:
+def run_gpu_stage(flow_fn: Callable[..., Any], deployment: str, parameters: dict, orch: OrchestrationSettings,
+                  wait_for: Sequence[Any] = ()) -> Any:
     """Run ``flow_fn`` as a subflow here, or, when GPU deployments are configured, as a run of
     ``deployment`` on the cuda pool. Stages exchange data through the workdir's manifests, so the
-    parent needs only to know that the run completed."""
+    parent needs only to know that the run completed. ``wait_for``: the results of the upstream
+    subflows, which Prefect's run graph then draws as edges into this one."""
     if not orch.gpu_deployments:
-        return flow_fn(**parameters)
+        return flow_fn(**parameters, wait_for=list(wait_for) or None)
     from prefect.deployments import run_deployment
 
     log = get_run_logger()

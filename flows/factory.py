@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from dermt2im.core.workdir import Workdir, open_workdir, workdir_lock
+from dermt2im.core.workdir import DEFAULTS, Workdir, open_workdir, workdir_lock
 from flows.dispatch import run_gpu_stage
 from flows.generate import generate
+from flows.names import in_workdir
 from flows.seeds import prepare_seeds
 from flows.settings import orchestration
 from flows.train import train
@@ -18,7 +19,7 @@ from flows.validate import validate
 from tasks.artifacts import publish_factory
 
 
-@flow(name="derm-t2im-factory", log_prints=True)
+@flow(name="derm-t2im-factory", log_prints=True, flow_run_name=in_workdir("factory"))
 def factory(
     workdir: str,
     source: str | None = None,
@@ -27,12 +28,17 @@ def factory(
     layout: str | None = None,
 ) -> dict:
     with workdir_lock(Workdir.at(workdir), "derm-t2im-factory flow"):  # one run at a time per workdir
-        w, cfg = open_workdir(workdir, config, overrides, check=orchestration)  # W/config.yaml: every stage reads it
+        # Saved as W/config.yaml; every stage below reads it. A fresh workdir: the paper's defaults for a
+        # real source, the smoke preset for the phantom demo.
+        w, cfg = open_workdir(workdir, config, overrides, fallback="smoke" if source is None else DEFAULTS,
+                              check=orchestration)
         gpu = orchestration(cfg)
+        # Each stage waits for the one before, given its result: Prefect's run graph draws an edge from
+        # a subflow whose result another one waits for, so it shows seeds -> train -> generate -> validate.
         seeds = prepare_seeds(workdir, source, layout=layout)
-        lora = run_gpu_stage(train, gpu.train_deployment, {"workdir": workdir}, gpu)
+        lora = run_gpu_stage(train, gpu.train_deployment, {"workdir": workdir}, gpu, wait_for=[seeds])
         synthetic = run_gpu_stage(generate, gpu.generate_deployment,
-                                  {"workdir": workdir, "lora": lora.get("lora_dir")}, gpu)
-        validation = validate(workdir)
-        publish_factory(w)
+                                  {"workdir": workdir, "lora": lora.get("lora_dir")}, gpu, wait_for=[lora])
+        validation = validate(workdir, wait_for=[synthetic])
+        publish_factory(w, validation, cfg.tracking)
     return {"seeds": seeds, "lora": lora, "synthetic": synthetic, "validation": validation}

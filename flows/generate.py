@@ -12,13 +12,14 @@ from dermt2im.core.workdir import open_workdir
 from dermt2im.generate.model import resolve_model
 from dermt2im.generate.stage import GenerateStage
 from dermt2im.quality.stage import QualityStage
+from flows.names import in_workdir
 from flows.settings import orchestration
 from tasks.artifacts import publish_quality
 from tasks.fanout import render_with_workers
 from tasks.stage import run_stage
 
 
-@flow(name="generate", log_prints=True)
+@flow(name="generate", log_prints=True, flow_run_name=in_workdir("generate"))
 def generate(
     workdir: str,
     config: str | None = None,

@@ -14,10 +14,11 @@ from dermt2im.core.workdir import open_workdir
 from dermt2im.generate.model import GenerationError, resolve_model
 from dermt2im.generate.stage import GenerateStage
 from dermt2im.runners.leased import run_claimed
+from flows.names import in_workdir
 from flows.settings import orchestration
 
 
-@flow(name="generate-worker", log_prints=True)
+@flow(name="generate-worker", log_prints=True, flow_run_name=in_workdir("generation worker"))
 def generate_worker(
     workdir: str,
     config: str | None = None,

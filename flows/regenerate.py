@@ -8,11 +8,12 @@ from dermt2im.core.workdir import Workdir, open_workdir, workdir_lock
 from dermt2im.generate.plan import planned_per_class
 from flows.dispatch import run_gpu_stage
 from flows.generate import generate
+from flows.names import in_workdir
 from flows.settings import orchestration
 from flows.validate import validate
 
 
-@flow(name="regenerate", log_prints=True)
+@flow(name="regenerate", log_prints=True, flow_run_name=in_workdir("regenerate"))
 def regenerate(
     workdir: str,
     config: str | None = None,
@@ -26,6 +27,7 @@ def regenerate(
         before = planned_per_class(w.plan_manifest)
         target = before + (per_class_increment or cfg.generate.per_class)
         settings = orchestration(cfg)
-        gen = run_gpu_stage(generate, settings.generate_deployment, {"workdir": workdir, "per_class": target}, settings)
-        val = validate(workdir)
+        gen = run_gpu_stage(generate, settings.generate_deployment, {"workdir": workdir, "per_class": target},
+                            settings)
+        val = validate(workdir, wait_for=[gen])
     return {"per_class_before": before, "per_class_after": target, "generate": gen, "validate": val}

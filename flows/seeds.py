@@ -7,17 +7,18 @@ from prefect import flow
 
 from dermt2im.core.identity import manifest_digest
 from dermt2im.core.manifest import SEEDS
-from dermt2im.core.workdir import open_workdir
+from dermt2im.core.workdir import DEFAULTS, open_workdir
 from dermt2im.ingest.stage import IngestStage, seed_datasets
 from dermt2im.phantoms import PhantomStage
 from dermt2im.preprocess.stage import PreprocessStage
 from dermt2im.stage import Stamps
+from flows.names import in_workdir
 from flows.settings import orchestration
 from tasks.artifacts import publish_datasets
 from tasks.stage import run_stage
 
 
-@flow(name="prepare-seeds", log_prints=True)
+@flow(name="prepare-seeds", log_prints=True, flow_run_name=in_workdir("seeds and test sets"))
 def prepare_seeds(
     workdir: str,
     source: str | None = None,
@@ -31,7 +32,8 @@ def prepare_seeds(
     With no ``source`` the factory makes its own phantom seed set and phantom test sets of each
     configured style, so a new user sees the whole pipeline work offline.
     """
-    w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
+    w, cfg = open_workdir(workdir, config, overrides, fallback="smoke" if source is None else DEFAULTS,
+                          check=orchestration)
     tests = {**cfg.validation.test_sets, **(test_sets or {})}
     if source is None:
         phantoms = run_stage(PhantomStage(cfg.phantoms, w.data, Stamps(w.stamps, "phantoms")))

@@ -11,12 +11,13 @@ from prefect import flow
 
 from dermt2im.core.workdir import open_workdir
 from dermt2im.train.stage import TrainStage
+from flows.names import in_workdir
 from flows.settings import orchestration
 from tasks.artifacts import publish_lora
 from tasks.stage import run_stage
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", log_prints=True, flow_run_name=in_workdir("train LoRA"))
 def train(workdir: str, config: str | None = None, overrides: list[str] | None = None,
           resume: str | None = "latest") -> dict:
     """Train the LoRA(s) of the config; returns run_id, lora_dir, weights, sha256 and training figures.

@@ -7,12 +7,13 @@ from prefect import flow
 from dermt2im.core.workdir import open_workdir
 from dermt2im.validate.segmentation import SegmentationStage
 from dermt2im.validate.stage import ValidateStage
+from flows.names import in_workdir
 from flows.settings import orchestration
 from tasks.artifacts import publish_segmentation, publish_table_iv
 from tasks.stage import run_stage
 
 
-@flow(name="validate", log_prints=True)
+@flow(name="validate", log_prints=True, flow_run_name=in_workdir("validate"))
 def validate(
     workdir: str,
     config: str | None = None,
@@ -30,7 +31,7 @@ def validate(
     tags = ["gpu" if cfg.runtime.validation.device != "cpu" else "cpu", "validate"]
     compared = run_stage(ValidateStage.of(w, cfg, test_sets=test_sets, log_model=log_model, segmentation=False),
                          tags=tags)
-    publish_table_iv(compared.get("table_md"), compared["parent_run_id"])
+    publish_table_iv(w, compared, cfg.tracking)
     segmentation = run_stage(SegmentationStage(w, cfg.validation))
     publish_segmentation(segmentation)
     return {**compared, "segmentation": segmentation}

@@ -47,3 +47,33 @@ def _task_states_once(flow_state) -> dict[str, list[str]]:
         stages = [tag.split(":", 1)[1] for tag in r.tags if tag.startswith("stage:")]
         out[stages[0] if stages else r.name.rsplit("-", 1)[0]].append(r.state.name if r.state else "?")
     return dict(out)
+
+
+def subflow_graph(flow_state) -> dict[str, list[str]]:
+    """What the Prefect UI's run graph draws for a flow run: node label ("flow / flow-run name") ->
+    labels of the nodes it has an edge from (the server's /flow_runs/{id}/graph-v2)."""
+    from prefect.client.orchestration import get_client
+
+    root = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        graph = client.request("GET", "/flow_runs/{id}/graph-v2", path_params={"id": root}).json()
+    labels = {node_id: node["label"] for node_id, node in graph["nodes"]}
+    return {node["label"]: sorted({labels[p["id"]] for p in node["parents"] if p["id"] in labels})
+            for _, node in graph["nodes"]}
+
+
+def task_run_names(flow_state) -> set[str]:
+    """Names of every task run of a flow run and its subflows."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    root = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        ids, frontier = {root}, [root]
+        while frontier:
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+            frontier = [c.id for c in children if c.id not in ids]
+            ids.update(frontier)
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(ids))))
+    return {r.name for r in runs}

@@ -57,3 +57,76 @@ def test_run_with_missing_source_fails_before_any_work(tmp_path):
     r = runner.invoke(app, ["run", str(tmp_path / "nope"), "--workdir", str(tmp_path / "w")])
     assert r.exit_code == 2 and "source not found" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "w").exists()
+
+
+def test_version_and_short_help():
+    from dermt2im import __version__
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"dermt2im {__version__}"
+    r = runner.invoke(app, ["ingest", "-h"])
+    assert r.exit_code == 0 and "--workdir" in r.output and "--save" in r.output
+    for cmd in ("export", "report"):  # every command takes --config / --set, as the README says
+        out = runner.invoke(app, [cmd, "-h"], terminal_width=200).output
+        assert "--config" in out and "--set" in out, cmd
+
+
+def test_nothing_is_created_before_the_inputs_are_checked(tmp_path):
+    w = tmp_path / "w"
+    r = runner.invoke(app, ["ingest", "/nonexistent/seeds", "--workdir", str(w)])
+    assert r.exit_code == 2 and "source not found: /nonexistent/seeds" in r.output
+    for cmd in (["preprocess"], ["train"], ["generate"], ["quality"], ["report"], ["validate"], ["export", str(tmp_path / "o")]):
+        r = runner.invoke(app, [*cmd, "--workdir", str(w)])
+        assert r.exit_code == 2 and f"no factory workdir at {w}" in r.output and "dermt2im ingest" in r.output, cmd
+    r = runner.invoke(app, ["run", "--workdir", str(w), "--set", "phantoms.n_seed=1"])  # the demo: smoke + a bad value
+    assert r.exit_code == 2 and "smoke.yaml" in r.output and "phantoms.n_seed" in r.output
+    r = runner.invoke(app, ["config", "--workdir", str(w)])
+    assert r.exit_code == 0 and "nothing saved" in r.output
+    assert not w.exists() and not (tmp_path / "o").exists()
+
+
+def _phantoms(tmp_path, n=8):
+    data = tmp_path / "ph"
+    assert runner.invoke(app, ["phantoms", str(data), "--n", str(n), "--size", "48"]).exit_code == 0
+    return data
+
+
+def test_a_real_source_without_config_gets_the_papers_defaults_and_says_so(tmp_path):
+    import yaml
+
+    data, w = _phantoms(tmp_path), tmp_path / "w"
+    r = runner.invoke(app, ["ingest", str(data), "--workdir", str(w)])
+    assert r.exit_code == 0, r.output
+    assert f"config: built-in defaults (the paper's settings); saved as {w / 'config.yaml'}" in r.output
+    saved = yaml.safe_load((w / "config.yaml").read_text())
+    assert saved["name"] == "derm-t2im" and saved["preprocess"]["size"] == 512 and saved["train"]["base_model"] != "tiny"
+    r = runner.invoke(app, ["config", "--workdir", str(w)])
+    assert f"config: {w / 'config.yaml'} (derm-t2im)" in r.output
+
+
+def test_set_is_for_one_command_unless_saved(tmp_path):
+    import yaml
+
+    data, w = _phantoms(tmp_path), tmp_path / "w"
+    assert runner.invoke(app, ["ingest", str(data), "-w", str(w), "-c", "smoke", "-s", "preprocess.size=32"]).exit_code == 0
+    before = (w / "config.yaml").read_text()
+    r = runner.invoke(app, ["preprocess", "-w", str(w), "--set", "preprocess.size=24"])
+    assert r.exit_code == 0, r.output
+    assert "with --set preprocess.size=24, for this command only (--save keeps it)" in r.output
+    assert (w / "config.yaml").read_text() == before  # unchanged ...
+    from PIL import Image
+
+    df = read_manifest(w / "manifests" / "seeds.parquet", SEEDS)
+    assert Image.open(df["processed_path"].iloc[0]).size == (24, 24)  # ... and yet the command used it
+    r = runner.invoke(app, ["config", "-w", str(w), "--set", "train.rank=8", "--save"])
+    assert r.exit_code == 0 and "CHANGED (later commands use it): train.rank: 4 -> 8" in r.output
+    assert yaml.safe_load((w / "config.yaml").read_text())["train"]["rank"] == 8
+
+
+def test_progress_is_logged_as_plain_lines_when_not_on_a_terminal(tmp_path):
+    data, w = _phantoms(tmp_path, n=6), tmp_path / "w"
+    r = runner.invoke(app, ["ingest", str(data), "-w", str(w), "-c", "smoke"])
+    assert r.exit_code == 0, r.output
+    assert "ingest ph: 6/6 files in " in r.output and "files/s" in r.output
+    r = runner.invoke(app, ["preprocess", "-w", str(w)])
+    assert "preprocess seeds: 6/6 images in " in r.output

@@ -84,7 +84,10 @@ def exported_workdir(workdir):
     from tests.quality.gate_config import smoke_with_full_gate
     from tests.quality.test_quality import phantom, seed_workdir, synthetic_workdir
 
+    from dermt2im.core.config import load_config
+
     seed_workdir(workdir, n_seeds=2)
+    (workdir.root / "config.yaml").write_text(load_config("smoke").as_yaml())  # a workdir the CLI knows
     synthetic_workdir(workdir, {f"{lab}-00000{i}": phantom(lab, 40 + i) for lab in ("benign", "malignant")
                                 for i in range(2)})
     assess(workdir, smoke_with_full_gate().quality)
@@ -226,14 +229,16 @@ def _holding(tmp_path, root: Path, mode: str, command: str = "dermt2im run") -> 
 
 def test_a_second_run_on_a_busy_workdir_stops_at_once_naming_the_first(tmp_path):
     root, data = tmp_path / "w", _classes(tmp_path / "src", 4, seed=1, size=(64, 64))
+    assert _cli("config", "--workdir", root, "--config", "smoke").exit_code == 0
+    saved = (root / "config.yaml").read_text()
     child = _holding(tmp_path, root, "exclusive")
     try:
         for args in (["run", data], ["ingest", data], ["preprocess"], ["train"], ["generate"], ["validate"],
-                     ["quality"], ["worker"]):
+                     ["quality"], ["worker"], ["config", "--save", "--set", "generate.per_class=5"]):
             result = _cli(*args, "--workdir", root)
             assert result.exit_code == 2, (args, result.output)
             assert "in use by `dermt2im run`" in result.output and f"pid {child.pid}" in result.output
-        assert not (root / "manifests").exists() and not (root / "config.yaml").exists()  # nothing done or saved
+        assert not (root / "manifests").exists() and (root / "config.yaml").read_text() == saved  # nothing done
         assert _cli("config", "--workdir", root).exit_code == 0  # reading the config needs no lock
     finally:
         (child.signals / "done").touch()
@@ -414,9 +419,9 @@ def test_every_resize_is_bounded_before_it_allocates():
 )
 def test_a_bad_override_is_refused_before_anything_is_saved(tmp_path, override, message):
     root = tmp_path / "w"
-    assert _cli("config", "--workdir", root, "--set", "generate.per_class=3").exit_code == 0
+    assert _cli("config", "--workdir", root, "--config", "smoke", "--set", "generate.per_class=3").exit_code == 0
     saved = (root / "config.yaml").read_text()
-    for command in (["config"], ["generate"], ["ingest", tmp_path]):
+    for command in (["config", "--save"], ["generate", "--save"], ["ingest", tmp_path, "--save"], ["run"]):
         result = _cli(*command, "--workdir", root, "--set", override)
         assert result.exit_code == 2 and message in result.output, (command, result.output)
         assert (root / "config.yaml").read_text() == saved
@@ -522,7 +527,7 @@ def test_per_class_is_documented_as_a_target():
 def test_a_slow_prefect_server_start_is_tried_again(monkeypatch, capsys):
     from prefect.server.api.server import SubprocessASGIServer
 
-    from dermt2im import cli
+    from dermt2im import cli_session
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
@@ -535,7 +540,7 @@ def test_a_slow_prefect_server_start_is_tried_again(monkeypatch, capsys):
 
     monkeypatch.setattr(SubprocessASGIServer, "start", start)
     monkeypatch.setattr(SubprocessASGIServer, "stop", lambda self: calls.append(("stop", None)))
-    cli._start_prefect_server()
+    cli_session.start_prefect_server(print)
     assert calls == [("start", 120), ("stop", None), ("start", 240), ("stop", None), ("start", 480)]
     out = capsys.readouterr().out
     assert out.count("starting Prefect's temporary local server") == 3 and "trying again" in out
@@ -546,8 +551,9 @@ def test_a_slow_prefect_server_start_is_tried_again(monkeypatch, capsys):
         raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
 
     monkeypatch.setattr(SubprocessASGIServer, "start", never)
-    with pytest.raises(cli.DermT2imError, match="did not start in 3 attempts.*prefect server start --host 127.0.0.1"):
-        cli._start_prefect_server()
+    with pytest.raises(cli_session.PrefectServerUnstartable,
+                       match="did not start in 3 attempts.*prefect server start --host 127.0.0.1"):
+        cli_session.start_prefect_server(print)
 
 
 def test_the_start_up_timeout_defaults_to_a_patient_value(tmp_path, monkeypatch):
@@ -566,6 +572,7 @@ def test_the_start_up_timeout_defaults_to_a_patient_value(tmp_path, monkeypatch)
 
 
 def test_generate_without_a_lora_stops_and_says_how_to_go_on(tmp_path):
+    assert _cli("config", "--workdir", tmp_path / "w", "--config", "smoke").exit_code == 0
     result = _cli("generate", "--workdir", tmp_path / "w")
     assert result.exit_code == 2 and "no LoRA given and none trained" in result.output
     assert "--base-model-only" in result.output

@@ -122,17 +122,26 @@ def write_manifest(df: pd.DataFrame, path: str | Path, kind: ManifestSchema) -> 
     return str(path) if storage.is_remote(path) else storage.local_path(path)
 
 
+class _ReplacedWhileRead(Exception):
+    """A compaction replaced the file while it was being read (object stores): read it again."""
+
+
 def _read_file(path: str | Path, kind: ManifestSchema) -> pd.DataFrame | None:
     """One Parquet file of ``kind`` (base or part); None when it does not exist."""
     try:
         if storage.is_remote(path):
             with storage.open_read(path) as fh:
                 table = pq.read_table(fh)
-        else:
-            table = pq.read_table(storage.local_path(path))
+        else:  # one handle: by path, pyarrow may size the file and read it apart, across a replace
+            with pa.OSFile(str(storage.local_path(path))) as fh:
+                table = pq.read_table(fh)
     except FileNotFoundError:
         return None
-    except (pa.ArrowInvalid, OSError) as err:  # cut short, zero bytes, not Parquet at all
+    except OSError as err:
+        if storage.changed_while_read(err):
+            raise _ReplacedWhileRead(str(path)) from None
+        raise ManifestError(f"{path} cannot be read ({err.strerror or err}); check that it is there and readable")
+    except pa.ArrowInvalid as err:  # cut short, zero bytes, not Parquet at all
         raise ManifestError(
             f"{path} cannot be read as a {kind.name} manifest ({str(err).strip()[:160]}): the file is damaged; "
             f"restore it from a copy, or delete it and run again the stage that writes it ({_WRITER[kind.name]})"
@@ -182,9 +191,13 @@ def _read_with_parts(path: str | Path, kind: ManifestSchema) -> tuple[pd.DataFra
     """
     for _attempt in range(5):
         parts = pending_parts(path)
-        base = _read_file(path, kind)
+        try:
+            base = _read_file(path, kind)
+            appended = [_read_file(part, kind) for part in parts]
+        except _ReplacedWhileRead:
+            storage.forget_listing(path)
+            continue
         frame = kind.empty() if base is None else base
-        appended = [_read_file(part, kind) for part in parts]
         if any(rows is None for rows in appended):  # compacted under our feet: read again
             continue
         if appended:

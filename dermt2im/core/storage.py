@@ -70,6 +70,8 @@ def to_fs(loc: Location, **storage_options: Any):
     """``(filesystem, path within it)`` for a location (fsspec's ``url_to_fs``)."""
     from fsspec.core import url_to_fs
 
+    if is_remote(loc):  # other processes write there too: a cached listing would hide their files
+        storage_options.setdefault("use_listings_cache", False)
     return url_to_fs(_text(loc), **storage_options)
 
 
@@ -162,6 +164,20 @@ def open_read(loc: Location) -> Iterator[IO[bytes]]:
     fs, path = to_fs(loc)
     with fs.open(path, "rb") as fh:
         yield fh
+
+
+def changed_while_read(err: BaseException) -> bool:
+    """An object store saying a file was replaced while it was being read (s3fs: EBUSY): read again."""
+    import errno
+
+    return isinstance(err, OSError) and err.errno == errno.EBUSY
+
+
+def forget_listing(loc: Location) -> None:
+    """Drop fsspec's cached listing around a remote location, so the next read sees it as it is now."""
+    if is_remote(loc):
+        fs, path = to_fs(loc)
+        fs.invalidate_cache(path.rsplit("/", 1)[0])
 
 
 def read_bytes(loc: Location) -> bytes:

@@ -177,7 +177,11 @@ def configure_runtime(workdir: Workdir) -> None:
 CONFIG_SNAPSHOT = "config.yaml"
 
 
-def _read_snapshot(snapshot: Path) -> dict:
+DEFAULTS = "defaults"  # no preset: the config models' own defaults, which are the paper's settings
+
+
+def read_snapshot(snapshot: Path) -> dict:
+    """A saved ``W/config.yaml`` as a dict; a damaged one is a ``ConfigError`` naming the file."""
     import yaml
 
     from dermt2im.core.errors import ConfigError
@@ -194,38 +198,47 @@ def _read_snapshot(snapshot: Path) -> dict:
     return saved
 
 
-def workdir_config(workdir: Workdir, config: str | Path | None = None, overrides: list[str] | None = None,
-                   check: Callable[[FactoryConfig], object] | None = None):
+def workdir_config(workdir: Workdir, config: str | Path | None = None, overrides: list[str] | None = None, *,
+                   fallback: str = DEFAULTS, check: Callable[[FactoryConfig], object] | None = None):
     """The factory config for this workdir.
 
     An explicit ``config`` (preset name or file) plus ``overrides`` is resolved, validated and saved
     as ``W/config.yaml`` so that later stages run against the same settings; with no ``config`` the
-    saved snapshot is used (overrides on top), and a fresh workdir falls back to the smoke preset.
+    saved snapshot is used (overrides on top), and a fresh workdir gets ``fallback``: the built-in
+    defaults (the paper's settings), or a preset such as ``smoke`` for the phantom demo. ``check``
+    validates sections the domain does not know (orchestration) before anything is saved.
     """
+    import logging
 
     from dermt2im.core.config import config_from_dict, load_config
-    from dermt2im.core.fileio import atomic_write_text
 
     snapshot = workdir.root / CONFIG_SNAPSHOT
     if config is None and snapshot.is_file():
-        saved = _read_snapshot(snapshot)
+        saved = read_snapshot(snapshot)
         cfg = config_from_dict(saved, str(snapshot), overrides)
+        origin = f"{snapshot}{' with overrides ' + str(overrides) if overrides else ''}"
         if not overrides and saved == cfg.model_dump(mode="json", by_alias=True):
+            logging.getLogger(__name__).info("config %s: %s", cfg.name, origin)
             return cfg  # unchanged (a snapshot in an older layout is saved again in the current one)
     else:
-        cfg = load_config(config or "smoke", overrides)
-    if check is not None:  # sections validated outside the domain (orchestration): before anything is saved
+        chosen = config or fallback
+        cfg = config_from_dict({}, "the built-in defaults", overrides) if chosen == DEFAULTS else load_config(
+            chosen, overrides)
+        origin = "the built-in defaults (the paper's settings)" if chosen == DEFAULTS else str(chosen)
+    if check is not None:
         check(cfg)
+    logging.getLogger(__name__).info("config %s: %s, saved as %s", cfg.name, origin, snapshot)
     atomic_write_text(snapshot, cfg.as_yaml())
     return cfg
 
 
-def open_workdir(root: str | Path, config: str | Path | None = None, overrides: list[str] | None = None,
-                 check: Callable[[FactoryConfig], object] | None = None) -> tuple[Workdir, "FactoryConfig"]:
+def open_workdir(root: str | Path, config: str | Path | None = None, overrides: list[str] | None = None, *,
+                 fallback: str = DEFAULTS, check: Callable[[FactoryConfig], object] | None = None,
+                 ) -> tuple[Workdir, "FactoryConfig"]:
     """The workdir at ``root`` with its config (``workdir_config``: saved as ``W/config.yaml``), the
     workdir pointing at the manifest location that config names (``storage.manifests``)."""
     w = Workdir.at(root)
-    cfg = workdir_config(w, config, overrides, check)
+    cfg = workdir_config(w, config, overrides, fallback=fallback, check=check)
     return w.using(cfg), cfg
 
 

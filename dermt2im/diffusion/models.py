@@ -303,7 +303,9 @@ def _kind(base_model: str) -> str:
 def load_pipeline(base_model: str, revision: str | None = None, *, torch_dtype=None, device: str = "cpu"):
     """A StableDiffusionPipeline without safety checker, on ``device``, progress bars off."""
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components": the stages report progress
     kind = _kind(base_model)
     common: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
     if torch_dtype is not None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dermt2im.core import identity, storage
+from dermt2im.core import identity, progress, storage
 from dermt2im.core.fileio import atomic_write_bytes, sha256_bytes
 from dermt2im.core.imaging import encode_png
 from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest
@@ -203,7 +203,8 @@ def _where(runtime: GenerateRuntime, pipe) -> tuple[str, str]:
     return dtype, device
 
 
-def _render_all(workdir: Workdir, model: RenderModel, runtime: GenerateRuntime, todo: list[dict], pipe) -> _Recorder:
+def _render_all(workdir: Workdir, model: RenderModel, runtime: GenerateRuntime, todo: list[dict], pipe,
+                bar: progress.Task) -> _Recorder:
     """Render ``todo`` batch by batch (halving a batch on CUDA out-of-memory), writing PNGs meanwhile."""
     recorder = _Recorder(workdir.synthetic_manifest)
     queue = batches(todo, runtime.batch_size)
@@ -227,6 +228,7 @@ def _render_all(workdir: Workdir, model: RenderModel, runtime: GenerateRuntime, 
                         continue
                     raise
                 recorder.pending.append([writers.submit(_encode_and_write, r, img) for r, img in zip(batch, images)])
+                bar.advance(len(batch))
                 recorder.harvest(max_pending=2)  # bounded memory: at most two batches waiting on the writers
         except BaseException as exc:
             recorder.error = recorder.error or exc
@@ -256,7 +258,8 @@ def render_shard(workdir: Workdir, runtime: GenerateRuntime, model: RenderModel,
     for r in state.todo:
         r.update(dtype=dtype, device=device)
     t0 = time.perf_counter()
-    recorder = _render_all(workdir, model, runtime, state.todo, pipe)
+    with progress.task(f"render shard {shard}", total=len(state.todo), unit="images") as bar:
+        recorder = _render_all(workdir, model, runtime, state.todo, pipe, bar)
     if recorder.error is not None:
         log.error("shard %d interrupted after %d image(s): %s", shard, len(recorder.recorded), recorder.error)
         raise recorder.error

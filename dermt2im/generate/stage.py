@@ -71,6 +71,7 @@ class GenerateStage:
     under its current render key and its file exists."""
 
     name = "generate"
+    unit_noun = "shards"
 
     def __init__(self, workdir: Workdir, spec: GenerateConfig, runtime: GenerateRuntime, model: RenderModel, *,
                  per_class: int | None = None, shards: Sequence[int] | None = None, pipe: Any = None) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dermt2im.core import progress
 from dermt2im.core.errors import DecodeError
 from dermt2im.core.fileio import sha256_bytes
 from dermt2im.core.imaging import decode_image
@@ -83,13 +84,19 @@ def examine_files(
     known: Mapping[str, FileFacts],
     max_pixels: int,
     workers: int | None = None,
+    description: str = "ingest",
 ) -> dict[str, FileFacts]:
     """path -> facts for (path, decode?) jobs. Images whose sample_id is in ``known`` are not decoded."""
     decoder = _DecodeOnce(known, max_pixels, decode_facts)
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda job: _examine(job[0], job[1], decoder), jobs)
-        return {path: facts for (path, _), facts in zip(jobs, results)}
+        out: dict[str, FileFacts] = {}
+        with progress.task(description, total=len(jobs), unit="files") as bar:
+            for (path, _), facts in zip(jobs, results):
+                out[path] = facts
+                bar.advance()
+        return out
 
 
 def _decode_cache(rows: Iterable[Mapping[str, Any]]) -> dict[str, FileFacts]:

@@ -110,11 +110,12 @@ def size_problem(facts: FileFacts | None, cfg: IngestConfig) -> str | None:
 
 
 def build_rows(plan: LayoutPlan, entries: Sequence[Entry], label_map: Mapping[str, str],
-               known: Mapping[str, FileFacts], cfg: IngestConfig, preferred: set[str]) -> list[dict[str, Any]]:
+               known: Mapping[str, FileFacts], cfg: IngestConfig, preferred: set[str],
+               description: str = "ingest") -> list[dict[str, Any]]:
     """Fresh rows for every entry, before splits: labels, file facts, then ambiguity and duplicates."""
     labels = [resolve_label(e.label, e.diagnosis, label_map) for e in entries]
     jobs = [(e.path, e.problem is None and problem is None) for e, (_, problem) in zip(entries, labels) if e.readable]
-    facts = examine_files(jobs, known, cfg.max_pixels)
+    facts = examine_files(jobs, known, cfg.max_pixels, description=description)
     rows = [
         _row(e, plan, label, e.problem or problem or size_problem(facts.get(e.path), cfg), facts.get(e.path))
         for e, (label, problem) in zip(entries, labels)

@@ -104,6 +104,14 @@ def _report(plan: LayoutPlan, manifest_path: Path | str, rows: Sequence[Mapping[
     )
 
 
+def check_source(source: str | Path, cfg: IngestConfig, layout: str | None = None) -> LayoutPlan:
+    """What ``ingest_source`` would ingest, or the ``IngestError`` it would stop with (missing source,
+    unknown layout, a metadata CSV without its columns): the source as a whole is checked before
+    anything is written."""
+    wanted = layout or cfg.layout
+    return _plan_layout(Path(source), None if wanted == "auto" else wanted, make_label_map(cfg))
+
+
 def ingest_source(
     source: Path,
     manifest_path: Path | str,
@@ -135,7 +143,8 @@ def ingest_source(
         scan = scan_source(plan.root, cfg.extensions, skip=plan.metadata)
         entries = read_entries(plan, scan, label_map)
         preferred = {r["source_path"] for r in existing if r["status"] == ACCEPTED}
-        fresh = build_rows(plan, entries, label_map, _decode_cache(existing), cfg, preferred)
+        fresh = build_rows(plan, entries, label_map, _decode_cache(existing), cfg, preferred,
+                           description=f"ingest {Path(source).name}")
 
         rows, new = merge_rows(existing, fresh, str(plan.root))
         rows = fill_splits(rows, str(plan.root), cfg.splits, split)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cv2
 
+from dermt2im.core import progress
 from dermt2im.core.errors import DecodeError
 from dermt2im.core.fileio import atomic_write_bytes, sha256_bytes
 from dermt2im.core.imaging import encode_png
@@ -133,17 +134,25 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def run_jobs(jobs: Sequence[_Job], cfg: PreprocessConfig, max_pixels: int, workers: int = 0) -> list[_Outcome]:
+def run_jobs(jobs: Sequence[_Job], cfg: PreprocessConfig, max_pixels: int, workers: int = 0,
+             description: str = "preprocess") -> list[_Outcome]:
     """Process ``jobs`` on every allowed core; no pool when one process will do (or there is no work)."""
     workers = worker_count(cfg, len(jobs), workers)
     if workers == 0:
         return []
-    if workers == 1:
-        return _process_chunk(jobs, cfg, max_pixels)
-    outcomes: list[_Outcome] = []
-    with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker,
-                             initargs=(os.getpid(),)) as pool:
-        futures = [pool.submit(_process_chunk, chunk, cfg, max_pixels) for chunk in _chunks(jobs, workers)]
-        for future in as_completed(futures):
-            outcomes.extend(future.result())
-    return outcomes
+    with progress.task(description, total=len(jobs), unit="images") as bar:
+        if workers == 1:
+            outcomes = []
+            for job in jobs:
+                outcomes.append(_process_job(job, cfg, max_pixels))
+                bar.advance()
+            return outcomes
+        outcomes = []
+        with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker,
+                                 initargs=(os.getpid(),)) as pool:
+            futures = [pool.submit(_process_chunk, chunk, cfg, max_pixels) for chunk in _chunks(jobs, workers)]
+            for future in as_completed(futures):
+                done = future.result()
+                outcomes.extend(done)
+                bar.advance(len(done))
+        return outcomes

@@ -183,7 +183,8 @@ def preprocess_manifest(
     if plan.jobs:
         log.info("preprocess: %d image(s) to process on %d process(es), %d row(s) up to date",
                  len(plan.jobs), worker_count(cfg, len(plan.jobs), workers), len(plan.cached) + len(plan.adopted))
-    outcomes = {o.sample_id: o for o in run_jobs(plan.jobs, cfg, max_pixels, workers)}
+    name = str(manifest_path).rsplit("/", 1)[-1].removesuffix(".parquet")
+    outcomes = {o.sample_id: o for o in run_jobs(plan.jobs, cfg, max_pixels, workers, description=f"preprocess {name}")}
 
     updates: list[pd.Series] = []
     failed = len(plan.missing_id)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+from dermt2im.core import progress
 from dermt2im.stage import Stage, Summary
 
 log = logging.getLogger(__name__)
@@ -40,19 +42,25 @@ class StageRun:
 
 
 def run_stage(stage: Stage, *, on_unit: Callable[[int, int, UnitResult], None] | None = None) -> StageRun:
-    """Run every unit that is not finished, then close the stage; ``on_unit(i, n, result)`` after each."""
+    """Run every unit that is not finished, then close the stage; ``on_unit(i, n, result)`` after each.
+
+    A stage of several units (shards, validation cells) reports its progress over them."""
     units = list(stage.units())
     out = StageRun(stage.name)
-    for i, unit in enumerate(units, start=1):
-        description = stage.describe(unit)
-        done = stage.finished(unit)
-        if done is not None:
-            log.info("%s: up to date (nothing to do)", description)
-            result = UnitResult(description, done, cached=True)
-        else:
-            result = UnitResult(description, stage.run(unit), cached=False)
-        out.units.append(result)
-        if on_unit is not None:
-            on_unit(i, len(units), result)
+    noun = getattr(stage, "unit_noun", "units")
+    with progress.task(stage.name, total=len(units), unit=noun) if len(units) > 1 else nullcontext() as bar:
+        for i, unit in enumerate(units, start=1):
+            description = stage.describe(unit)
+            done = stage.finished(unit)
+            if done is not None:
+                log.info("%s: up to date (nothing to do)", description)
+                result = UnitResult(description, done, cached=True)
+            else:
+                result = UnitResult(description, stage.run(unit), cached=False)
+            out.units.append(result)
+            if bar is not None:
+                bar.update(i, note=f"{description}{' (up to date)' if result.cached else ''}")
+            if on_unit is not None:
+                on_unit(i, len(units), result)
     out.closing = stage.close(out.summaries)
     return out

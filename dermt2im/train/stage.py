@@ -29,6 +29,7 @@ from typing import Any
 
 from dermt2im.core import identity
 from dermt2im.core.fileio import sha256_file
+from dermt2im.core.progress import task as progress_task
 from dermt2im.core.runtime import TrackingConfig, TrainRuntime
 from dermt2im.core.specs import LABELS, TrainConfig
 from dermt2im.core.tracking import open_tracker
@@ -158,23 +159,25 @@ def _train_groups(ctx: TrainContext, plan: TrainingPlan, resume: str | None,
     planned = {name: planned_steps(ctx.train, sum(len(plan.images[lab]) for lab in labs)) for name, labs in plan.groups}
     grand_total = sum(planned.values())
     runs, finished, offset = [], {}, 0
-    for i, (name, labels) in enumerate(plan.groups):
-        out_dir = plan.lora_dir if name == "all" else plan.lora_dir / name
+    with progress_task(f"train LoRA {plan.run_id}", total=grand_total, unit="steps") as bar:
+        for i, (name, labels) in enumerate(plan.groups):
+            out_dir = plan.lora_dir if name == "all" else plan.lora_dir / name
 
-        def _progress(step: int, loss: float, _offset: int = offset) -> None:
-            if progress is not None:
-                progress(_offset + step, grand_total, loss)
+            def _progress(step: int, loss: float, _offset: int = offset) -> None:
+                bar.update(_offset + step, note=f"loss {loss:.4f}")
+                if progress is not None:
+                    progress(_offset + step, grand_total, loss)
 
-        run = _train_one(ctx, plan.images, name, labels, out_dir, ctx.train.seed + i, resume, _progress)
-        runs.append(run)
-        ctx.pipe.unet.eval()
-        finished[name] = _finish_one(ctx, run, labels)
-        ctx.tracker.log_metrics(ctx.tracker_run, {f"final_loss{'' if name == 'all' else '_' + name}": _final_loss(run)})
-        if ctx.train.lora_per_class:
-            _remove_adapters(ctx, name)
-        offset += run.total
+            run = _train_one(ctx, plan.images, name, labels, out_dir, ctx.train.seed + i, resume, _progress)
+            runs.append(run)
+            ctx.pipe.unet.eval()
+            finished[name] = _finish_one(ctx, run, labels)
+            ctx.tracker.log_metrics(ctx.tracker_run,
+                                    {f"final_loss{'' if name == 'all' else '_' + name}": _final_loss(run)})
+            if ctx.train.lora_per_class:
+                _remove_adapters(ctx, name)
+            offset += run.total
     return runs, finished
-
 
 def _peak_memory(device: str) -> tuple[float, str]:
     import torch

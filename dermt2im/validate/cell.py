@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dermt2im.core import progress
 from dermt2im.core.specs import ValidateConfig
 from dermt2im.core.tracking import DatasetRef, Tracker, metric_key
 from dermt2im.validate.inputs import ValidationError, ValidationInputs
@@ -33,7 +34,8 @@ from dermt2im.validate.plan import (
 log = logging.getLogger(__name__)
 
 # Identical on every child run (params and tags), so runs compare column by column in MLflow.
-CELL_TAGS = ("model", "regime", "synthetic_ratio", "seed", "setting", "n_real", "n_synthetic")
+CELL_TAGS = ("model", "regime", "synthetic_ratio", "seed", "setting", "n_real", "n_synthetic",
+             "synthetic_share_reached")
 TEST_METRICS = (*METRICS, "precision", "n", *CONFUSION)
 Predictions = dict[str, tuple[tuple[str, int, float], ...]]  # test set -> (key, label, P(malignant))
 
@@ -105,11 +107,29 @@ def fit_and_test(cell: Cell, inputs: ValidationInputs, spec: ValidateConfig, dev
     return out
 
 
+def share_reached(cell: Cell) -> bool:
+    """Whether the cell trains on as many synthetic images as its regime asks for."""
+    return cell.mixture.n_synthetic >= cell.mixture.target_synthetic
+
+
+def describe_cell(cell: Cell) -> str:
+    """The child run's description: what the cell trained on, and a shortfall said plainly."""
+    m, regime = cell.mixture, cell.mixture.regime
+    text = (f"{cell.model} fine-tuned on the {regime.name} mixture ({regime.setting} setting), seed {cell.seed}: "
+            f"{m.n_real} real + {m.n_synthetic} synthetic = {len(m.items)} training images, "
+            f"{m.actual_ratio:.0%} synthetic.")
+    if not share_reached(cell):
+        text += (f" **Short of the configured share of {regime.synthetic_ratio:.0%}**: {m.target_synthetic} "
+                 f"synthetic images were asked for ({'; '.join(m.notes) or 'too few usable'}).")
+    return text
+
+
 def _cell_tags(plan: ValidationPlan, cell: Cell, key: str) -> dict[str, str]:
     regime = cell.mixture.regime
     return {TAG_KIND: KIND_CELL, TAG_CELL_KEY: key, "model": cell.model, "regime": regime.name,
             "synthetic_ratio": f"{regime.synthetic_ratio:g}", "seed": str(cell.seed), "setting": regime.setting,
-            "n_real": str(cell.mixture.n_real), "n_synthetic": str(cell.mixture.n_synthetic)}
+            "n_real": str(cell.mixture.n_real), "n_synthetic": str(cell.mixture.n_synthetic),
+            "synthetic_share_reached": "yes" if share_reached(cell) else "no"}
 
 
 def _cell_params(tags: dict[str, str], cell: Cell, inputs: ValidationInputs, spec: ValidateConfig, device: Any,
@@ -148,8 +168,10 @@ def _log_outcome(tracker: Tracker, run: str, cell: Cell, outcome: CellOutcome, l
         pred_dir.mkdir()
         for name, (y, prob, m) in outcome.per_set.items():
             outcome.tables[name].to_csv(pred_dir / f"{name}.csv", index=False)
-            tracker.log_figure(run, confusion_figure(m, title=f"{cell.name} on {name}"), f"figures/confusion_{name}.png")
-            tracker.log_figure(run, roc_figure(y, prob, title=f"{cell.name} on {name}"), f"figures/roc_{name}.png")
+            # At the top level, the same names in every child run: MLflow's compare view shows
+            # artifacts that the selected runs have in common, side by side.
+            tracker.log_figure(run, confusion_figure(m, title=f"{cell.name} on {name}"), f"confusion_{name}.png")
+            tracker.log_figure(run, roc_figure(y, prob, title=f"{cell.name} on {name}"), f"roc_{name}.png")
         tracker.log_folder(run, pred_dir, "predictions")
         if log_model:
             model_dir = save_model(outcome.model.cpu(), outcome.processor, Path(tmp) / "model")
@@ -168,10 +190,17 @@ def run_cell(tracker: Tracker, plan: ValidationPlan, cell: Cell, key: str, spec:
     run = tracker.start(cell.name, tags=tags, parent=plan.parent_run_id)
     bs = batch_size or spec.batch_size
     try:
+        tracker.set_description(run, describe_cell(cell))
+        if not share_reached(cell):
+            log.warning("%s: %s", cell.name, describe_cell(cell))
         tracker.log_params(run, _cell_params(tags, cell, plan.inputs, spec, device, bs))
         tracker.log_datasets(run, _datasets(cell, plan.inputs, seeds_manifest))
-        outcome = fit_and_test(cell, plan.inputs, spec, device, bs,
-                               on_epoch=lambda epoch, row: tracker.log_metrics(run, row, step=epoch))
+        with progress.task(f"fit {cell.model} {cell.regime} seed {cell.seed}", total=spec.epochs, unit="epochs") as bar:
+            def on_epoch(epoch: int, row: dict[str, float]) -> None:
+                tracker.log_metrics(run, row, step=epoch)
+                bar.update(epoch, note=", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("val_")))
+
+            outcome = fit_and_test(cell, plan.inputs, spec, device, bs, on_epoch=on_epoch)
         _log_outcome(tracker, run, cell, outcome, log_model)
         tracker.finish(run)
     except BaseException as err:

@@ -64,7 +64,8 @@ def roc_figure(y, prob, title: str = ""):
 
 
 def fig10(table: pd.DataFrame, out: Path) -> Path:
-    """Grouped bars (Fig. 10): per model, test sets on x, one bar per regime, 95% CI whiskers."""
+    """Grouped bars (Fig. 10): per model, test sets on x, one bar per regime, whiskers from the 95%
+    bootstrap interval over test images."""
     models = sorted(table["model"].unique(), key=lambda m: (MODEL_ORDER.get(m, 9), m)) if len(table) else []
     metrics = ["accuracy", "balanced_accuracy"]
     fig = _figure(5.5 * max(len(models), 1), 3.6 * len(metrics))
@@ -80,18 +81,23 @@ def fig10(table: pd.DataFrame, out: Path) -> Path:
             for k, regime in enumerate(regimes):
                 sub = t[t["regime"] == regime].set_index("test_set").reindex(sets)
                 mean = sub[f"{m}_mean"].to_numpy(dtype=float)
-                err = np.nan_to_num(sub[f"{m}_half_width"].to_numpy(dtype=float))
+                # Asymmetric whiskers: the bootstrap interval, which stays inside [0, 1].
+                err = np.nan_to_num(np.vstack([mean - sub[f"{m}_ci_low"].to_numpy(dtype=float),
+                                               sub[f"{m}_ci_high"].to_numpy(dtype=float) - mean]))
                 bars = ax.bar(x + (k - (len(regimes) - 1) / 2) * width, mean, width, yerr=err, capsize=3, label=regime)
-                for b, v in zip(bars, mean):
-                    if not math.isnan(v):
-                        ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+                for b, v in zip(bars, mean):  # inside the bar's foot, clear of the whiskers
+                    if not math.isnan(v) and v > 0.06:
+                        ax.text(b.get_x() + b.get_width() / 2, 0.015, f"{v:.2f}", ha="center", va="bottom",
+                                fontsize=7, color="white")
             ax.set_xticks(x, sets)
             ax.set_ylim(0, 1.1)
             ax.axhline(0.5, ls=":", c="grey", lw=1)
             ax.set_ylabel(m.replace("_", " "))
             ax.set_title(f"{model}", fontsize=10)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=8, loc="lower left")
+    if models:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=max(1, len(labels)), fontsize=8)
+    fig.suptitle("Fig. 10: mean over seeds; whiskers: 95% bootstrap interval over the test images", fontsize=9)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     return out

@@ -26,6 +26,7 @@ TAG_KIND = "dermt2im.kind"
 TAG_KEY = "dermt2im.comparison_key"
 TAG_CELL_KEY = "dermt2im.cell_key"
 TAG_SKIPPED = "dermt2im.skipped"
+TAG_DESCRIPTION = "dermt2im.description"
 # The modules that decide what a cell computes: changing them invalidates earlier results.
 CELL_MODULES = ("classify", "models", "images", "metrics", "regimes", "cell", "plan", "inputs")
 
@@ -128,6 +129,20 @@ def cell_key(spec: ValidateConfig, inputs: ValidationInputs, cell: Cell) -> str:
     )
 
 
+def comparison_description(spec: ValidateConfig, inputs: ValidationInputs, regimes_run: list[tuple[str, str, float]],
+                           skipped: dict[str, str]) -> str:
+    """What a comparison compares, in words (the parent run's description in MLflow)."""
+    regimes = ", ".join(f"{name} ({ratio:.0%} synthetic, {setting})" for name, setting, ratio in regimes_run)
+    text = (f"Real-only (baseline) vs synthetic-augmented training of {' and '.join(spec.models)} for benign / "
+            f"malignant classification. Regimes: {regimes}; seeds {', '.join(map(str, spec.seeds))}; "
+            f"{len(inputs.real_train)} real training images, {len(inputs.real_val)} for validation, "
+            f"{len(inputs.synthetic)} usable synthetic images; tested on {', '.join(sorted(inputs.test_sets))}. "
+            "One child run per (model, regime, seed); Table IV under report/.")
+    if skipped:
+        text += " Skipped: " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) + "."
+    return text
+
+
 def _open_parent(tracker: Tracker, spec: ValidateConfig, inputs: ValidationInputs, mixtures: list[rg.Mixture],
                  skipped: dict[str, str], key: str, resume: bool) -> tuple[str, bool]:
     """The comparison's parent run: the newest with this key (reopened) when ``resume``, else a new one."""
@@ -148,6 +163,9 @@ def _open_parent(tracker: Tracker, spec: ValidateConfig, inputs: ValidationInput
         "n_synthetic_usable": len(inputs.synthetic), "validate_config_digest": identity.spec_digest(spec),
     })
     tracker.log_dict(parent, spec.model_dump(mode="json"), "config/validate.json")
+    intro = comparison_description(spec, inputs, regimes_run, skipped)
+    tracker.set_tags(parent, {TAG_DESCRIPTION: intro})  # the report adds its verdict to this
+    tracker.set_description(parent, intro)
     tracker.log_dict(parent, {"regimes": [{"name": n, "setting": s, "synthetic_ratio": r} for n, s, r in regimes_run],
                               "skipped": skipped, "synthetic": inputs.synthetic_note}, "config/regimes.json")
     return parent, False

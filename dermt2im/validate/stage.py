@@ -3,12 +3,12 @@
 Where things are: ``inputs`` (real splits, usable synthetic images, test sets, the leakage check),
 ``regimes`` (which images each regime trains on), ``plan`` (cells, keys, the MLflow parent run),
 ``classify`` (models, fit, predict), ``cell`` (one cell: fit, test, log), ``metrics`` (metrics,
-intervals, McNemar), ``compare`` (closing a comparison), ``table`` and ``figures`` (Table IV and
-Fig. 10, rebuilt from MLflow alone), ``segmentation`` (the SAM check).
+McNemar), ``bootstrap`` (intervals over test images), ``table``, ``table_text`` and ``figures``
+(Table IV and Fig. 10, rebuilt from MLflow alone), ``segmentation`` (the SAM check).
 
 ``ValidateStage`` is the stage: ``units()`` loads and checks the inputs and opens (or resumes) the
 comparison's parent run; one unit per cell, done when a finished child run of the same cell key
-exists under that parent; ``close`` runs the McNemar tests and writes Table IV.
+exists under that parent; ``close`` closes the parent and writes Table IV from MLflow.
 
 - No usable synthetic images: regimes that need them are skipped (reason logged on the parent run
   and shown in the report) and the baseline still runs; if nothing is left to run, a
@@ -28,7 +28,6 @@ from dermt2im.core.specs import ValidateConfig
 from dermt2im.core.tracking import Tracker, open_tracker
 from dermt2im.core.workdir import Workdir
 from dermt2im.validate.cell import CellResult, reuse_cell, run_cell
-from dermt2im.validate.compare import close_comparison
 from dermt2im.validate.inputs import ValidationError
 from dermt2im.validate.plan import Cell, ValidationPlan, cell_key, prepare
 
@@ -66,6 +65,7 @@ class ValidateStage:
     """Validate: one unit per (model, regime, seed) cell of the comparison."""
 
     name = "validate"
+    unit_noun = "cells"
 
     def __init__(self, workdir: Workdir, spec: ValidateConfig, runtime: ValidateRuntime, tracking: TrackingConfig, *,
                  test_sets: dict[str, str | Path] | None = None, log_model: bool = True, resume: bool = True,
@@ -119,7 +119,7 @@ class ValidateStage:
 
     def close(self, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         cells = [CellResult.from_summary(r) for r in results]
-        close_comparison(self.tracker, self.plan, cells)
+        self.tracker.finish(self.plan.parent_run_id)  # the report's statistics come from MLflow alone
         table_path, verdict, paths = None, "", {}
         if self.build_table:
             from dermt2im.validate.table import build_report
@@ -132,7 +132,8 @@ class ValidateStage:
                                   dict(self.plan.skipped), verdict, sum(c.reused for c in cells),
                                   self._segmentation_check() if self.segmentation else "")
         self.report = report
-        return {"parent_run_id": report.parent_run_id, "experiment": report.experiment, "runs": report.runs,
+        return {"parent_run_id": report.parent_run_id, "experiment": report.experiment,
+                "experiment_id": self.plan.experiment_id, "runs": report.runs,
                 "reused": report.reused, "skipped": report.skipped,
                 "table_md": str(table_path) if table_path else None, "report": {k: str(v) for k, v in paths.items()},
                 "text": report.summary()}

@@ -66,3 +66,34 @@ def test_readable_by_duckdb(tmp_path):
     write_manifest(pd.DataFrame({"source_path": ["a", "b"], "status": ["accepted", "quarantined"]}), p, SEEDS)
     con = duckdb.connect()
     assert con.execute(f"select count(*) from read_parquet('{p}') where status = 'accepted'").fetchone()[0] == 1
+
+
+def test_a_reader_never_sees_a_manifest_half_replaced(tmp_path):
+    """Readers (status, workers, the tests) read while a writer replaces the file: pyarrow, given a path,
+    sizes the file and reads it apart, so a replace in between read a page cut short."""
+    import threading
+
+    p = tmp_path / "synthetic.parquet"
+    frames = [pd.DataFrame({"sample_key": [f"k{i}-{n}" for i in range(n)], "prompt": ["x" * n] * n})
+              for n in (3, 300, 30, 3000)]
+    write_manifest(frames[0], p, SYNTHETIC)
+    stop, failures = threading.Event(), []
+
+    def rewrite() -> None:
+        i = 0
+        while not stop.is_set():
+            write_manifest(frames[i % len(frames)], p, SYNTHETIC)
+            i += 1
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        for _ in range(600):
+            try:
+                assert len(read_manifest(p, SYNTHETIC)) in (3, 300, 30, 3000)
+            except ManifestError as err:
+                failures.append(str(err))
+    finally:
+        stop.set()
+        writer.join()
+    assert not failures, failures[:2]

@@ -6,7 +6,7 @@ import pytest
 from dermt2im.core.manifest import PLAN, SEEDS, SYNTHETIC, read_manifest
 from dermt2im.core.workdir import Workdir
 from flows.factory import factory
-from tests.prefect_utils import task_states
+from tests.prefect_utils import subflow_graph, task_run_names, task_states
 from tests.core.test_storage import s3_bucket  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -48,6 +48,7 @@ def test_factory_end_to_end_then_cache_then_partial_reruns(prefect_harness, work
     assert len(children) >= 1
     first_states = task_states(first)
     assert all(s == {"Completed"} for s in _ran(first_states, COMPUTE).values()), first_states
+    _check_what_the_prefect_ui_shows(first, w)
 
     # nothing changed: every compute task is served from cache
     same = factory(root, return_state=True)
@@ -95,3 +96,33 @@ def test_factory_with_manifests_and_images_on_a_local_s3_endpoint(prefect_harnes
 
     same = factory(root, return_state=True)
     assert all(s == {"Cached"} for s in _ran(task_states(same), COMPUTE).values()), task_states(same)
+
+
+def _check_what_the_prefect_ui_shows(state, w):
+    """Task runs named by what they do, subflows named by stage and workdir and drawn in the paper's
+    order, and a factory summary with Table IV and the grids embedded (no file:// images)."""
+    names = task_run_names(state)
+    assert {"validate vit baseline seed 0", "validate vit hybrid seed 0", "ingest seeds",
+            "ingest test set phantom-ham", "preprocess test set phantom-isic", "train LoRA on tiny",
+            "render shard 0 (benign)", "quality gate and memorisation audit"} <= names, names
+    graph = subflow_graph(state)  # the edges the UI's run graph draws between the stages
+    where = w.root.name
+    assert graph[f"prepare-seeds / seeds and test sets in {where}"] == [], graph
+    assert graph[f"train / train LoRA in {where}"] == [f"prepare-seeds / seeds and test sets in {where}"], graph
+    assert graph[f"generate / generate in {where}"] == [f"train / train LoRA in {where}"], graph
+    assert graph[f"validate / validate in {where}"] == [f"generate / generate in {where}"], graph
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        latest = {a.key: a for a in client.read_latest_artifacts()}
+        summary = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["factory-summary"])))
+    md = summary[0].data
+    assert md.count("Table IV") == 1 and "| vit | phantom-ham | hybrid<br>" in md and "mlflow ui --backend-store-uri" in md
+    assert md.count("](data:image/") == 1 and (w.reports / "grids" / "overview.png").is_file()
+    assert "file://" not in md and len(md) < 4_000_000
+    for key in ("ingest-seeds", "ingest-phantom-ham", "preprocess-seeds", "preprocess-phantom-isic",
+                "generate-grid-overview", "table-iv"):
+        assert key in latest, sorted(latest)
+    assert "](data:image/png;base64," in latest["generate-grid-overview"].data

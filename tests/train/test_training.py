@@ -112,7 +112,12 @@ def test_outputs_and_metadata(trained):
     assert run.data.params["optimizer_used"] == "adamw" and run.data.params["train.rank"] == "4"
     assert {"steps_per_second", "peak_memory_mb", "final_loss"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 40
-    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    # mlflow-artifacts:/<experiment>/<run>/artifacts, resolved against mlartifacts/ beside the store
+    from dermt2im.core.tracking import PROXIED, sqlite_artifact_root
+
+    assert run.info.artifact_uri.startswith(PROXIED)
+    folder = sqlite_artifact_root(client.tracking_uri) / run.info.artifact_uri[len(PROXIED):].lstrip("/")
+    names = {p.name for p in folder.iterdir()}
     assert {lora_io.RUN_META, lora_io.DIFFUSERS_WEIGHTS, training.LOSS_PNG, training.VALIDATION} <= names
 
 

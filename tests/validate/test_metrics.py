@@ -1,4 +1,4 @@
-"""Metrics, t-intervals and the exact McNemar test on small known examples."""
+"""Metrics and the exact McNemar test on small known examples."""
 
 import math
 
@@ -10,11 +10,8 @@ from dermt2im.validate.metrics import (
     confusion,
     mcnemar_exact,
     mcnemar_from_predictions,
-    mean_ci,
     roc_auc,
     roc_curve,
-    t_cdf,
-    t_ppf,
 )
 
 
@@ -65,23 +62,3 @@ def test_mcnemar_from_paired_predictions():
     t = mcnemar_from_predictions(y, a, b)
     assert (t.b, t.c) == (1, 4)  # only a right: {1}; only b right: {2, 4, 5, 6}
     assert t.p_value == pytest.approx(2 * (1 + 5) / 32)
-
-
-@pytest.mark.parametrize(
-    "df,q",
-    [(1, 12.706204736174698), (2, 4.302652729749464), (4, 2.7764451051977934), (30, 2.0422724563012373)],
-)
-def test_t_quantiles_match_tables(df, q):
-    assert t_ppf(0.975, df) == pytest.approx(q, rel=1e-7)
-    assert t_cdf(q, df) == pytest.approx(0.975, abs=1e-9)
-
-
-def test_mean_ci():
-    ci = mean_ci([1.0, 2.0, 3.0])
-    assert ci.mean == 2.0 and ci.n == 3
-    assert ci.half_width == pytest.approx(4.302652729749464 / math.sqrt(3))
-    assert ci.low == pytest.approx(2 - ci.half_width) and ci.high == pytest.approx(2 + ci.half_width)
-    one = mean_ci([0.7])
-    assert one.mean == 0.7 and math.isnan(one.half_width) and one.format() == "0.700 (n=1)"
-    assert mean_ci([0.5, 0.5]).half_width == 0.0
-    assert mean_ci([float("nan"), 1.0, 3.0]).n == 2

@@ -2,12 +2,14 @@
 
 import json
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
 from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
+from dermt2im.core.tracking import sqlite_artifact_root
 from dermt2im.validate.cell import CELL_TAGS
 from dermt2im.validate.inputs import ValidationError
 from tests.validate.validate_fixtures import make_validation_data, tiny_config
@@ -49,15 +51,25 @@ def test_validate_logs_a_comparison_with_identical_child_runs(workdir):
                     for i in r.inputs.dataset_inputs}
         assert ("val", "validation") in contexts and ("test-phantom-ham", "test") in contexts
         assert any(c == "training" for _, c in contexts)
-        arts = {a.path for a in client.list_artifacts(r.info.run_id, "figures")}
-        assert "figures/confusion_phantom-ham.png" in arts and "figures/roc_phantom-ham.png" in arts
-        assert any(a.path.endswith(".safetensors") for a in client.list_artifacts(r.info.run_id, "model"))
+        # the same top-level names in every child run, so MLflow's compare view lines them up
+        root = sqlite_artifact_root(mlflow.get_tracking_uri())  # mlartifacts/ beside the store
+        arts = {p.name for p in root.glob(f"*/{r.info.run_id}/artifacts/*")}
+        assert {"confusion_phantom-ham.png", "roc_phantom-ham.png", "predictions", "model"} <= arts
+        assert r.info.artifact_uri == f"mlflow-artifacts:/validation-e2e/{r.info.run_id}/artifacts"
+        assert r.data.tags["synthetic_share_reached"] == "yes"
+        assert "training images" in r.data.tags["mlflow.note.content"]
 
     hybrid = next(r for r in children if r.data.tags["regime"] == "hybrid")
     assert (hybrid.data.tags["n_real"], hybrid.data.tags["n_synthetic"]) == ("6", "18")  # 24 real -> 75% of 24
     baseline = next(r for r in children if r.data.tags["regime"] == "baseline")
     assert baseline.data.metrics["test.phantom-isic.balanced_accuracy"] >= 0.75
-    assert "mcnemar.vit.hybrid.phantom-ham.seed0.p_value" in parent.data.metrics
+    assert set(parent.data.metrics) >= {"balanced_accuracy.vit.phantom-ham.baseline",
+                                        "balanced_accuracy.vit.phantom-ham.hybrid",
+                                        "balanced_accuracy_diff.vit.phantom-ham.hybrid_minus_baseline"}
+    assert parent.data.metrics["balanced_accuracy.vit.phantom-ham.hybrid"] == pytest.approx(
+        hybrid.data.metrics["test.phantom-ham.balanced_accuracy"])
+    description = parent.data.tags["mlflow.note.content"]
+    assert "Real-only (baseline) vs synthetic-augmented training of vit" in description and "**Result.**" in description
 
     # the report's numbers are MLflow's numbers (one seed: the mean is the run's value)
     table = pd.read_csv(workdir.reports / "table_iv.csv")

@@ -1,0 +1,167 @@
+"""What a CLI command runs with: its workdir's config (where it came from, and whether
+``W/config.yaml`` changes), its log output and its progress display.
+
+Which config a command uses, in order:
+
+1. ``--config NAME|FILE``: that preset or file (``--set`` on top); it becomes the workdir's config.
+2. the workdir's saved ``W/config.yaml`` (``--set`` on top, for this command only unless ``--save``).
+3. a fresh workdir: the built-in defaults, which are the paper's settings; the phantom demo
+   (``dermt2im run`` without SOURCE) uses the ``smoke`` preset instead.
+
+``W/config.yaml`` is written when a workdir gets its first config, when ``--config`` names one, or
+with ``--save``; every command prints one line saying which config it uses and what changed.
+Nothing is written, not even the workdir folder, until the command has checked its inputs:
+resolving a config here has no side effects, ``start`` has them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dermt2im.core.config import FactoryConfig, config_from_dict, load_config
+from dermt2im.core.errors import DermT2imError
+from dermt2im.core.workdir import CONFIG_SNAPSHOT, DEFAULTS, Workdir, configure_runtime, read_snapshot
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    cfg: FactoryConfig
+    origin: str  # in words, for the one line every command prints
+    write: bool  # whether W/config.yaml must be (re)written
+    before: dict[str, Any] | None  # the saved config this replaces, if any
+
+
+def _describe(config: str) -> str:
+    if config == DEFAULTS:
+        return "built-in defaults (the paper's settings)"
+    return f"config file {config}" if Path(config).suffix in (".yaml", ".yml") else f"preset {config}"
+
+
+def resolve(root: Path, config: str | None, overrides: list[str] | None, *, save: bool = False,
+            fallback: str = DEFAULTS) -> ResolvedConfig:
+    """The config a command on ``root`` runs with; nothing is written here."""
+    snapshot = root / CONFIG_SNAPSHOT
+    saved = read_snapshot(snapshot) if snapshot.is_file() else None
+    sets = f" with --set {' '.join(overrides)}" if overrides else ""
+    if config is None and saved is not None:
+        cfg = config_from_dict(saved, str(snapshot), overrides)
+        if overrides and not save:
+            return ResolvedConfig(cfg, f"{snapshot} ({cfg.name}){sets}, for this command only (--save keeps it)",
+                                  False, saved)
+        return ResolvedConfig(cfg, f"{snapshot} ({cfg.name}){sets}", bool(overrides), saved)
+    chosen = config or fallback
+    cfg = config_from_dict({}, _describe(DEFAULTS), overrides) if chosen == DEFAULTS else load_config(chosen, overrides)
+    return ResolvedConfig(cfg, f"{_describe(chosen)}{sets}", True, saved)
+
+
+def changes(before: dict[str, Any] | None, after: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every value that differs between two config dicts."""
+    if before is None:
+        return []
+    out = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def config_line(resolved: ResolvedConfig, root: Path) -> str:
+    """The line a command prints about its config."""
+    if not resolved.write:
+        return f"config: {resolved.origin}"
+    if resolved.before is None:
+        return f"config: {resolved.origin}; saved as {root / CONFIG_SNAPSHOT}"
+    changed = changes(resolved.before, resolved.cfg.model_dump(mode="json", by_alias=True))
+    if not changed:
+        return f"config: {resolved.origin}; {root / CONFIG_SNAPSHOT} unchanged"
+    shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+    return f"config: {resolved.origin}; {root / CONFIG_SNAPSHOT} CHANGED (later commands use it): {shown}"
+
+
+def start(root: Path, resolved: ResolvedConfig) -> Workdir:
+    """Create the workdir, save its config if it changed, and point Prefect and MLflow at it."""
+    from dermt2im.core.fileio import atomic_write_text
+
+    w = Workdir.at(root)
+    configure_runtime(w)
+    if resolved.write:
+        atomic_write_text(w.root / CONFIG_SNAPSHOT, resolved.cfg.as_yaml())
+    return w.using(resolved.cfg)
+
+
+def setup_output() -> None:
+    """Logging and progress for a terminal: rich bars and log lines on an interactive one, plain
+    timestamped log lines (progress every few seconds) when the output is a file or a pipe."""
+    from dermt2im.core import progress
+    from dermt2im.core.quiet import quiet_libraries
+
+    quiet_libraries()
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        from dermt2im.progress_bar import RichReporter
+
+        console = Console(stderr=True)
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", force=True,
+                            handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)])
+        progress.use(RichReporter(console))
+    else:
+        logging.basicConfig(level=logging.INFO, format=fmt, force=True)
+        progress.use(progress.LogReporter())
+    quiet_libraries()  # basicConfig(force=True) leaves logger levels alone; this keeps the chatty ones down
+
+
+def format_result(result: Any, indent: int = 2) -> str:
+    """A flow's result (nested dicts) as indented ``key: value`` lines."""
+    lines = []
+    if isinstance(result, dict):
+        for k, v in result.items():
+            if isinstance(v, dict):
+                lines.append(" " * indent + f"{k}:")
+                lines.append(format_result(v, indent + 2))
+            else:
+                lines.append(" " * indent + f"{k}: {v}")
+    return "\n".join(lines)
+
+
+class PrefectServerUnstartable(DermT2imError, RuntimeError):
+    pass
+
+
+def start_prefect_server(echo: Any, attempts: int = 3) -> None:
+    """Start Prefect's temporary local server before the flow needs it, saying so, and try again
+    (twice as patiently) when a busy machine makes it miss its start-up timeout; a server that
+    timed out is stopped first, so no half-started one is left behind. A configured
+    PREFECT_API_URL (a real server) needs none of this."""
+    import os
+
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    timeout = int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120)
+    for attempt in range(1, attempts + 1):
+        echo(f"starting Prefect's temporary local server (waiting up to {timeout} s) ...")
+        server = SubprocessASGIServer()
+        try:
+            server.start(timeout=timeout)
+            return
+        except RuntimeError as err:
+            if "Timed out" not in str(err):
+                raise
+            server.stop()
+            echo(f"  it did not answer within {timeout} s (a busy machine?)" + ("; trying again" if attempt < attempts else ""))
+            timeout *= 2
+    raise PrefectServerUnstartable(
+        f"Prefect's temporary server did not start in {attempts} attempts. Start one yourself "
+        "(`prefect server start --host 127.0.0.1`) and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+    )
