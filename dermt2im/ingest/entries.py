@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from dermt2im.core.workdir import is_workdir
 from dermt2im.ingest import isic_formats
 from dermt2im.ingest.layouts import (
     _SPEC_BY_LAYOUT,
@@ -40,11 +41,12 @@ class Entry:
 
 
 def scan_images(root: Path, extensions: Iterable[str]) -> list[str]:
-    """Absolute paths of every file under ``root`` with an image extension, sorted."""
+    """Absolute paths of every file under ``root`` with an image extension, sorted. Factory workdirs
+    below ``root`` (folders holding the workdir marker) are never entered."""
     exts = {e.lower() for e in extensions}
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not is_workdir(os.path.join(dirpath, d)))
         for name in filenames:
             path = os.path.join(dirpath, name)
             if os.path.splitext(name)[1].lower() in exts and os.path.isfile(path):

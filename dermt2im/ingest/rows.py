@@ -21,7 +21,9 @@ GONE_REASON = "file not found: no longer in the source"
 def _row(
     entry: Entry, plan: LayoutPlan, label: str | None, problem: str | None, facts: FileFacts | None
 ) -> dict[str, Any]:
-    problem = problem or (facts.problem if facts else None)
+    # a generated image is never real, whatever else is wrong with it: that reason comes first
+    synthetic = f"synthetic: {facts.provenance}" if facts is not None and facts.synthetic else None
+    problem = synthetic or problem or (facts.problem if facts else None)
     return {
         "sample_id": facts.sample_id if facts else None,
         "source_path": entry.path,
@@ -41,6 +43,7 @@ def _row(
         "processed_path": None,
         "preprocess_key": None,
         "hair_fraction": None,
+        "provenance": facts.provenance if facts else None,
     }
 
 

@@ -30,6 +30,7 @@ from dermt2im.core.manifest import (
     write_manifest,
 )
 from dermt2im.core.specs import IngestConfig
+from dermt2im.core.workdir import WORKDIR_MARKER
 from dermt2im.ingest.entries import read_entries, scan_images
 from dermt2im.ingest.files import _decode_cache
 from dermt2im.ingest.labels import label_map as make_label_map
@@ -135,7 +136,7 @@ def ingest_source(
 # --------------------------------------------------------------------------------------------------
 # the stage
 
-INGEST_MODULES = ("labels", "layouts", "entries", "files", "rows", "splits", "stage", "isic_formats")
+INGEST_MODULES = ("labels", "layouts", "entries", "files", "rows", "splits", "stage", "isic_formats", "provenance")
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,8 @@ class IngestStage:
         source = Path(d.source)
         root = source if source.is_dir() else source.parent
         modules = [importlib.import_module(f"dermt2im.ingest.{m}") for m in INGEST_MODULES]
-        return content_key("ingest", tree_listing(root), spec_digest(self.cfg), d.layout, d.split, d.manifest,
+        return content_key("ingest", tree_listing(root, skip_marked=WORKDIR_MARKER), spec_digest(self.cfg), d.layout,
+                           d.split, d.manifest,
                            code_digest(*modules))
 
     def finished(self, d: Dataset) -> dict[str, Any] | None:
