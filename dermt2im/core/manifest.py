@@ -305,6 +305,22 @@ SYNTHETIC = register(
             .append(pa.field("saturated_fraction", pa.float64()))
             .append(pa.field("lesion_contrast", pa.float64()))
             .append(_s("duplicate_of"))  # sample_key of the kept image for exact / near duplicates
+            # "dermt2im" for the factory's own renders (null in older manifests: the same), else the
+            # name given to `dermt2im import-synthetic`; imported rows carry what their metadata said
+            .append(_s("source"))
+            .append(_s("generator"))  # AUTOMATIC1111, ComfyUI, ... (imports)
+            .append(_s("model_hash"))
+            .append(_s("generation_parameters"))  # the metadata text as found
+            # the gate's detectors (dermt2im.quality.checks): comma-separated flags and each score
+            .append(_s("flags"))
+            .append(pa.field("face_score", pa.float64()))
+            .append(pa.field("text_score", pa.float64()))
+            .append(pa.field("ruler_score", pa.float64()))
+            .append(pa.field("ink_score", pa.float64()))
+            .append(pa.field("frame_score", pa.float64()))
+            .append(pa.field("hair_fraction", pa.float64()))
+            .append(pa.field("audit_inliers", pa.int64()))  # SIFT matches verified with the nearest seed
+            .append(_s("audit_method"))  # geometric | global
         ),
     )
 )

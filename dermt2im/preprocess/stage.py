@@ -30,9 +30,10 @@ from dermt2im.core.specs import PreprocessConfig
 from dermt2im.preprocess.pool import TEXT_HAIR, TEXT_KEY, _Job, run_jobs, worker_count
 
 # Bump when the processing changes its output for the same parameters: it is part of every key.
-ALGORITHM_VERSION = "1"
+ALGORITHM_VERSION = "2"  # 2: shape-verified hair (dots, globules and network are kept), full-resolution fill
 log = logging.getLogger(__name__)
-_HAIR_PARAMS = ("hair_kernel_size", "hair_threshold", "inpaint_radius", "inpaint_method")
+_HAIR_PARAMS = ("hair_kernel_size", "hair_threshold", "hair_line_threshold", "hair_line_length", "hair_min_length",
+                "hair_min_elongation", "inpaint_radius", "inpaint_method")
 
 
 def preprocess_key(sample_id: str, cfg: PreprocessConfig) -> str:
