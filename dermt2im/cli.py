@@ -220,6 +220,27 @@ def quality(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, ove
     _run(QualityStage(w, cfg.quality))  # saving the verdicts also folds in rows workers appended as parts
 
 
+@app.command("import-synthetic")
+def import_synthetic(
+    source: Annotated[Path, typer.Argument(help="folder of generated images: class folders, or a CSV of file,label")],
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    name: Annotated[str, typer.Option("--name", help="the set's name: its rows get source = NAME")] = "",
+    layout: Annotated[str, typer.Option(help="auto | folders | csv")] = "auto",
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Import an external synthetic set into W's synthetic manifest, then gate and audit it like the
+    factory's own renders (validate.synthetic_sources can then restrict a regime to it)."""
+    if not name:
+        raise typer.BadParameter("give the set a name", param_hint="--name")
+    w, cfg = _setup(workdir, config, overrides)
+    from dermt2im.generate.imports import ImportStage
+    from dermt2im.quality.stage import QualityStage
+
+    _run(ImportStage(w, cfg.ingest, source, name, layout))
+    _run(QualityStage(w, cfg.quality))
+
+
 @app.command()
 def export(
     out: Annotated[Path, typer.Argument(help="output folder")],

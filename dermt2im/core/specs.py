@@ -204,6 +204,10 @@ class ValidateConfig(Strict):
     tiny: bool = False
     regimes: tuple[str, ...] = ("baseline", "hybrid")
     synthetic_ratio: float = Field(0.75, ge=0, le=1)
+    synthetic_sources: tuple[str, ...] = Field(
+        (), description="synthetic sources a regime draws from, side by side: each regime that uses synthetic "
+        "images runs once per source named here (as 'hybrid@NAME'); empty: every source pooled. 'dermt2im' is "
+        "the factory's own renders, other names are sets brought in with `dermt2im import-synthetic`")
     sweep_ratios: tuple[float, ...] = ()
     sweep_settings: tuple[Literal["constant", "additive"], ...] = ("constant", "additive")
     seeds: tuple[int, ...] = (0, 1, 2)

@@ -20,8 +20,8 @@ different lesion (0.21 up). So, two steps, which keep thousands against thousand
 
 When geometry cannot decide, the global check does (distance below ``quality.memorisation_threshold``):
 an image or nearest seed too plain for keypoints (fewer than ``MIN_KEYPOINTS``), or one under
-``MIN_SIDE`` px that no candidate verified (upscaled 64-128 px images have keypoints on interpolation
-and JPEG artefacts that a copy does not reproduce). All accepted seeds (every split) count: a
+``MIN_SIDE`` px without twice the inliers (upscaled 32-128 px images have keypoints on interpolation
+and JPEG artefacts that a copy does not reproduce, and simple shapes line up by chance). All accepted seeds (every split) count: a
 near-copy of a validation or test image would leak it into training as well.
 """
 
@@ -44,6 +44,9 @@ RATIO = 0.75  # at 0.8 a quarter of unrelated pairs reach 20 matches; copies kee
 RANSAC_PX = 3.0  # reprojection tolerance at WORK_SIDE
 MIN_KEYPOINTS = 40
 MIN_SIDE = 256
+# Below MIN_SIDE keypoints sit on upscaling artefacts, and simple drawn lesions of one shape reach
+# 15-16 consistent matches: geometry alone needs twice the inliers there, else the global check decides.
+SMALL_IMAGE_FACTOR = 2
 TOP_K = 5  # the true seed was the nearest for every planted real-seed copy; 5 is margin
 
 
@@ -247,9 +250,10 @@ def audit_image(rgb: np.ndarray, index: SeedIndex, *, min_inliers: int = 15, glo
                 n = inliers(feats, index.features[seed], min_inliers)
                 if n > best:
                     best, pos = n, p
-    if best >= min_inliers:
-        return AuditResult(int(cands[pos]), float(dists[pos]), best, True, "geometric")
     nearest = index.features[cands[0]]
-    if min(feats.side, nearest.side) < MIN_SIDE or not (feats.matchable and nearest.matchable):
-        return AuditResult(int(cands[0]), float(dists[0]), 0, bool(dists[0] < global_threshold), "global")
+    small = min(feats.side, nearest.side, index.features[cands[pos]].side) < MIN_SIDE
+    if best >= min_inliers * (SMALL_IMAGE_FACTOR if small else 1):
+        return AuditResult(int(cands[pos]), float(dists[pos]), best, True, "geometric")
+    if small or not (feats.matchable and nearest.matchable):
+        return AuditResult(int(cands[0]), float(dists[0]), best, bool(dists[0] < global_threshold), "global")
     return AuditResult(int(cands[pos]), float(dists[pos]), best, False, "geometric")

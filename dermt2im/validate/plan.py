@@ -72,6 +72,12 @@ def plan_mixtures(inputs: ValidationInputs, spec: ValidateConfig) -> tuple[list[
         raise ValidationError(str(err)) from err
     if not specs:
         raise ValidationError("validate.regimes is empty and no sweep is configured")
+    unknown = sorted({r.synthetic_source for r in specs if r.synthetic_source} - set(inputs.synthetic_sources))
+    if unknown:
+        raise ValidationError(
+            f"synthetic source(s) {', '.join(map(repr, unknown))} (validate.synthetic_sources or a regime's @NAME) "
+            f"are not in the synthetic manifest, which holds: {', '.join(inputs.synthetic_sources) or 'nothing'}; "
+            "import a set with `dermt2im import-synthetic SOURCE --name NAME`")
     mixtures: list[rg.Mixture] = []
     skipped: dict[str, str] = {}
     for regime in specs:
@@ -101,7 +107,8 @@ def comparison_key(spec: ValidateConfig, inputs: ValidationInputs) -> str:
         spec.model_dump(mode="json", exclude={"test_sets", "segmentation_samples", "sam_model"}),
         identity.frame_digest(inputs.real_train, ["path", "label", "key"]),
         identity.frame_digest(inputs.real_val, ["path", "label", "key"]) if len(inputs.real_val) else "none",
-        identity.frame_digest(inputs.synthetic, ["path", "label", "sha256"]) if len(inputs.synthetic) else "none",
+        identity.frame_digest(inputs.synthetic, ["path", "label", "sha256", "synthetic_source"])
+        if len(inputs.synthetic) else "none",
         {name: ts.digest for name, ts in sorted(inputs.test_sets.items())},
         code_digest(),
     )

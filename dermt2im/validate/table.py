@@ -78,7 +78,9 @@ def child_frame(tracker: Tracker, parent_run_id: str) -> pd.DataFrame:
             if len(parts) == 3 and parts[0] == "test":
                 per_set[parts[1]][parts[2]] = v
         for test_set, vals in per_set.items():
+            source = t.get("synthetic_source") or ("none" if regime == "baseline" else "all")
             rows.append({"model": model, "regime": regime, "seed": seed, "setting": t.get("setting"),
+                         "synthetic_source": source,
                          "synthetic_ratio": float(t.get("synthetic_ratio", "nan")),
                          "n_real": int(t.get("n_real", 0)), "n_synthetic": int(t.get("n_synthetic", 0)),
                          "test_set": test_set, "run_id": r.run_id, **vals})
@@ -102,6 +104,7 @@ def table_iv(children: pd.DataFrame, parent_metrics: dict[str, float]) -> pd.Dat
         g = g.sort_values("seed")
         seeds = [int(s) for s in g["seed"]]
         row = {"model": model, "regime": regime, "setting": g["setting"].iloc[0],
+               "synthetic_source": g["synthetic_source"].iloc[0],
                "synthetic_ratio": float(g["synthetic_ratio"].iloc[0]), "test_set": test_set,
                "n_seeds": len(g), "seeds": ";".join(map(str, seeds)),
                "n_real": float(g["n_real"].mean()), "n_synthetic": float(g["n_synthetic"].mean())}
@@ -164,7 +167,7 @@ def verdicts(children: pd.DataFrame, table: pd.DataFrame, metric: str = PRIMARY)
 def headline(children: pd.DataFrame, lines: list[str], regime: str = "hybrid", skipped: dict | None = None) -> str:
     if skipped and regime in skipped:
         return f"The {regime} regime was not run: {skipped[regime]}."
-    mine = [s for s in lines if f": {regime} " in s]
+    mine = [s for s in lines if f": {regime} " in s or f": {regime}@" in s]
     if not mine:
         return f"No {regime} runs in this comparison."
     wins = sum("beats the baseline" in s for s in mine)
@@ -198,12 +201,13 @@ def markdown(table: pd.DataFrame, lines: list[str], head: str, *, parent_run_id:
         "Threshold 0.5 on P(malignant), fixed; sensitivity and specificity are for malignant. "
         "McNemar: exact two-sided test, baseline vs the regime on the same test images, one p-value per seed.",
         "",
-        "| Model | Regime | Setting | Synthetic share | Test set | Seeds | "
+        "| Model | Regime | Setting | Synthetic share | Synthetic source | Test set | Seeds | "
         + " | ".join(LABELS_SHOWN[m] for m in METRICS) + " | McNemar p vs baseline |",
-        "|" + "---|" * (6 + len(METRICS) + 1),
+        "|" + "---|" * (7 + len(METRICS) + 1),
     ]
     for _, r in table.iterrows():
-        cells = [r["model"], r["regime"], str(r["setting"]), f"{r['synthetic_ratio']:.0%}", r["test_set"],
+        cells = [r["model"], r["regime"], str(r["setting"]), f"{r['synthetic_ratio']:.0%}",
+                 str(r.get("synthetic_source", "")), r["test_set"],
                  str(r["n_seeds"])] + [_fmt(r, m) for m in METRICS]
         cells.append(r["mcnemar_p_values"].replace(";", ", ") if r["mcnemar_p_values"] else "–")
         out.append("| " + " | ".join(cells) + " |")
