@@ -115,6 +115,11 @@ def test_validation_restricted_to_a_source_uses_exactly_its_images(external, wor
     table = pd.read_csv(workdir.reports / "table_iv.csv")
     assert set(zip(table["regime"], table["synthetic_source"])) == {("baseline", "none"), ("hybrid@ext", "ext")}
     assert report.runs == 2 and "Synthetic source" in report.table_path.read_text()
+    from mlflow import MlflowClient  # the shortcut audit sits on the comparison's parent run
+
+    parent = MlflowClient().get_run(report.parent_run_id)
+    assert parent.data.metrics["flag_rate.ext.benign.ruler"] == 0.0 and "dermt2im.shortcuts" in parent.data.tags
+    assert {a.path for a in MlflowClient().list_artifacts(report.parent_run_id, "quality")} >= {"quality/quality.json"}
 
     with pytest.raises(ValidationError, match="'elsewhere'.*not in the synthetic manifest"):
         plan_mixtures(load_inputs(workdir), tiny_config(synthetic_sources=["elsewhere"]).validation)
