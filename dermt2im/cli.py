@@ -130,8 +130,10 @@ def preprocess(
     if not storage.is_file(manifest):
         typer.secho(f"error: {manifest} does not exist: run `dermt2im ingest` first", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    _run(PreprocessStage(cfg.preprocess, {test_set or "seeds": manifest}, w.processed,
-                         max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers))
+    closing = _run(PreprocessStage(cfg.preprocess, {test_set or "seeds": manifest}, w.processed,
+                                   max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers))
+    for summary in closing.values():
+        _echo(summary["hair_text"])
 
 
 @app.command()

@@ -73,6 +73,8 @@ SEEDS = ManifestSchema(
             _s("processed_path"),
             _s("preprocess_key"),  # hash of (sample_id, preprocess params) that produced processed_path
             pa.field("hair_fraction", pa.float64()),
+            # share of pixels hair removal moved by more than 10 grey levels (the preprocess report's figure)
+            pa.field("hair_changed_fraction", pa.float64()),
             # generator named by the file's metadata ("AUTOMATIC1111, Steps 20, ..."; such rows are
             # quarantined as synthetic); "" when it names none; null in manifests made before
             _s("provenance"),

@@ -14,7 +14,7 @@ from dermt2im.ingest.labels import resolve_label
 from dermt2im.ingest.layouts import LayoutPlan, _shown
 
 ACCEPTED, QUARANTINED = "accepted", "quarantined"
-PREPROCESS_COLUMNS: tuple[str, ...] = ("processed_path", "preprocess_key", "hair_fraction")
+PREPROCESS_COLUMNS: tuple[str, ...] = ("processed_path", "preprocess_key", "hair_fraction", "hair_changed_fraction")
 GONE_REASON = "file not found: no longer in the source"
 
 
@@ -43,6 +43,7 @@ def _row(
         "processed_path": None,
         "preprocess_key": None,
         "hair_fraction": None,
+        "hair_changed_fraction": None,
         "provenance": facts.provenance if facts else None,
     }
 

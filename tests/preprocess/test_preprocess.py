@@ -29,7 +29,7 @@ from dermt2im.preprocess.stage import (
     preprocess_manifest,
 )
 
-FILLED = ["processed_path", "preprocess_key", "hair_fraction"]
+FILLED = ["processed_path", "preprocess_key", "hair_fraction", "hair_changed_fraction"]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
