@@ -126,6 +126,7 @@ def write_quality_reports(workdir: Workdir, df: pd.DataFrame, q: QualityConfig,
            "No accepted, preprocessed seeds in this workdir: the cuts below are the config's or the fixed "
            "fallbacks, and no real-seed counts exist.", ""]
     cut_of = {c["check"]: c for c in gate.get("cuts", [])}
+    cut_of.setdefault("saturated", {"cut": q.max_saturated_fraction, "origin": "set in the config"})
     rows = [{"check": check, "cut": cut_of[check]["cut"] if check in cut_of else "", "origin":
              cut_of[check]["origin"] if check in cut_of else "config", "seeds rejected": v.get("rejected", 0)}
             for check, v in seed_checks.items() if check not in FLAGS]
