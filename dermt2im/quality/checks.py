@@ -31,6 +31,10 @@ import cv2
 import numpy as np
 
 from dermt2im.core.specs import FLAGS, QualityConfig
+from dermt2im.preprocess.hair import hair_mask
+from dermt2im.quality.detectors import face_score, fit, frame_score, ink_score
+from dermt2im.quality.rulers import detect_rulers
+from dermt2im.quality.text import text_score
 
 WORK_SIZE = 256
 HF_CUTOFF = 0.25  # cycles / pixel: half the Nyquist frequency
@@ -191,11 +195,6 @@ def measure_reason(m: dict[str, float], cfg: QualityConfig) -> str | None:
 
 def detector_scores(rgb: np.ndarray, cfg: QualityConfig) -> dict[str, float]:
     """Every detector's score (``SCORE_COLUMNS``) on one image."""
-    from dermt2im.preprocess.hair import hair_mask
-    from dermt2im.quality.detectors import face_score, fit, frame_score, ink_score
-    from dermt2im.quality.rulers import detect_rulers
-    from dermt2im.quality.text import text_score
-
     img = fit(rgb)
     rulers = detect_rulers(img)
     flagged = [r for r in rulers if r.score > cfg.max_ruler_score]  # labels beside them are the ruler's
