@@ -165,3 +165,17 @@ def test_validation_refuses_a_real_image_byte_identical_to_a_synthetic_one(workd
         load_inputs(workdir)
     write_manifest(data.synthetic.iloc[1:], workdir.synthetic_manifest, SYNTHETIC)
     load_inputs(workdir)  # once the synthetic row is gone, nothing is refused
+
+
+def test_invokeai_and_fooocus_metadata_are_read():
+    import json
+
+    invoke = {"positive_prompt": "a nevus", "negative_prompt": "text", "width": 512, "height": 512, "seed": 7,
+              "cfg_scale": 7.5, "steps": 30, "scheduler": "euler", "model": {"name": "sd-1.5", "hash": "blake3:ab12"}}
+    found = read_generation(png_with(pixels(1), {"invokeai_metadata": json.dumps(invoke)}))
+    assert (found.generator, found.steps, found.sampler, found.cfg, found.model_hash) == \
+        ("InvokeAI", 30, "euler", 7.5, "blake3:ab12")
+    fooocus = {"prompt": "a mole", "steps": 30, "sampler": "dpmpp_2m_sde_gpu", "guidance_scale": 4, "seed": 3,
+               "resolution": "(1024, 1024)", "base_model": "juggernautXL"}
+    found = read_generation(png_with(pixels(2), {"parameters": json.dumps(fooocus), "fooocus_scheme": "fooocus"}))
+    assert (found.generator, found.width, found.model) == ("Fooocus", 1024, "juggernautXL")
