@@ -28,12 +28,10 @@ from dermt2im.core.fileio import sha256_file
 from dermt2im.core.manifest import SEEDS, write_manifest
 from dermt2im.core.specs import PreprocessConfig
 from dermt2im.phantoms import make_phantoms
-from dermt2im.preprocess.stage import (
-    preprocess_manifest,
-    resize_center_crop,
-    scaled_kernel_size,
-    worker_count,
-)
+from dermt2im.preprocess.hair import scaled
+from dermt2im.preprocess.pool import worker_count
+from dermt2im.preprocess.resize import resize_center_crop
+from dermt2im.preprocess.stage import preprocess_manifest
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-dermoscopy" / "images"
 
@@ -55,7 +53,7 @@ def _pixels(path: Path) -> int:
 def plain_dullrazor(path: Path, cfg: PreprocessConfig, out: Path) -> None:
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    k = scaled_kernel_size(cfg, min(grey.shape))
+    k = scaled(cfg.hair_kernel_size, min(grey.shape), odd=True, minimum=3)
     blackhat = cv2.morphologyEx(grey, cv2.MORPH_BLACKHAT, cv2.getStructuringElement(cv2.MORPH_CROSS, (k, k)))
     _, mask = cv2.threshold(blackhat, cfg.hair_threshold, 255, cv2.THRESH_BINARY)
     restored = cv2.inpaint(bgr, mask, cfg.inpaint_radius, cv2.INPAINT_TELEA)

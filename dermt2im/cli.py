@@ -197,8 +197,11 @@ def preprocess(
     manifest = w.test_set_manifest(test_set) if test_set else w.seeds_manifest
     if not storage.is_file(manifest):
         _fail(f"{manifest} does not exist: run `dermt2im ingest` first")
-    _run(PreprocessStage(cfg.preprocess, {test_set or "seeds": manifest}, w.processed,
-                         max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers, locks=w.locks))
+    closing = _run(PreprocessStage(cfg.preprocess, {test_set or "seeds": manifest}, w.processed,
+                                   max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers,
+                                   locks=w.locks))
+    for summary in closing.values():
+        _echo(summary["hair_text"])
 
 
 @command()
@@ -292,6 +295,28 @@ def quality(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, ove
     from dermt2im.quality.stage import QualityStage
 
     _run(QualityStage(w, cfg.quality))  # saving the verdicts also folds in rows workers appended as parts
+
+
+@command("import-synthetic")
+def import_synthetic(
+    source: Annotated[Path, typer.Argument(help="folder of generated images: class folders, or a CSV of file,label")],
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    name: Annotated[str, typer.Option("--name", help="the set's name: its rows get source = NAME")] = "",
+    layout: Annotated[str, typer.Option(help="auto | folders | csv")] = "auto",
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    save: SaveOpt = False,
+) -> None:
+    """Import an external synthetic set into W's synthetic manifest, then gate and audit it like the
+    factory's own renders (validate.synthetic_sources can then restrict a regime to it)."""
+    if not name:
+        raise typer.BadParameter("give the set a name", param_hint="--name")
+    w, cfg = _session(workdir, config, overrides, save, existing=False)
+    from dermt2im.generate.imports import ImportStage
+    from dermt2im.quality.stage import QualityStage
+
+    _run(ImportStage(w, cfg.ingest, source, name, layout))
+    _run(QualityStage(w, cfg.quality))
 
 
 @command()

@@ -33,6 +33,7 @@ METADATA_COLUMNS = [
     "file_name",
     "label",
     "sample_key",
+    "source",
     "prompt",
     "negative_prompt",
     "transformation",
@@ -122,7 +123,8 @@ def export_imagefolder(
             src = storage.resolve(r["path"], workdir.root)  # a local path or an image-store URL
             if not storage.is_file(src):
                 raise ExportError(f"{r['sample_key']}: {src} is missing (render again with `dermt2im generate`)")
-            rel = f"{r['label']}/{r['sample_key']}.png"
+            suffix = Path(str(r["path"])).suffix.lower() or ".png"  # an imported set may hold JPEGs
+            rel = f"{r['label']}/{r['sample_key']}{suffix}"
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             if storage.is_remote(src):  # one read: the bytes checked are the bytes written
@@ -134,7 +136,8 @@ def export_imagefolder(
                 if r.get("sha256") and sha256_file(src) != r["sha256"]:
                     raise ExportError(f"{r['sample_key']}: {src} does not match its recorded sha256")
                 shutil.copyfile(src, dst)
-            records.append({**{c: r.get(c) for c in METADATA_COLUMNS}, "file_name": rel})
+            records.append({**{c: r.get(c) for c in METADATA_COLUMNS}, "file_name": rel,
+                            "source": r.get("source") or "dermt2im"})
         meta = pd.DataFrame(records, columns=METADATA_COLUMNS)
         meta.to_csv(tmp / "metadata.csv", index=False)
         (tmp / MARKER).write_text(json.dumps({"workdir": str(workdir.root), "images": len(meta),

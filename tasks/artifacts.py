@@ -99,12 +99,33 @@ def publish_quality(workdir: Workdir, assessed: dict[str, Any]) -> list[str]:
     if table:
         create_table_artifact(table=table, key="generate-counts", description="accepted / rejected by reason, per class")
         made.append("generate-counts")
+    made += publish_shortcuts(workdir)
     for name, path in _png_files(assessed).items():
         key = artifact_key("generate", name)
         create_markdown_artifact(key=key, markdown="\n".join(_figure(path, name.replace("_", " "))),
                                  description=f"{name}: {path}")
         made.append(key)
     return made
+
+
+def publish_shortcuts(workdir: Workdir) -> list[str]:
+    """The shortcut audit as a table: each flag's rate per class among accepted synthetic images (per
+    source) and real seeds; the flags called out by name in the description."""
+    import json
+
+    try:
+        quality = json.loads((workdir.reports / "quality.json").read_text())
+    except (OSError, ValueError):
+        return []
+    rows = [{"images": r["images"], "class": r["label"], "n": r["n"],
+             **{f: round(float(r[f]), 4) for f in ("ruler", "ink", "frame", "hair", "text") if r["n"]}}
+            for r in quality.get("flag_rates", [])]
+    if not rows:
+        return []
+    called = quality.get("shortcuts") or ["no flag differs strongly between benign and malignant"]
+    create_table_artifact(table=rows, key="quality-shortcuts",
+                          description="flag rates per class (shortcut audit): " + "; ".join(called))
+    return ["quality-shortcuts"]
 
 
 def mlflow_link(tracking: TrackingConfig, workdir: Workdir, experiment_id: str, run_id: str) -> str:

@@ -10,7 +10,8 @@ runner = CliRunner()
 
 def test_help_lists_every_stage():
     out = runner.invoke(app, ["--help"]).output
-    for cmd in ("phantoms", "ingest", "preprocess", "train", "generate", "quality", "export", "validate", "report", "run"):
+    for cmd in ("phantoms", "ingest", "preprocess", "train", "generate", "quality", "export", "validate", "report", "run",
+                "import-synthetic"):
         assert cmd in out
 
 
@@ -130,3 +131,28 @@ def test_progress_is_logged_as_plain_lines_when_not_on_a_terminal(tmp_path):
     assert "ingest ph: 6/6 files in " in r.output and "files/s" in r.output
     r = runner.invoke(app, ["preprocess", "-w", str(w)])
     assert "preprocess seeds: 6/6 images in " in r.output
+
+
+def test_import_synthetic_without_seeds_says_the_audit_was_skipped(tmp_path):
+    from tests.ingest.provenance_fixtures import a1111_png
+
+    for i, label in enumerate(("benign", "malignant", "benign")):
+        (tmp_path / "sd" / label).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sd" / label / f"{i}.png").write_bytes(a1111_png(i, size=64))
+    r = runner.invoke(app, ["import-synthetic", str(tmp_path / "sd"), "--workdir", str(tmp_path / "w"), "--name", "sd"])
+    assert r.exit_code == 0, r.output
+    assert "import sd: layout folders" in r.output and "AUTOMATIC1111 3" in r.output
+    assert "memorisation audit: skipped, no seed images to compare" in r.output
+    r = runner.invoke(app, ["import-synthetic", str(tmp_path / "sd"), "--workdir", str(tmp_path / "w"), "--name", "dermt2im"])
+    assert r.exit_code == 2 and "factory's own renders" in r.output and "Traceback" not in r.output
+
+
+def test_ingest_names_generated_images_in_its_summary(tmp_path):
+    from tests.ingest.provenance_fixtures import a1111_png, own_png
+
+    (tmp_path / "src" / "benign").mkdir(parents=True)
+    (tmp_path / "src" / "benign" / "a.png").write_bytes(a1111_png(1))
+    (tmp_path / "src" / "benign" / "b.png").write_bytes(own_png(2))
+    r = runner.invoke(app, ["ingest", str(tmp_path / "src"), "--workdir", str(tmp_path / "w")])
+    assert r.exit_code == 0, r.output
+    assert "2 quarantined" in r.output and "synthetic 2" in r.output

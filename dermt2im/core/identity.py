@@ -114,16 +114,18 @@ def manifest_digest(path: str | Path, kind: Any, columns: list[str] | None = Non
     return h.hexdigest()
 
 
-def tree_listing(root: str | Path, *, skip: Iterable[str] = ()) -> list[tuple[str, int, int]]:
+def tree_listing(root: str | Path, *, skip: Iterable[str] = (), skip_marked: str | None = None) -> list[tuple[str, int, int]]:
     """(relative path, size, mtime_ns) of every file below ``root``: the cheap change detector that
     make and rsync use (ingest hashes every file itself; this only decides whether to look again).
-    Folders named in ``skip`` (relative POSIX paths) are left out."""
+    Folders named in ``skip`` (relative POSIX paths), and folders holding a file named
+    ``skip_marked``, are left out."""
     root = Path(root)
     skipped = set(skip)
     out = []
     for dirpath, dirs, files in os.walk(root):
         rel_dir = Path(dirpath).relative_to(root).as_posix()
-        dirs[:] = [d for d in dirs if (d if rel_dir == "." else f"{rel_dir}/{d}") not in skipped]
+        dirs[:] = [d for d in dirs if (d if rel_dir == "." else f"{rel_dir}/{d}") not in skipped
+                   and not (skip_marked and os.path.isfile(os.path.join(dirpath, d, skip_marked)))]
         for name in files:
             p = Path(dirpath) / name
             try:

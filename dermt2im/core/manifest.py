@@ -74,6 +74,11 @@ SEEDS = ManifestSchema(
             _s("processed_path"),
             _s("preprocess_key"),  # hash of (sample_id, preprocess params) that produced processed_path
             pa.field("hair_fraction", pa.float64()),
+            # share of pixels hair removal moved by more than 10 grey levels (the preprocess report's figure)
+            pa.field("hair_changed_fraction", pa.float64()),
+            # generator named by the file's metadata ("AUTOMATIC1111, Steps 20, ..."; such rows are
+            # quarantined as synthetic); "" when it names none; null in manifests made before
+            _s("provenance"),
         ]
     ),
 )
@@ -341,6 +346,22 @@ SYNTHETIC = register(
             .append(_s("duplicate_of"))  # sample_key of the kept image for exact / near duplicates
             # rendered with the base model alone (--base-model-only): no lesion of a class, never trained on
             .append(pa.field("base_model_only", pa.bool_()))
+            # "dermt2im" for the factory's own renders (null in older manifests: the same), else the
+            # name given to `dermt2im import-synthetic`; imported rows carry what their metadata said
+            .append(_s("source"))
+            .append(_s("generator"))  # AUTOMATIC1111, ComfyUI, ... (imports)
+            .append(_s("model_hash"))
+            .append(_s("generation_parameters"))  # the metadata text as found
+            # the gate's detectors (dermt2im.quality.checks): comma-separated flags and each score
+            .append(_s("flags"))
+            .append(pa.field("face_score", pa.float64()))
+            .append(pa.field("text_score", pa.float64()))
+            .append(pa.field("ruler_score", pa.float64()))
+            .append(pa.field("ink_score", pa.float64()))
+            .append(pa.field("frame_score", pa.float64()))
+            .append(pa.field("hair_fraction", pa.float64()))
+            .append(pa.field("audit_inliers", pa.int64()))  # SIFT matches verified with the nearest seed
+            .append(_s("audit_method"))  # geometric | global
         ),
         optional=("base_model_only",),
     )

@@ -74,9 +74,13 @@ class IngestConfig(Strict):
 class PreprocessConfig(Strict):
     size: int = Field(512, ge=16, description="output side length: resize the short side, centre-crop")
     hair_removal: bool = True
-    # DullRazor (Lee et al. 1997) as commonly implemented with OpenCV: black-hat on grey, threshold, inpaint.
-    hair_kernel_size: int = Field(17, ge=3, description="structuring element side, in pixels at 512 px")
-    hair_threshold: int = Field(12, ge=1, le=255, description="black-hat response above which a pixel is hair")
+    # DullRazor (Lee et al. 1997) with its shape verification (dermt2im.preprocess.hair); sizes at 512 px
+    hair_kernel_size: int = Field(17, ge=3, description="black-hat structuring element: wider than any hair")
+    hair_threshold: int = Field(10, ge=1, le=255, description="black-hat response of a hair candidate pixel")
+    hair_line_threshold: int = Field(15, ge=1, le=255, description="line evidence that starts a hair")
+    hair_line_length: int = Field(31, ge=3, description="straight segment a hair contains and network meshes do not")
+    hair_min_length: int = Field(60, ge=1, description="long side of a kept hair component")
+    hair_min_elongation: float = Field(8.0, gt=0, description="length / mean width of a kept hair component")
     inpaint_radius: int = Field(5, ge=1)
     inpaint_method: Literal["telea", "ns"] = "telea"
 
@@ -166,20 +170,55 @@ class GenerateConfig(Strict):
         return self
 
 
+Flag = Literal["face", "text", "ruler", "ink", "frame", "hair"]
+FLAGS: tuple[Flag, ...] = ("face", "text", "ruler", "ink", "frame", "hair")
+
+
 class QualityConfig(Strict):
-    min_std: float = Field(8.0, ge=0, description="below this grey-level std the image is blank / low contrast")
+    """The quality gate (``dermt2im.quality.checks``) and the memorisation audit (``quality.audit``).
+
+    The four cuts of the image-measure checks (``min_std``, ``max_high_frequency_ratio``,
+    ``min_sharpness``, ``min_lesion_contrast``) are calibrated on the accepted seeds when left empty
+    (``dermt2im.quality.calibrate``); a number given here is used as it is.
+    """
+
+    min_std: float | None = Field(None, ge=0, description="below this grey-level std the image is blank / low "
+                                  "contrast; empty: the seeds' 1st percentile / 2")
     max_saturated_fraction: float = Field(0.5, ge=0, le=1)
-    max_high_frequency_ratio: float = Field(
-        0.35, ge=0, le=1, description="noise-like above this (white noise ~0.8, skin photographs < 0.2)"
-    )
-    min_sharpness: float = Field(5.0, ge=0, description="variance of the Laplacian; blurrier is rejected")
+    max_high_frequency_ratio: float | None = Field(
+        None, ge=0, le=1, description="noise-like above this (white noise ~0.8, skin photographs < 0.2); empty: "
+        "the seeds' 99th percentile x 2")
+    min_sharpness: float | None = Field(None, ge=0, description="variance of the Laplacian; blurrier is rejected; "
+                                        "empty: the seeds' 1st percentile / 4 (generated images are softer)")
     min_lesion_fraction: float = Field(0.005, ge=0, le=1)
     max_lesion_fraction: float = Field(0.95, ge=0, le=1)
-    min_lesion_contrast: float = Field(
-        10.0, ge=0, description="grey levels by which the (smoothed) lesion must be darker than the skin around it"
-    )
-    near_duplicate_hamming: int = Field(4, ge=0, le=64)
-    memorisation_threshold: float = Field(0.1, ge=0, description="embedding distance below which a sample is a near-copy")
+    min_lesion_contrast: float | None = Field(
+        None, ge=0, description="grey levels by which the (smoothed) lesion must be darker than the skin around it; "
+        "empty: the seeds' 1st percentile / 2")
+    # what a curator discards or notes (dermt2im.quality.detectors / rulers / text); a score above its
+    # threshold sets the flag, and a flag named in reject_flags rejects the image
+    max_face_score: float = Field(12.0, ge=0, description="Haar face score (two cascades + eyes) above which a face is found")
+    max_text_score: float = Field(0.6, ge=0, le=1, description="text-line probability above which text is found")
+    max_ruler_score: float = Field(0.7, ge=0, le=1, description="tick periodicity above which a ruler is found")
+    max_ink_score: float = Field(2.5, ge=0, description="per mille of the image in violet / blue strokes")
+    max_frame_score: float = Field(10.0, ge=0, le=100, description="% of the border ring that is black")
+    max_hair_fraction: float = Field(0.01, ge=0, le=1, description="share of pixels the hair detector finds")
+    reject_flags: tuple[Flag, ...] = Field(
+        ("face", "text"), description="flags that reject; rulers, ink, frames and hair also occur in real "
+        "dermoscopy, so by default they are only recorded (and their per-class rates audited)")
+    balance_flags: bool = Field(
+        False, description="reject flagged images of the class where a flag is much more frequent, until the "
+        "benign and malignant rates match (a class-dependent artefact is a shortcut a classifier learns)")
+    shortcut_min_difference: float = Field(
+        0.1, ge=0, le=1, description="benign / malignant difference in a flag's rate from which it is called out")
+    near_duplicate_hamming: int = Field(4, ge=0, le=64, description="pHash bits: a candidate near-duplicate pair")
+    near_duplicate_max_distance: float = Field(
+        0.3, ge=0, description="CIELAB thumbnail distance that confirms a pHash candidate as a near-duplicate")
+    memorisation_min_inliers: int = Field(
+        15, ge=4, description="SIFT matches consistent with one copy geometry that make an image a near-copy of a seed")
+    memorisation_threshold: float = Field(
+        0.1, ge=0, description="global-descriptor distance below which a sample is a near-copy, for images too "
+        "small or plain for keypoints")
     exclude_memorised: bool = True
 
 
@@ -190,6 +229,10 @@ class ValidateConfig(Strict):
     tiny: bool = False
     regimes: tuple[str, ...] = ("baseline", "hybrid")
     synthetic_ratio: float = Field(0.75, ge=0, le=1)
+    synthetic_sources: tuple[str, ...] = Field(
+        (), description="synthetic sources a regime draws from, side by side: each regime that uses synthetic "
+        "images runs once per source named here (as 'hybrid@NAME'); empty: every source pooled. 'dermt2im' is "
+        "the factory's own renders, other names are sets brought in with `dermt2im import-synthetic`")
     sweep_ratios: tuple[float, ...] = ()
     sweep_settings: tuple[Literal["constant", "additive"], ...] = ("constant", "additive")
     seeds: tuple[int, ...] = (0, 1, 2)

@@ -22,6 +22,16 @@ if TYPE_CHECKING:
     from dermt2im.core.config import FactoryConfig
 
 Location = str | Path  # a local path, or an fsspec URL (dermt2im.core.storage)
+# Every workdir holds this file: ingest never scans a folder that does (its images are the factory's
+# own outputs, never real seeds) and refuses one as a SOURCE.
+WORKDIR_MARKER = ".dermt2im-workdir"
+_MARKER_TEXT = ("A derm-t2im factory working directory. Ingest skips every folder holding this file: "
+                "the images below are the factory's own outputs, never real seeds.\n")
+
+
+def is_workdir(folder: str | Path) -> bool:
+    """``folder`` holds the workdir marker."""
+    return (Path(folder) / WORKDIR_MARKER).is_file()
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,8 @@ class Workdir:
     def at(cls, root: str | Path, manifests: str | None = None, images: str | None = None) -> "Workdir":
         w = cls(Path(root).expanduser().resolve(), manifests or None, images or None)
         w.root.mkdir(parents=True, exist_ok=True)
+        if not is_workdir(w.root):
+            atomic_write_text(w.root / WORKDIR_MARKER, _MARKER_TEXT)
         return w
 
     @classmethod

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from dermt2im.core.workdir import is_workdir
 from dermt2im.ingest import isic_formats
 from dermt2im.ingest.layouts import (
     _SPEC_BY_LAYOUT,
@@ -77,7 +78,8 @@ def _symlink_problem(path: str, root: str) -> str | None:
 def scan_source(root: Path, extensions: Iterable[str], skip: Iterable[str] = ()) -> Scan:
     """Every file under ``root`` (folders are walked by hand so that none is passed over silently):
     images with a known extension to read, and the reason for everything else. ``skip``: paths
-    that are no inputs (the layout's own metadata CSV)."""
+    that are no inputs (the layout's own metadata CSV). Factory workdirs (folders holding the
+    workdir marker) are never entered."""
     exts = {e.lower() for e in extensions}
     base = os.path.normpath(str(root))
     skipped = {os.path.normpath(str(s)) for s in skip}
@@ -108,18 +110,14 @@ def scan_source(root: Path, extensions: Iterable[str], skip: Iterable[str] = ())
                 if os.path.isdir(path):
                     continue  # a link to a folder inside the source: that folder is walked as itself
             if entry.is_dir():
-                stack.append(path)
+                if not is_workdir(path):  # a factory workdir below the source: its images are never real seeds
+                    stack.append(path)
             elif os.path.splitext(entry.name)[1].lower() in exts:
                 images.append(path)
             else:
                 kind = os.path.splitext(entry.name)[1].lower() or "no extension"
                 refused[path] = f"not an image file ({kind}): only {', '.join(sorted(exts))} are read"
     return Scan(sorted(images), dict(sorted(refused.items())))
-
-
-def scan_images(root: Path, extensions: Iterable[str]) -> list[str]:
-    """Absolute paths of every image file under ``root``, sorted (``scan_source`` says what else is there)."""
-    return scan_source(root, extensions).images
 
 
 def _within(folder: str, path: str) -> bool:

@@ -14,6 +14,7 @@ from dermt2im.core import progress
 from dermt2im.core.errors import DecodeError
 from dermt2im.core.fileio import sha256_bytes
 from dermt2im.core.imaging import decode_image
+from dermt2im.ingest.provenance import Generation, describe, read_generation
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,13 @@ class FileFacts:
     mode: str | None = None
     exif_rotated: bool | None = None
     problem: str | None = None
+    # what the metadata says about a generator: "" when nothing, None when not looked at
+    provenance: str | None = None
+    generation: Generation | None = None  # parsed, when looked at in this run (never cached)
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.provenance)
 
 
 # decode_image swaps Image.MAX_IMAGE_PIXELS and the warning filters, which are process-global:
@@ -33,16 +41,24 @@ class FileFacts:
 _DECODE_LOCK = threading.Lock()
 
 
+def provenance_facts(data: bytes) -> FileFacts:
+    """What the file's metadata says about a generator (no pixels decoded)."""
+    found = read_generation(data)
+    return FileFacts(None, provenance=describe(found), generation=found)
+
+
 def decode_facts(data: bytes, max_pixels: int) -> FileFacts:
-    """Decode fully (catching truncation) and keep only the facts; the pixels are dropped."""
+    """Decode fully (catching truncation) and keep only the facts, provenance included; the pixels
+    are dropped."""
+    origin = provenance_facts(data)
     try:
         with _DECODE_LOCK:
             img = decode_image(data, max_pixels=max_pixels)
     except DecodeError as err:
-        return FileFacts(None, problem=str(err))
+        return replace(origin, problem=str(err))
     except Exception as err:  # noqa: BLE001 - Pillow's parsers raise assorted errors on corrupt headers
-        return FileFacts(None, problem=f"truncated or corrupt image data: {type(err).__name__}: {err}")
-    return FileFacts(None, img.width, img.height, img.mode, img.exif_rotated)
+        return replace(origin, problem=f"truncated or corrupt image data: {type(err).__name__}: {err}")
+    return replace(origin, width=img.width, height=img.height, mode=img.mode, exif_rotated=img.exif_rotated)
 
 
 class _DecodeOnce:
@@ -74,8 +90,8 @@ def _examine(path: str, decode: bool, decoder: _DecodeOnce) -> FileFacts:
     except OSError as err:
         return FileFacts(None, problem=f"unreadable file: {err.strerror or err}")
     sample_id = sha256_bytes(data)
-    if not decode:
-        return FileFacts(sample_id)
+    if not decode:  # quarantined for another reason; the metadata is still read, it is cheap
+        return replace(provenance_facts(data), sample_id=sample_id)
     return replace(decoder(sample_id, data), sample_id=sample_id)
 
 
@@ -100,10 +116,12 @@ def examine_files(
 
 
 def _decode_cache(rows: Iterable[Mapping[str, Any]]) -> dict[str, FileFacts]:
-    """Image facts already in the manifest, by sample_id: those images need no decoding again."""
+    """Image facts already in the manifest, by sample_id: those images need no decoding again.
+    Rows from before provenance was read (``provenance`` null) are decoded once more."""
     cache: dict[str, FileFacts] = {}
     for r in rows:
-        if r.get("sample_id") and r.get("width") is not None and r.get("mode") is not None:
+        if (r.get("sample_id") and r.get("width") is not None and r.get("mode") is not None
+                and isinstance(r.get("provenance"), str)):
             cache.setdefault(r["sample_id"], FileFacts(r["sample_id"], r["width"], r["height"], r["mode"],
-                                                       bool(r["exif_rotated"])))
+                                                       bool(r["exif_rotated"]), provenance=r["provenance"]))
     return cache

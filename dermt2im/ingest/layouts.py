@@ -28,6 +28,7 @@ import pandas as pd
 
 from dermt2im.core.errors import DermT2imError
 from dermt2im.core.specs import LABELS, IngestConfig
+from dermt2im.core.workdir import WORKDIR_MARKER, is_workdir
 from dermt2im.ingest import isic_formats
 from dermt2im.ingest.labels import label_map, normalise_diagnosis
 
@@ -130,7 +131,7 @@ def _walk_dirs(root: Path) -> list[str]:
     """Every folder under ``root`` as a sorted relative POSIX path."""
     out: list[str] = []
     for dirpath, dirnames, _ in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not is_workdir(os.path.join(dirpath, d)))
         rel = os.path.relpath(dirpath, root)
         out.extend(Path(rel, d).as_posix() if rel != "." else d for d in dirnames)
     return sorted(out)
@@ -175,6 +176,12 @@ def _plan_layout(source: Path, forced: str | None, label_map: Mapping[str, str])
     source = Path(source)
     if not source.exists():
         raise IngestError(f"source not found: {source}")
+    folder = source if source.is_dir() else source.parent
+    if is_workdir(folder):
+        raise IngestError(
+            f"{folder} is a derm-t2im workdir (it holds {WORKDIR_MARKER}): its images are the factory's own "
+            "outputs, never real seeds. Point SOURCE at the folder of real images, and keep --workdir apart "
+            "from it or below it (a workdir below the source is skipped)")
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise IngestError(f"source {source} is a file but not a metadata CSV; give a folder or a .csv")

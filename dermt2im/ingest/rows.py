@@ -16,14 +16,16 @@ from dermt2im.ingest.labels import resolve_label
 from dermt2im.ingest.layouts import LayoutPlan, _shown
 
 ACCEPTED, QUARANTINED = "accepted", "quarantined"
-PREPROCESS_COLUMNS: tuple[str, ...] = ("processed_path", "preprocess_key", "hair_fraction")
+PREPROCESS_COLUMNS: tuple[str, ...] = ("processed_path", "preprocess_key", "hair_fraction", "hair_changed_fraction")
 GONE_REASON = "file not found: no longer in the source"
 
 
 def _row(
     entry: Entry, plan: LayoutPlan, label: str | None, problem: str | None, facts: FileFacts | None
 ) -> dict[str, Any]:
-    problem = problem or (facts.problem if facts else None)
+    # a generated image is never real, whatever else is wrong with it: that reason comes first
+    synthetic = f"synthetic: {facts.provenance}" if facts is not None and facts.synthetic else None
+    problem = synthetic or problem or (facts.problem if facts else None)
     return {
         "sample_id": facts.sample_id if facts else None,
         "source_path": entry.path,
@@ -43,6 +45,8 @@ def _row(
         "processed_path": None,
         "preprocess_key": None,
         "hair_fraction": None,
+        "hair_changed_fraction": None,
+        "provenance": facts.provenance if facts else None,
     }
 
 

@@ -32,6 +32,7 @@ from dermt2im.core.manifest import (
     write_manifest,
 )
 from dermt2im.core.specs import IngestConfig
+from dermt2im.core.workdir import WORKDIR_MARKER
 from dermt2im.core.writers import writer_lock
 from dermt2im.ingest.entries import read_entries, scan_source
 from dermt2im.ingest.files import _decode_cache
@@ -166,7 +167,7 @@ def _reconsidered(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[s
 # --------------------------------------------------------------------------------------------------
 # the stage
 
-INGEST_MODULES = ("labels", "layouts", "entries", "files", "rows", "splits", "stage", "isic_formats")
+INGEST_MODULES = ("labels", "layouts", "entries", "files", "rows", "splits", "stage", "isic_formats", "provenance")
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,8 @@ class IngestStage:
         source = Path(d.source)
         root = source if source.is_dir() else source.parent
         modules = [importlib.import_module(f"dermt2im.ingest.{m}") for m in INGEST_MODULES]
-        return content_key("ingest", tree_listing(root), spec_digest(self.cfg), d.layout, d.split, d.manifest,
+        return content_key("ingest", tree_listing(root, skip_marked=WORKDIR_MARKER), spec_digest(self.cfg), d.layout,
+                           d.split, d.manifest,
                            code_digest(*modules))
 
     def finished(self, d: Dataset) -> dict[str, Any] | None:

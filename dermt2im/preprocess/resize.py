@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from dermt2im.core.errors import DecodeError
 from dermt2im.core.imaging import DEFAULT_MAX_PIXELS, decode_image
 from dermt2im.core.specs import PreprocessConfig
-from dermt2im.preprocess.hair import remove_hair
+from dermt2im.preprocess.hair import changed_fraction, remove_hair
 
 # A resize may produce at most this many pixels (or 64 x size^2 when that is more): a strip of
 # 1 x 100000 pixels would otherwise ask for gigabytes before anything else could refuse it.
@@ -89,8 +89,18 @@ def preprocess_image(
 
     Raises ``DecodeError`` when the bytes are not a usable image.
     """
+    rgb, fraction, _ = preprocess_with_change(data, cfg, max_pixels=max_pixels)
+    return rgb, fraction
+
+
+def preprocess_with_change(
+    data: bytes, cfg: PreprocessConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, float, float]:
+    """``preprocess_image`` plus the share of output pixels whose grey level hair removal moved by
+    more than 10 (what the preprocess report compares between the classes)."""
     rgb = resize_short_side(decode_at_least(data, cfg.size, max_pixels), cfg.size)
     if not cfg.hair_removal:
-        return np.ascontiguousarray(center_crop(rgb, cfg.size)), 0.0
+        return np.ascontiguousarray(center_crop(rgb, cfg.size)), 0.0, 0.0
     restored, mask = remove_hair(rgb, cfg)
-    return np.ascontiguousarray(center_crop(restored, cfg.size)), float(center_crop(mask, cfg.size).mean())
+    before, after = center_crop(rgb, cfg.size), np.ascontiguousarray(center_crop(restored, cfg.size))
+    return after, float(center_crop(mask, cfg.size).mean()), changed_fraction(before, after)

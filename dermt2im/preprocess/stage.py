@@ -28,12 +28,13 @@ from dermt2im.core.imaging import DEFAULT_MAX_PIXELS
 from dermt2im.core.manifest import SEEDS, is_transient, read_manifest, rewrite
 from dermt2im.core.specs import PreprocessConfig
 from dermt2im.core.writers import writer_lock
-from dermt2im.preprocess.pool import TEXT_HAIR, TEXT_KEY, _Job, run_jobs, worker_count
+from dermt2im.preprocess.pool import TEXT_CHANGED, TEXT_HAIR, TEXT_KEY, _Job, run_jobs, worker_count
 
 # Bump when the processing changes its output for the same parameters: it is part of every key.
-ALGORITHM_VERSION = "1"
+ALGORITHM_VERSION = "2"  # 2: shape-verified hair (dots, globules and network are kept), full-resolution fill
 log = logging.getLogger(__name__)
-_HAIR_PARAMS = ("hair_kernel_size", "hair_threshold", "inpaint_radius", "inpaint_method")
+_HAIR_PARAMS = ("hair_kernel_size", "hair_threshold", "hair_line_threshold", "hair_line_length", "hair_min_length",
+                "hair_min_elongation", "inpaint_radius", "inpaint_method")
 
 
 def preprocess_key(sample_id: str, cfg: PreprocessConfig) -> str:
@@ -52,12 +53,14 @@ def processed_path(out_dir: Path, sample_id: str, key: str) -> Path:
     return Path(out_dir) / sample_id[:2] / f"{sample_id}-{key[:8]}.png"
 
 
-def read_processed_record(path: Path) -> tuple[str, float] | None:
-    """(preprocess key, hair fraction) stored in a processed PNG, or None when absent / unreadable."""
+def read_processed_record(path: Path) -> tuple[str, float, float | None] | None:
+    """(preprocess key, hair fraction, changed fraction) stored in a processed PNG, or None when absent
+    / unreadable."""
     try:
         with Image.open(path) as img:
             text = getattr(img, "text", {})
-            return text[TEXT_KEY], float(text[TEXT_HAIR])
+            changed = text.get(TEXT_CHANGED)
+            return text[TEXT_KEY], float(text[TEXT_HAIR]), float(changed) if changed is not None else None
     except (OSError, KeyError, ValueError, SyntaxError):
         return None
 
@@ -85,7 +88,7 @@ class PreprocessReport:
 @dataclass(frozen=True)
 class _Plan:
     cached: list[int]  # manifest row positions already up to date
-    adopted: dict[int, tuple[str, str, float]]  # row -> (path, key, hair fraction) found on disk
+    adopted: dict[int, tuple[str, str, float, float | None]]  # row -> (path, key, hair, changed) found on disk
     jobs: list[_Job]  # one per sample_id
     rows_of: dict[str, list[int]]  # sample_id -> rows to fill from its job
     missing_id: list[int]  # accepted rows without a sample_id
@@ -104,7 +107,7 @@ def plan_work(df: pd.DataFrame, out_dir: Path, cfg: PreprocessConfig) -> _Plan:
     """Sort accepted rows into up to date, adoptable from a finished file, and to do (once per sample_id)."""
     out_dir = Path(out_dir).resolve()
     plan = _Plan([], {}, [], {}, [])
-    found: dict[str, tuple[str, str, float] | None] = {}
+    found: dict[str, tuple[str, str, float, float | None] | None] = {}
     todo: dict[str, tuple[list[str], str, str]] = {}  # sample_id -> (sources, target, key)
     for pos, row in df[df["status"] == "accepted"].iterrows():
         sample_id = row["sample_id"]
@@ -118,7 +121,7 @@ def plan_work(df: pd.DataFrame, out_dir: Path, cfg: PreprocessConfig) -> _Plan:
             continue
         if sample_id not in found:
             record = read_processed_record(target) if target.is_file() else None
-            found[sample_id] = (str(target), key, record[1]) if record and record[0] == key else None
+            found[sample_id] = (str(target), key, record[1], record[2]) if record and record[0] == key else None
         if found[sample_id] is not None:
             plan.adopted[pos] = found[sample_id]
         else:
@@ -132,16 +135,18 @@ def _quarantine(row: pd.Series, reason: str) -> pd.Series:
     row = row.copy()
     row["status"], row["reason"] = "quarantined", reason
     row["processed_path"], row["preprocess_key"], row["hair_fraction"] = None, None, np.nan
+    row["hair_changed_fraction"] = np.nan
     return row
 
 
-def _filled(row: pd.Series, path: str, key: str, fraction: float) -> pd.Series:
+def _filled(row: pd.Series, path: str, key: str, fraction: float, changed: float | None) -> pd.Series:
     row = row.copy()
     row["processed_path"], row["preprocess_key"], row["hair_fraction"] = path, key, fraction
+    row["hair_changed_fraction"] = np.nan if changed is None else changed
     return row
 
 
-_WRITES = ["status", "reason", "processed_path", "preprocess_key", "hair_fraction"]
+_WRITES = ["status", "reason", "processed_path", "preprocess_key", "hair_fraction", "hair_changed_fraction"]
 
 
 def _record(manifest: Path | str, updates: pd.DataFrame, lock_dir: Path | None) -> None:
@@ -190,8 +195,8 @@ def preprocess_manifest(
     failed = len(plan.missing_id)
     for pos in plan.missing_id:
         updates.append(_quarantine(df.loc[pos], "preprocess: accepted row has no sample_id"))
-    for pos, (path, key, fraction) in plan.adopted.items():
-        updates.append(_filled(df.loc[pos], path, key, fraction))
+    for pos, (path, key, fraction, changed) in plan.adopted.items():
+        updates.append(_filled(df.loc[pos], path, key, fraction, changed))
     processed = 0
     jobs = {job.sample_id: job for job in plan.jobs}
     for sample_id, positions in plan.rows_of.items():
@@ -201,7 +206,8 @@ def preprocess_manifest(
                 updates.append(_quarantine(df.loc[pos], outcome.reason or "preprocess: failed"))
                 failed += 1
             else:
-                updates.append(_filled(df.loc[pos], job.target, job.key, outcome.hair_fraction))
+                updates.append(_filled(df.loc[pos], job.target, job.key, outcome.hair_fraction,
+                                       outcome.changed_fraction))
                 processed += 1
     if updates:
         _record(manifest_path, pd.DataFrame(updates).reset_index(drop=True), lock_dir)
@@ -218,6 +224,14 @@ def preprocess_manifest(
 
 
 # --------------------------------------------------------------------------- the stage
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2%}"
+
+
+def _db(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 def outputs_current(manifest: Path | str, cfg: PreprocessConfig) -> bool:
@@ -250,9 +264,11 @@ class PreprocessStage:
     name = "preprocess"
 
     def __init__(self, cfg: PreprocessConfig, manifests: dict[str, Path | str], out_dir: Path, *,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 0, locks: Path | None = None) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 0, locks: Path | None = None,
+                 reports: Path | None = None) -> None:
         self.cfg, self.manifests, self.out_dir = cfg, dict(manifests), Path(out_dir)
         self.max_pixels, self.workers, self.locks = max_pixels, workers, locks
+        self.reports = Path(reports) if reports is not None else self.out_dir.parent / "reports"  # W/reports
 
     def units(self) -> list[str]:
         return list(self.manifests)
@@ -276,4 +292,16 @@ class PreprocessStage:
                 "seconds": round(report.seconds, 3), "text": report.summary()}
 
     def close(self, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        return dict(zip(self.manifests, results))
+        """The per-class hair figures of every dataset (``report``), in each summary and W/reports."""
+        from dermt2im.preprocess.report import write_preprocess_report
+
+        figures = write_preprocess_report(self.reports, self.manifests, self.cfg)
+        out = {}
+        for name, summary in zip(self.manifests, results):
+            lines = [f"  {label}: hair found on {f['with_hair']} of {f['images']}; pixels changed median "
+                     f"{_pct(f['changed']['median'])}, p90 {_pct(f['changed']['p90'])}; drawn-hair gain median "
+                     f"{_db(f['drawn_hair_gain_db']['median'])} dB" for label, f in figures[name].items()]
+            hair = "\n".join([f"hair removal per class ({name}; W/reports/preprocess.md):", *lines])
+            out[name] = {**summary, "hair": figures[name], "hair_text": hair,
+                         "text": "\n".join([summary.get("text") or f"preprocess {name}: up to date", hair])}
+        return out

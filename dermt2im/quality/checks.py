@@ -1,6 +1,6 @@
 """Per-image checks of the quality gate, each a measure with a threshold in ``QualityConfig``.
 
-On the grey image (long side at most ``WORK_SIZE``):
+Image measures, on the grey image (long side at most ``WORK_SIZE``):
 
 * ``blank``: grey-level std below ``min_std`` (blank or washed-out, low contrast);
 * ``saturated``: more than ``max_saturated_fraction`` of the pixels clipped to black or white;
@@ -12,18 +12,36 @@ On the grey image (long side at most ``WORK_SIZE``):
   ``min_lesion_fraction`` / more than ``max_lesion_fraction`` of the image, or it is darker than
   the skin around it by less than ``min_lesion_contrast`` grey levels.
 
-A rejection's reason starts with the check's name.
+The cuts of ``blank``, ``noise``, ``blur`` and the lesion contrast come from the accepted seeds when
+the config leaves them empty (``calibrate``); ``FALLBACK_CUTS`` when there are too few seeds.
+
+Then the detectors (``detectors``, ``rulers``, ``text``; hair from ``dermt2im.preprocess.hair``),
+each setting a *flag* when its score passes its threshold: ``face``, ``text``, ``ruler``, ``ink``,
+``frame``, ``hair``. A flag rejects when ``quality.reject_flags`` names it (faces and text by
+default); the others are recorded and their per-class rates audited (``shortcuts``).
+
+``gate_image`` runs everything; a rejection's reason starts with the check's name.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import cv2
 import numpy as np
 
-from dermt2im.core.specs import QualityConfig
+from dermt2im.core.specs import FLAGS, QualityConfig
+from dermt2im.preprocess.hair import hair_mask
+from dermt2im.quality.detectors import face_score, fit, frame_score, ink_score
+from dermt2im.quality.rulers import detect_rulers
+from dermt2im.quality.text import text_score
 
 WORK_SIZE = 256
 HF_CUTOFF = 0.25  # cycles / pixel: half the Nyquist frequency
+# The calibrated cuts when the config leaves them empty and there are too few seeds to calibrate on.
+FALLBACK_CUTS = {"min_std": 8.0, "max_high_frequency_ratio": 0.35, "min_sharpness": 5.0, "min_lesion_contrast": 10.0}
+SCORE_COLUMNS = {"face": "face_score", "text": "text_score", "ruler": "ruler_score", "ink": "ink_score",
+                 "frame": "frame_score", "hair": "hair_fraction"}
 
 
 def to_grey(rgb: np.ndarray) -> np.ndarray:
@@ -130,30 +148,108 @@ def image_metrics(rgb: np.ndarray) -> dict[str, float]:
     }
 
 
+def cut(cfg: QualityConfig, name: str) -> float:
+    """A cut of the config, or its fallback when the config leaves it to calibration."""
+    value = getattr(cfg, name)
+    return FALLBACK_CUTS[name] if value is None else float(value)
+
+
 def check_image(rgb: np.ndarray, cfg: QualityConfig) -> tuple[str | None, dict]:
-    """(reject reason or None, metrics). The reason's first word names the check."""
+    """(reject reason or None, metrics) of the image-measure checks. The reason's first word names the check."""
     m = image_metrics(rgb)
-    if m["grey_std"] < cfg.min_std:
-        return f"blank: grey-level std {m['grey_std']:.1f} < {cfg.min_std:g} (blank or low contrast)", m
+    return measure_reason(m, cfg), m
+
+
+def measure_failures(m: dict[str, float], cfg: QualityConfig) -> list[str]:
+    """Every image-measure check that ``m`` fails, as reasons, in check order."""
+    min_std, max_hf = cut(cfg, "min_std"), cut(cfg, "max_high_frequency_ratio")
+    min_sharp, min_contrast = cut(cfg, "min_sharpness"), cut(cfg, "min_lesion_contrast")
+    out = []
+    if m["grey_std"] < min_std:
+        out.append(f"blank: grey-level std {m['grey_std']:.1f} < {min_std:g} (blank or low contrast)")
     if m["saturated_fraction"] > cfg.max_saturated_fraction:
-        return (
-            f"saturated: {m['saturated_fraction']:.0%} of pixels clipped to black or white "
-            f"> {cfg.max_saturated_fraction:.0%}"
-        ), m
-    if m["high_frequency_ratio"] > cfg.max_high_frequency_ratio:
-        return (
-            f"noise: high-frequency energy ratio {m['high_frequency_ratio']:.2f} > {cfg.max_high_frequency_ratio:g}"
-        ), m
-    if m["sharpness"] < cfg.min_sharpness:
-        return f"blur: variance of Laplacian {m['sharpness']:.1f} < {cfg.min_sharpness:g}", m
-    if m["lesion_fraction"] < cfg.min_lesion_fraction or m["lesion_contrast"] < cfg.min_lesion_contrast:
-        return (
-            f"no-lesion: no distinct darker region near the centre (area {m['lesion_fraction']:.1%} "
-            f"[min {cfg.min_lesion_fraction:.1%}], contrast {m['lesion_contrast']:.1f} grey levels [min {cfg.min_lesion_contrast:g}])"
-        ), m
-    if m["lesion_fraction"] > cfg.max_lesion_fraction:
-        return f"no-lesion: dark region covers {m['lesion_fraction']:.0%} of the image > {cfg.max_lesion_fraction:.0%}", m
-    return None, m
+        out.append(f"saturated: {m['saturated_fraction']:.0%} of pixels clipped to black or white "
+                   f"> {cfg.max_saturated_fraction:.0%}")
+    if m["high_frequency_ratio"] > max_hf:
+        out.append(f"noise: high-frequency energy ratio {m['high_frequency_ratio']:.2f} > {max_hf:g}")
+    if m["sharpness"] < min_sharp:
+        out.append(f"blur: variance of Laplacian {m['sharpness']:.1f} < {min_sharp:g}")
+    if m["lesion_fraction"] < cfg.min_lesion_fraction or m["lesion_contrast"] < min_contrast:
+        out.append(f"no-lesion: no distinct darker region near the centre (area {m['lesion_fraction']:.1%} "
+                   f"[min {cfg.min_lesion_fraction:.1%}], contrast {m['lesion_contrast']:.1f} grey levels "
+                   f"[min {min_contrast:g}])")
+    elif m["lesion_fraction"] > cfg.max_lesion_fraction:
+        out.append(f"no-lesion: dark region covers {m['lesion_fraction']:.0%} of the image > "
+                   f"{cfg.max_lesion_fraction:.0%}")
+    return out
+
+
+def measure_reason(m: dict[str, float], cfg: QualityConfig) -> str | None:
+    """Why the image measures ``m`` fail the gate (the first failing check), or None."""
+    failures = measure_failures(m, cfg)
+    return failures[0] if failures else None
+
+
+# --------------------------------------------------------------------------- detectors and flags
+
+
+def detector_scores(rgb: np.ndarray, cfg: QualityConfig) -> dict[str, float]:
+    """Every detector's score (``SCORE_COLUMNS``) on one image."""
+    img = fit(rgb)
+    rulers = detect_rulers(img)
+    flagged = [r for r in rulers if r.score > cfg.max_ruler_score]  # labels beside them are the ruler's
+    return {
+        "face_score": face_score(img),
+        "text_score": text_score(img, flagged),
+        "ruler_score": max((r.score for r in rulers), default=0.0),
+        "ink_score": ink_score(img),
+        "frame_score": frame_score(img),
+        "hair_fraction": float(hair_mask(img).mean()),
+    }
+
+
+def thresholds(cfg: QualityConfig) -> dict[str, float]:
+    return {"face": cfg.max_face_score, "text": cfg.max_text_score, "ruler": cfg.max_ruler_score,
+            "ink": cfg.max_ink_score, "frame": cfg.max_frame_score, "hair": cfg.max_hair_fraction}
+
+
+def flags_of(scores: dict[str, float], cfg: QualityConfig) -> list[str]:
+    """The flags whose score passes its threshold, in ``FLAGS`` order."""
+    limits = thresholds(cfg)
+    return [f for f in FLAGS if scores.get(SCORE_COLUMNS[f], 0.0) > limits[f]]
+
+
+_FLAG_WORDS = {"face": "face score {:.0f}", "text": "text-line probability {:.2f}", "ruler": "ruler score {:.2f}",
+               "ink": "ink strokes {:.1f} per mille", "frame": "black border {:.0f}%", "hair": "hair {:.1%} of pixels"}
+
+
+def flag_reason(flag: str, scores: dict[str, float], cfg: QualityConfig) -> str:
+    default = flag in QualityConfig().reject_flags
+    why = "" if default else " (quality.reject_flags)"
+    limit = thresholds(cfg)[flag]
+    shown = f"{limit:.1%}" if flag == "hair" else f"{limit:g}"
+    return f"{flag}: {_FLAG_WORDS[flag].format(scores[SCORE_COLUMNS[flag]])} > {shown}{why}"
+
+
+@dataclass
+class Verdict:
+    """The gate on one image: why it is rejected (None: accepted), its flags, every measure and score."""
+
+    reason: str | None
+    flags: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def gate_image(rgb: np.ndarray, cfg: QualityConfig) -> Verdict:
+    """The whole gate on one image: image measures first (a broken image), then the flags that reject."""
+    metrics = image_metrics(rgb)
+    metrics.update(detector_scores(rgb, cfg))
+    flags = flags_of(metrics, cfg)
+    reason = measure_reason(metrics, cfg)
+    if reason is None:
+        rejecting = [f for f in flags if f in cfg.reject_flags]
+        reason = flag_reason(rejecting[0], metrics, cfg) if rejecting else None
+    return Verdict(reason, flags, metrics)
 
 
 def reason_code(reason: str | None) -> str | None:

@@ -1,20 +1,25 @@
-"""What the quality gate writes for people: counts by reason (overall, per class, per sampler),
-class x sampler image grids (the paper's Fig. 5 / 7) and the memorisation audit's figures."""
+"""What the quality gate writes for people: ``W/reports/quality.md`` and ``quality.json``.
+
+Counts by reason (overall, per class, per sampler or source); for every check its cut, where the cut
+came from (config, calibrated on the seeds, fallback) and how many real seeds it would reject; for
+every flag how many synthetic images and real seeds it is set on; the shortcut audit (per class flag
+rates, and the flags called out by name). Grids and the audit's pictures are in ``figures``.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from dermt2im.core.fileio import atomic_write_bytes, atomic_write_text
-from dermt2im.core.specs import LABELS, QualityConfig
+from dermt2im.core.fileio import atomic_write_text
+from dermt2im.core.specs import FLAGS, QualityConfig
 from dermt2im.core.workdir import Workdir
-from dermt2im.quality.audit import SeedSet
-from dermt2im.quality.checks import reason_code
+from dermt2im.quality.checks import reason_code, thresholds
+from dermt2im.quality.shortcuts import AUDITED_FLAGS, has_flag
 
 
 @dataclass(frozen=True)
@@ -26,25 +31,33 @@ class QualityReport:
     report_dir: Path
     files: dict[str, Path] = field(default_factory=dict)  # name -> report file (markdown, json, PNGs)
     seeds_compared: int = 0
+    shortcuts: tuple[str, ...] = ()  # flags called out by the shortcut audit, as sentences
+    quarantined: int = 0  # imported files with bad input (never assessed)
 
     def summary(self) -> str:
         total = self.accepted + self.rejected
-        lines = [f"quality: {self.accepted} accepted, {self.rejected} rejected of {total}"]
+        lines = [f"quality: {self.accepted} accepted, {self.rejected} rejected of {total}"
+                 + (f" ({self.quarantined} imported files quarantined as bad input)" if self.quarantined else "")]
         for reason, n in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"  {reason}: {n}")
-        audit = f"{self.memorised} near-copies of seed images" if self.seeds_compared else "no seed images to compare"
-        lines.append(f"  memorisation audit: {audit} ({self.seeds_compared} seeds)")
+        if self.seeds_compared:
+            lines.append(f"  memorisation audit: {self.memorised} near-copies of seed images "
+                         f"({self.seeds_compared} seeds)")
+        else:
+            lines.append("  memorisation audit: skipped, no seed images to compare in this workdir "
+                         "(no accepted, preprocessed seeds)")
+        lines += [f"  shortcut: {s}" for s in self.shortcuts]
         lines.append(f"  reports: {self.report_dir}")
         return "\n".join(lines)
 
 
 def _counts(df: pd.DataFrame, by: str | None = None) -> list[dict]:
+    df = df[df["status"].isin(["accepted", "rejected"])] if not df.empty else df
     if df.empty:
         return []
     d = df.assign(code=[reason_code(r) or "accepted" for r in df["reason"]])
-    keys = [by] if by else []
     rows = []
-    for k, g in (d.groupby(keys, sort=True) if keys else [((None,), d)]):
+    for k, g in (d.groupby([by], sort=True, dropna=False) if by else [((None,), d)]):
         row = {} if not by else {by: k[0] if isinstance(k, tuple) else k}
         row.update(total=len(g), accepted=int((g["status"] == "accepted").sum()),
                    rejected=int((g["status"] == "rejected").sum()))
@@ -55,125 +68,78 @@ def _counts(df: pd.DataFrame, by: str | None = None) -> list[dict]:
 
 
 def quality_tables(df: pd.DataFrame) -> dict[str, list[dict]]:
-    return {"overall": _counts(df), "by_label": _counts(df, "label"), "by_sampler": _counts(df, "sampler")}
+    return {"overall": _counts(df), "by_label": _counts(df, "label"), "by_source": _counts(df, "source"),
+            "by_sampler": _counts(df, "sampler")}
 
 
-def _md_table(rows: list[dict]) -> str:
+def flag_counts(df: pd.DataFrame, seed_checks: dict[str, dict[str, int]], n_seeds: int,
+                q: QualityConfig) -> list[dict[str, Any]]:
+    """Per flag: its threshold, whether it rejects, and how many synthetic images / real seeds carry it."""
+    assessed = df[df["status"].isin(["accepted", "rejected"])] if not df.empty else df
+    limits = thresholds(q)
+    return [{"flag": f, "threshold": limits[f], "rejects": f in q.reject_flags,
+             "synthetic_flagged": int(assessed["flags"].map(lambda v, fl=f: has_flag(v, fl)).sum()) if len(assessed) else 0,
+             "seeds_flagged": seed_checks.get(f, {}).get("flagged", 0), "seeds": n_seeds} for f in FLAGS]
+
+
+def _md_table(rows: list[dict], columns: list[str] | None = None) -> str:
     if not rows:
-        return "_no images_\n"
-    cols = list(dict.fromkeys(k for r in rows for k in r))
+        return "_none_\n"
+    cols = columns or list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, 0)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r.get(c, 0)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def _write_quality_reports(workdir: Workdir, df: pd.DataFrame, q: QualityConfig) -> dict[str, Path]:
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if v != v else f"{v:.3g}"
+    return str(v)
+
+
+def _rate_rows(rows: list[dict]) -> list[dict]:
+    return [{"images": r["images"], "class": r["label"], "n": r["n"],
+             **{f: (f"{r[f]:.0%} ({r[f + '_n']})" if r["n"] else "") for f in AUDITED_FLAGS}} for r in rows]
+
+
+def write_quality_reports(workdir: Workdir, df: pd.DataFrame, q: QualityConfig,
+                          gate: dict[str, Any] | None = None) -> dict[str, Path]:
+    """quality.json and quality.md. ``gate``: ``cuts`` (calibration rows), ``seed_checks``
+    (``calibrate.seed_rejections``), ``seeds`` (count), ``rates`` and ``shortcuts`` (sentences)."""
+    gate = gate or {}
     tables = quality_tables(df)
-    payload = {"thresholds": q.model_dump(mode="json"), **tables}
+    seed_checks, n_seeds = gate.get("seed_checks", {}), int(gate.get("seeds", 0))
+    flags = flag_counts(df, seed_checks, n_seeds, q)
+    payload = {"thresholds": q.model_dump(mode="json"), **tables, "cuts": gate.get("cuts", []),
+               "seed_checks": seed_checks, "seeds": n_seeds, "flags": flags, "flag_rates": gate.get("rates", []),
+               "shortcuts": gate.get("shortcuts", [])}
     if not df.empty:
-        payload["rejected"] = [
-            {"sample_key": k, "reason": r}
-            for k, r in zip(df["sample_key"], df["reason"]) if isinstance(r, str)
-        ]
+        payload["rejected"] = [{"sample_key": k, "reason": r}
+                               for k, r, s in zip(df["sample_key"], df["reason"], df["status"]) if s == "rejected"]
     jpath = atomic_write_text(workdir.reports / "quality.json", json.dumps(payload, indent=2, default=str))
     md = ["# Quality gate", "", "Automatic replacement for the paper's manual discarding of noisy images.", ""]
     md += ["## Overall", "", _md_table(tables["overall"]), "## By class", "", _md_table(tables["by_label"])]
-    md += ["## By sampler", "", _md_table(tables["by_sampler"])]
-    md += ["## Thresholds", ""] + [f"- `{k}`: {v}" for k, v in q.model_dump(mode="json").items()]
+    md += ["## By source", "", _md_table(tables["by_source"]), "## By sampler", "", _md_table(tables["by_sampler"])]
+    md += ["## Checks on the real seeds", "",
+           f"How many of the {n_seeds} accepted real seeds each check would reject on its own (a check that "
+           "rejects many real seeds is mis-set)." if n_seeds else
+           "No accepted, preprocessed seeds in this workdir: the cuts below are the config's or the fixed "
+           "fallbacks, and no real-seed counts exist.", ""]
+    cut_of = {c["check"]: c for c in gate.get("cuts", [])}
+    cut_of.setdefault("saturated", {"cut": q.max_saturated_fraction, "origin": "set in the config"})
+    rows = [{"check": check, "cut": cut_of[check]["cut"] if check in cut_of else "", "origin":
+             cut_of[check]["origin"] if check in cut_of else "config", "seeds rejected": v.get("rejected", 0)}
+            for check, v in seed_checks.items() if check not in FLAGS]
+    md += [_md_table(rows, ["check", "cut", "origin", "seeds rejected"]) if rows else "_no seeds measured_\n"]
+    md += ["## Flags", "", "Faces and text reject by default; rulers, ink, dermatoscope frames and hair also occur "
+           "in real dermoscopy and only reject when `quality.reject_flags` names them.", "",
+           _md_table(flags, ["flag", "threshold", "rejects", "synthetic_flagged", "seeds_flagged"])]
+    md += ["## Shortcut audit", "", "Share of accepted images carrying each flag, per class (and of the real "
+           "seeds). A flag much more frequent in one class is a shortcut a classifier can learn.", "",
+           _md_table(_rate_rows(gate.get("rates", [])))]
+    md += [f"- **{s}**" for s in gate.get("shortcuts", [])] or ["No flag differs strongly between the classes."]
+    if gate.get("shortcuts") and not q.balance_flags:
+        md += ["", "Set `quality.balance_flags: true` to reject flagged images until the rates match."]
+    md += ["", "## Thresholds", ""] + [f"- `{k}`: {v}" for k, v in q.model_dump(mode="json").items()]
     mpath = atomic_write_text(workdir.reports / "quality.md", "\n".join(md) + "\n")
     return {"quality_json": jpath, "quality_md": mpath}
-
-
-def _write_grids(workdir: Workdir, df: pd.DataFrame, measured: list[dict], per_cell: int = 8) -> dict[str, Path]:
-    from dermt2im.quality.grids import REJECTED, image_grid, save_png
-
-    files: dict[str, Path] = {}
-    grid_dir = workdir.reports / "grids"
-    samplers = list(dict.fromkeys(df["sampler"]))
-    overview_cells, overview_labels, overview_frames = [], [], []
-    for label in [lb for lb in LABELS if lb in set(df["label"])]:
-        cells, frames = [], []
-        for sampler in samplers:
-            sel = df[(df["label"] == label) & (df["sampler"] == sampler)]
-            # accepted images first; fill up with rejected ones (red frame) so a sheet is never empty
-            sel = sel.assign(_r=(sel["status"] != "accepted").astype(int)).sort_values(["_r", "index"])
-            row, frame = [], []
-            for i in sel.index[:per_cell]:
-                if "rgb_small" in measured[i]:
-                    row.append(measured[i]["rgb_small"])
-                    frame.append(None if df.at[i, "status"] == "accepted" else REJECTED)
-            cells.append(row)
-            frames.append(frame)
-        n_acc = int(((df["label"] == label) & (df["status"] == "accepted")).sum())
-        title = f"{label}: {n_acc} accepted of {int((df['label'] == label).sum())} (red frame: rejected)"
-        grid = image_grid(cells, row_labels=samplers, cell=96, title=title, frames=frames)
-        files[f"grid_{label}"] = save_png(grid_dir / f"{label}.png", grid)
-        overview_cells += cells
-        overview_labels += [f"{label[:3]} {s}" for s in samplers]
-        overview_frames += frames
-    if overview_cells:
-        grid = image_grid(overview_cells, row_labels=overview_labels, cell=96, title="class x sampler",
-                          frames=overview_frames)
-        files["grid_overview"] = save_png(grid_dir / "overview.png", grid)
-    return files
-
-
-def _write_audit(
-    workdir: Workdir, df: pd.DataFrame, measured: list[dict], seeds: SeedSet, rows: list[dict], q: QualityConfig,
-    closest: int = 8,
-) -> dict[str, Path]:
-    from dermt2im.quality.grids import histogram_png, pairs_sheet, save_png
-
-    audit_dir = workdir.reports / "audit"
-    audit_dir.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    dists = [r["distance"] for r in rows]
-    flagged = [r for r in rows if r["memorised"]]
-    ranked = sorted(rows, key=lambda r: r["distance"])[:closest]
-    summary = {
-        "method": "nearest seed under a normalised 32x32 colour-thumbnail DCT descriptor, min over 8 flips/rotations",
-        "threshold": q.memorisation_threshold,
-        "exclude_memorised": q.exclude_memorised,
-        "seeds": len(seeds.ids),
-        "synthetic": len(df),
-        "compared": len(rows),
-        "flagged": len(flagged),
-        "distance": (
-            {"min": float(np.min(dists)), "median": float(np.median(dists)), "max": float(np.max(dists))} if dists else None
-        ),
-        "closest": [
-            {"sample_key": df.at[r["i"], "sample_key"], "seed": seeds.ids[r["seed"]], "distance": r["distance"],
-             "memorised": r["memorised"]}
-            for r in ranked
-        ],
-    }
-    files["audit_json"] = atomic_write_text(audit_dir / "audit.json", json.dumps(summary, indent=2))
-    files["audit_histogram"] = atomic_write_bytes(
-        audit_dir / "distance_histogram.png",
-        histogram_png(dists, threshold=q.memorisation_threshold, title="distance to the nearest seed image",
-                      xlabel="descriptor distance (0 = identical)"),
-    )
-    pairs = [
-        (measured[r["i"]]["rgb_small"], seeds.thumbs[r["seed"]],
-         f"{df.at[r['i'], 'sample_key']}  d={r['distance']:.3f}{'  FLAGGED' if r['memorised'] else ''}")
-        for r in ranked
-    ]
-    files["audit_pairs"] = save_png(audit_dir / "closest_pairs.png",
-                                    pairs_sheet(pairs, cell=96, title="closest synthetic / seed pairs"))
-    md = [
-        "# Memorisation audit",
-        "",
-        f"{len(rows)} synthetic images compared with {len(seeds.ids)} seed images; "
-        f"**{len(flagged)} flagged** as near-copies (distance < {q.memorisation_threshold:g})"
-        + (", excluded from training sets." if q.exclude_memorised else ", kept (exclude_memorised is off)."),
-        "",
-        summary["method"] + ".",
-        "",
-        "| synthetic | nearest seed | distance | flagged |",
-        "|---|---|---|---|",
-    ]
-    md += [f"| {c['sample_key']} | {c['seed'][:16]} | {c['distance']:.4f} | {'yes' if c['memorised'] else ''} |"
-           for c in summary["closest"]]
-    md += ["", "![histogram](distance_histogram.png)", "", "![closest pairs](closest_pairs.png)"]
-    files["audit_md"] = atomic_write_text(audit_dir / "audit.md", "\n".join(md) + "\n")
-    return files

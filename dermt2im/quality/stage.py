@@ -1,24 +1,23 @@
 """The automatic quality gate and the memorisation audit over the synthetic manifest.
 
-The paper discarded images "with noisy artifacts" by hand; here every image gets measured
-(``checks``), compared with the seeds (``audit``) and with the other images (``dedupe``), and a
-reason when it is rejected; ``report`` writes what people look at. Nothing is deleted: a rejected
-image keeps its file, its manifest row gets ``status = rejected`` and a ``reason`` whose first word
-is the check that failed.
+The paper discarded images "with noisy artifacts" by hand; here every image, rendered by the factory
+or imported (``dermt2im.generate.imports``), is measured and scanned by the detectors (``checks``),
+compared with the seeds (``audit``) and with the other images of its source (``dedupe``), and the
+flags of the accepted ones are audited per class (``shortcuts``). A rejected image keeps its file;
+its manifest row gets ``status = rejected`` and a ``reason`` whose first word is the check that
+failed. Cuts left empty in the config are calibrated on the workdir's real seeds (``calibrate``,
+``seeds``); ``report`` and ``figures`` write what people look at.
 
 ``QualityStage`` is the stage: one unit, the whole synthetic set.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import pandas as pd
 
 from dermt2im.core import identity, storage
@@ -26,121 +25,123 @@ from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, rewrite
 from dermt2im.core.specs import QualityConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.core.writers import writer_lock
-from dermt2im.quality.audit import audit, embed, load_seeds
-from dermt2im.quality.checks import check_image, reason_code
-from dermt2im.quality.dedupe import mark_duplicates, phash, phash_hex
-from dermt2im.quality.images import load_rgb
-from dermt2im.quality.report import (
-    QualityReport,
-    _write_audit,
-    _write_grids,
-    _write_quality_reports,
-)
+from dermt2im.quality.calibrate import cut_table, resolve_cuts, seed_rejections
+from dermt2im.quality.checks import SCORE_COLUMNS, flags_of, reason_code
+from dermt2im.quality.dedupe import mark_duplicates, phash_hex
+from dermt2im.quality.figures import OWN, write_audit, write_grids
+from dermt2im.quality.images import measure_image, workers
+from dermt2im.quality.report import QualityReport, write_quality_reports
+from dermt2im.quality.seeds import Seeds, load_seeds
+from dermt2im.quality.shortcuts import audit_shortcuts
 from dermt2im.stage import Stamps
 
 log = logging.getLogger(__name__)
-QUALITY_COLUMNS = [
-    "status",
-    "reason",
-    "grey_std",
-    "saturated_fraction",
-    "sharpness",
-    "high_frequency_ratio",
-    "lesion_fraction",
-    "lesion_contrast",
-    "phash",
-    "duplicate_of",
-    "nearest_seed",
-    "nearest_seed_distance",
-    "memorised",
-]
+MEASURE_COLUMNS = ["grey_std", "saturated_fraction", "sharpness", "high_frequency_ratio", "lesion_fraction",
+                   "lesion_contrast", *SCORE_COLUMNS.values()]
+QUALITY_COLUMNS = ["status", "reason", *MEASURE_COLUMNS, "flags", "phash", "duplicate_of", "nearest_seed",
+                   "nearest_seed_distance", "memorised", "audit_inliers", "audit_method"]
+QUARANTINED = "quarantined"  # imported files with bad input: never assessed, never used
 
 
-def _measure(path: Path | str, q: QualityConfig) -> dict:
-    """Everything assess needs from one image; the full-size pixels are not kept (thousands of images)."""
-    try:
-        rgb = load_rgb(path)
-    except FileNotFoundError:
-        return {"reason": "missing: the PNG is not on disk (render again)", "metrics": {}}
-    except Exception as err:  # noqa: BLE001 - recorded as the rejection reason
-        return {"reason": f"unreadable: {err}", "metrics": {}}
-    reason, metrics = check_image(rgb, q)
-    return {
-        "reason": reason,
-        "metrics": metrics,
-        "rgb_small": cv2.resize(rgb, (96, 96), interpolation=cv2.INTER_AREA),
-        "pixels": hashlib.sha256(rgb.tobytes() + str(rgb.shape).encode()).hexdigest(),
-        "phash": phash(rgb),
-        "embedding": embed(rgb),
-    }
+def with_sources(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows without a ``source`` (made before imports existed) are the factory's own renders."""
+    return df.assign(source=df["source"].fillna(OWN)) if len(df) else df
 
 
-def _workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def measure_all(workdir: Workdir, df: pd.DataFrame, q: QualityConfig) -> tuple[pd.DataFrame, list[dict]]:
-    """Every image measured (in threads): the frame with the quality columns filled, and the measures."""
+def measure_all(workdir: Workdir, df: pd.DataFrame, q: QualityConfig, seeds: Seeds) -> tuple[pd.DataFrame, list[dict]]:
+    """Every image gated and audited (in threads): the frame with the quality columns filled, and the
+    measures (small thumbnails and hashes; never the full pixels)."""
     paths = [storage.resolve(p, workdir.root) if isinstance(p, str) else Path("/nonexistent") for p in df["path"]]
-    with ThreadPoolExecutor(_workers()) as pool:
-        measured = list(pool.map(lambda p: _measure(p, q), paths))
+    with ThreadPoolExecutor(workers()) as pool:
+        measured = list(pool.map(lambda p: measure_image(p, q, seeds.index), paths))
     out = df.copy()
     for c in QUALITY_COLUMNS:
         out[c] = None
     for i, m in enumerate(measured):
         for k, v in m["metrics"].items():
             out.at[i, k] = v
+        out.at[i, "flags"] = ",".join(m["flags"])
         if "phash" in m:
             out.at[i, "phash"] = phash_hex(m["phash"])
     return out, measured
 
 
+def _apply_audit(out: pd.DataFrame, measured: list[dict], reasons: list[str | None], seeds: Seeds,
+                 q: QualityConfig) -> list[dict]:
+    rows = []
+    for i, m in enumerate(measured):
+        a = m.get("audit")
+        if a is None or a.seed < 0:
+            continue
+        sid = seeds.index.ids[a.seed]
+        out.at[i, "nearest_seed"], out.at[i, "nearest_seed_distance"] = sid, a.distance
+        out.at[i, "memorised"], out.at[i, "audit_inliers"], out.at[i, "audit_method"] = a.memorised, a.inliers, a.method
+        if a.memorised and q.exclude_memorised and reasons[i] is None:
+            how = f"{a.inliers} verified keypoint matches" if a.method == "geometric" else f"distance {a.distance:.3f}"
+            reasons[i] = f"near-copy of seed {sid} ({how})"
+        rows.append({"i": i, "seed": a.seed, "distance": a.distance, "inliers": a.inliers, "method": a.method,
+                     "memorised": a.memorised})
+    return rows
+
+
+def _apply_duplicates(out: pd.DataFrame, measured: list[dict], reasons: list[str | None], q: QualityConfig) -> None:
+    """Duplicates among the images still accepted, within each source; the earliest sample is kept."""
+    for _, group in out.groupby("source", sort=True):
+        order = sorted((i for i in group.index if reasons[i] is None),
+                       key=lambda i: (int(out.at[i, "index"]), str(out.at[i, "label"])))
+        for i, (reason, j) in mark_duplicates(measured, order, q.near_duplicate_hamming,
+                                              q.near_duplicate_max_distance).items():
+            reasons[i] = reason.format(out.at[j, "sample_key"])
+            out.at[i, "duplicate_of"] = out.at[j, "sample_key"]
+
+
 def assess(workdir: Workdir, q: QualityConfig) -> QualityReport:
-    """Gate and audit every rendered image; write status / reason / metrics and the reports."""
-    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
-    if df.empty:
-        log.warning("no synthetic images recorded in %s: nothing to assess", workdir.synthetic_manifest)
-        return QualityReport(0, 0, {}, 0, workdir.reports, _write_quality_reports(workdir, df, q))
-    out, measured = measure_all(workdir, df, q)
+    """Gate and audit every rendered or imported image; write status / reason / scores and the reports."""
+    df = with_sources(read_manifest(workdir.synthetic_manifest, SYNTHETIC))
+    seeds = load_seeds(workdir, q) if len(df) else None
+    resolved = resolve_cuts(q, seeds.measures if seeds is not None else {})
+    gate = {"cuts": cut_table(resolved), "seeds": len(seeds.rows) if seeds is not None else 0,
+            "seed_checks": seed_rejections(seeds.rows.to_dict("records"), resolved.config) if seeds is not None else {}}
+    todo = df[df["status"] != QUARANTINED].reset_index(drop=True)
+    if todo.empty:
+        log.warning("no synthetic images to assess in %s", workdir.synthetic_manifest)
+        files = write_quality_reports(workdir, df, resolved.config, gate)
+        return QualityReport(0, 0, {}, 0, workdir.reports, files, quarantined=len(df))
+    if seeds.index.size == 0:
+        log.warning("memorisation audit skipped: no accepted seed images with a processed image in %s",
+                    workdir.seeds_manifest)
+    out, measured = measure_all(workdir, todo, resolved.config, seeds)
     reasons: list[str | None] = [m["reason"] for m in measured]
-
-    # memorisation audit: every readable image, whatever its other checks say
-    seeds = load_seeds(workdir)
-    if not seeds.ids:
-        log.warning("memorisation audit: no accepted seed images with processed_path in %s", workdir.seeds_manifest)
-    audit_rows = audit(
-        {i: m["embedding"] for i, m in enumerate(measured) if "embedding" in m}, seeds, q.memorisation_threshold)
-    for r in audit_rows:
-        i = r["i"]
-        out.at[i, "nearest_seed"], out.at[i, "nearest_seed_distance"] = seeds.ids[r["seed"]], r["distance"]
-        out.at[i, "memorised"] = r["memorised"]
-        if r["memorised"] and q.exclude_memorised and reasons[i] is None:
-            reasons[i] = f"near-copy of seed {seeds.ids[r['seed']]}"
-
-    # duplicates among the images still accepted, the earliest sample (lowest index) kept
-    order = sorted((i for i in range(len(out)) if reasons[i] is None),
-                   key=lambda i: (int(out.at[i, "index"]), str(out.at[i, "label"])))
-    for i, (reason, j) in mark_duplicates(measured, order, q.near_duplicate_hamming).items():
-        reasons[i] = reason.format(out.at[j, "sample_key"])
-        out.at[i, "duplicate_of"] = out.at[j, "sample_key"]
-
+    audit_rows = _apply_audit(out, measured, reasons, seeds, q)
+    _apply_duplicates(out, measured, reasons, q)
+    accepted = out[[r is None for r in reasons]]
+    seed_flags = seeds.rows.assign(flags=_seed_flags(seeds, resolved.config))
+    gate["rates"], shortcuts, balanced = audit_shortcuts(accepted, seed_flags, q)
+    gate["shortcuts"] = [s.sentence() for s in shortcuts]
+    for i, reason in balanced.items():
+        reasons[i] = reason
     out["reason"] = reasons
     out["status"] = ["rejected" if r else "accepted" for r in reasons]
     out["memorised"] = out["memorised"].astype("boolean")
     _save(workdir, out)
-
-    files = _write_quality_reports(workdir, out, q)
-    files.update(_write_grids(workdir, out, measured))
-    files.update(_write_audit(workdir, out, measured, seeds, audit_rows, q))
-    codes = pd.Series([reason_code(r) for r in reasons if r]).value_counts()
+    whole = pd.concat([out, df[df["status"] == QUARANTINED]], ignore_index=True)
+    files = write_quality_reports(workdir, whole, resolved.config, gate)
+    files.update(write_grids(workdir, out, measured))
+    files.update(write_audit(workdir, out, measured, seeds.index, audit_rows, q))
+    codes = pd.Series([reason_code(r) for r in reasons if r], dtype=object).value_counts()
     report = QualityReport(
         accepted=int((out["status"] == "accepted").sum()), rejected=int((out["status"] == "rejected").sum()),
         reasons={str(k): int(v) for k, v in codes.items()}, memorised=int(out["memorised"].fillna(False).sum()),
-        report_dir=workdir.reports, files=files, seeds_compared=len(seeds.ids),
+        report_dir=workdir.reports, files=files, seeds_compared=seeds.index.size,
+        shortcuts=tuple(gate["shortcuts"]), quarantined=int((df["status"] == QUARANTINED).sum()),
     )
     log.info("quality gate: %d accepted, %d rejected %s; %d near-copies of seeds", report.accepted,
              report.rejected, report.reasons, report.memorised)
     return report
+
+
+def _seed_flags(seeds: Seeds, q: QualityConfig) -> list[str]:
+    return [",".join(flags_of(r, q)) for r in seeds.rows.to_dict("records")]
 
 
 def _save(workdir: Workdir, assessed: pd.DataFrame) -> None:
@@ -164,12 +165,14 @@ def _save(workdir: Workdir, assessed: pd.DataFrame) -> None:
 # --------------------------------------------------------------------------------------------------
 # the stage
 
-QUALITY_MODULES = ("checks", "dedupe", "audit", "report", "images", "stage")
+QUALITY_MODULES = ("checks", "detectors", "rulers", "text", "calibrate", "seeds", "shortcuts", "dedupe", "audit",
+                   "report", "figures", "images", "stage")
 
 
 def report_summary(report: QualityReport) -> dict:
     return {"accepted": report.accepted, "rejected": report.rejected, "reasons": report.reasons,
             "memorised": report.memorised, "seeds_compared": report.seeds_compared,
+            "shortcuts": list(report.shortcuts), "quarantined": report.quarantined,
             "report_dir": str(report.report_dir), "files": {k: str(v) for k, v in report.files.items()},
             "text": report.summary()}
 
@@ -194,9 +197,12 @@ class QualityStage:
 
     def key(self, unit: str) -> str:
         w = self.workdir
-        images = identity.manifest_digest(w.synthetic_manifest, SYNTHETIC, ["sample_key", "sha256", "render_key"])
-        seeds = identity.manifest_digest(w.seeds_manifest, SEEDS, ["source_path", "sample_id", "status", "processed_path"])
+        images = identity.manifest_digest(w.synthetic_manifest, SYNTHETIC,
+                                          ["sample_key", "sha256", "render_key", "source"])
+        seeds = identity.manifest_digest(w.seeds_manifest, SEEDS, ["source_path", "sample_id", "status",
+                                                                   "processed_path", "preprocess_key", "hair_fraction"])
         modules = [importlib.import_module(f"dermt2im.quality.{m}") for m in QUALITY_MODULES]
+        modules.append(importlib.import_module("dermt2im.preprocess.hair"))
         return identity.content_key("assess", images, seeds, identity.spec_digest(self.spec),
                                     identity.code_digest(*modules))
 

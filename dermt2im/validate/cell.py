@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Identical on every child run (params and tags), so runs compare column by column in MLflow.
 CELL_TAGS = ("model", "regime", "synthetic_ratio", "seed", "setting", "n_real", "n_synthetic",
-             "synthetic_share_reached")
+             "synthetic_share_reached", "synthetic_source")
 TEST_METRICS = (*METRICS, "precision", "n", *CONFUSION)
 Predictions = dict[str, tuple[tuple[str, int, float], ...]]  # test set -> (key, label, P(malignant))
 
@@ -129,7 +129,8 @@ def _cell_tags(plan: ValidationPlan, cell: Cell, key: str) -> dict[str, str]:
     return {TAG_KIND: KIND_CELL, TAG_CELL_KEY: key, "model": cell.model, "regime": regime.name,
             "synthetic_ratio": f"{regime.synthetic_ratio:g}", "seed": str(cell.seed), "setting": regime.setting,
             "n_real": str(cell.mixture.n_real), "n_synthetic": str(cell.mixture.n_synthetic),
-            "synthetic_share_reached": "yes" if share_reached(cell) else "no"}
+            "synthetic_share_reached": "yes" if share_reached(cell) else "no",
+            "synthetic_source": regime.source_label}
 
 
 def _cell_params(tags: dict[str, str], cell: Cell, inputs: ValidationInputs, spec: ValidateConfig, device: Any,

@@ -50,6 +50,7 @@ class ValidationInputs:
     test_sets: dict[str, TestSet]
     seeds_digest: str
     synthetic_digest: str
+    synthetic_sources: tuple[str, ...] = ()  # every source in the synthetic manifest, usable or not
 
 
 def _with_keys(df: pd.DataFrame) -> pd.DataFrame:
@@ -75,13 +76,32 @@ def _test_rows(path: str | Path) -> pd.DataFrame:
     return _with_keys(rows.drop_duplicates("path").reset_index(drop=True))
 
 
-def _usable_synthetic(workdir: Workdir) -> tuple[pd.DataFrame, str]:
-    synthetic_all = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+def _usable_synthetic(synthetic_all: pd.DataFrame, workdir: Workdir) -> tuple[pd.DataFrame, str]:
     synthetic = rg.usable_synthetic(synthetic_all)
     if not synthetic.empty:  # relative paths are relative to the workdir; image-store URLs as they are
         synthetic["path"] = [p if storage.is_remote(p) or Path(p).is_absolute() else str(workdir.root / p)
                              for p in synthetic["path"]]
     return synthetic, rg.synthetic_summary(synthetic_all)
+
+
+def check_no_synthetic_as_real(seeds: pd.DataFrame, test_sets: dict[str, TestSet], synthetic: pd.DataFrame) -> None:
+    """No image used as real (any split of the seeds, any test set) may be byte-identical to a
+    synthetic one: a generated image that slipped in as real would leak into training or testing."""
+    generated = dict(zip(synthetic["sha256"].dropna().astype(str), synthetic.loc[synthetic["sha256"].notna(), "sample_key"]))
+    if not generated:
+        return
+    real = seeds[(seeds["status"] == "accepted")]
+    places = [(f"the seeds' {r.split!r} split", str(r.sample_id), str(r.source_path))
+              for r in real.itertuples() if r.sample_id in generated]
+    for ts in test_sets.values():
+        places += [(f"test set {ts.name!r}", str(k), str(p)) for k, p in zip(ts.rows["sample_id"], ts.rows["path"])
+                   if k in generated]
+    if places:
+        where, sid, path = places[0]
+        raise ValidationError(
+            f"{path} in {where} is byte-identical to synthetic image {generated[sid]} ({len(places)} such images "
+            "in all): a generated image must never count as real. Re-ingest the source (provenance is checked at "
+            "the door) or remove the file.")
 
 
 def _test_sets(workdir: Workdir, seeds: pd.DataFrame, test_sets: dict[str, str | Path] | None) -> dict[str, TestSet]:
@@ -126,7 +146,8 @@ def load_inputs(workdir: Workdir, test_sets: dict[str, str | Path] | None = None
     real_val = _with_keys(rg.real_rows(seeds, "val"))
     if real_train.empty:
         raise ValidationError("the seeds manifest has no accepted, labelled images in the 'train' split")
-    synthetic, note = _usable_synthetic(workdir)
+    synthetic_all = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    synthetic, note = _usable_synthetic(synthetic_all, workdir)
     have_synthetic = manifest_exists(workdir.synthetic_manifest)
     inputs = ValidationInputs(
         real_train=real_train,
@@ -136,8 +157,10 @@ def load_inputs(workdir: Workdir, test_sets: dict[str, str | Path] | None = None
         test_sets=_test_sets(workdir, seeds, test_sets),
         seeds_digest=identity.manifest_digest(workdir.seeds_manifest, SEEDS),
         synthetic_digest=identity.manifest_digest(workdir.synthetic_manifest, SYNTHETIC) if have_synthetic else "none",
+        synthetic_sources=tuple(sorted(set(rg.synthetic_sources(synthetic_all)))),
     )
     check_no_leakage(inputs)
+    check_no_synthetic_as_real(seeds, inputs.test_sets, synthetic_all)
     _check_files(inputs)
     return inputs
 

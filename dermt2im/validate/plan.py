@@ -12,13 +12,14 @@ from pathlib import Path
 
 from dermt2im.core import identity
 from dermt2im.core.specs import ValidateConfig
-from dermt2im.core.tracking import Tracker
+from dermt2im.core.tracking import Tracker, metric_key
 from dermt2im.core.workdir import Workdir
 from dermt2im.validate import regimes as rg
 from dermt2im.validate.inputs import ValidationError, ValidationInputs, load_inputs
 from dermt2im.validate.metrics import THRESHOLD
 
 log = logging.getLogger(__name__)
+FLAG_NAMES = ("ruler", "ink", "frame", "hair", "text")  # the shortcut audit's (dermt2im.quality.shortcuts)
 
 KIND_COMPARISON = "comparison"
 KIND_CELL = "cell"
@@ -73,6 +74,12 @@ def plan_mixtures(inputs: ValidationInputs, spec: ValidateConfig) -> tuple[list[
         raise ValidationError(str(err)) from err
     if not specs:
         raise ValidationError("validate.regimes is empty and no sweep is configured")
+    unknown = sorted({r.synthetic_source for r in specs if r.synthetic_source} - set(inputs.synthetic_sources))
+    if unknown:
+        raise ValidationError(
+            f"synthetic source(s) {', '.join(map(repr, unknown))} (validate.synthetic_sources or a regime's @NAME) "
+            f"are not in the synthetic manifest, which holds: {', '.join(inputs.synthetic_sources) or 'nothing'}; "
+            "import a set with `dermt2im import-synthetic SOURCE --name NAME`")
     mixtures: list[rg.Mixture] = []
     skipped: dict[str, str] = {}
     for regime in specs:
@@ -102,7 +109,8 @@ def comparison_key(spec: ValidateConfig, inputs: ValidationInputs) -> str:
         spec.model_dump(mode="json", exclude={"test_sets", "segmentation_samples", "sam_model"}),
         identity.frame_digest(inputs.real_train, ["path", "label", "key"]),
         identity.frame_digest(inputs.real_val, ["path", "label", "key"]) if len(inputs.real_val) else "none",
-        identity.frame_digest(inputs.synthetic, ["path", "label", "sha256"]) if len(inputs.synthetic) else "none",
+        identity.frame_digest(inputs.synthetic, ["path", "label", "sha256", "synthetic_source"])
+        if len(inputs.synthetic) else "none",
         {name: ts.digest for name, ts in sorted(inputs.test_sets.items())},
         code_digest(),
     )
@@ -171,6 +179,26 @@ def _open_parent(tracker: Tracker, spec: ValidateConfig, inputs: ValidationInput
     return parent, False
 
 
+def log_quality(tracker: Tracker, parent: str, workdir: Workdir) -> None:
+    """The quality gate's shortcut audit on the comparison's parent run: each flag's rate per class and
+    image set (metrics ``flag_rate.<set>.<class>.<flag>``), the flags called out (a tag), and the
+    quality reports as artifacts, so a shortcut shows next to the results it may inflate."""
+    import json
+
+    report = workdir.reports / "quality.json"
+    try:
+        quality = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return
+    points = [(metric_key("flag_rate", r["images"], r["label"], flag), float(r[flag]), 0)
+              for r in quality.get("flag_rates", []) if r.get("n") for flag in FLAG_NAMES if flag in r]
+    tracker.log_points(parent, points)
+    tracker.set_tags(parent, {"dermt2im.shortcuts": "; ".join(quality.get("shortcuts", [])) or "none"})
+    for name in ("quality.json", "quality.md"):
+        if (workdir.reports / name).is_file():
+            tracker.log_file(parent, workdir.reports / name, "quality")
+
+
 def prepare(workdir: Workdir, spec: ValidateConfig, tracker: Tracker,
             test_sets: dict[str, str | Path] | None = None, *, resume: bool = True) -> ValidationPlan:
     """Load and check the inputs, build the mixtures and open (or resume) the parent run."""
@@ -185,5 +213,7 @@ def prepare(workdir: Workdir, spec: ValidateConfig, tracker: Tracker,
     cells = tuple(Cell(model, m) for model in spec.models for m in mixtures)
     key = comparison_key(spec, inputs)
     parent, resumed = _open_parent(tracker, spec, inputs, mixtures, skipped, key, resume)
+    if not resumed:
+        log_quality(tracker, parent, workdir)
     tracker.set_tags(parent, {TAG_SKIPPED: json.dumps(skipped, sort_keys=True)})
     return ValidationPlan(parent, tracker.experiment, tracker.experiment_id, key, inputs, cells, skipped, resumed)

@@ -20,6 +20,11 @@ Named regimes (``validate.regimes``):
 - ``sweep-<setting>-<percent>``, e.g. ``sweep-constant-50``; ``validate.sweep_ratios`` x
   ``validate.sweep_settings`` adds one per pair.
 
+Synthetic sources: a regime's synthetic images can be restricted to one source with ``@NAME``
+(``hybrid@ext``: only images imported as ``ext``; ``hybrid@dermt2im``: only the factory's own
+renders). ``validate.synthetic_sources`` runs every regime that uses synthetic images once per source
+it lists, so one Table IV compares real-only, the factory's set and any external set side by side.
+
 Class composition: every mixture keeps the label composition of the real training split (the
 synthetic count is split across labels in proportion to the real counts, largest remainder), so
 the regimes differ in where images come from, never in class prior. When a label has fewer usable
@@ -41,7 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -68,10 +73,19 @@ class RegimeSpec:
     setting: str  # constant | additive
     synthetic_ratio: float  # nominal share of synthetic images in the mixture
     fill_with_real: bool = True  # constant setting: keep the total at N when synthetic run short
+    synthetic_source: str | None = None  # draw synthetic images from this source only; None: all
 
     @property
     def needs_synthetic(self) -> bool:
         return self.synthetic_ratio > 0
+
+    def from_source(self, source: str) -> "RegimeSpec":
+        return replace(self, name=f"{self.name.split('@', 1)[0]}@{source}", synthetic_source=source)
+
+    @property
+    def source_label(self) -> str:
+        """What Table IV shows: the source, "all" pooled, or "none" for real-only regimes."""
+        return self.synthetic_source or ("all" if self.needs_synthetic else "none")
 
 
 def _pct(r: float) -> str:
@@ -79,7 +93,18 @@ def _pct(r: float) -> str:
 
 
 def parse_regime(name: str, synthetic_ratio: float = 0.75) -> RegimeSpec:
-    """The spec for one regime name (see the module docstring)."""
+    """The spec for one regime name (see the module docstring), ``@SOURCE`` included."""
+    base, at, source = name.strip().partition("@")
+    spec = _parse_base(base, synthetic_ratio)
+    if not at:
+        return spec
+    if not source or not spec.needs_synthetic:
+        raise RegimeError(f"regime {name!r}: '@SOURCE' names the synthetic source of a regime that uses synthetic "
+                          "images (e.g. hybrid@ext)")
+    return spec.from_source(source)
+
+
+def _parse_base(name: str, synthetic_ratio: float) -> RegimeSpec:
     key = name.strip().lower()
     if key == "baseline":
         return RegimeSpec("baseline", "constant", 0.0)
@@ -116,9 +141,14 @@ def sweep_regimes(ratios: tuple[float, ...], settings: tuple[str, ...]) -> list[
 
 def expand_regimes(cfg: ValidateConfig) -> list[RegimeSpec]:
     """``cfg.regimes`` (the word ``sweep`` is accepted there as a placeholder) plus the sweep over
-    ``cfg.sweep_ratios`` x ``cfg.sweep_settings``; duplicates removed, order kept."""
+    ``cfg.sweep_ratios`` x ``cfg.sweep_settings``, each regime that uses synthetic images and names no
+    source once per ``cfg.synthetic_sources``; duplicates removed, order kept."""
     specs = [parse_regime(n, cfg.synthetic_ratio) for n in cfg.regimes if n.strip().lower() != "sweep"]
     specs += sweep_regimes(tuple(cfg.sweep_ratios), tuple(cfg.sweep_settings))
+    if cfg.synthetic_sources:
+        specs = [variant for s in specs for variant in (
+            [s.from_source(src) for src in cfg.synthetic_sources]
+            if s.needs_synthetic and s.synthetic_source is None else [s])]
     seen: dict[str, RegimeSpec] = {}
     for s in specs:
         seen.setdefault(s.name, s)
@@ -132,12 +162,23 @@ def _is_true(v) -> bool:
     return v is True or (isinstance(v, (np.bool_, bool)) and bool(v))
 
 
+OWN_SOURCE = "dermt2im"  # the factory's own renders (rows from before imports existed have no source)
+
+
+def synthetic_sources(synthetic: pd.DataFrame) -> pd.Series:
+    """Each row's source: the name it was imported under, or ``dermt2im``."""
+    if "source" not in synthetic.columns:
+        return pd.Series(OWN_SOURCE, index=synthetic.index)
+    return synthetic["source"].fillna(OWN_SOURCE).astype(str)
+
+
 def usable_synthetic(synthetic: pd.DataFrame) -> pd.DataFrame:
-    """Rows that passed the quality gate and the memorisation audit, as (path, label, source, sha256).
+    """Rows that passed the quality gate and the memorisation audit, as (path, label, source, sha256,
+    synthetic_source).
 
     ``sha256`` lets cache keys see a re-rendered image: synthetic paths are names, not content."""
     if synthetic is None or synthetic.empty:
-        return pd.DataFrame(columns=[*ITEM_COLUMNS, "sha256"])
+        return pd.DataFrame(columns=[*ITEM_COLUMNS, "sha256", "synthetic_source"])
     df = synthetic
     ok = (df["status"] == "accepted") & ~df["memorised"].map(_is_true) & df["label"].isin(LABELS)
     if "base_model_only" in df.columns:  # the base model alone draws no lesion of a class
@@ -146,6 +187,7 @@ def usable_synthetic(synthetic: pd.DataFrame) -> pd.DataFrame:
     out = df.loc[ok, ["path", "label"]].copy()
     out["sha256"] = df.loc[ok, "sha256"].values if "sha256" in df.columns else None
     out["source"] = SYNTHETIC
+    out["synthetic_source"] = synthetic_sources(df)[ok].values
     return out.drop_duplicates("path").reset_index(drop=True)
 
 
@@ -271,6 +313,8 @@ def build_mixture(real_train: pd.DataFrame, synthetic: pd.DataFrame, spec: Regim
     """
     real_train = real_train.drop_duplicates("path")
     synthetic = synthetic.drop_duplicates("path") if synthetic is not None else pd.DataFrame(columns=ITEM_COLUMNS)
+    if spec.synthetic_source is not None and len(synthetic):
+        synthetic = synthetic[synthetic["synthetic_source"] == spec.synthetic_source]
     n_by_label = {lab: int((real_train["label"] == lab).sum()) for lab in LABELS}
     n_real = sum(n_by_label.values())
     if n_real == 0:
@@ -295,7 +339,8 @@ def build_mixture(real_train: pd.DataFrame, synthetic: pd.DataFrame, spec: Regim
         items += [(p, lab, SYNTHETIC) for p in syn_pool[:s]]
     mixture = Mixture(spec, seed, tuple(items), n_real, total_syn, tuple(notes))
     if spec.needs_synthetic and total_syn > 0 and mixture.n_synthetic == 0:
-        raise NoSyntheticImages(f"regime {spec.name!r} needs synthetic images but none are usable")
+        where = f" from source {spec.synthetic_source!r}" if spec.synthetic_source else ""
+        raise NoSyntheticImages(f"regime {spec.name!r} needs synthetic images but none{where} are usable")
     if not items:
         raise RegimeError(f"regime {spec.name!r} produced an empty training set")
     return mixture

@@ -93,6 +93,7 @@ def predictions_frame(tracker: Tracker, runs: Sequence[RunRecord]) -> pd.DataFra
                 frames.append(df.assign(
                     test_set=csv.stem, model=t.get("model"), regime=t.get("regime"), seed=int(t.get("seed", -1)),
                     setting=t.get("setting"), configured_share=float(t.get("synthetic_ratio", "nan")),
+                    synthetic_source=t.get("synthetic_source") or ("none" if t.get("regime") == "baseline" else "all"),
                     n_real=_count(r, "n_real"), n_synthetic=_count(r, "n_synthetic"),
                     target_synthetic=_count(r, "target_synthetic"), run_id=r.run_id))
     if not frames:
@@ -133,7 +134,8 @@ def _groups(preds: pd.DataFrame) -> dict[tuple[str, str, str], Group]:
 def _share_columns(info: pd.DataFrame) -> dict[str, object]:
     n_real, n_syn, target = info["n_real"], info["n_synthetic"], info["target_synthetic"]
     total = n_real + n_syn
-    return {"setting": info["setting"].iloc[0], "configured_share": float(info["configured_share"].iloc[0]),
+    return {"setting": info["setting"].iloc[0], "synthetic_source": info["synthetic_source"].iloc[0],
+            "configured_share": float(info["configured_share"].iloc[0]),
             "n_real_min": int(n_real.min()), "n_real_max": int(n_real.max()),
             "n_synthetic_min": int(n_syn.min()), "n_synthetic_max": int(n_syn.max()),
             "synthetic_share": float((n_syn / total.where(total > 0)).mean()),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 
@@ -95,16 +96,17 @@ def verdicts(table: pd.DataFrame) -> list[str]:
 def headline(table: pd.DataFrame, lines: list[str], regime: str = "hybrid", skipped: dict | None = None) -> str:
     if skipped and regime in skipped:
         return f"The {regime} regime was not run: {skipped[regime]}."
-    mine = [s for s in lines if f": {regime} " in s]
+    named = rf"{re.escape(regime)}(@\S+)?"  # hybrid, and hybrid restricted to one source (hybrid@ext)
+    mine = [s for s in lines if re.search(rf": {named} ", s)]
     if not mine:
         return f"No {regime} runs in this comparison."
-    wins = sum(f"{regime} beats the baseline" in s for s in mine)
+    wins = sum(bool(re.search(rf"{named} beats the baseline", s)) for s in mine)
     how = f"({PRIMARY.replace('_', ' ')}: paired bootstrap over test images and McNemar per seed)"
     text = (f"{regime.capitalize()} does not beat the real-only baseline in any of the {len(mine)} (model, test set) "
             f"comparisons {how}." if wins == 0 else
             f"{regime.capitalize()} beats the real-only baseline in {wins} of {len(mine)} (model, test set) "
             f"comparisons {how}.")
-    rows = table[table["regime"] == regime]
+    rows = table[table["regime"].str.fullmatch(named)]
     short = rows[~rows["share_reached"].astype(bool)]
     if len(short):
         text += (f" Its training sets held fewer synthetic images than configured: a synthetic share of "
@@ -163,12 +165,13 @@ def markdown(table: pd.DataFrame, lines: list[str], head: str, *, parent_run_id:
         "baseline's, with a paired bootstrap interval (the same resampled images for both). McNemar: exact "
         "two-sided test, baseline vs the regime on the same test images, one p-value per seed.",
         "",
-        "| Model | Regime | Test set | Seeds | Training images (real + synthetic) | Synthetic share | "
+        "| Model | Regime | Synthetic source | Test set | Seeds | Training images (real + synthetic) | Synthetic share | "
         + " | ".join(LABELS_SHOWN[m] for m in METRICS) + " | Difference in balanced acc. | McNemar p vs baseline |",
-        "|" + "---|" * (6 + len(METRICS) + 2),
+        "|" + "---|" * (7 + len(METRICS) + 2),
     ]
     for _, r in table.iterrows():
-        cells = [r["model"], r["regime"], r["test_set"], str(r["n_seeds"]), training_images(r), share(r)]
+        cells = [r["model"], r["regime"], str(r.get("synthetic_source", "")), r["test_set"], str(r["n_seeds"]),
+                 training_images(r), share(r)]
         cells += [_interval(r, m) for m in METRICS]
         cells.append("–" if r["regime"] == "baseline" else _interval(r, f"{PRIMARY}_diff", signed=True))
         cells.append(str(r["mcnemar_p_values"]).replace(";", ", ") if r["mcnemar_p_values"] else "–")

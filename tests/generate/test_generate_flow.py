@@ -30,7 +30,7 @@ def test_generate_flow_renders_assesses_publishes_then_serves_cache(prefect_harn
     # the untrained tiny model draws noise, and the gate says so
     assert out["reasons"].get("noise", 0) == out["rejected"] == 4
     assert (workdir.reports / "quality.md").is_file() and (workdir.reports / "grids" / "overview.png").is_file()
-    assert {"generate-quality", "generate-counts", "generate-grid-overview"} <= set(out["artifacts"])
+    assert {"generate-quality", "generate-counts", "generate-grid-overview", "quality-shortcuts"} <= set(out["artifacts"])
     first = task_states(state)
     assert set(first) >= {"generate", "quality"} and "Cached" not in sum(first.values(), [])
     planned_at = workdir.plan_manifest.stat().st_mtime_ns

@@ -17,7 +17,7 @@ from dermt2im.core.manifest import SEEDS, read_manifest, write_manifest
 from dermt2im.core.specs import PreprocessConfig
 from dermt2im.phantoms import draw_hairs, make_phantoms, render_phantom
 from dermt2im.preprocess import pool as pp
-from dermt2im.preprocess.hair import remove_hair, scaled_kernel_size
+from dermt2im.preprocess.hair import remove_hair, scaled
 from dermt2im.preprocess.resize import (
     decode_at_least,
     preprocess_image,
@@ -29,7 +29,7 @@ from dermt2im.preprocess.stage import (
     preprocess_manifest,
 )
 
-FILLED = ["processed_path", "preprocess_key", "hair_fraction"]
+FILLED = ["processed_path", "preprocess_key", "hair_fraction", "hair_changed_fraction"]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -66,11 +66,13 @@ def test_hair_free_image_is_barely_changed(label):
 
 
 def test_kernel_is_scaled_with_the_working_resolution():
-    cfg = PreprocessConfig(hair_kernel_size=17)
-    assert scaled_kernel_size(cfg, 512) == 17
-    assert scaled_kernel_size(cfg, 1024) == 35  # 34, made odd
-    assert scaled_kernel_size(cfg, 256) == 9
-    assert scaled_kernel_size(cfg, 32) == 3  # never below 3
+    def kernel(side: int) -> int:
+        return scaled(PreprocessConfig(hair_kernel_size=17).hair_kernel_size, side, odd=True, minimum=3)
+
+    assert kernel(512) == 17
+    assert kernel(1024) == 35  # 34, made odd
+    assert kernel(256) == 9
+    assert kernel(32) == 3  # never below 3
 
 
 def test_inpaint_methods_both_work_and_no_hair_means_a_copy():

@@ -86,7 +86,7 @@ def test_every_number_is_recomputed_from_the_predictions_in_mlflow(workdir):
 
     md = paths["table_md"].read_text()
     assert "95% percentile bootstrap interval over the test images" in md and "seeds pooled" in md
-    assert "| vit | hybrid | set-a | 3 | 10 + 30 | 75% |" in md
+    assert "| vit | hybrid | all | set-a | 3 | 10 + 30 | 75% |" in md
     assert md.count("Table IV") == 1
 
     parent_run = tracker.run(parent)
@@ -105,7 +105,7 @@ def test_a_cell_short_of_its_synthetic_share_says_so_in_the_table_and_the_verdic
     parent, _, _ = _log_comparison(workdir, cfg, cells)
     paths = build_report(workdir, cfg.tracking, parent_run_id=parent)
     md = paths["table_md"].read_text()
-    assert "| vit | hybrid | ham | 1 | 28 + 16 | **36%**, configured 75% (not reached) |" in md
+    assert "| vit | hybrid | all | ham | 1 | 28 + 16 | **36%**, configured 75% (not reached) |" in md
     assert "75%" not in md.split("| vit | baseline |")[1].split("\n")[0]
     verdict = paths["verdict"].read_text()
     assert "28 + 16 real + synthetic images, a synthetic share of 36%, short of the configured 75%" in verdict
