@@ -10,6 +10,7 @@ Many writers at once (scale-out generation): ``dermt2im.core.writers``.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,11 +133,14 @@ def _read_file(path: str | Path, kind: ManifestSchema) -> pd.DataFrame | None:
             table = pq.read_table(storage.local_path(path))
     except FileNotFoundError:
         return None
-    except (pa.ArrowInvalid, OSError) as err:  # cut short, zero bytes, not Parquet at all
-        raise ManifestError(
-            f"{path} cannot be read as a {kind.name} manifest ({str(err).strip()[:160]}): the file is damaged; "
-            f"restore it from a copy, or delete it and run again the stage that writes it ({_WRITER[kind.name]})"
-        ) from None
+    except OSError as err:
+        if storage.is_remote(path) and err.errno == errno.EBUSY:  # replaced by a fold while read (s3fs)
+            fs, key = storage.to_fs(path)
+            fs.invalidate_cache(key)
+            raise _Replaced(str(path)) from None
+        raise _damaged(path, kind, err) from None
+    except pa.ArrowInvalid as err:  # cut short, zero bytes, not Parquet at all
+        raise _damaged(path, kind, err) from None
     meta = table.schema.metadata or {}
     name = meta.get(b"dermt2im.manifest", b"").decode()
     version = int(meta.get(b"dermt2im.schema_version", b"0") or 0)
@@ -155,6 +159,17 @@ def _read_file(path: str | Path, kind: ManifestSchema) -> pd.DataFrame | None:
         if col not in df.columns:
             df[col] = None
     return df[kind.columns]
+
+
+class _Replaced(Exception):
+    """An object-store file was replaced (a fold rewrote it) while it was being read."""
+
+
+def _damaged(path: str | Path, kind: ManifestSchema, err: BaseException) -> ManifestError:
+    return ManifestError(
+        f"{path} cannot be read as a {kind.name} manifest ({str(err).strip()[:160]}): the file is damaged; "
+        f"restore it from a copy, or delete it and run again the stage that writes it ({_WRITER[kind.name]})"
+    )
 
 
 # Which command writes each manifest, for error messages.
@@ -178,13 +193,17 @@ def _read_with_parts(path: str | Path, kind: ManifestSchema) -> tuple[pd.DataFra
     """The base merged with its parts, and the parts that went into it.
 
     Parts are listed before the base is read: a part compacted meanwhile is then either in the base
-    already or gone when read, and a vanished part makes the whole read start again.
+    already or gone when read, and a vanished part, or a base replaced while it was read, makes the
+    whole read start again.
     """
     for _attempt in range(5):
         parts = pending_parts(path)
-        base = _read_file(path, kind)
+        try:
+            base = _read_file(path, kind)
+            appended = [_read_file(part, kind) for part in parts]
+        except _Replaced:
+            continue
         frame = kind.empty() if base is None else base
-        appended = [_read_file(part, kind) for part in parts]
         if any(rows is None for rows in appended):  # compacted under our feet: read again
             continue
         if appended:
