@@ -109,8 +109,8 @@ def phantoms(
 
 
 def _run(stage, scale=None) -> dict:
-    """Run a stage's units, saying what each did; returns the closing summary. With ``scale`` (the
-    config's scale section) naming a Ray cluster, the units run there (``dermt2im.runners.scaling``)."""
+    """Run a stage's units, saying what each did; returns the closing summary. ``scale``: the config's
+    scale section, when the stage may run on a Ray cluster (``dermt2im.runners.scaling``)."""
     from dermt2im.runners.scaling import scaled
     from dermt2im.runners.sequential import run_stage
 
@@ -234,12 +234,9 @@ def worker(
 ) -> None:
     """Render one static partition of the plan: the shards whose number modulo --num-shards is --shard-index.
 
-    For batch schedulers without Ray (a Slurm job array, a Kubernetes indexed Job): start N workers
-    with indices 0..N-1, all seeing the workdir. Each first makes or extends the plan from the config
-    (under a lock, so starting many at once is safe), then renders its own shards, skipping finished
-    ones: a worker that died is simply started again with the same index. With a Ray cluster use
-    `dermt2im generate --set scale.ray_address=...` instead. Run `dermt2im quality` once every worker
-    is done (it also folds in rows appended on an object store).
+    For batch schedulers without Ray (Slurm arrays, Kubernetes indexed Jobs): N workers, indices 0..N-1,
+    all seeing the workdir; a worker that died is started again with its index and skips what it
+    finished. Then run `dermt2im quality`. On a Ray cluster: `dermt2im generate --set scale.ray_address=...`.
     """
     from dermt2im.runners.partition import check_partition
 
