@@ -6,7 +6,8 @@ WORKDIR ?= runs/demo
 # On a GPU machine install the CUDA build of torch into the venv before `make install`.
 TORCH_SPEC ?= torch==2.13.0
 WHEELS_OPT := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
-PYTEST_ARGS ?= -n 2
+# loadgroup: tests marked xdist_group("ray") share one worker and so one Ray cluster (tests/conftest.py).
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: install demo test bench clean-demo
 

@@ -143,8 +143,10 @@ def phantoms(
     _echo(f"wrote {n} phantoms ({style} style) to {out}; labels: {labels}")
 
 
-def _run(stage) -> dict:
-    """Run a stage's units one after the other, saying what each did; returns the closing summary."""
+def _run(stage, scale=None) -> dict:
+    """Run a stage's units, saying what each did; returns the closing summary. ``scale``: the config's
+    scale section, when the stage may run on a Ray cluster (``dermt2im.runners.scaling``)."""
+    from dermt2im.runners.scaling import scaled
     from dermt2im.runners.sequential import run_stage
 
     def said(i: int, n: int, unit) -> None:
@@ -154,7 +156,11 @@ def _run(stage) -> dict:
         elif text:
             _echo(text)
 
-    return _guard(lambda: run_stage(stage, on_unit=said).closing)
+    def go() -> dict:
+        with scaled(stage, scale) as placed:
+            return run_stage(placed.stage, on_unit=said, workers=placed.concurrency).closing
+
+    return _guard(go)
 
 
 @command()
@@ -251,40 +257,41 @@ def generate(
     from dermt2im.quality.stage import QualityStage
 
     model = _model(w, cfg, lora, base_model_only)
-    _run(GenerateStage(w, cfg.generate, cfg.runtime.generate, model, per_class=per_class, shards=shard))
+    _run(GenerateStage(w, cfg.generate, cfg.runtime.generate, model, per_class=per_class, shards=shard), cfg.scale)
     _run(QualityStage(w, cfg.quality))
 
 
 @command()
 def worker(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    shard_index: Annotated[int, typer.Option(
+        "--shard-index", min=0, envvar=["DERMT2IM_SHARD_INDEX", "JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID"],
+        help="this worker's partition, from 0 (default from a Kubernetes indexed Job or a Slurm array task)")] = 0,
+    num_shards: Annotated[int, typer.Option(
+        "--num-shards", min=1, envvar=["DERMT2IM_NUM_SHARDS", "SLURM_ARRAY_TASK_COUNT"],
+        help="how many partitions the plan's shards are split into")] = 1,
     lora: Annotated[Path | None, typer.Option(help="LoRA run folder or .safetensors; default: newest in W/lora")] = None,
-    owner: Annotated[str | None, typer.Option(help="name in this worker's leases; default host:pid:random")] = None,
-    timeout: Annotated[float | None, typer.Option(help="give up after this many seconds (default: never)")] = None,
-    poll: Annotated[float, typer.Option(help="seconds between looks at shards other workers hold")] = 2.0,
     base_model_only: Annotated[bool, typer.Option("--base-model-only", help="render with train.base_model alone, no LoRA")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     save: SaveOpt = False,
 ) -> None:
-    """Render shards of the existing plan until it is complete, alongside any number of other workers.
+    """Render one static partition of the plan: the shards whose number modulo --num-shards is --shard-index.
 
-    Start one per GPU or machine (all must see the workdir: leases live there); each first makes or
-    extends the plan from the config (under a lock, so starting many at once is safe), then they
-    split it through shard leases, and a dead worker's shards are taken over when its lease expires.
-    Run `dermt2im quality` once every worker is done (it also folds in rows appended on an object store).
+    For batch schedulers without Ray (Slurm arrays, Kubernetes indexed Jobs): N workers, indices 0..N-1,
+    all seeing the workdir; a worker that died is started again with its index and skips what it
+    finished. Then run `dermt2im quality`. On a Ray cluster: `dermt2im generate --set scale.ray_address=...`.
     """
+    from dermt2im.runners.partition import check_partition
+
+    _guard(lambda: check_partition(shard_index, num_shards))
     w, cfg = _session(workdir, config, overrides, save, hold="shared")
     from dermt2im.generate.stage import GenerateStage
-    from dermt2im.runners.leased import run_claimed
+    from dermt2im.runners.partition import Partition
 
     stage = GenerateStage(w, cfg.generate, cfg.runtime.generate, _model(w, cfg, lora, base_model_only))
-    out = _guard(lambda: run_claimed(stage, w.leases, ttl=cfg.runtime.generate.lease_seconds, owner=owner,
-                                     poll_seconds=poll, timeout=timeout))
-    _echo(f"worker {out['owner']}: {out['images']} image(s) in shard(s) {out['shards']} ({out['takeovers']} taken "
-          f"over); {out['done_shards']}/{out['planned_shards']} shards done")
-    if not out["complete"]:
-        raise typer.Exit(3)
+    out = _run(Partition(stage, shard_index, num_shards))
+    _echo(f"worker {shard_index} of {num_shards}: {out['rendered']} image(s) rendered in shard(s) {out['shards']}")
 
 
 @command()
@@ -377,7 +384,7 @@ def validate(
         _run(PreprocessStage(cfg.preprocess, {d.name: d.manifest for d in datasets}, w.processed,
                              max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers, locks=w.locks))
     manifests = {name: w.test_set_manifest(name) for name in sets} or None
-    _run(ValidateStage.of(w, cfg, test_sets=manifests, segmentation=False))
+    _run(ValidateStage.of(w, cfg, test_sets=manifests, segmentation=False), cfg.scale)
     _run(SegmentationStage(w, cfg.validation))
 
 

@@ -18,10 +18,12 @@ one shard for generate, one (model, regime, seed) cell for validate. For each un
 validate opens its MLflow parent run); ``close(results)`` runs once after every unit (fold manifest
 parts in, write the reports) and returns the stage's summary.
 
-The stages know nothing of how they are run. ``dermt2im.runners.sequential`` runs the units one
-after the other (the CLI); ``dermt2im.runners.leased`` lets many workers split them through leases
-(scale-out); ``tasks.stage`` maps each unit to a Prefect task. All three ask ``finished`` before
-``run``, so a unit whose output is up to date is never made again.
+The stages know nothing of how they are run. ``dermt2im.runners.sequential`` runs the units in
+this process (the CLI); ``tasks.stage`` maps each unit to a Prefect task; either may hand ``run``
+to a Ray cluster (``dermt2im.runners.ray_runner``: long-lived workers for a stage with a ``warm()``
+method, such as generate's renderers, one task per unit otherwise), and ``dermt2im.runners.partition``
+gives a batch job its static share of the units. All ask ``finished`` before ``run``, so a unit
+whose output is up to date is never made again, and a unit re-run after a crash is idempotent.
 
 Stages whose output carries no key of its own record it in a *stamp* (``Stamps``): a small JSON
 file per unit under ``W/.stamps/<stage>/``, written after the unit's output. Stamps are data, never

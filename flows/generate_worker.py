@@ -1,9 +1,10 @@
-"""One generation worker as a Prefect flow: render shards of the workdir's plan until all are done.
+"""One generation worker as a Prefect flow: render a static partition of the workdir's plan.
 
-Start as many runs as there are GPUs / workers (``flows.generate`` does it with
-``orchestration.parallel_workers``, or ``prefect deployment run generate-worker/<name>`` N times);
-the runs split the shards through leases (``dermt2im.runners.leased``), and a run whose worker died
-is replaced by the others once its lease expires (``runtime.generate.lease_seconds``).
+For work pools whose flow runs are batch jobs (a Kubernetes Job, a docker container per run) and
+no Ray cluster: ``flows.generate`` with ``orchestration.parallel_workers: N`` starts N runs, run
+``i`` rendering the shards whose number modulo N is ``i`` (``dermt2im.runners.partition``), one
+task run per shard. Nothing is claimed or shared: a run that failed is run again with the same
+``shard_index``, and its finished shards are skipped.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 from prefect import flow
 
 from dermt2im.core.workdir import open_workdir
-from dermt2im.generate.model import GenerationError, resolve_model
+from dermt2im.generate.model import resolve_model
 from dermt2im.generate.stage import GenerateStage
-from dermt2im.runners.leased import run_claimed
+from dermt2im.runners.partition import Partition
 from flows.names import in_workdir
 from flows.settings import orchestration
+from tasks.stage import run_stage
 
 
 @flow(name="generate-worker", log_prints=True, flow_run_name=in_workdir("generation worker"))
@@ -24,29 +26,21 @@ def generate_worker(
     config: str | None = None,
     overrides: list[str] | None = None,
     lora: str | None = None,
-    owner: str | None = None,
-    poll_seconds: float = 2.0,
-    timeout_seconds: float | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
     base_model_only: bool = False,
 ) -> dict:
-    """Claim, render and release shards until the plan is complete; returns this worker's counts."""
+    """Render the shards ``s`` of the plan with ``s % num_shards == shard_index`` (the plan is made or
+    extended first, under a lock); returns this partition's counts."""
     w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
-    if owner is None:
-        from prefect.runtime import flow_run
-
-        owner = f"flow-run-{flow_run.id}"
     model = resolve_model(w, lora, base_model_only=base_model_only, base_model=cfg.train.base_model,
                           revision=cfg.train.revision, token=cfg.train.instance_token)
-    stage = GenerateStage(w, cfg.generate, cfg.runtime.generate, model)
-    out = run_claimed(stage, w.leases, ttl=cfg.runtime.generate.lease_seconds, owner=owner,
-                      poll_seconds=poll_seconds, timeout=timeout_seconds)
-    if not out["complete"]:
-        raise GenerationError(f"{out['planned_shards'] - out['done_shards']} shard(s) not done after "
-                              f"{timeout_seconds} s (other workers still hold them)")
-    return out
+    share = Partition(GenerateStage(w, cfg.generate, cfg.runtime.generate, model), shard_index, num_shards)
+    return {**run_stage(share, tags=["gpu"]), "shard_index": shard_index, "num_shards": num_shards}
 
 
-if __name__ == "__main__":  # python -m flows.generate_worker WORKDIR
+if __name__ == "__main__":  # python -m flows.generate_worker WORKDIR [SHARD_INDEX NUM_SHARDS]
     import sys
 
-    generate_worker(sys.argv[1])
+    generate_worker(sys.argv[1], shard_index=int(sys.argv[2]) if len(sys.argv) > 2 else 0,
+                    num_shards=int(sys.argv[3]) if len(sys.argv) > 3 else 1)

@@ -22,7 +22,8 @@ class OrchestrationSettings(Strict):
     generate_deployment: str = "generate/generate-cuda"
     deployment_timeout_s: float | None = Field(None, gt=0, description="None waits for as long as the run takes")
     parallel_workers: int = Field(
-        0, ge=0, description="> 0: the generate flow renders through this many runs of worker_deployment (scale-out)"
+        0, ge=0, description="> 0: the generate flow renders through this many runs of worker_deployment, each a "
+        "static partition of the shards (scale-out without Ray)"
     )
     worker_deployment: str = "generate-worker/generate-worker-cuda"
 
@@ -30,8 +31,13 @@ class OrchestrationSettings(Strict):
 def orchestration(cfg: Any) -> OrchestrationSettings:
     """The validated ``orchestration`` section of a factory config (a clear error naming the key)."""
     try:
-        return OrchestrationSettings.model_validate(cfg.orchestration or {})
+        settings = OrchestrationSettings.model_validate(cfg.orchestration or {})
     except ValidationError as err:
         lines = [f"  orchestration.{'.'.join(map(str, e['loc']))}: "
                  + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"]) for e in err.errors()]
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+    scale = getattr(cfg, "scale", None)
+    if settings.parallel_workers > 0 and scale is not None and scale.ray_address is not None:
+        raise ConfigError("invalid configuration:\n  orchestration.parallel_workers and scale.ray_address are both set: "
+                          "scale out either on the Ray cluster or over worker runs, not both")
+    return settings

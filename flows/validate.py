@@ -1,10 +1,12 @@
-"""Validation flow: one task per (model, regime, seed) cell, McNemar, Table IV, the SAM check."""
+"""Validation flow: one task per (model, regime, seed) cell (on a Ray cluster with scale.ray_address),
+McNemar, Table IV, the SAM check."""
 
 from __future__ import annotations
 
 from prefect import flow
 
 from dermt2im.core.workdir import open_workdir
+from dermt2im.runners.scaling import scaled
 from dermt2im.validate.segmentation import SegmentationStage
 from dermt2im.validate.stage import ValidateStage
 from flows.names import in_workdir
@@ -29,8 +31,10 @@ def validate(
     split."""
     w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
     tags = ["gpu" if cfg.runtime.validation.device != "cpu" else "cpu", "validate"]
-    compared = run_stage(ValidateStage.of(w, cfg, test_sets=test_sets, log_model=log_model, segmentation=False),
-                         tags=tags)
+    stage = ValidateStage.of(w, cfg, test_sets=test_sets, log_model=log_model, segmentation=False)
+    with scaled(stage, cfg.scale) as placed:  # scale.ray_address: every cell a Ray task (scale.gpus_per_cell)
+        compared = run_stage(placed.stage, tags=["ray", "validate"] if placed.on_ray else tags,
+                             concurrency=placed.concurrency)
     publish_table_iv(w, compared, cfg.tracking)
     segmentation = run_stage(SegmentationStage(w, cfg.validation))
     publish_segmentation(segmentation)

@@ -1,10 +1,12 @@
-"""Generation fanned out over Prefect worker runs (``orchestration.parallel_workers`` runs of the
-``generate-worker`` deployment, ``flows.generate_worker``), which split the shards through leases.
+"""Generation fanned out over Prefect worker runs: ``orchestration.parallel_workers`` runs of the
+``generate-worker`` deployment (``flows.generate_worker``), run ``i`` of N rendering the static
+partition ``shard % N == i``.
 
-The parent waits until every shard is finished, or until every worker run has ended (an error if
-shards are still missing then), or ``orchestration.deployment_timeout_s``. A worker run that looks
-alive but whose machine died does not block: its shards are taken over when its leases expire, and
-the wait ends once every shard is finished.
+For work pools without a Ray cluster (one batch job per flow run). The parent waits until every
+run has ended (or ``orchestration.deployment_timeout_s``), folds in the rows the runs appended on
+an object store, and fails naming the runs that did not complete and the shards still missing. A
+failed partition is made good by running the generate flow again: the finished shards of every
+partition are skipped.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from dermt2im.generate.model import GenerationError
 from dermt2im.generate.shards import shard_missing
 from dermt2im.generate.stage import GenerateStage
 from flows.settings import OrchestrationSettings
@@ -27,29 +30,34 @@ def render_with_workers(stage: GenerateStage, settings: OrchestrationSettings, p
     log = get_run_logger()
     shards = stage.units()
     missing = sum(shards_missing(stage, s) for s in shards)
+    n = settings.parallel_workers
     params = {"workdir": str(stage.workdir.root), "config": None, "overrides": None,  # the workdir's saved config
-              "lora": str(stage.model.lora) if stage.model.lora else None, "base_model_only": stage.model.lora is None}
-    runs = [run_deployment(name=settings.worker_deployment, parameters=params, timeout=0)
-            for _ in range(settings.parallel_workers)]
-    log.info("dispatched %d run(s) of %s for %d shard(s)", len(runs), settings.worker_deployment, len(shards))
-    progress = create_progress_artifact(progress=0.0, key="generate-workers-progress", description="shards rendered")
+              "lora": str(stage.model.lora) if stage.model.lora else None, "base_model_only": stage.model.lora is None,
+              "num_shards": n}
+    runs = [run_deployment(name=settings.worker_deployment, parameters={**params, "shard_index": i}, timeout=0)
+            for i in range(n)]
+    log.info("dispatched %d run(s) of %s, one partition of %d shard(s) each", n, settings.worker_deployment,
+             len(shards))
+    progress = create_progress_artifact(progress=0.0, key="generate-workers-progress", description="worker runs ended")
     t0 = time.monotonic()
-    done: set[int] = set()
     while True:
-        stage.fold_parts()  # the workers' appended parts (object stores)
-        done |= {s for s in shards if s not in done and stage.finished(s) is not None}
-        update_progress_artifact(artifact_id=progress, progress=100.0 * len(done) / max(1, len(shards)))
-        if len(done) == len(shards):
-            return missing
         with get_client(sync_client=True) as client:
             states = [client.read_flow_run(r.id).state for r in runs]
-        if all(st is not None and st.is_final() for st in states):
-            names = sorted({st.name for st in states})
-            raise RuntimeError(f"every worker run ended ({', '.join(names)}) with {len(shards) - len(done)} "
-                               f"shard(s) not rendered: runs {[str(r.id) for r in runs]}")
+        ended = sum(st is not None and st.is_final() for st in states)
+        update_progress_artifact(artifact_id=progress, progress=100.0 * ended / n)
+        if ended == n:
+            break
         if settings.deployment_timeout_s is not None and time.monotonic() - t0 > settings.deployment_timeout_s:
-            raise TimeoutError(f"{len(shards) - len(done)} shard(s) not rendered after {settings.deployment_timeout_s:.0f} s")
+            raise TimeoutError(f"{n - ended} of {n} worker run(s) not ended after {settings.deployment_timeout_s:.0f} s")
         time.sleep(poll_seconds)
+    stage.fold_parts()  # the runs' appended parts (object stores)
+    failed = [f"partition {i} (flow run {r.id}): {st.name}" for i, (r, st) in enumerate(zip(runs, states))
+              if not st.is_completed()]
+    left = [s for s in shards if stage.finished(s) is None]
+    if failed or left:
+        raise GenerationError(f"{len(left)} shard(s) not rendered ({left[:10]}); worker runs that did not complete: "
+                              f"{', '.join(failed) or 'none'}. Run the generate flow again: finished shards are skipped")
+    return missing
 
 
 def shards_missing(stage: GenerateStage, shard: int) -> int:

@@ -8,7 +8,9 @@ file planted in a shared workdir can never be unpickled (the stages' own records
 Parquet). Retries are for transient faults only (I/O, network, a locked tracking store).
 
 Units run one after the other in the flow's thread, in the order the stage gives them: they share
-one device and one loaded pipeline. ``run_stage`` also keeps a progress artifact per stage and
+one device and one loaded pipeline. With ``concurrency`` > 1 (a stage placed on a Ray cluster,
+``dermt2im.runners.scaling``) that many task runs go at once, each on a thread that waits for its
+unit to come back from the cluster. ``run_stage`` also keeps a progress artifact per stage and
 closes the stage in a task of its own.
 """
 
@@ -43,17 +45,40 @@ def close_stage(stage: Stage, results: Sequence[Summary]) -> Summary:
     return stage.close(results)
 
 
-def run_stage(stage: Stage, *, tags: Sequence[str] = (), wait_for: Sequence[Any] | None = None) -> Summary:
-    """Every unit of ``stage`` as a task run, then its closing task; returns the closing summary."""
+def run_stage(stage: Stage, *, tags: Sequence[str] = (), wait_for: Sequence[Any] | None = None,
+              concurrency: int = 1) -> Summary:
+    """Every unit of ``stage`` as a task run (``concurrency`` at a time), then its closing task;
+    returns the closing summary."""
     units = list(stage.units())
     all_tags = {*tags, f"stage:{stage.name}"}
     progress = create_progress_artifact(progress=0.0, key=f"{stage.name}-progress",
                                         description=f"{stage.name}: units done")
-    results: list[Summary] = []
-    for i, unit in enumerate(units, start=1):
-        unit_task = run_unit.with_options(name=stage.name, task_run_name=stage.describe(unit), tags=all_tags)
-        results.append(unit_task(stage, unit, wait_for=wait_for))
-        update_progress_artifact(artifact_id=progress, progress=100.0 * i / max(1, len(units)))
+
+    def unit_task(unit: Any) -> Any:
+        return run_unit.with_options(name=stage.name, task_run_name=stage.describe(unit), tags=all_tags)
+
+    if concurrency > 1 and len(units) > 1:
+        results = _run_at_once(stage, units, unit_task, wait_for, concurrency, progress)
+    else:
+        results = []
+        for i, unit in enumerate(units, start=1):
+            results.append(unit_task(unit)(stage, unit, wait_for=wait_for))
+            update_progress_artifact(artifact_id=progress, progress=100.0 * i / max(1, len(units)))
     closing = close_stage.with_options(name=f"{stage.name}-close", task_run_name=f"{stage.name}: close",
                                        tags={*tags, f"stage:{stage.name}-close"})
     return closing(stage, results)
+
+
+def _run_at_once(stage: Stage, units: list, unit_task: Any, wait_for: Sequence[Any] | None, concurrency: int,
+                 progress: Any) -> list[Summary]:
+    """The units' task runs on ``concurrency`` threads; their summaries in the units' order, or the
+    first failure once every started run has ended."""
+    from prefect.futures import as_completed
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    with ThreadPoolTaskRunner(max_workers=min(concurrency, len(units))) as runner:
+        futures = [runner.submit(unit_task(unit), {"stage": stage, "unit": unit}, wait_for=wait_for)
+                   for unit in units]
+        for i, _ in enumerate(as_completed(futures), start=1):
+            update_progress_artifact(artifact_id=progress, progress=100.0 * i / len(units))
+    return [future.result() for future in futures]

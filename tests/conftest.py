@@ -80,3 +80,39 @@ def memory_root():
     path = root.split("://", 1)[1]
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray cluster for the whole session, on 127.0.0.1 only: a head that runs nothing (as on a
+    real cluster) and two worker nodes with one CPU and one declared GPU each (Ray takes the count on
+    trust, so GPU scheduling is exercised without a GPU). Yields its address. Tests that use it carry
+    ``pytest.mark.xdist_group("ray")`` so that one xdist worker runs them all, against this one cluster.
+    Skips when Ray is not installed."""
+    import importlib.util
+    import secrets
+
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed (pip install -e '.[ray]')")
+    # Before Ray is imported (it reads them once): every server binds 127.0.0.1, no usage stats, a
+    # token of this session (nothing written to ~/.ray). The nodes inherit this environment.
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+                      RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_DISABLE_DOCKER_CPU_WARNING="1",
+                      RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    from ray.cluster_utils import Cluster
+
+    store = 100 * 2**20
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False,
+                                                            "object_store_memory": store})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=store)
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()

@@ -22,7 +22,9 @@ def task_states(flow_state, timeout: float = 30.0) -> dict[str, list[str]]:
         time.sleep(0.5)
 
 
-def _task_states_once(flow_state) -> dict[str, list[str]]:
+def task_runs(flow_state) -> list:
+    """Every task run of a flow run and its subflows (Prefect's TaskRun objects), leaving out the
+    task runs that stand for a subflow in its parent."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -31,7 +33,6 @@ def _task_states_once(flow_state) -> dict[str, list[str]]:
     )
 
     root = flow_state.state_details.flow_run_id
-    out: dict[str, list[str]] = defaultdict(list)
     with get_client(sync_client=True) as client:
         flow_ids, frontier = {root}, [root]
         while frontier:  # subflows are flow runs whose parent task run belongs to a known flow run
@@ -41,9 +42,12 @@ def _task_states_once(flow_state) -> dict[str, list[str]]:
             frontier = [c.id for c in children if c.id not in flow_ids]
             flow_ids.update(frontier)
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_ids))))
-    for r in runs:
-        if r.state is not None and r.state.state_details.child_flow_run_id is not None:
-            continue  # the task run that stands for a subflow in its parent: the subflow's own runs count
+    return [r for r in runs if r.state is None or r.state.state_details.child_flow_run_id is None]
+
+
+def _task_states_once(flow_state) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = defaultdict(list)
+    for r in task_runs(flow_state):
         stages = [tag.split(":", 1)[1] for tag in r.tags if tag.startswith("stage:")]
         out[stages[0] if stages else r.name.rsplit("-", 1)[0]].append(r.state.name if r.state else "?")
     return dict(out)

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ FLOW_CONTRACT = {
     "flows/generate.py:generate": ("generate", {"workdir", "config", "overrides", "lora", "per_class"}),
     "flows/validate.py:validate": ("validate", {"workdir", "config", "overrides"}),
     "flows/regenerate.py:regenerate": ("regenerate", {"workdir", "config", "overrides", "per_class_increment"}),
-    "flows/generate_worker.py:generate_worker": ("generate-worker", {"workdir", "config", "overrides", "lora"}),
+    "flows/generate_worker.py:generate_worker": ("generate-worker", {"workdir", "config", "overrides", "lora",
+                                                                      "shard_index", "num_shards"}),
 }
 GPU_ENTRYPOINTS = {"flows/train.py:train", "flows/generate.py:generate", "flows/generate_worker.py:generate_worker"}
 
@@ -292,7 +294,25 @@ def test_cuda_image_keeps_cuda_torch_and_installs_the_cuda_extra():
     base = [arg for op, arg in ins if op == "FROM"][0]
     assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", base), base
     runs = " ".join(arg for op, arg in ins if op == "RUN")
-    assert '".[cuda,s3]"' in runs and "torch.version.cuda" in runs  # the s3 extra: bucket storage
+    # the s3 extra: bucket storage; ray: the image is a Ray node and a Ray driver
+    assert '".[cuda,s3,ray]"' in runs and "torch.version.cuda" in runs
+
+
+def test_both_images_install_ray_with_one_python_and_the_tested_ray_release():
+    """Ray refuses a driver or node whose Ray or Python differs from the cluster's."""
+    cpu_base = [arg for op, arg in _instructions(DOCKER / "Dockerfile.cpu") if op == "FROM"][0]
+    python = re.match(r"python:(\d+)\.(\d+)\.", cpu_base).groups()
+    cuda_runs = " ".join(arg for op, arg in _instructions(DOCKER / "Dockerfile.cuda") if op == "RUN")
+    assert f"sys.version_info[:2] == ({python[0]}, {python[1]})" in cuda_runs  # checked when the CUDA image builds
+    cpu_runs = " ".join(arg for op, arg in _instructions(DOCKER / "Dockerfile.cpu") if op == "RUN")
+    assert re.search(r'-e "\.\[[a-z0-9,]*\bray\b[a-z0-9,]*\]"', cpu_runs), cpu_runs
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (DOCKER / "constraints.txt").read_text(), re.M))
+    manifest = yaml.safe_load((DEPLOYMENTS / "kuberay" / "raycluster.yaml").read_text())
+    assert manifest["spec"]["rayVersion"] == pins["ray"]
+    ray = pytest.importorskip("ray")
+    assert ray.__version__ == pins["ray"], "constraints.txt lags the tested Ray"
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["ray"]
+    assert any(req.startswith("ray[") and f">={pins['ray'].rsplit('.', 1)[0]}" in req for req in extra), extra
 
 
 def test_cpu_image_installs_the_makefiles_cpu_torch():
@@ -353,8 +373,9 @@ def test_shell_scripts_parse_and_pass_shellcheck():
 
 def test_compose_has_the_services_with_healthchecks():
     services = _compose()["services"]
-    assert {"postgres", "prefect-server", "mlflow", "setup", "cpu-worker", "gpu-worker"} <= set(services)
-    for name in ("postgres", "prefect-server", "mlflow", "cpu-worker", "gpu-worker"):
+    assert {"postgres", "prefect-server", "mlflow", "setup", "cpu-worker", "gpu-worker", "ray-head",
+            "ray-gpu-worker"} <= set(services)
+    for name in ("postgres", "prefect-server", "mlflow", "cpu-worker", "gpu-worker", "ray-head", "ray-gpu-worker"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
 
 
@@ -447,3 +468,73 @@ def test_deployment_config_and_overrides_load(deployment):
     presets = [params["config"]] if params.get("config") else ["smoke", "paper"]  # None: the workdir's own
     for preset in presets:
         load_config(preset, params.get("overrides") or [])
+
+
+# --- Ray: compose's cluster and the KubeRay manifest ------------------------------------------
+
+
+def _ray_start(svc: dict) -> list[str]:
+    """The `ray start` arguments of a compose service (after its token check)."""
+    cmd = svc["command"]
+    script = cmd[-1] if cmd[:2] == ["bash", "-c"] else " ".join(cmd)
+    assert 'test -n "$$RAY_AUTH_TOKEN"' in script and "exit 1" in script  # no token: a clear stop
+    return script.split("exec ray start", 1)[1].split()
+
+
+def test_compose_ray_head_runs_nothing_and_the_gpu_node_joins_it_with_the_workdir():
+    services = _compose()["services"]
+    head, node, driver = services["ray-head"], services["ray-gpu-worker"], services["gpu-worker"]
+    assert head["profiles"] == node["profiles"] == ["ray"]
+    head_args, node_args = _ray_start(head), _ray_start(node)
+    assert {"--head", "--block", "--port=6379", "--num-cpus=0", "--num-gpus=0", "--disable-usage-stats"} <= set(head_args)
+    assert {"--block", "--address=ray-head:6379", "--num-gpus=1", "--disable-usage-stats"} <= set(node_args)
+    # nodes and drivers: one image (one Ray, one Python), one token, token authentication on
+    assert head["image"] == node["image"] == driver["image"]
+    for svc in (head, node, driver, services["cpu-worker"]):
+        assert svc["environment"]["RAY_AUTH_MODE"] == "token"
+        assert svc["environment"]["RAY_AUTH_TOKEN"] == "${RAY_AUTH_TOKEN:-}"
+    (dev,) = node["deploy"]["resources"]["reservations"]["devices"]
+    assert dev["driver"] == "nvidia" and dev["count"] == 1 and "gpu" in dev["capabilities"]
+    mounts = lambda svc: {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}  # noqa: E731
+    assert mounts(node)["/data/dermt2im-work"] == mounts(driver)["/data/dermt2im-work"] == "workdir"
+    assert node["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    published = {_interpolate(str(p)).split(":")[-1] for p in head["ports"]}
+    assert published == {"8265", "10001"} and "ports" not in node  # the GCS stays on the compose network
+
+
+def test_kuberay_cluster_sits_beside_the_kubernetes_pool():
+    manifest = yaml.safe_load((DEPLOYMENTS / "kuberay" / "raycluster.yaml").read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayCluster"
+    spec = manifest["spec"]
+    assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0" == spec["headGroupSpec"]["rayStartParams"]["num-cpus"]
+    assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+    pool = json.loads((DEPLOYMENTS / "work-pools" / "cuda-kubernetes.json").read_text())
+    variables = pool["variables"]["properties"]
+    job_pod = pool["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    pvcs = {variables["workdir_pvc"]["default"], variables["hf_cache_pvc"]["default"]}
+    job_mounts = {m["name"]: m["mountPath"] for m in job_pod["containers"][0]["volumeMounts"]}
+    assert manifest["metadata"]["namespace"] == variables["namespace"]["default"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        (container,) = pod["containers"]
+        assert container["image"] == variables["image"]["default"]  # the pool's image: one Ray, one Python
+        assert pod["securityContext"]["runAsUser"] == job_pod["securityContext"]["runAsUser"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+    (gpu,) = spec["workerGroupSpecs"]
+    assert gpu["rayStartParams"]["num-gpus"] == "1"
+    container = gpu["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in gpu["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert set(claims.values()) == pvcs and mounts["workdir"] == job_mounts["workdir"]  # the drivers' path
+
+
+def test_deployments_readme_shows_the_kuberay_manifest_as_shipped():
+    text = (DEPLOYMENTS / "README.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    shipped = yaml.safe_load((DEPLOYMENTS / "kuberay" / "raycluster.yaml").read_text())
+    assert shipped in blocks
+    assert "scale.ray_address=dermt2im-ray-head-svc:6379" in text and "ray-head:6379" in text

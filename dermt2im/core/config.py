@@ -6,7 +6,8 @@ A config has two kinds of sections:
   ``generate``, ``quality``, ``validate``. Every field changes a stage's output and is hashed into
   that stage's keys;
 * **how to run** (``dermt2im.core.runtime``): ``runtime.<stage>`` (devices, batch sizes, workers),
-  ``storage`` (where manifests and images live) and ``tracking`` (MLflow). Never hashed.
+  ``storage`` (where manifests and images live), ``tracking`` (MLflow) and ``scale`` (a Ray
+  cluster to render and validate on). Never hashed.
 
 ``orchestration`` holds the Prefect deployment settings; the domain never reads it, and
 ``flows.settings`` validates it (strictly) where it is used.
@@ -28,7 +29,7 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from dermt2im.core.errors import ConfigError
-from dermt2im.core.runtime import RuntimeConfig, StorageConfig, TrackingConfig
+from dermt2im.core.runtime import RuntimeConfig, ScaleConfig, StorageConfig, TrackingConfig
 from dermt2im.core.specs import (
     GenerateConfig,
     IngestConfig,
@@ -55,11 +56,18 @@ LEGACY_KEYS: dict[str, str] = {
     "generate.dtype": "runtime.generate.dtype",
     "generate.batch_size": "runtime.generate.batch_size",
     "generate.writer_threads": "runtime.generate.writer_threads",
-    "generate.lease_seconds": "runtime.generate.lease_seconds",
     "generate.image_store": "storage.images",
     "generate.parallel_workers": "orchestration.parallel_workers",
     "generate.worker_deployment": "orchestration.worker_deployment",
     "validate.device": "runtime.validate.device",
+}
+
+# Keys that no longer mean anything: dropped with a warning, so that a saved W/config.yaml still loads.
+RETIRED_KEYS: dict[str, str] = {
+    "runtime.generate.lease_seconds": "shard leases are gone: scale out with scale.ray_address or dermt2im worker "
+                                      "--shard-index/--num-shards",
+    "generate.lease_seconds": "shard leases are gone: scale out with scale.ray_address or dermt2im worker "
+                              "--shard-index/--num-shards",
 }
 
 SPEC_SECTIONS: tuple[str, ...] = ("phantoms", "ingest", "preprocess", "train", "generate", "quality", "validate")
@@ -80,6 +88,7 @@ class FactoryConfig(Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
+    scale: ScaleConfig = ScaleConfig()
     orchestration: dict[str, Any] = Field(
         default_factory=dict, description="Prefect deployment settings, validated by flows.settings"
     )
@@ -96,7 +105,16 @@ class FactoryConfig(Strict):
 
 
 def _move_legacy(data: dict[str, Any], source: str) -> dict[str, Any]:
-    """``data`` with keys that moved (``LEGACY_KEYS``) put where they live now, with a warning."""
+    """``data`` with keys that moved (``LEGACY_KEYS``) put where they live now and retired keys
+    (``RETIRED_KEYS``) dropped, each with a warning."""
+    for old, why in RETIRED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node.pop(leaf)
+            log.warning("%s: %s is no longer used and was ignored (%s)", source, old, why)
     for old, new in LEGACY_KEYS.items():
         section, key = old.split(".")
         node = data.get(section)

@@ -145,12 +145,11 @@ def _read_file(path: str | Path, kind: ManifestSchema) -> pd.DataFrame | None:
     except OSError as err:
         if storage.changed_while_read(err):
             raise _ReplacedWhileRead(str(path)) from None
-        raise ManifestError(f"{path} cannot be read ({err.strerror or err}); check that it is there and readable")
+        if err.errno is not None:  # the system's word: permission denied, an I/O error, ...
+            raise ManifestError(f"{path} cannot be read ({err.strerror or err}); check that it is there and readable")
+        raise _damaged(path, kind, err) from None  # pyarrow's: a page cut short
     except pa.ArrowInvalid as err:  # cut short, zero bytes, not Parquet at all
-        raise ManifestError(
-            f"{path} cannot be read as a {kind.name} manifest ({str(err).strip()[:160]}): the file is damaged; "
-            f"restore it from a copy, or delete it and run again the stage that writes it ({_WRITER[kind.name]})"
-        ) from None
+        raise _damaged(path, kind, err) from None
     meta = table.schema.metadata or {}
     name = meta.get(b"dermt2im.manifest", b"").decode()
     version = int(meta.get(b"dermt2im.schema_version", b"0") or 0)
@@ -169,6 +168,13 @@ def _read_file(path: str | Path, kind: ManifestSchema) -> pd.DataFrame | None:
         if col not in df.columns:
             df[col] = None
     return df[kind.columns]
+
+
+def _damaged(path: str | Path, kind: ManifestSchema, err: BaseException) -> ManifestError:
+    return ManifestError(
+        f"{path} cannot be read as a {kind.name} manifest ({str(err).strip()[:160]}): the file is damaged; "
+        f"restore it from a copy, or delete it and run again the stage that writes it ({_WRITER[kind.name]})"
+    )
 
 
 # Which command writes each manifest, for error messages.
@@ -192,7 +198,8 @@ def _read_with_parts(path: str | Path, kind: ManifestSchema) -> tuple[pd.DataFra
     """The base merged with its parts, and the parts that went into it.
 
     Parts are listed before the base is read: a part compacted meanwhile is then either in the base
-    already or gone when read, and a vanished part makes the whole read start again.
+    already or gone when read, and a vanished part, or a base replaced while it was read, makes the
+    whole read start again.
     """
     for _attempt in range(5):
         parts = pending_parts(path)

@@ -6,6 +6,7 @@ cache key: moving a run to another GPU, a bigger batch or a bucket never re-runs
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator
@@ -40,9 +41,6 @@ class GenerateRuntime(Strict):
     )
     batch_size: int = Field(4, ge=1)
     writer_threads: int = Field(2, ge=1)
-    lease_seconds: float = Field(
-        120.0, gt=0, description="a worker's claim on a shard lapses this long after its last renewal (scale-out)"
-    )
 
 
 class ValidateRuntime(Strict):
@@ -65,7 +63,7 @@ class StorageConfig(Strict):
     manifests: str | None = Field(
         None,
         description="where the Parquet manifests go: None = W/manifests; else a local folder (relative to the "
-        "workdir) or an fsspec URL (s3://bucket/prefix, ...); the config snapshot, leases and weights stay in W",
+        "workdir) or an fsspec URL (s3://bucket/prefix, ...); the config snapshot, locks and weights stay in W",
     )
     images: str | None = Field(
         None,
@@ -77,6 +75,51 @@ class StorageConfig(Strict):
     @classmethod
     def _location_text(cls, v: str | None) -> str | None:
         return normalise_location(v)
+
+
+# Names whose values say where things are and how to reach them, never secrets: a runtime_env is
+# stored in the cluster and shown on its dashboard.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT",
+                 "FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
+                 "AWS_REGION")
+_RAY_ADDRESS = re.compile(r"(local|auto|ray://[^\s/:]+:\d+|[^\s/:]+:\d+)")
+
+
+class ScaleConfig(Strict):
+    """Scale-out on a Ray cluster (``dermt2im.runners.ray_runner``). Without ``ray_address`` the
+    factory runs in this process and nothing imports or starts Ray."""
+
+    ray_address: str | None = Field(
+        None,
+        description="None: in this process, no Ray; 'local': a Ray started here, on this machine's GPUs; 'auto': the "
+        "cluster this machine belongs to; 'host:port' (the head's GCS) or 'ray://host:port' (Ray Client)",
+    )
+    actors_per_node: int | None = Field(
+        None, ge=1, description="renderer actors per node; None: one per gpus_per_actor GPUs (one per node on CPU nodes)"
+    )
+    gpus_per_actor: float = Field(1.0, ge=0, description="GPUs each renderer actor holds (0: a CPU actor)")
+    cpus_per_actor: float = Field(1.0, ge=0)
+    gpus_per_cell: float = Field(1.0, ge=0, description="GPUs each validation cell (a Ray task) holds; 0.5: two share one")
+    cpus_per_cell: float = Field(1.0, ge=0)
+    actor_restarts: int = Field(3, ge=0, description="Ray restarts a killed renderer this often (its shard re-runs)")
+    task_retries: int = Field(2, ge=0, description="Ray re-runs a call whose process died this often (actors, cells)")
+    shard_attempts: int = Field(3, ge=1, description="a shard is given up after this many renderers died on it")
+    actor_replacements: int = Field(4, ge=0, description="new renderers started for ones Ray gave up on, per stage run")
+    start_timeout_s: float = Field(600.0, gt=0, description="how long renderers may take to be placed and load")
+    namespace: str = Field("dermt2im", min_length=1)
+    forward_env: list[str] = Field(
+        default_factory=lambda: list(FORWARDED_ENV),
+        description="environment variables of this process handed to the Ray workers (those set); add secrets such "
+        "as AWS_SECRET_ACCESS_KEY only where the cluster has no credentials of its own",
+    )
+
+    @field_validator("ray_address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        v = (v or "").strip() or None
+        if v is not None and not _RAY_ADDRESS.fullmatch(v):
+            raise ValueError(f"{v!r} is not local, auto, host:port or ray://host:port")
+        return v
 
 
 class TrackingConfig(Strict):

@@ -16,7 +16,7 @@ There is no cross-writer lock on object stores: a read-modify-write of one manif
 Synthetic images can live on such a location too (``storage.images``): the manifest's
 ``path`` column then holds the image's URL and every reader goes through ``resolve`` /
 ``is_file`` / ``read_bytes`` / ``sha256`` / ``version_token`` here. So can the manifests
-(``storage.manifests``). The workdir itself (config snapshot, shard leases, LoRA weights, processed
+(``storage.manifests``). The workdir itself (config snapshot, lock files, LoRA weights, processed
 seeds, reports) stays on a POSIX filesystem that every worker sees.
 """
 

@@ -102,8 +102,8 @@ class Workdir:
 
     @property
     def locks(self) -> Path:
-        """Lock files for manifests on object stores (``manifest.writer_lock``): every worker shares
-        this workdir (its leases live here too), so its POSIX locks cover them all."""
+        """Lock files for manifests on object stores (``writers.writer_lock``): every worker shares
+        this workdir (its config and LoRA weights live here too), so its POSIX locks cover them all."""
         return self._dir(".locks")
 
     @property
@@ -117,11 +117,6 @@ class Workdir:
     def png_path(self, label: str, sample_key: str) -> Location:
         """A rendered image's location: a ``Path`` locally, a ``str`` URL on an image store."""
         return storage.join(self.images, label, f"{sample_key}.png")
-
-    @property
-    def leases(self) -> Path:
-        """Scale-out: one lease file per shard being rendered (``dermt2im.runners.leases``)."""
-        return self._dir("synthetic", ".leases")
 
     @property
     def stamps(self) -> Path:

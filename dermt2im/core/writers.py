@@ -12,11 +12,13 @@ Writers use one of two protocols:
   and still wins over the base. Appends may run concurrently with anything. Rewrites of one
   manifest must not overlap (two would each write the base from what they read, and the second
   would drop rows the first folded in and deleted): ``writer_lock(url, lock_dir)`` holds an fcntl
-  lock in ``lock_dir`` (the workdir's ``.locks``, on the POSIX storage every worker shares for its
-  leases anyway) while one process rewrites.
+  lock in ``lock_dir`` (the workdir's ``.locks``, on the POSIX storage every worker shares for the
+  config and the LoRA weights anyway) while one process rewrites.
 
 ``record_rows`` picks the protocol from the location. Part names start with the writer's wall-clock
-nanoseconds, so hosts appending to one manifest need roughly synchronised clocks.
+nanoseconds, so hosts appending to one manifest need roughly synchronised clocks (NTP): a sample
+recorded twice before a fold, by a shard retried on another machine after its first worker died
+or by a later re-render, must have its later row win.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@
 
 ``GenerateStage`` is the stage: ``units()`` makes or extends the plan (under a lock, so that many
 workers may start at once) and returns its shards, one class after the other (with per-class LoRAs
-the fused pipeline then changes once).
+the fused pipeline then changes once); ``warm()`` loads the pipeline ahead of the first shard.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from dermt2im.core import identity
-from dermt2im.core.manifest import SYNTHETIC
+from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest
 from dermt2im.core.runtime import GenerateRuntime
 from dermt2im.core.specs import LABELS, GenerateConfig
 from dermt2im.core.workdir import Workdir
@@ -78,15 +78,27 @@ class GenerateStage:
         self.workdir, self.spec, self.runtime, self.model = workdir, spec, runtime, model
         self.per_class, self.only, self.pipe = per_class, list(shards or []), pipe
         self._plan: pd.DataFrame | None = None
+        self._planned_elsewhere = False
         self._t0 = time.perf_counter()
 
     def plan(self) -> pd.DataFrame:
-        """Make or extend the plan (once per stage object), under the plan's writer lock."""
+        """Make or extend the plan (once per stage object), under the plan's writer lock; a copy
+        of a stage that has planned only reads it."""
         if self._plan is None:
             w = self.workdir
-            with writer_lock(w.plan_manifest, w.locks):
-                self._plan = update_plan(w.plan_manifest, self.spec, token=self.model.token, per_class=self.per_class)
+            if self._planned_elsewhere:
+                self._plan = read_manifest(w.plan_manifest, PLAN)
+            else:
+                with writer_lock(w.plan_manifest, w.locks):
+                    self._plan = update_plan(w.plan_manifest, self.spec, token=self.model.token,
+                                             per_class=self.per_class)
         return self._plan
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy sent to another process (a Ray renderer) reads the plan this stage made rather than
+        # carrying it, and loads a pipeline of its own.
+        return {**self.__dict__, "_plan": None, "pipe": None,
+                "_planned_elsewhere": self._planned_elsewhere or self._plan is not None}
 
     def units(self) -> list[int]:
         planned = shards_of(self.plan())
@@ -108,6 +120,15 @@ class GenerateStage:
         if not shards.shard_complete(self.workdir, self.model, shard, plan=self.plan()):
             return None
         return {"shard": int(shard), "rendered": 0, "images": int((self.plan()["shard"] == shard).sum())}
+
+    def warm(self) -> None:
+        """Load the pipeline this process renders with, LoRA fused, before the first shard: a
+        long-lived renderer (``dermt2im.runners.ray_workers``) pays the load once, not per shard."""
+        units = self.units()
+        if units:
+            first = shards.shard_rows(self.workdir, units[0], self.plan()).iloc[0]
+            pipeline.prepared_pipeline(self.model, self.runtime, self.model.for_label(first["label"]),
+                                       first["lora_scale"], pipe=self.pipe)
 
     def run(self, shard: int) -> dict[str, Any]:
         recorded = shards.render_shard(self.workdir, self.runtime, self.model, shard, pipe=self.pipe)

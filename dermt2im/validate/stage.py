@@ -82,6 +82,11 @@ class ValidateStage:
         """The stage as a factory config (``dermt2im.core.config.FactoryConfig``) sets it up."""
         return cls(workdir, cfg.validation, cfg.runtime.validation, cfg.tracking, **kw)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy sent to another process (a Ray task running one cell) opens a tracker of its own:
+        # a tracker's client belongs to the process that made it.
+        return {**self.__dict__, "_tracker": None}
+
     @property
     def tracker(self) -> Tracker:
         if self._tracker is None:

@@ -201,3 +201,29 @@ def test_rewrites_of_an_object_store_manifest_are_serialised_by_a_lock_in_the_wo
     assert sorted(read_manifest(path, SYNTHETIC)["sample_key"]) == ["b-0", "b-1"]
     assert mf._read_file(path, SYNTHETIC)["sample_key"].tolist() == ["b-0", "b-1"] and pending_parts(path) == []
     assert [p.suffix for p in locks.iterdir()] == [".lock"]
+
+
+def test_readers_on_s3_never_fail_while_the_base_is_folded_and_rewritten(s3_bucket):
+    """s3fs refuses to go on reading an object that was replaced after it was opened (FileExpired,
+    EBUSY): a reader that meets a fold mid-read reads again instead of calling the manifest damaged."""
+    url = f"{s3_bucket}/m/synthetic.parquet"
+    write_manifest(_rows(["k-0"]), url, SYNTHETIC)
+    stop = threading.Event()
+    folds: list[int] = []
+
+    def fold_again_and_again():
+        for i in range(1, 40):
+            append_rows(url, _rows([f"k-{i}"]), SYNTHETIC)
+            folds.append(compact(url, SYNTHETIC))
+        stop.set()
+
+    folder = threading.Thread(target=fold_again_and_again)
+    folder.start()
+    reads = 0
+    while not stop.is_set():
+        df = read_manifest(url, SYNTHETIC)
+        assert df["sample_key"].is_unique and "k-0" in set(df["sample_key"])
+        reads += 1
+    folder.join()
+    assert sum(folds) == 39 and reads > 5
+    assert len(read_manifest(url, SYNTHETIC)) == 40

@@ -1,14 +1,8 @@
-"""Scale-out against a real Prefect server: two process workers split one plan through shard leases;
-one is killed (SIGKILL, with its flow-run processes) mid-shard and the plan still completes with no
-duplicate and no missing sample.
-
-Everything runs here: a `prefect server start` subprocess with its own PREFECT_HOME (SQLite), a
-process work pool with a unique name and one work queue per worker (so the test knows which
-worker runs which flow run), the `generate-worker` flow deployed from this checkout with
-``flow.from_source``, and two `prefect worker start --limit 1` processes, each in its own process
-group. Both workers sleep before every PNG write (tests/slow_writes, test-only) so their
-shards overlap in time and worker 1 is reliably killed in the middle of a shard: after it finished
-at least one shard, and after some PNGs of the current one are written but not all.
+"""Scale-out without Ray, through static partitions (``dermt2im.runners.partition``): the generate
+flow's fan-out over Prefect worker runs against a real Prefect server and process workers, and
+`dermt2im worker --shard-index i --num-shards n` processes as a batch scheduler starts them, one
+SIGKILLed mid-shard and started again. Manifests and images live in a bucket of a local S3
+endpoint (moto), where every writer appends manifest parts.
 """
 
 from __future__ import annotations
@@ -35,7 +29,7 @@ pytestmark = pytest.mark.slow
 PER_CLASS, SHARD_SIZE = 8, 2  # 2 classes x 8 images in shards of 2: 8 shards
 OVERRIDES = [f"generate.per_class={PER_CLASS}", f"generate.shard_size={SHARD_SIZE}", "generate.width=32",
              "generate.height=32", "generate.steps_min=2", "generate.steps_max=2", "runtime.generate.batch_size=1",
-             "runtime.generate.writer_threads=1", "runtime.generate.lease_seconds=4", "generate.samplers=[euler]"]
+             "runtime.generate.writer_threads=1", "generate.samplers=[euler]"]
 WRITE_DELAY = {1: 1.5, 2: 1.0}  # seconds before each PNG write (tests/slow_writes), per worker
 SLOW_WRITES = str(Path(__file__).resolve().parent / "slow_writes")
 
@@ -139,163 +133,32 @@ def prefect_server(tmp_path_factory):
         _stop(proc)
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists() or sys.platform == "win32", reason="needs Linux /proc")
-def test_two_workers_split_the_plan_and_survive_one_killed_mid_shard(prefect_server, tmp_path):
+def test_the_generate_flow_fans_out_to_worker_runs_one_partition_each(prefect_server, tmp_path, s3_bucket):
+    """orchestration.parallel_workers=2: the generate flow plans, starts two runs of the worker
+    deployment (run_deployment, timeout=0) with shard_index 0 and 1 of num_shards 2, waits until both
+    have ended, folds their appended manifest parts in, then gates and audits as usual. Manifests and
+    images live in a bucket of a local S3 endpoint (moto)."""
+    import fsspec
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.deployments import run_deployment
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest
-    from dermt2im.core.workdir import Workdir, workdir_config
-    from dermt2im.generate.plan import update_plan
-    from dermt2im.runners.leases import read_lease
-    from tests.generate.generate_fixtures import complete
-
-    # the plan, in a fresh workdir; its config snapshot is what the workers read (config=None)
-    w = Workdir.at(tmp_path / "work")
-    cfg = workdir_config(w, "smoke", OVERRIDES)
-    plan = update_plan(w.plan_manifest, cfg.generate, token=cfg.train.instance_token)
-    shards = sorted(plan["shard"].unique().tolist())
-    assert len(plan) == 2 * PER_CLASS and len(shards) == 8
-    folder = w.leases
-
-    url = prefect_server
-    pool = f"scaleout-{uuid.uuid4().hex[:8]}"
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs: dict[str, subprocess.Popen] = {}
-
-    def diagnostics() -> str:
-        return "\n".join(_tail(p) for p in sorted(logs.iterdir()))
-
-    def start(name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-        with open(logs / f"{name}.log", "w") as out:
-            procs[name] = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
-        return procs[name]
-
-    try:
-        with temporary_settings({PREFECT_API_URL: url}):
-            with get_client(sync_client=True) as client:
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-                for q in ("w1", "w2"):
-                    client.create_work_queue(name=q, work_pool_name=pool)
-            worker_flow = flow.from_source(source=str(ROOT), entrypoint="flows/generate_worker.py:generate_worker")
-            worker_flow.deploy(name="scaleout", work_pool_name=pool, build=False, push=False,
-                               print_next_steps=False,
-                               parameters={"workdir": str(w.root), "poll_seconds": 0.5, "timeout_seconds": 240,
-                                           "base_model_only": True})
-
-            for i in (1, 2):
-                env = _base_env(tmp_path / f"worker{i}-home")
-                env.update(PREFECT_API_URL=url, PREFECT_WORKER_QUERY_SECONDS="1")
-                env = _slow(env, WRITE_DELAY[i])
-                start(f"worker{i}", _prefect() + ["worker", "start", "--pool", pool, "--work-queue", f"w{i}",
-                                                  "--type", "process", "--limit", "1"], env)
-
-            # One run per worker (its own queue); both write slowly (test hook) so that their shards
-            # overlap in time: worker 1 takes 3 s a shard, worker 2 2 s.
-            run_a = run_deployment("generate-worker/scaleout", timeout=0, work_queue_name="w1", as_subflow=False)
-            run_b = run_deployment("generate-worker/scaleout", timeout=0, work_queue_name="w2", as_subflow=False)
-            owner_a, owner_b = f"flow-run-{run_a.id}", f"flow-run-{run_b.id}"
-            rows_of = {s: plan[plan["shard"] == s] for s in shards}
-            seen: dict[str, set[int]] = {owner_a: set(), owner_b: set()}
-
-            def mid_shard() -> int | None:
-                """Worker 1 has finished a shard, worker 2 holds or held one, and worker 1 is inside another
-                with some of its PNGs written and some not."""
-                held = {s: lease.owner for s in shards if (lease := read_lease(folder, s)) is not None}
-                for s, owner in held.items():
-                    seen.setdefault(owner, set()).add(s)
-                recorded = read_manifest(w.synthetic_manifest, SYNTHETIC)
-                done = set(recorded.loc[recorded["sha256"].notna(), "shard"].value_counts()
-                           .loc[lambda c: c == SHARD_SIZE].index.tolist())
-                if not (seen[owner_a] & done) or not seen[owner_b]:
-                    return None
-                for s, owner in held.items():
-                    if owner == owner_a:
-                        rows = rows_of[s]
-                        written = sum((w.synthetic / lb / f"{k}.png").is_file()
-                                      for lb, k in zip(rows["label"], rows["sample_key"]))
-                        if 0 < written < len(rows):
-                            return s
-                return None
-
-            found: list[int] = []
-            _wait(lambda: (s := mid_shard()) is not None and not found.append(s), 150,
-                  "worker 1 to be inside a shard (after finishing one) while worker 2 works", interval=0.05,
-                  on_fail=diagnostics)
-            killed_shard = found[0]
-            _kill_tree(procs["worker1"])
-            lease = read_lease(folder, killed_shard)
-            assert lease is not None and lease.owner == owner_a, "worker 1 finished its shard before the kill"
-            finished_by_a = set(seen[owner_a]) - {killed_shard}
-
-            def finished():
-                with get_client(sync_client=True) as client:
-                    state = client.read_flow_run(run_b.id).state
-                return state if state is not None and state.is_final() else None
-
-            state_b = _wait(finished, 150, "worker 2's run to finish", interval=0.5, on_fail=diagnostics)
-            assert state_b.is_completed(), f"{state_b}\n{diagnostics()}"
-            with get_client(sync_client=True) as client:
-                state_a = client.read_flow_run(run_a.id).state
-            assert not state_a.is_completed()  # killed: it never reported back
-    finally:
-        for name in ("worker1", "worker2"):
-            _stop(procs.get(name))
-
-    # Exactly the plan: every sample once, every PNG on disk and matching its row, nothing half-written.
-    df = read_manifest(w.synthetic_manifest, SYNTHETIC)
-    assert len(df) == len(plan) and df["sample_key"].is_unique
-    assert set(df["sample_key"]) == set(read_manifest(w.plan_manifest, PLAN)["sample_key"])
-    assert df["sha256"].notna().all() and (df["status"] == "rendered").all()
-    from dermt2im.core.fileio import sha256_file
-
-    assert all(Path(p).is_file() and sha256_file(p) == h for p, h in zip(df["path"], df["sha256"]))
-    pngs = list(w.synthetic.rglob("*.png"))
-    assert len(pngs) == len(plan) and {p.stem for p in pngs} == set(df["sample_key"])
-    assert not list(w.root.rglob("*.tmp")), list(w.root.rglob("*.tmp"))
-    assert all(complete(w, cfg, s) for s in shards)
-    # Every lease released; the killed worker's one was taken over by worker 2 (its tombstone is kept).
-    assert not list(folder.glob("shard-*.json"))
-    tombs = list((folder / "expired").glob(f"shard-{killed_shard:06d}.*.json"))
-    assert tombs and owner_a in tombs[0].read_text()
-    # Both workers rendered part of the plan: worker 1 finished shard(s) before it was killed.
-    assert finished_by_a and finished_by_a <= set(shards) and seen[owner_b] - finished_by_a
-
-
-@pytest.mark.parametrize("where", ["workdir", "s3"])
-def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path, where, request):
-    """generate.parallel_workers=2: the generate flow plans, starts two runs of the worker deployment
-    (run_deployment, timeout=0), waits until every shard is done, then gates and audits as usual.
-    With ``s3`` the manifests and images live in a bucket of a local S3 endpoint (moto)."""
-    from prefect import flow
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from dermt2im.core.manifest import SYNTHETIC, read_manifest
+    from dermt2im.core import storage
+    from dermt2im.core.manifest import PLAN, SYNTHETIC, pending_parts, read_manifest
     from dermt2im.core.workdir import Workdir
 
     url = prefect_server
     pool = f"fanout-{uuid.uuid4().hex[:8]}"
     name = f"fanout-{uuid.uuid4().hex[:8]}"
-    w = Workdir.at(tmp_path / "work")
     overrides = [o for o in OVERRIDES if not o.startswith("generate.per_class")] + [
-        "generate.per_class=4", "orchestration.parallel_workers=2", f"orchestration.worker_deployment=generate-worker/{name}"]
-    bucket_env: dict[str, str] = {}
-    if where == "s3":
-        import fsspec
-
-        bucket = request.getfixturevalue("s3_bucket")
-        overrides += [f"storage.manifests={bucket}/m", f"storage.images={bucket}/images"]
-        s3 = fsspec.config.conf["s3"]
-        bucket_env = {"FSSPEC_S3_ENDPOINT_URL": s3["endpoint_url"], "FSSPEC_S3_KEY": s3["key"],
-                      "FSSPEC_S3_SECRET": s3["secret"]}
-        w = Workdir.at(tmp_path / "work", f"{bucket}/m")
+        "generate.per_class=4", "orchestration.parallel_workers=2", f"orchestration.worker_deployment=generate-worker/{name}",
+        f"storage.manifests={s3_bucket}/m", f"storage.images={s3_bucket}/images"]
+    s3 = fsspec.config.conf["s3"]
+    bucket_env = {"FSSPEC_S3_ENDPOINT_URL": s3["endpoint_url"], "FSSPEC_S3_KEY": s3["key"],
+                  "FSSPEC_S3_SECRET": s3["secret"]}
+    w = Workdir.at(tmp_path / "work", f"{s3_bucket}/m")
     logs = tmp_path / "logs"
     logs.mkdir()
     procs: list[subprocess.Popen] = []
@@ -305,8 +168,7 @@ def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path, whe
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
             flow.from_source(source=str(ROOT), entrypoint="flows/generate_worker.py:generate_worker").deploy(
                 name=name, work_pool_name=pool, build=False, push=False, print_next_steps=False,
-                parameters={"workdir": str(w.root), "poll_seconds": 0.5, "timeout_seconds": 240,
-                            "base_model_only": True})
+                parameters={"workdir": str(w.root), "base_model_only": True})
             for i in (1, 2):
                 env = _base_env(tmp_path / f"worker{i}-home")
                 env.update(PREFECT_API_URL=url, PREFECT_WORKER_QUERY_SECONDS="1", **bucket_env)
@@ -327,30 +189,21 @@ def test_the_generate_flow_fans_out_to_worker_runs(prefect_server, tmp_path, whe
             out = json.loads(parent.stdout.rsplit("RESULT ", 1)[1].splitlines()[0])
             with get_client(sync_client=True) as client:
                 deployment = client.read_deployment_by_name(f"generate-worker/{name}")
-                from prefect.client.schemas.filters import (
-                    DeploymentFilter,
-                    DeploymentFilterId,
-                )
-
                 runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
     finally:
         for proc in procs:
             _stop(proc)
     diagnostics = "\n".join(_tail(p) for p in sorted(logs.iterdir()))
     assert out["planned"] == 8 and out["rendered"] == 8, diagnostics
-    assert len(runs) == 2, diagnostics
+    assert sorted((r.parameters["shard_index"], r.parameters["num_shards"]) for r in runs) == [(0, 2), (1, 2)]
+    assert all(r.state is not None and r.state.is_completed() for r in runs), diagnostics
+    plan = read_manifest(w.plan_manifest, PLAN)
     df = read_manifest(w.synthetic_manifest, SYNTHETIC)
-    assert len(df) == 8 and df["sample_key"].is_unique and df["status"].isin(["accepted", "rejected"]).all()
+    assert len(df) == len(plan) == 8 and df["sample_key"].is_unique and df["status"].isin(["accepted", "rejected"]).all()
+    fs, prefix = storage.to_fs(f"{s3_bucket}/images")
+    assert len(fs.find(prefix)) == 8 and all(p.startswith(f"{s3_bucket}/images/") for p in df["path"])
+    assert pending_parts(w.synthetic_manifest) == [] and not (w.root / "manifests").exists()
     assert not list(w.root.rglob("*.tmp"))
-    if where == "s3":
-        from dermt2im.core import storage
-        from dermt2im.core.manifest import pending_parts
-
-        fs, prefix = storage.to_fs(f"{bucket}/images")
-        assert len(fs.find(prefix)) == 8 and all(p.startswith(f"{bucket}/images/") for p in df["path"])
-        assert pending_parts(w.synthetic_manifest) == [] and not (w.root / "manifests").exists()
-    else:
-        assert len(list(w.synthetic.rglob("*.png"))) == 8
 
 
 def _dermt2im() -> list[str]:
@@ -359,79 +212,79 @@ def _dermt2im() -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists() or sys.platform == "win32", reason="needs Linux /proc")
-def test_workers_split_a_plan_whose_manifests_and_images_live_on_s3(tmp_path, s3_bucket):
-    """Manifests and PNGs on a local S3 endpoint (moto): two `dermt2im worker` processes append their
-    rows as manifest parts; one is SIGKILLed mid-shard, the other takes its shard over, and after one
-    compaction the manifest holds exactly the plan, every row matching its object in the bucket."""
+def test_partition_workers_on_s3_one_killed_mid_shard_and_started_again(tmp_path, s3_bucket):
+    """Manifests and PNGs on a local S3 endpoint (moto): `dermt2im worker --shard-index 0/1 --num-shards 2`
+    as two array tasks of a batch scheduler, appending their rows as manifest parts. Worker 0 is
+    SIGKILLed mid-shard; worker 1 finishes its own partition; worker 0 started again (the scheduler's
+    retry) skips what it finished, adopts or re-renders the rest, and after `quality` the manifest holds
+    exactly the plan, every row matching its object in the bucket."""
     from dermt2im.core import storage
     from dermt2im.core.fileio import sha256_bytes
     from dermt2im.core.manifest import PLAN, SYNTHETIC, pending_parts, read_manifest
     from dermt2im.core.workdir import Workdir, workdir_config
     from dermt2im.quality.stage import assess
-    from dermt2im.runners.leases import read_lease
 
     manifests, images = f"{s3_bucket}/run/manifests", f"{s3_bucket}/run/images"
     root = tmp_path / "work"
     cfg = workdir_config(Workdir.at(root), "smoke",
                          OVERRIDES + [f"storage.manifests={manifests}", f"storage.images={images}"])
     w = Workdir.of(root, cfg)
-    folder = w.leases
     import fsspec
 
     s3 = fsspec.config.conf["s3"]  # the test endpoint (fixture): handed to the workers through fsspec's env config
     logs = tmp_path / "logs"
     logs.mkdir()
-    procs: dict[int, subprocess.Popen] = {}
+    procs: dict[str, subprocess.Popen] = {}
 
-    def start(i: int) -> None:
-        env = _base_env(tmp_path / f"home{i}")
+    def start(name: str, index: int, delay: float) -> subprocess.Popen:
+        env = _base_env(tmp_path / f"home-{name}")
         env.update(FSSPEC_S3_ENDPOINT_URL=s3["endpoint_url"], FSSPEC_S3_KEY=s3["key"], FSSPEC_S3_SECRET=s3["secret"],
-                   MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/ml.db")
-        env = _slow(env, WRITE_DELAY[i])
-        with open(logs / f"worker{i}.log", "w") as out:
-            procs[i] = subprocess.Popen(_dermt2im() + ["worker", "--workdir", str(root), "--owner", f"w{i}", "--poll",
-                                                       "0.5", "--timeout", "240", "--base-model-only"], cwd=tmp_path,
-                                        env=env, stdout=out,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                   MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/ml.db", DERMT2IM_SHARD_INDEX=str(index))
+        env = _slow(env, delay) if delay else env
+        with open(logs / f"{name}.log", "w") as out:
+            procs[name] = subprocess.Popen(_dermt2im() + ["worker", "--workdir", str(root), "--num-shards", "2",
+                                                          "--base-model-only"], cwd=tmp_path, env=env, stdout=out,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+        return procs[name]
 
     def diagnostics() -> str:
         return "\n".join(_tail(p) for p in sorted(logs.iterdir()))
 
-    def w1_mid_shard() -> int | None:
-        """Worker 1 has recorded a whole shard and holds another with some, not all, PNGs written."""
+    def w0_mid_shard() -> int | None:
+        """Worker 0 (the even shards) has recorded a whole shard and written some, not all, PNGs of another."""
         recorded = read_manifest(w.synthetic_manifest, SYNTHETIC)
-        if recorded.empty or not (recorded.groupby("shard").size() == SHARD_SIZE).any():
+        mine = recorded[(recorded["shard"] % 2 == 0) & recorded["sha256"].notna()]
+        if mine.empty or not (mine.groupby("shard").size() == SHARD_SIZE).any():
             return None
         plan = read_manifest(w.plan_manifest, PLAN)
-        for s in sorted(plan["shard"].unique()):
-            lease = read_lease(folder, int(s))
-            if lease is not None and lease.owner == "w1":
-                rows = plan[plan["shard"] == s]
-                written = sum(storage.is_file(f"{images}/{lb}/{k}.png") for lb, k in zip(rows["label"], rows["sample_key"]))
-                if 0 < written < len(rows):
-                    return int(s)
+        for s in sorted(plan.loc[plan["shard"] % 2 == 0, "shard"].unique()):
+            rows = plan[plan["shard"] == s]
+            written = sum(storage.is_file(f"{images}/{lb}/{k}.png") for lb, k in zip(rows["label"], rows["sample_key"]))
+            if 0 < written < len(rows):
+                return int(s)
         return None
 
     try:
-        start(1)
-        start(2)
+        start("w0", 0, WRITE_DELAY[1])  # the shard index from the environment, as JOB_COMPLETION_INDEX would give it
+        start("w1", 1, WRITE_DELAY[2])
         found: list[int] = []
-        _wait(lambda: (s := w1_mid_shard()) is not None and not found.append(s), 150,
-              "worker 1 inside a shard after recording one", interval=0.1, on_fail=diagnostics)
-        _kill_tree(procs[1])
-        assert read_lease(folder, found[0]).owner == "w1", "worker 1 finished its shard before the kill"
-        assert procs[2].wait(timeout=180) == 0, diagnostics()
+        _wait(lambda: (s := w0_mid_shard()) is not None and not found.append(s), 150,
+              "worker 0 inside a shard after recording one", interval=0.1, on_fail=diagnostics)
+        _kill_tree(procs["w0"])
+        assert procs["w1"].wait(timeout=180) == 0, diagnostics()
+        assert start("w0-again", 0, 0).wait(timeout=180) == 0, diagnostics()
     finally:
         for proc in procs.values():
             _stop(proc)
 
-    assert "1 taken over" in (logs / "worker2.log").read_text(), diagnostics()
-    # record_rows only appends parts on an object store: the base exists because workers folded them in
-    assert storage.is_file(w.synthetic_manifest)
-    assert not (root / "manifests").exists() or not list((root / "manifests").rglob("*.parquet"))
+    plan = read_manifest(w.plan_manifest, PLAN)
+    again = (logs / "w0-again.log").read_text()
+    assert "worker 0 of 2:" in again and "up to date" in again, diagnostics()  # finished shards were skipped
+    rendered_again = int(again.split("worker 0 of 2: ", 1)[1].split(" image", 1)[0])
+    assert 0 < rendered_again < int((plan["shard"] % 2 == 0).sum()), diagnostics()
+    assert "worker 1 of 2:" in (logs / "w1.log").read_text()
     appended = read_manifest(w.synthetic_manifest, SYNTHETIC)
     report = assess(w, cfg.quality)  # what `dermt2im quality` runs next: gates the images and folds the parts in
-    plan = read_manifest(w.plan_manifest, PLAN)
     df = read_manifest(w.synthetic_manifest, SYNTHETIC)
     assert pending_parts(w.synthetic_manifest) == [] and storage.is_file(w.synthetic_manifest)
     assert report.accepted + report.rejected == len(plan) and df["status"].isin(["accepted", "rejected"]).all()
