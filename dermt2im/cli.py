@@ -9,120 +9,27 @@ progress bar on an interactive terminal and a log line every few seconds otherwi
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from dermt2im import __version__
-from dermt2im.core import storage
-from dermt2im.core.errors import DermT2imError
-from dermt2im.core.workdir import CONFIG_SNAPSHOT, Workdir, workdir_lock
-
-app = typer.Typer(
-    name="dermt2im",
-    help="Derm-T2IM synthetic dermoscopy data factory: ingest -> preprocess -> train -> generate -> validate.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+from dermt2im.cli_base import (
+    DEFAULT_WORKDIR,
+    LAYOUTS,
+    ConfigOpt,
+    SaveOpt,
+    SetOpt,
+    WorkdirOpt,
+    app,
+    command,
+    take,
 )
-
-WorkdirOpt = Annotated[Path, typer.Option("--workdir", "-w", help="factory working directory")]
-ConfigOpt = Annotated[
-    str | None,
-    typer.Option("--config", "-c", help="preset name (smoke, paper) or YAML file; it becomes the workdir's config. "
-                 "Default: the workdir's W/config.yaml; a fresh workdir gets the built-in defaults (the paper's)"),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="override a config value, e.g. --set train.rank=8 (repeatable); for this "
-                 "command only unless --save"),
-]
-SaveOpt = Annotated[bool, typer.Option("--save", help="write the --set values into W/config.yaml for later commands")]
-DEFAULT_WORKDIR = Path("dermt2im-work")
-LAYOUTS = "auto | isic | isic-challenge | ham10000 | folders | csv"
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"dermt2im {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main_options(
-    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
-                                                 help="print the version and exit")] = None,
-) -> None:
-    """Derm-T2IM synthetic dermoscopy data factory: ingest -> preprocess -> train -> generate -> validate."""
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def _guard(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except (DermT2imError, FileNotFoundError) as err:  # input or config problems: one line, no traceback
-        _fail(str(err))
-
-
-def _session(workdir: Path, config: str | None, overrides: list[str] | None, save: bool = False, *,
-             fallback: str | None = None, existing: bool = True,
-             check: Callable[[Any], None] | None = None, hold: str | None = "exclusive") -> tuple[Workdir, Any]:
-    """The workdir and config a command runs with. Nothing is created until the inputs are checked:
-    an ``existing`` workdir must already hold a config; ``check(cfg)`` checks the command's inputs.
-    ``hold`` takes the workdir for the rest of the command, before its config is saved: "exclusive"
-    (one run of the stages at a time), "shared" (scale-out workers) or None (commands that only read)."""
-    from dermt2im import cli_session
-    from flows.settings import orchestration  # validated with every other section, before anything is saved
-
-    root = workdir.expanduser().resolve()
-    if existing and not (root / CONFIG_SNAPSHOT).is_file():
-        _fail(f"no factory workdir at {root} (no {CONFIG_SNAPSHOT}): start with `dermt2im ingest SOURCE "
-              f"--workdir {workdir}`, or `dermt2im run`")
-    resolved = _guard(lambda: cli_session.resolve(root, config, overrides, save=save,
-                                                  fallback=fallback or cli_session.DEFAULTS))
-    _guard(lambda: orchestration(resolved.cfg))
-    if check is not None:
-        _guard(lambda: check(resolved.cfg))
-    if hold is not None:
-        name = " ".join(["dermt2im", *sys.argv[1:2]])
-        _guard(lambda: _RESOURCES.enter_context(workdir_lock(Workdir.at(root), name, shared=hold == "shared")))
-    cli_session.setup_output()
-    typer.echo(cli_session.config_line(resolved, root), err=True)
-    return cli_session.start(root, resolved), resolved.cfg
-
-
-# What a command holds until it ends (the workdir lock): closed by ``command`` however it ends.
-_RESOURCES = contextlib.ExitStack()
-
-
-def command(*args: Any, **kwargs: Any) -> Callable:
-    """``app.command``, releasing what the command held when it returns or fails."""
-
-    def register(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def run(*a: Any, **k: Any) -> Any:
-            try:
-                return fn(*a, **k)
-            finally:
-                _RESOURCES.close()
-
-        return app.command(*args, **kwargs)(run)
-
-    return register
-
-
-def _echo(text: str) -> None:
-    typer.echo(text)
+from dermt2im.cli_base import echo as _echo
+from dermt2im.cli_base import fail as _fail
+from dermt2im.cli_base import guard as _guard
+from dermt2im.cli_base import session as _session
+from dermt2im.core import storage
 
 
 @command()
@@ -443,14 +350,13 @@ def show_config(
     import yaml
 
     from dermt2im import cli_session
-
     from flows.settings import orchestration
 
     root = workdir.expanduser().resolve()
     resolved = _guard(lambda: cli_session.resolve(root, config, overrides, save=save))
     _guard(lambda: orchestration(resolved.cfg))
     if resolved.write and (save or config is not None):  # a run in progress keeps the config it started with
-        _guard(lambda: _RESOURCES.enter_context(workdir_lock(Workdir.at(root), "dermt2im config --save")))
+        _guard(lambda: take(root, "dermt2im config --save"))
         typer.echo(cli_session.config_line(resolved, root), err=True)
         cli_session.start(root, resolved)
     else:
@@ -460,7 +366,7 @@ def show_config(
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(app())
+    raise SystemExit(app())
 
 
 if __name__ == "__main__":  # pragma: no cover

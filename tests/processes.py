@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def _stat(pid: int | str) -> str | None:
@@ -32,3 +35,15 @@ def alive(pid: int) -> bool:
     """Whether ``pid`` still runs (a zombie that nobody has reaped yet has ended)."""
     stat = _stat(pid)
     return stat is not None and stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25,
+               on_fail: Callable[[], str] | None = None) -> Any:
+    """``predicate()``'s first truthy value, polled every ``interval`` s; fails naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"\n{on_fail()}" if on_fail else ""))

@@ -11,12 +11,12 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.core.test_storage import s3_bucket  # noqa: F401  (fixture)
+from tests.processes import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
@@ -31,14 +31,6 @@ OVERRIDES = [f"generate.per_class={PER_CLASS}", f"generate.shard_size={SHARD_SIZ
 TEST_ENV = ["DERMT2IM_TEST_WRITE_DELAY", "PYTHONPATH"]  # forwarded to the Ray workers: slow PNG writes
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _in_background(fn):
@@ -104,7 +96,7 @@ def test_a_renderer_killed_mid_shard_is_restarted_and_the_plan_completes_exactly
                     return s
             return None
 
-        victim = _wait(mid_shard, 120, "a renderer in the middle of a shard")
+        victim = wait_until(mid_shard, 120, "a renderer in the middle of a shard", interval=0.05)
         os.kill(victim["pid"], signal.SIGKILL)
         thread.join(timeout=300)
         assert not thread.is_alive(), "the run did not finish after the kill"

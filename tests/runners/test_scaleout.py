@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.core.test_storage import s3_bucket  # noqa: F401  (fixture)
-from tests.processes import descendants
+from tests.processes import descendants, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -61,14 +60,6 @@ def _base_env(home: Path) -> dict[str, str]:
     return env
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 0.25, on_fail=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"\n{on_fail()}" if on_fail else ""))
 
 
 def _healthy(url: str) -> bool:
@@ -126,7 +117,7 @@ def prefect_server(tmp_path_factory):
                                               "--analytics-off"], cwd=home, env=_base_env(home / "home"),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait(lambda: _healthy(url) or proc.poll() is not None, 90, "the Prefect server", on_fail=lambda: _tail(log))
+        wait_until(lambda: _healthy(url) or proc.poll() is not None, 90, "the Prefect server", on_fail=lambda: _tail(log))
         assert proc.poll() is None, _tail(log)
         yield url
     finally:
@@ -268,7 +259,7 @@ def test_partition_workers_on_s3_one_killed_mid_shard_and_started_again(tmp_path
         start("w0", 0, WRITE_DELAY[1])  # the shard index from the environment, as JOB_COMPLETION_INDEX would give it
         start("w1", 1, WRITE_DELAY[2])
         found: list[int] = []
-        _wait(lambda: (s := w0_mid_shard()) is not None and not found.append(s), 150,
+        wait_until(lambda: (s := w0_mid_shard()) is not None and not found.append(s), 150,
               "worker 0 inside a shard after recording one", interval=0.1, on_fail=diagnostics)
         _kill_tree(procs["w0"])
         assert procs["w1"].wait(timeout=180) == 0, diagnostics()
