@@ -27,16 +27,11 @@ class FileFacts:
     problem: str | None = None
 
 
-# decode_image swaps Image.MAX_IMAGE_PIXELS and the warning filters, which are process-global:
-# concurrent calls could leave Pillow's own bomb check switched off. Reading and hashing stay parallel.
-_DECODE_LOCK = threading.Lock()
-
-
 def decode_facts(data: bytes, max_pixels: int) -> FileFacts:
-    """Decode fully (catching truncation) and keep only the facts; the pixels are dropped."""
+    """Decode fully (catching truncation) and keep only the facts; the pixels are dropped. Runs in many
+    threads at once: ``decode_image`` changes no global Pillow state, and Pillow decodes without the GIL."""
     try:
-        with _DECODE_LOCK:
-            img = decode_image(data, max_pixels=max_pixels)
+        img = decode_image(data, max_pixels=max_pixels)
     except DecodeError as err:
         return FileFacts(None, problem=str(err))
     except Exception as err:  # noqa: BLE001 - Pillow's parsers raise assorted errors on corrupt headers
