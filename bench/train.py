@@ -41,7 +41,7 @@ PROMPT = "a dermoscopic image of sks skin lesion"
 def _config(args, model: str):
     from tests.train.train_fixtures import tiny_config
 
-    precision = "fp16" if args.paper else "no"
+    precision = "fp16" if args.paper else args.precision
     optimizer = "auto" if args.paper else "adamw"
     return tiny_config(
         base_model=model, resolution=args.resolution, train_batch_size=args.batch, max_steps=args.steps,
@@ -89,7 +89,7 @@ def peer_command(args, model: str, images: Path, out: Path) -> list[str]:
            "--max_train_steps", str(args.steps), "--learning_rate", "1e-3", "--lr_warmup_steps", "5",
            "--lr_scheduler", "constant_with_warmup", "--rank", "4", "--seed", "0",
            "--checkpointing_steps", str(10**6), "--report_to", "mlflow", "--pre_compute_text_embeddings",
-           "--center_crop", "--mixed_precision", "fp16" if args.paper else "no"]
+           "--center_crop", "--mixed_precision", "fp16" if args.paper else (args.peer_precision or args.precision)]
     if args.paper:
         cmd += ["--gradient_checkpointing", "--use_8bit_adam"]
     return _with_torchvision(cmd)
@@ -140,6 +140,9 @@ def main() -> None:
     ap.add_argument("--arch", choices=["tiny", "sd15"], default="tiny")
     ap.add_argument("--paper", action="store_true",
                     help="the paper preset for both: fp16, 8-bit AdamW, gradient checkpointing (CUDA)")
+    ap.add_argument("--precision", choices=["no", "bf16"], default="no",
+                    help="mixed precision of both (bf16: autocast; ours uses it only on a CPU with native bf16)")
+    ap.add_argument("--peer-precision", choices=["no", "bf16"], help="the peer's, where it should differ")
     ap.add_argument("--variant", choices=["ours"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -154,7 +157,7 @@ def main() -> None:
         model, images = prepare(tmp, args)
         env = _env(args, tmp)
         ours_cmd = [sys.executable, __file__, "--variant", "ours", "--model", model] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "model", "paper", "repeats")
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "model", "paper", "repeats", "peer_precision")
         ] + (["--paper"] if args.paper else [])
         walls: dict[str, list[float]] = {"peer": [], "ours": []}
         rss: dict[str, list[float]] = {"peer": [], "ours": []}
@@ -168,7 +171,7 @@ def main() -> None:
                 if who == "ours":
                     loop_rate.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0])["loop_steps_per_s"])
         print(f"{args.arch} model, {args.resolution} px, batch {args.batch}, {args.steps} steps, {2 * args.images} images, "
-              f"{args.device}, {args.threads} torch thread(s), {'paper preset' if args.paper else 'fp32, AdamW'}; "
+              f"{args.device}, {args.threads} torch thread(s), {'paper preset' if args.paper else f'precision ours {args.precision}, peer {args.peer_precision or args.precision}, AdamW'}; "
               f"{args.repeats} interleaved runs each")
         print(f"diffusers train_dreambooth_lora.py  wall s: {_spread(walls['peer'])}   peak RSS MB {max(rss['peer']):7.0f}")
         print(f"dermt2im train_lora                 wall s: {_spread(walls['ours'])}   peak RSS MB {max(rss['ours']):7.0f}")
