@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -112,6 +111,7 @@ def _timed(cmd: list[str], env: dict) -> tuple[float, float]:
 
 def pixel_difference(ours: Path, peer: Path, rows: list[dict]) -> tuple[float, int]:
     """Mean and maximum absolute difference (grey levels) between the two runs' images."""
+    import numpy as np
     from PIL import Image
 
     diffs = []
@@ -139,11 +139,19 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="ours; default: runtime.generate's auto")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each process (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each")
+    ap.add_argument("--prepare", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.prepare:
+        model, lora, rows = prepare(Path(args.prepare), args)
+        (Path(args.prepare) / "prepared.json").write_text(json.dumps({"model": model, "lora": str(lora), "rows": rows}))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp_name:
         tmp = Path(tmp_name)
-        model, lora, rows = prepare(tmp, args)
+        # in a process of its own: a child's peak RSS counts the parent's pages at fork
+        subprocess.run([sys.executable, __file__, "--prepare", str(tmp), *sys.argv[1:]], check=True, cwd=ROOT)
+        prepared = json.loads((tmp / "prepared.json").read_text())
+        model, lora, rows = prepared["model"], Path(prepared["lora"]), prepared["rows"]
         job = tmp / "job.json"
         job.write_text(json.dumps(peer_job(args, model, lora, rows)))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}

@@ -143,10 +143,14 @@ def main() -> None:
     ap.add_argument("--precision", choices=["no", "bf16"], default="no",
                     help="mixed precision of both (bf16: autocast; ours uses it only on a CPU with native bf16)")
     ap.add_argument("--peer-precision", choices=["no", "bf16"], help="the peer's, where it should differ")
-    ap.add_argument("--variant", choices=["ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--variant", choices=["ours", "prepare"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.variant == "prepare":
+        model, images = prepare(Path(args.model), args)
+        (Path(args.model) / "prepared.json").write_text(json.dumps({"model": model, "images": str(images)}))
+        return
     if args.variant:
         with tempfile.TemporaryDirectory(prefix="bench-train-ours-") as tmp:
             print("RESULT " + json.dumps(run_ours(Path(tmp), args)))
@@ -154,7 +158,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp_name:
         tmp = Path(tmp_name)
-        model, images = prepare(tmp, args)
+        # in a process of its own: a child's peak RSS counts the parent's pages at fork
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", "prepare", "--model", str(tmp)],
+                       check=True, cwd=ROOT)
+        prepared = json.loads((tmp / "prepared.json").read_text())
+        model, images = prepared["model"], Path(prepared["images"])
         env = _env(args, tmp)
         ours_cmd = [sys.executable, __file__, "--variant", "ours", "--model", model] + [
             f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "model", "paper", "repeats", "peer_precision")
