@@ -119,3 +119,20 @@ def test_report_errors_are_clear(workdir):
     other = client.create_run(exp).info.run_id
     with pytest.raises(ReportError, match="is not a comparison"):
         build_report(workdir, cfg.tracking, parent_run_id=other)
+
+
+def test_an_unchanged_table_is_not_redrawn_and_a_changed_one_is(workdir, monkeypatch):
+    from dermt2im.validate import table as table_module
+
+    cfg = tiny_config("report-redraw")
+    values = {("vit", r, s): {"set-a": v + s / 100} for r, v in (("baseline", 0.7), ("hybrid", 0.6)) for s in range(2)}
+    parent, _ = _log_comparison(workdir, cfg, values)
+    first = build_report(workdir, cfg.tracking, parent_run_id=parent)
+    drawn: list[object] = []
+    real = table_module.fig10
+    monkeypatch.setattr(table_module, "fig10", lambda t, out: drawn.append(out) or real(t, out))
+    again = build_report(workdir, cfg.tracking, parent_run_id=parent)
+    assert drawn == [] and again["fig10"] == first["fig10"] and again["fig10"].stat().st_size > 1000
+    first["table_csv"].write_text("stale\n")  # another table on disk: the figure is drawn again
+    build_report(workdir, cfg.tracking, parent_run_id=parent)
+    assert drawn == [first["fig10"]] and first["table_csv"].read_text() != "stale\n"
