@@ -1,19 +1,23 @@
-"""Benchmark: dermt2im's LoRA trainer against a plain reference loop.
+"""Benchmark: ``dermt2im``'s LoRA trainer against diffusers' own DreamBooth-LoRA script.
 
-The reference does what diffusers' ``examples/dreambooth/train_dreambooth_lora.py`` does every
-step without ``--cache_latents``: VAE-encode the pixel batch, run the text encoder on the prompt
-ids, add noise, UNet forward / backward, clip, AdamW, LR scheduler. The trainer caches the VAE
-posterior and the text embeddings once before its loop. Both train the same LoRA (same rank,
-targets, optimizer, batch, resolution) on the same tiny model and images; pixels for the reference
-are decoded once up front, so it is not penalised for image decoding.
+The peer is ``bench/peers/train_dreambooth_lora.py``, a pinned copy of diffusers'
+``examples/dreambooth/train_dreambooth_lora.py``, run unchanged as a subprocess with its own
+``--pre_compute_text_embeddings``. Both train a LoRA of the same rank on the same UNet attention
+projections, from the same local model folder (the tiny model saved to disk, or SD v1.5's
+architecture with random weights), on the same images, at the same resolution, batch, steps,
+learning rate, warm-up, precision and optimizer, reporting to MLflow. Each run is a whole process,
+as a user waits for it (imports, loading, caching, training, saving); the two are interleaved
+(peer, ours, peer, ours ...) so that machine drift falls on both, with one torch thread each
+(``--threads``). Printed: wall time min / median / max, the ratio of medians (above 1: ours is
+faster), the processes' peak resident memory (``ru_maxrss``), and on CUDA nothing more (use
+``bench/gpu.sh`` for VRAM).
 
-Each variant runs in its own process. steps/s is measured over the training loop only; peak memory
-is CUDA ``max_memory_allocated`` on a GPU, else the process's peak resident set above its size just
-before the run (sampled every 2 ms), model loading and caching included for both; the MLflow store
-and matplotlib are initialised and the same libraries imported in both processes before that baseline.
+    python bench/train.py                                   # tiny model, 64 px, 60 steps
+    python bench/train.py --arch sd15 --resolution 128 --steps 20 --repeats 3
+    python bench/train.py --arch sd15 --paper --device cuda --resolution 512 --steps 50   # paper preset, GPU
 
-    python bench/train.py [--steps 60] [--resolution 64] [--batch 2] [--threads 1] [--device cpu]
-    python bench/train.py --arch sd15 --paper --device cuda --resolution 512 --steps 50   # paper preset on a GPU
+When torchvision is not installed (its PyPI wheels are CUDA builds), the peer gets a stand-in for
+the transforms it uses from ``bench/peers/torchvision_transforms.py``.
 """
 
 from __future__ import annotations
@@ -21,172 +25,107 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT / "bench" / "peers"
 sys.path.insert(0, str(ROOT))
+PROMPT = "a dermoscopic image of sks skin lesion"
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _config(args, model: str):
+    from tests.train.train_fixtures import tiny_config
+
+    precision = "fp16" if args.paper else args.precision
+    optimizer = "auto" if args.paper else "adamw"
+    return tiny_config(
+        base_model=model, resolution=args.resolution, train_batch_size=args.batch, max_steps=args.steps,
+        lr_warmup_steps=5, learning_rate=1e-3, checkpoint_every=10**6, validation_images_per_class=0,
+        device=args.device, optimizer=optimizer, mixed_precision=precision, gradient_checkpointing=args.paper,
+    )
 
 
-class _PeakRss:
-    def __init__(self) -> None:
-        self.base = _rss_mb()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_mb())
-            time.sleep(0.002)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss_mb())
-
-    @property
-    def above_base(self) -> float:
-        return self.peak - self.base
-
-
-def _setup(tmp: Path, args):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    import torch
-
-    torch.set_num_threads(args.threads)
+def prepare(tmp: Path, args) -> tuple[str, Path]:
+    """The local model folder and a folder of training images, shared by both trainers."""
     from dermt2im.core.workdir import Workdir
-    from tests.train.train_fixtures import make_seed_manifest, tiny_config
+    from tests.train.train_fixtures import make_seed_manifest
+
+    folder = tmp / f"{args.arch}-model"
+    if args.arch == "sd15":
+        from dermt2im.diffusion.models import build_sd15_random_pipeline
+
+        build_sd15_random_pipeline().save_pretrained(folder, safe_serialization=True)
+    else:
+        from dermt2im.diffusion.models import build_tiny_pipeline
+
+        build_tiny_pipeline(0).save_pretrained(folder, safe_serialization=True)
+    w = Workdir.at(tmp / "seed-work")
+    make_seed_manifest(w, n_per_class=args.images, size=args.resolution, extra_val=False)
+    return str(folder), Path(w.processed)
+
+
+def run_ours(tmp: Path, args) -> dict:
+    """One whole trainer process: a seeds manifest over the shared images, then ``train_lora``."""
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    from dermt2im.core.workdir import Workdir
+    from tests.train.train_fixtures import make_seed_manifest, train
 
     w = Workdir.at(tmp / "work")
     make_seed_manifest(w, n_per_class=args.images, size=args.resolution, extra_val=False)
-    base = {}
-    if args.arch == "sd15":  # SD v1.5's architecture, random weights, loaded from a local diffusers folder
-        from dermt2im.diffusion.models import build_sd15_random_pipeline
-
-        folder = tmp / "sd15-random"
-        build_sd15_random_pipeline().save_pretrained(folder, safe_serialization=True)
-        base = {"base_model": str(folder)}
-    paper = {"optimizer": "auto", "mixed_precision": "fp16", "gradient_checkpointing": True} if args.paper else \
-        {"optimizer": "adamw", "mixed_precision": "no" if args.device == "cpu" else "fp16"}
-    cfg = tiny_config(
-        resolution=args.resolution, train_batch_size=args.batch, max_steps=args.steps, lr_warmup_steps=5,
-        learning_rate=1e-3, checkpoint_every=10**6, validation_images_per_class=0, device=args.device,
-        **base, **paper,
-    )
-    # One-off costs outside the comparison, paid by both before the RSS baseline: imports (a few
-    # hundred MB of Python modules), the MLflow store (SQLite schema migrations), matplotlib's fonts.
-    import accelerate  # noqa: F401
-    import peft  # noqa: F401
-    from diffusers import StableDiffusionPipeline  # noqa: F401
-    from diffusers.optimization import get_scheduler  # noqa: F401
-    from diffusers.training_utils import compute_snr  # noqa: F401
-    from matplotlib.figure import Figure
-
-    from dermt2im.core.tracking import open_tracker
-
-    open_tracker(w, cfg.tracking, experiment=f"{cfg.tracking.experiment}-train")
-    Figure().add_subplot(1, 1, 1).plot([0, 1])
-    return w, cfg
-
-
-def _peak_gpu_mb():
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-
-
-def run_trainer(tmp: Path, args) -> dict:
-    w, cfg = _setup(tmp, args)
-    import mlflow  # noqa: F401 - imported before the baseline, like everything else the trainer uses
-    import torch
-
-    from tests.train.train_fixtures import train
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    with _PeakRss() as rss:
-        r = train(w, cfg, run_id="bench")
+    r = train(w, _config(args, args.model), run_id="bench")
     meta = json.loads(r.lora_json.read_text())
-    return {"steps": r.steps, "steps_per_s": meta["steps_per_second"], "peak_rss_mb": rss.above_base,
-            "peak_gpu_mb": _peak_gpu_mb(), "final_loss": r.final_loss}
+    return {"steps": r.steps, "loop_steps_per_s": meta["steps_per_second"], "final_loss": r.final_loss}
 
 
-def run_reference(tmp: Path, args) -> dict:
-    """diffusers' DreamBooth-LoRA step, inline: no latent or text-embedding cache."""
-    w, cfg = _setup(tmp, args)
-    import mlflow  # noqa: F401 - same imports as the trainer, so the RSS baselines match
-    import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from peft import LoraConfig
+def peer_command(args, model: str, images: Path, out: Path) -> list[str]:
+    cmd = [sys.executable, str(PEERS / "train_dreambooth_lora.py"), "--pretrained_model_name_or_path", model,
+           "--instance_data_dir", str(images), "--instance_prompt", PROMPT, "--output_dir", str(out),
+           "--resolution", str(args.resolution), "--train_batch_size", str(args.batch),
+           "--max_train_steps", str(args.steps), "--learning_rate", "1e-3", "--lr_warmup_steps", "5",
+           "--lr_scheduler", "constant_with_warmup", "--rank", "4", "--seed", "0",
+           "--checkpointing_steps", str(10**6), "--report_to", "mlflow", "--pre_compute_text_embeddings",
+           "--center_crop", "--mixed_precision", "fp16" if args.paper else (args.peer_precision or args.precision)]
+    if args.paper:
+        cmd += ["--gradient_checkpointing", "--use_8bit_adam"]
+    return _with_torchvision(cmd)
 
-    from dermt2im.diffusion.models import load_pipeline
-    from dermt2im.train.data import _load_rgb
-    from dermt2im.train.inputs import instance_prompt, training_images
 
-    t = cfg.train
-    device = torch.device(args.device)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    with _PeakRss() as rss:
-        pipe = load_pipeline(t.base_model, device="cpu")
-        unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-        for m in (unet, vae, te):
-            m.requires_grad_(False)
-            m.to(device)
-        torch.manual_seed(t.seed)
-        unet.add_adapter(LoraConfig(r=t.rank, lora_alpha=t.alpha, target_modules=list(t.target_modules),
-                                    init_lora_weights="gaussian"))
-        params = [p for p in unet.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=t.learning_rate, betas=(0.9, 0.999), weight_decay=t.adam_weight_decay, eps=1e-8)
-        sched = get_scheduler(t.lr_scheduler, opt, num_warmup_steps=t.lr_warmup_steps, num_training_steps=args.steps)
-        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        images = training_images(w)
-        items = [i for label in sorted(images) for i in images[label]]
-        pixels = torch.stack([_load_rgb(i.path, t.resolution) for i in items])
-        ids = {label: tok([instance_prompt(t, label)], padding="max_length", max_length=tok.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids for label in images}
-        labels = [i.label for i in items]
-        g = torch.Generator().manual_seed(t.seed)
-        unet.train()
-        losses = []
-        start = time.perf_counter()
-        for step in range(args.steps):
-            sel = torch.randint(0, len(items), (t.train_batch_size,), generator=g).tolist()
-            x = pixels[sel].to(device)
-            latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
-            enc = te(torch.cat([ids[labels[i]] for i in sel]).to(device))[0]
-            noise = torch.randn_like(latents)
-            ts = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-            pred = unet(noise_scheduler.add_noise(latents, noise, ts), ts, enc).sample
-            loss = F.mse_loss(pred.float(), noise.float())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-    return {"steps": args.steps, "steps_per_s": args.steps / elapsed, "peak_rss_mb": rss.above_base,
-            "peak_gpu_mb": _peak_gpu_mb(), "final_loss": sum(losses[-10:]) / len(losses[-10:])}
+def _timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float, str]:
+    """Wall seconds, peak resident MB of the process, and its output."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-4000:]}")
+    return wall, usage.ru_maxrss / 1024, out
+
+
+def _env(args, tmp: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+           "PYTHONPATH": str(ROOT)}
+    return env
+
+
+def _with_torchvision(cmd: list[str]) -> list[str]:
+    """``cmd`` (a peer script) as is where torchvision loads, else through ``without_torchvision.py``."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent, or a CUDA build that does not load beside CPU torch
+        return [cmd[0], str(PEERS / "without_torchvision.py"), *cmd[1:]]
+    return cmd
+
+
+def _spread(xs: list[float]) -> str:
+    return f"min {min(xs):7.1f}  median {statistics.median(xs):7.1f}  max {max(xs):7.1f}"
 
 
 def main() -> None:
@@ -196,42 +135,58 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--images", type=int, default=6, help="training images per class")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (same for both)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--arch", choices=["tiny", "sd15"], default="tiny",
-                    help="sd15: Stable Diffusion v1.5's architecture with random weights (for GPU figures)")
+    ap.add_argument("--arch", choices=["tiny", "sd15"], default="tiny")
     ap.add_argument("--paper", action="store_true",
-                    help="the trainer with the paper preset's settings: fp16, 8-bit AdamW, gradient checkpointing (CUDA)")
-    ap.add_argument("--variant", choices=["trainer", "reference"], help=argparse.SUPPRESS)
+                    help="the paper preset for both: fp16, 8-bit AdamW, gradient checkpointing (CUDA)")
+    ap.add_argument("--precision", choices=["no", "bf16"], default="no",
+                    help="mixed precision of both (bf16: autocast; ours uses it only on a CPU with native bf16)")
+    ap.add_argument("--peer-precision", choices=["no", "bf16"], help="the peer's, where it should differ")
+    ap.add_argument("--variant", choices=["ours", "prepare"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.variant == "prepare":
+        model, images = prepare(Path(args.model), args)
+        (Path(args.model) / "prepared.json").write_text(json.dumps({"model": model, "images": str(images)}))
+        return
     if args.variant:
-        with tempfile.TemporaryDirectory(prefix=f"bench-train-{args.variant}-") as tmp:
-            fn = run_trainer if args.variant == "trainer" else run_reference
-            print("RESULT " + json.dumps(fn(Path(tmp), args)))
+        with tempfile.TemporaryDirectory(prefix="bench-train-ours-") as tmp:
+            print("RESULT " + json.dumps(run_ours(Path(tmp), args)))
         return
 
-    results = {}
-    for variant in ("reference", "trainer"):
-        cmd = [sys.executable, __file__, "--variant", variant]
-        for k, v in vars(args).items():
-            if k == "variant" or v is False:
-                continue
-            cmd.append(f"--{k}" if v is True else f"--{k}={v}")
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            sys.exit(f"{variant} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-        results[variant] = json.loads(line[-1][7:])
-
-    ref, tr = results["reference"], results["trainer"]
-    mem = "peak_gpu_mb" if ref["peak_gpu_mb"] is not None else "peak_rss_mb"
-    print(f"{args.arch} SD{' (paper settings)' if args.paper else ''}, {args.resolution}px, batch {args.batch}, {args.steps} steps, {2 * args.images} images, "
-          f"device {args.device}, {args.threads} thread(s)")
-    print(f"{'':<34}{'steps/s':>10}{mem + ' (MB)':>22}{'final loss':>12}")
-    print(f"{'reference (encode every step)':<34}{ref['steps_per_s']:>10.2f}{ref[mem]:>22.1f}{ref['final_loss']:>12.4f}")
-    print(f"{'dermt2im train_lora (cached)':<34}{tr['steps_per_s']:>10.2f}{tr[mem]:>22.1f}{tr['final_loss']:>12.4f}")
-    print(f"ratio trainer / reference: steps/s x{tr['steps_per_s'] / ref['steps_per_s']:.2f}, "
-          f"peak memory x{tr[mem] / max(ref[mem], 1e-9):.2f}")
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp_name:
+        tmp = Path(tmp_name)
+        # in a process of its own: a child's peak RSS counts the parent's pages at fork
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", "prepare", "--model", str(tmp)],
+                       check=True, cwd=ROOT)
+        prepared = json.loads((tmp / "prepared.json").read_text())
+        model, images = prepared["model"], Path(prepared["images"])
+        env = _env(args, tmp)
+        ours_cmd = [sys.executable, __file__, "--variant", "ours", "--model", model] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "model", "paper", "repeats", "peer_precision")
+        ] + (["--paper"] if args.paper else [])
+        walls: dict[str, list[float]] = {"peer": [], "ours": []}
+        rss: dict[str, list[float]] = {"peer": [], "ours": []}
+        loop_rate = []
+        for i in range(args.repeats):
+            for who in ("peer", "ours"):
+                cmd = peer_command(args, model, images, tmp / f"peer-out-{i}") if who == "peer" else ours_cmd
+                wall, peak, out = _timed(cmd, env, ROOT)
+                walls[who].append(wall)
+                rss[who].append(peak)
+                if who == "ours":
+                    loop_rate.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0])["loop_steps_per_s"])
+        print(f"{args.arch} model, {args.resolution} px, batch {args.batch}, {args.steps} steps, {2 * args.images} images, "
+              f"{args.device}, {args.threads} torch thread(s), {'paper preset' if args.paper else f'precision ours {args.precision}, peer {args.peer_precision or args.precision}, AdamW'}; "
+              f"{args.repeats} interleaved runs each")
+        print(f"diffusers train_dreambooth_lora.py  wall s: {_spread(walls['peer'])}   peak RSS MB {max(rss['peer']):7.0f}")
+        print(f"dermt2im train_lora                 wall s: {_spread(walls['ours'])}   peak RSS MB {max(rss['ours']):7.0f}")
+        print(f"  (its training loop alone: median {statistics.median(loop_rate):.2f} steps/s)")
+        ratio = statistics.median(walls["peer"]) / statistics.median(walls["ours"])
+        print(f"ratio peer / ours (median wall): {ratio:.2f}x; peak RSS ours / peer: "
+              f"{max(rss['ours']) / max(rss['peer']):.2f}x")
 
 
 if __name__ == "__main__":

@@ -86,9 +86,15 @@ def source_digest(obj: Any) -> str:
 
 def code_digest(*modules: ModuleType) -> str:
     """Digest of the source files of ``modules`` (the code that decides a stage's output)."""
+    return source_files_digest(Path(mod.__file__) for mod in modules)
+
+
+def source_files_digest(paths: Iterable[str | Path]) -> str:
+    """``code_digest`` of modules by their files, without importing them (a cached run need not pay
+    for importing torch): ``importlib.util.find_spec(name).origin``."""
     h = hashlib.sha256()
-    for mod in modules:
-        h.update(Path(mod.__file__).read_bytes())
+    for path in paths:
+        h.update(Path(path).read_bytes())
     return h.hexdigest()
 
 

@@ -27,9 +27,15 @@ class PreprocessRuntime(Strict):
     workers: int = Field(0, ge=0, description="processes; 0 uses every core")
 
 
+Switch = Literal["auto", "on", "off"]
+
+
 class TrainRuntime(Strict):
     device: Device = "auto"
     gradient_checkpointing: bool = Field(True, description="trades compute for memory; the weights are the same")
+    compile: Switch = Field("auto", description="torch.compile the UNet's forward and backward; auto: on CUDA only")
+    channels_last: Switch = Field("auto", description="NHWC memory format for the UNet; auto: on CUDA only")
+    tf32: bool = Field(True, description="TF32 matmuls and convolutions on Ampere and newer GPUs")
     checkpoint_every: int = Field(500, ge=1, description="optimizer steps between resumable checkpoints")
     checkpoints_keep: int = Field(3, ge=1)
 
@@ -37,9 +43,13 @@ class TrainRuntime(Strict):
 class GenerateRuntime(Strict):
     device: Device = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="auto: fp16 on CUDA, fp32 on CPU; each image's row records the dtype it was made in"
+        "auto", description="auto: fp16 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16, AMX), else fp32; "
+        "each image's row records the dtype it was made in"
     )
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(8, ge=1)
+    compile: Switch = Field("auto", description="torch.compile the UNet and the VAE decoder; auto: on CUDA only")
+    channels_last: Switch = Field("auto", description="NHWC memory format for the UNet and the VAE; auto: on CUDA only")
+    fuse_qkv: bool = Field(True, description="one projection for attention's query, key and value")
     writer_threads: int = Field(2, ge=1)
 
 

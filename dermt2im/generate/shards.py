@@ -164,27 +164,31 @@ def batches(rows: list[dict], batch_size: int) -> list[list[dict]]:
 
 
 class _Recorder:
-    """Batches waiting on the PNG writers, recorded in order as they finish; the first writer error is
-    kept and raised after everything that did succeed was recorded."""
+    """Rows whose PNG the writers have written, recorded in the manifest once per shard (one
+    read-merge-write for the shard, not one per batch: each rewrites the whole manifest). On an error,
+    what did succeed is recorded before the error is raised; a run killed before recording leaves PNGs
+    that carry their render key, and the next run adopts them without rendering (``shard_state``)."""
 
     def __init__(self, manifest: Path | str) -> None:
         self.manifest = manifest
         self.pending: list[list[Future]] = []
+        self.written: list[dict] = []
         self.recorded: list[dict] = []
         self.error: BaseException | None = None
 
     def harvest(self, max_pending: int) -> None:
-        """Record finished batches in order; wait while more than ``max_pending`` are in flight."""
+        """Collect finished batches in order; wait while more than ``max_pending`` are in flight."""
         while self.pending and (len(self.pending) > max_pending or all(f.done() for f in self.pending[0])):
-            ok = []
             for f in self.pending.pop(0):
                 try:
-                    ok.append(f.result())
+                    self.written.append(f.result())
                 except BaseException as exc:  # noqa: BLE001 - re-raised after recording the rest
                     self.error = self.error or exc
-            if ok:
-                record_rows(self.manifest, pd.DataFrame(ok), SYNTHETIC)
-                self.recorded.extend(ok)
+
+    def record(self) -> None:
+        if self.written:
+            record_rows(self.manifest, pd.DataFrame(self.written), SYNTHETIC)
+            self.recorded, self.written = self.recorded + self.written, []
 
 
 def _where(runtime: GenerateRuntime, pipe) -> tuple[str, str]:
@@ -205,19 +209,22 @@ def _where(runtime: GenerateRuntime, pipe) -> tuple[str, str]:
 
 def _render_all(workdir: Workdir, model: RenderModel, runtime: GenerateRuntime, todo: list[dict], pipe,
                 bar: progress.Task) -> _Recorder:
-    """Render ``todo`` batch by batch (halving a batch on CUDA out-of-memory), writing PNGs meanwhile."""
+    """Render ``todo`` batch by batch (halving a batch on CUDA out-of-memory), writing PNGs meanwhile;
+    the pipeline is looked up once per LoRA and scale, not per batch."""
     recorder = _Recorder(workdir.synthetic_manifest)
     queue = batches(todo, runtime.batch_size)
+    prep, prep_for = None, None
     with ThreadPoolExecutor(max_workers=runtime.writer_threads, thread_name_prefix="png-writer") as writers:
         try:
             while queue and recorder.error is None:
                 batch = queue.pop(0)
-                choice = LoraChoice(Path(batch[0]["lora_path"]) if batch[0]["lora_path"] else None,
-                                    batch[0]["lora_sha256"])
-                prep = prepared_pipeline(model, runtime, choice, batch[0]["lora_scale"], pipe=pipe)
+                lora = (batch[0]["lora_path"], batch[0]["lora_sha256"], batch[0]["lora_scale"])
+                if lora != prep_for:
+                    choice = LoraChoice(Path(lora[0]) if lora[0] else None, lora[1])
+                    prep, prep_for = prepared_pipeline(model, runtime, choice, lora[2], pipe=pipe), lora
                 try:
                     with prep.lock:
-                        images = render_batch(prep.pipe, prep.switch, batch)
+                        images = render_batch(prep.pipe, prep.switch, batch, prep.prompts)
                 except BaseException as exc:
                     if is_oom(exc) and len(batch) > 1:
                         half = len(batch) // 2
@@ -234,6 +241,7 @@ def _render_all(workdir: Workdir, model: RenderModel, runtime: GenerateRuntime, 
             recorder.error = recorder.error or exc
         finally:
             recorder.harvest(max_pending=0)
+            recorder.record()
     return recorder
 
 

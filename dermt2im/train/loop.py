@@ -64,7 +64,8 @@ def _choose_optimizer(train: TrainConfig, device: str, warnings: list[str]) -> s
     return "adamw"
 
 
-def _make_optimizer(name: str, groups: list[dict], train: TrainConfig):
+def _make_optimizer(name: str, groups: list[dict], train: TrainConfig, device: str = "cpu"):
+    """8-bit AdamW (bitsandbytes) or torch's AdamW, fused into one kernel on CUDA (the same update)."""
     import torch
 
     kwargs = {"betas": (0.9, 0.999), "weight_decay": train.adam_weight_decay, "eps": 1e-8}
@@ -72,7 +73,7 @@ def _make_optimizer(name: str, groups: list[dict], train: TrainConfig):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs, fused=device.startswith("cuda"))
 
 
 def _add_adapters(ctx: TrainContext, name: str, seed: int) -> list:
@@ -99,6 +100,16 @@ def _add_adapters(ctx: TrainContext, name: str, seed: int) -> list:
 
         cast_training_params(models, dtype=torch.float32)
     return [p for m in models for p in m.parameters() if p.requires_grad]
+
+
+def _choose_unet(ctx: TrainContext) -> None:
+    """The UNet the loop calls: compiled (forward and backward) where ``runtime.train.compile`` says
+    so, once its adapters are in place; it shares every parameter with ``ctx.pipe.unet``."""
+    from dermt2im.diffusion import accel
+
+    ctx.unet = ctx.pipe.unet
+    if accel.wanted(ctx.runtime.compile, ctx.device.type):
+        ctx.unet = accel.compiled(ctx.pipe.unet, what="UNet (training)")
 
 
 def _remove_adapters(ctx: TrainContext, name: str) -> None:
@@ -170,7 +181,7 @@ def _mse_per_example(ctx: TrainContext, latents, noise, ts, cond):
     sched = ctx.noise_scheduler
     noisy = sched.add_noise(latents, noise, ts)
     with ctx.accelerator.autocast():
-        pred = ctx.pipe.unet(noisy.to(ctx.weight_dtype), ts, cond.to(ctx.weight_dtype)).sample
+        pred = (ctx.unet or ctx.pipe.unet)(noisy.to(ctx.weight_dtype), ts, cond.to(ctx.weight_dtype)).sample
     if sched.config.prediction_type == "v_prediction":
         target = sched.get_velocity(latents, noise, ts)
     else:
@@ -272,6 +283,7 @@ def _start_run(ctx: TrainContext, images: dict[str, list[TrainingImage]], name: 
     data = _build_data(ctx, images, labels)
     total = planned_steps(t, len(data.labels))
     params = _add_adapters(ctx, name, seed)
+    _choose_unet(ctx)
     ctx.pipe.unet.train()
     if t.train_text_encoder:
         ctx.pipe.text_encoder.train()
@@ -280,7 +292,7 @@ def _start_run(ctx: TrainContext, images: dict[str, list[TrainingImage]], name: 
     if t.train_text_encoder:
         te_params = [p for p in ctx.pipe.text_encoder.parameters() if p.requires_grad]
         groups.append({"params": te_params, "lr": t.text_encoder_learning_rate})
-    optimizer = _make_optimizer(ctx.optimizer_name, groups, t)
+    optimizer = _make_optimizer(ctx.optimizer_name, groups, t, ctx.device.type)
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=total)
     optimizer, lr_scheduler = ctx.accelerator.prepare(optimizer, lr_scheduler)
     run = LoraRun(name=name, out_dir=out_dir, data=data, total=total, params=params, optimizer=optimizer,

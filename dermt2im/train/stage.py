@@ -96,11 +96,8 @@ def plan_training(workdir: Workdir, spec: TrainConfig, runtime: TrainRuntime, ru
     if not run_id or any(c in run_id for c in "/\\") or run_id.startswith("."):
         raise TrainingError(f"run_id {run_id!r} must be a plain folder name")
     device = resolve_device(runtime.device)
-    mixed = spec.mixed_precision
-    if not device.startswith("cuda") and mixed != "no":
-        warnings.append(f"mixed_precision {mixed} needs CUDA; training in fp32 on {device}")
-        mixed = "no"
-    if mixed == "bf16" and not torch.cuda.is_bf16_supported():
+    mixed = _mixed_precision(spec.mixed_precision, device, warnings)
+    if mixed == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         warnings.append("bf16 is not supported by this GPU; using fp16")
         mixed = "fp16"
     optimizer = _choose_optimizer(spec, device, warnings)
@@ -114,6 +111,20 @@ def plan_training(workdir: Workdir, spec: TrainConfig, runtime: TrainRuntime, ru
     }
     return TrainingPlan(images, key, run_id, workdir.lora / run_id, device, mixed, optimizer, groups, warnings,
                         header_meta)
+
+
+def _mixed_precision(asked: str, device: str, warnings: list[str]) -> str:
+    """The precision training runs in: as asked on CUDA; on a CPU, bf16 only where it is native
+    (elsewhere oneDNN emulates it, slower than fp32) and never fp16 (no fast fp16 kernels there)."""
+    if device.startswith("cuda") or asked == "no":
+        return asked
+    from dermt2im.diffusion.accel import native_bf16_cpu
+
+    if asked == "bf16" and native_bf16_cpu():
+        return "bf16"
+    needs = "CUDA" if asked == "fp16" else "CUDA or a CPU with native bf16 (AVX512-BF16, AMX)"
+    warnings.append(f"mixed_precision {asked} needs {needs}; training in fp32 on {device}")
+    return "no"
 
 
 def _base_identity(spec: TrainConfig) -> str:
@@ -132,6 +143,8 @@ def load_models(plan: TrainingPlan, spec: TrainConfig, runtime: TrainRuntime, pr
 
     from dermt2im.diffusion.models import load_pipeline
 
+    from dermt2im.diffusion import accel
+
     accelerator = _accelerator(plan.device, plan.mixed_precision)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.mixed_precision, torch.float32)
     pipe = load_pipeline(spec.base_model, spec.revision, device="cpu")
@@ -140,6 +153,10 @@ def load_models(plan: TrainingPlan, spec: TrainConfig, runtime: TrainRuntime, pr
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False)
         m.to(accelerator.device, **cast)
+    if runtime.tf32 and accel.enable_tf32(plan.device):
+        LOG.info("TF32 matmuls and convolutions on")
+    if accel.wanted(runtime.channels_last, plan.device):
+        pipe.unet.to(memory_format=torch.channels_last)
     if runtime.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if spec.train_text_encoder:

@@ -56,6 +56,7 @@ class TrainContext:
     noise_scheduler: Any
     warnings: list[str]
     header_meta: dict[str, Any]
+    unet: Any = None  # what the loop calls: pipe.unet, or it compiled (train.loop._choose_unet)
     tracker: Any = None  # dermt2im.core.tracking.Tracker
     tracker_run: str | None = None
     metrics_buffer: list[tuple[str, float, int]] = field(default_factory=list)

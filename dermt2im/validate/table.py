@@ -224,14 +224,17 @@ def build_report(workdir: Workdir, tracking: TrackingConfig, *, parent_run_id: s
     experiment = tracker.experiment_name(parent.experiment_id)
     md = markdown(table, lines, head, parent_run_id=pid, experiment=experiment, skipped=skipped)
     reports = workdir.reports
+    csv, figure = reports / "table_iv.csv", reports / "fig10.png"
+    unchanged = csv.is_file() and figure.is_file() and csv.read_text() == table.to_csv(index=False)
     paths = {
         "table_md": atomic_write_text(reports / "table_iv.md", md),
-        "table_csv": reports / "table_iv.csv",
-        "fig10": fig10(table, reports / "fig10.png"),
+        "table_csv": csv,
+        "fig10": figure if unchanged else fig10(table, figure),  # a cached re-run does not redraw it
         "verdict": atomic_write_text(reports / "verdict.txt", "\n".join([head, *lines]) + "\n"),
     }
-    with atomic_path(paths["table_csv"]) as tmp:
-        table.to_csv(tmp, index=False)
+    if not unchanged:
+        with atomic_path(csv) as tmp:
+            table.to_csv(tmp, index=False)
     for p in paths.values():
         tracker.log_file(pid, p, "report")
     tracker.log_metrics(pid, _headline_metrics(table))

@@ -390,3 +390,15 @@ def test_prior_preservation_text_encoder_snr_offset_noise(workdir):
     # loads back (UNet and text encoder) with the vanilla loader
     p = models.build_tiny_pipeline(0)
     p.load_lora_weights(str(r.lora_dir), weight_name=lora_io.DIFFUSERS_WEIGHTS)
+
+
+def test_bf16_mixed_precision_on_a_cpu_only_where_bf16_is_native(monkeypatch):
+    from dermt2im.diffusion import accel
+    from dermt2im.train.stage import _mixed_precision
+
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(accel, "native_bf16_cpu", lambda native=native: native)
+        warnings: list[str] = []
+        assert _mixed_precision("bf16", "cpu", warnings) == expected
+        assert bool(warnings) is (not native)
+    assert _mixed_precision("fp16", "cpu", []) == "no" and _mixed_precision("fp16", "cuda", []) == "fp16"

@@ -194,3 +194,21 @@ def test_a_moved_workdir_keeps_its_artifacts(tmp_path, monkeypatch):
     assert len(table) == 2 and table["balanced_accuracy_mean"].notna().all()
     locations = {e.name: e.artifact_location for e in MlflowClient(moved.mlflow_uri).search_experiments()}
     assert locations == {"Default": "mlflow-artifacts:/0", "report-moved": "mlflow-artifacts:/report-moved"}
+
+
+def test_an_unchanged_table_is_not_redrawn_and_a_changed_one_is(workdir, monkeypatch):
+    from dermt2im.validate import table as table_module
+
+    cfg = tiny_config("report-redraw")
+    cells = {("vit", r, s): {"set-a": _cell(range(wrong + s), s)} for r, wrong in (("baseline", 5), ("hybrid", 9))
+             for s in range(2)}
+    parent, _, _ = _log_comparison(workdir, cfg, cells)
+    first = build_report(workdir, cfg.tracking, parent_run_id=parent)
+    drawn: list[object] = []
+    real = table_module.fig10
+    monkeypatch.setattr(table_module, "fig10", lambda t, out: drawn.append(out) or real(t, out))
+    again = build_report(workdir, cfg.tracking, parent_run_id=parent)
+    assert drawn == [] and again["fig10"] == first["fig10"] and again["fig10"].stat().st_size > 1000
+    first["table_csv"].write_text("stale\n")  # another table on disk: the figure is drawn again
+    build_report(workdir, cfg.tracking, parent_run_id=parent)
+    assert drawn == [first["fig10"]] and first["table_csv"].read_text() != "stale\n"

@@ -1,0 +1,63 @@
+"""What the device can do fast, decided in one place for training and generation.
+
+* Half precision: fp16 on CUDA; bf16 on a CPU only where it is native (AVX512-BF16 or AMX). Without
+  those instructions oneDNN emulates bf16 and it is slower than fp32, so such CPUs stay in fp32.
+* ``torch.compile`` and NHWC (channels_last) memory format: "auto" means on CUDA only. On the 2-core
+  development CPU compiling SD 1.5's UNet took 210-270 s and the compiled UNet ran no faster, and
+  NHWC made the UNet 5-10% slower (fp32 and bf16, 1 thread), so a CPU uses them only when asked ("on").
+* TF32 matmuls and convolutions on Ampere and newer GPUs (compute capability 8 and up).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+Switch = Literal["auto", "on", "off"]
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles)."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def half_dtype(device: str):
+    """The half-precision dtype worth using on ``device``, or None (stay in fp32)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.float16
+    return torch.bfloat16 if native_bf16_cpu() else None
+
+
+def wanted(choice: Switch, device: str) -> bool:
+    """A speed setting ("auto" / "on" / "off") on ``device``: auto is on for CUDA only."""
+    return choice == "on" or (choice == "auto" and device.startswith("cuda"))
+
+
+def enable_tf32(device: str) -> bool:
+    """TF32 for matmuls and cuDNN convolutions on an Ampere or newer GPU; returns whether it is on."""
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability()[0] < 8:
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
+def compiled(module: Any, *, what: str) -> Any:
+    """``module`` compiled with inductor (graphs are cached on disk by torch across processes)."""
+    import torch
+
+    log.info("compiling the %s with torch.compile (the first call takes a while)", what)
+    return torch.compile(module, fullgraph=False, dynamic=False)
