@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -89,8 +89,10 @@ def _run_at_once(stage: Stage, units: list, todo: list[int], workers: int,
     with ThreadPoolExecutor(max_workers=min(workers, len(todo)), thread_name_prefix=f"{stage.name}-unit") as pool:
         running: dict[Future, int] = {pool.submit(stage.run, units[p]): p for p in todo}
         while running:
-            finished, _ = wait(running, return_when=FIRST_EXCEPTION)
-            for future in finished:
+            # FIRST_COMPLETED, not FIRST_EXCEPTION: the latter waits for every unit unless one fails, so
+            # units would be reported (progress, on_unit) only at the end, in no particular order
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in sorted(finished, key=running.__getitem__):
                 position = running.pop(future)
                 if future.exception() is not None:
                     for other in running:
