@@ -3,20 +3,27 @@
 import io
 import logging
 import time
+from contextlib import contextmanager
 
 from dermt2im.core import progress
 
 
-def test_log_lines_say_count_share_rate_and_eta_then_the_total(caplog):
+@contextmanager
+def _log_lines(caplog, interval: float):
+    """Progress reported as log lines every ``interval`` s for the block, then the reporter as it was."""
     caplog.set_level(logging.INFO, logger="dermt2im.core.progress")
-    previous = progress.use(progress.LogReporter(interval=0.0))
+    previous = progress.use(progress.LogReporter(interval=interval))
     try:
-        with progress.task("render shard 3", total=4, unit="images") as bar:
-            for _ in range(4):
-                time.sleep(0.01)
-                bar.advance(note="batch done")
+        yield
     finally:
         progress.use(previous)
+
+
+def test_log_lines_say_count_share_rate_and_eta_then_the_total(caplog):
+    with _log_lines(caplog, 0.0), progress.task("render shard 3", total=4, unit="images") as bar:
+        for _ in range(4):
+            time.sleep(0.01)
+            bar.advance(note="batch done")
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("render shard 3: 1/4 images (25%), ") and " images/s, ETA " in lines[0]
     assert lines[0].endswith(", batch done")
@@ -24,14 +31,9 @@ def test_log_lines_say_count_share_rate_and_eta_then_the_total(caplog):
 
 
 def test_log_lines_are_throttled(caplog):
-    caplog.set_level(logging.INFO, logger="dermt2im.core.progress")
-    previous = progress.use(progress.LogReporter(interval=3600))
-    try:
-        with progress.task("preprocess seeds", total=1000, unit="images") as bar:
-            for _ in range(1000):
-                bar.advance()
-    finally:
-        progress.use(previous)
+    with _log_lines(caplog, 3600), progress.task("preprocess seeds", total=1000, unit="images") as bar:
+        for _ in range(1000):
+            bar.advance()
     assert [r.getMessage().split(" in ")[0] for r in caplog.records] == ["preprocess seeds: 1000/1000 images"]
 
 

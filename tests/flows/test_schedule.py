@@ -15,14 +15,14 @@ SQLAlchemy 2.1 logs "Can't evaluate bulk DML statement" every loop and schedules
 from __future__ import annotations
 
 import re
-import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.flows.prefect_server import process_worker, prefect_server
+from tests.flows.prefect_server import prefect_server, process_worker
+from tests.processes import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
@@ -87,16 +87,6 @@ def _runs(server, deployment_id: str) -> list[dict]:
                                                    "sort": "EXPECTED_START_TIME_ASC"}).json()
 
 
-def _wait(what: str, check, timeout: float, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
-
 
 def test_regenerate_weekly_is_scheduled_and_a_worker_runs_it(tmp_path):
     from dermt2im.generate.plan import planned_per_class
@@ -111,8 +101,8 @@ def test_regenerate_weekly_is_scheduled_and_a_worker_runs_it(tmp_path):
             dep = api.get(f"/deployments/name/regenerate/{DEPLOYMENT}").json()
         assert {s["schedule"].get("cron") for s in dep["schedules"]} == {"0 3 * * 1", None}
 
-        runs = _wait("scheduled runs of both schedules", lambda: _of_both_schedules(_runs(server, dep["id"])),
-                     timeout=60)
+        runs = wait_until(lambda: _of_both_schedules(_runs(server, dep["id"])), 60, "scheduled runs of both schedules",
+                          interval=1.0)
         assert all(r["state"]["type"] == "SCHEDULED" for r in runs)
 
         # One polling pass (--run-once), one run at a time (--limit 1): the first run that is due.

@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.core.test_storage import s3_bucket  # noqa: F401  (fixture)
+from tests.flows.prefect_server import prefect_cli
+from tests.flows.prefect_server import prefect_server as serve
 from tests.processes import descendants, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,17 +39,6 @@ def _slow(env: dict[str, str], delay: float) -> dict[str, str]:
     return {**env, "DERMT2IM_TEST_WRITE_DELAY": str(delay), "PYTHONPATH": os.pathsep.join(paths)}
 
 
-def _prefect() -> list[str]:
-    exe = Path(sys.executable).with_name("prefect")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "prefect"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _base_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"),
@@ -60,14 +49,6 @@ def _base_env(home: Path) -> dict[str, str]:
     return env
 
 
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -108,20 +89,8 @@ def _tail(path: Path, n: int = 3000) -> str:
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """A `prefect server start` subprocess with its own PREFECT_HOME (SQLite); yields its API URL."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    log = home / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(_prefect() + ["server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui",
-                                              "--analytics-off"], cwd=home, env=_base_env(home / "home"),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until(lambda: _healthy(url) or proc.poll() is not None, 90, "the Prefect server", on_fail=lambda: _tail(log))
-        assert proc.poll() is None, _tail(log)
-        yield url
-    finally:
-        _stop(proc)
+    with serve(tmp_path_factory.mktemp("prefect-server")) as server:
+        yield server.api_url
 
 
 def test_the_generate_flow_fans_out_to_worker_runs_one_partition_each(prefect_server, tmp_path, s3_bucket):
@@ -165,7 +134,7 @@ def test_the_generate_flow_fans_out_to_worker_runs_one_partition_each(prefect_se
                 env.update(PREFECT_API_URL=url, PREFECT_WORKER_QUERY_SECONDS="1", **bucket_env)
                 with open(logs / f"worker{i}.log", "w") as out:
                     procs.append(subprocess.Popen(
-                        _prefect() + ["worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
+                        prefect_cli() + ["worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
                         cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
             # The parent flow in its own process: an in-process flow run would leave Prefect's event
             # client of this test process bound to this module's server after it stops.
