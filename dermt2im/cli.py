@@ -225,10 +225,14 @@ def import_synthetic(
     factory's own renders (validate.synthetic_sources can then restrict a regime to it)."""
     if not name:
         raise typer.BadParameter("give the set a name", param_hint="--name")
-    w, cfg = _session(workdir, config, overrides, save, existing=False)
-    from dermt2im.generate.imports import ImportStage
+    from dermt2im.generate.imports import ImportStage, check_name, plan_import
     from dermt2im.quality.stage import QualityStage
 
+    def check(cfg) -> None:  # before the workdir or its config is written
+        check_name(name)
+        plan_import(source, layout, cfg.ingest)
+
+    w, cfg = _session(workdir, config, overrides, save, existing=False, check=check)
     _run(ImportStage(w, cfg.ingest, source, name, layout))
     _run(QualityStage(w, cfg.quality))
 

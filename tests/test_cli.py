@@ -156,3 +156,13 @@ def test_ingest_names_generated_images_in_its_summary(tmp_path):
     r = runner.invoke(app, ["ingest", str(tmp_path / "src"), "--workdir", str(tmp_path / "w")])
     assert r.exit_code == 0, r.output
     assert "2 quarantined" in r.output and "synthetic 2" in r.output
+
+
+def test_import_synthetic_checks_its_source_and_name_before_creating_anything(tmp_path):
+    (tmp_path / "sd" / "benign").mkdir(parents=True)
+    w = tmp_path / "w"
+    r = runner.invoke(app, ["import-synthetic", str(tmp_path / "missing"), "--workdir", str(w), "--name", "ext"])
+    assert r.exit_code == 2 and "source not found" in r.output
+    r = runner.invoke(app, ["import-synthetic", str(tmp_path / "sd"), "--workdir", str(w), "--name", "../x"])
+    assert r.exit_code == 2 and "--name '../x'" in r.output
+    assert not w.exists()
