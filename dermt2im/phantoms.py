@@ -58,6 +58,13 @@ STYLES: dict[str, CameraStyle] = {
 }
 
 SKIN_BASE = np.array([0.88, 0.68, 0.58], np.float32)
+# Skin colours per Fitzpatrick type (1: palest ... 6: darkest), for phantoms of a chosen skin tone:
+# type 2 is SKIN_BASE; their ITA under the isic camera falls from "very light" to "dark"
+# (tests/fidelity/test_skin_tone.py).
+SKIN_BY_TYPE: dict[int, tuple[float, float, float]] = {
+    1: (0.95, 0.80, 0.72), 2: (0.88, 0.68, 0.58), 3: (0.80, 0.57, 0.44),
+    4: (0.66, 0.45, 0.31), 5: (0.46, 0.30, 0.19), 6: (0.27, 0.17, 0.11),
+}
 
 
 def _noise_field(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
@@ -80,10 +87,14 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(c, c)
 
 
-def _skin(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Skin with a random tone, blotchy redness and fine pore-like texture."""
+def _skin(rng: np.random.Generator, size: int, skin_type: int | None = None) -> np.ndarray:
+    """Skin with a random tone (or one near Fitzpatrick ``skin_type``), blotchy redness and fine
+    pore-like texture."""
     tone = rng.uniform(0.80, 1.04)  # lighter / darker skin
-    base = SKIN_BASE * tone + rng.normal(0.0, 0.015, 3).astype(np.float32)
+    if skin_type is not None:  # the same draws either way: a phantom without a type is unchanged
+        tone = 0.95 + 0.1 * (tone - 0.80) / 0.24
+    colour = SKIN_BASE if skin_type is None else np.asarray(SKIN_BY_TYPE[skin_type], np.float32)
+    base = colour * tone + rng.normal(0.0, 0.015, 3).astype(np.float32)
     coarse = _noise_field(rng, size, size * 0.08)
     medium = _noise_field(rng, size, size * 0.02)
     fine = _noise_field(rng, size, max(0.6, size * 0.003))
@@ -228,19 +239,25 @@ def draw_hairs(rgb: np.ndarray, rng: np.random.Generator, n: int | None = None) 
 
 
 def render_phantom(
-    label: str, rng: np.random.Generator, *, size: int = 256, style: str = "isic", hair: bool = False
+    label: str, rng: np.random.Generator, *, size: int = 256, style: str = "isic", hair: bool = False,
+    skin_type: int | None = None,
 ) -> np.ndarray:
-    """One dermoscopy-like image (size x size x 3 uint8) of a ``benign`` or ``malignant`` lesion."""
+    """One dermoscopy-like image (size x size x 3 uint8) of a ``benign`` or ``malignant`` lesion;
+    ``skin_type`` (Fitzpatrick 1-6) sets the skin's colour, else it is drawn at random."""
     if label not in LABELS:
         raise ValueError(f"label must be one of {LABELS}, got {label!r}")
     if style not in STYLES:
         raise ValueError(f"style must be one of {sorted(STYLES)}, got {style!r}")
     if size < 16:
         raise ValueError(f"size must be at least 16, got {size}")
+    if skin_type is not None and skin_type not in SKIN_BY_TYPE:
+        raise ValueError(f"skin_type must be a Fitzpatrick type 1-6, got {skin_type!r}")
     malignant = label == "malignant"
-    skin = _skin(rng, size)
+    skin = _skin(rng, size, skin_type)
     shape = _lesion_shape(rng, size, malignant)
     colour = _malignant_colour(rng, size, shape) if malignant else _benign_colour(rng, size, shape)
+    if skin_type is not None and SKIN_BY_TYPE[skin_type][0] < SKIN_BASE[0]:
+        colour = colour * (SKIN_BY_TYPE[skin_type][0] / SKIN_BASE[0])  # pigment on darker skin is darker too
     a = shape.alpha[..., None]
     # lesion pigment sits in the skin, so the skin's texture modulates it as well
     texture = (skin.mean(axis=2) / float(skin.mean()))[..., None]
