@@ -79,8 +79,14 @@ SEEDS = ManifestSchema(
             # generator named by the file's metadata ("AUTOMATIC1111, Steps 20, ..."; such rows are
             # quarantined as synthetic); "" when it names none; null in manifests made before
             _s("provenance"),
+            # the licence the source states (dermt2im.ingest.licences): CC0-1.0, CC-BY-NC-4.0, ..., other
+            # or unknown; where it was read with the text as found; the attribution asked for
+            _s("license"),
+            _s("license_note"),
+            _s("attribution"),
         ]
     ),
+    optional=("license", "license_note", "attribution"),
 )
 
 MANIFESTS: dict[str, ManifestSchema] = {SEEDS.name: SEEDS}
@@ -369,8 +375,12 @@ SYNTHETIC = register(
             .append(pa.field("hair_fraction", pa.float64()))
             .append(pa.field("audit_inliers", pa.int64()))  # SIFT matches verified with the nearest seed
             .append(_s("audit_method"))  # geometric | global
+            # an imported set's licence as its source states it (dermt2im.ingest.licences); null for renders
+            .append(_s("license"))
+            .append(_s("license_note"))
+            .append(_s("attribution"))
         ),
-        optional=("base_model_only",),
+        optional=("base_model_only", "license", "license_note", "attribution"),
     )
 )
 

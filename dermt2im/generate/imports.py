@@ -36,10 +36,12 @@ from dermt2im.ingest.files import FileFacts, examine_files
 from dermt2im.ingest.labels import label_map as make_label_map
 from dermt2im.ingest.labels import resolve_label
 from dermt2im.ingest.layouts import IngestError, LayoutPlan, _plan_layout
+from dermt2im.ingest.licences import resolve
 from dermt2im.ingest.rows import _row, resolve_ambiguous, resolve_duplicates
 from dermt2im.stage import Stamps
 
 OWN_SOURCE = "dermt2im"
+LICENCE_COLUMNS = ("license", "license_note", "attribution")
 IMPORT_LAYOUTS = ("auto", "folders", "csv")
 GONE = "file not found: no longer in the source"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -102,9 +104,10 @@ def _fresh_rows(plan: LayoutPlan, cfg: IngestConfig) -> tuple[list[dict[str, Any
     jobs = [(e.path, e.problem is None and problem is None) for e, (_, problem) in zip(entries, labels) if e.readable]
     facts = examine_files(jobs, {}, cfg.max_pixels)
     # generated is what these files are meant to be: provenance is read into columns, never a reason
+    licences = resolve([e.path for e in entries], [e.licence for e in entries], plan.root)
     rows = [_row(e, plan, label, e.problem or problem,
-                 replace(facts[e.path], provenance="") if e.path in facts else None)
-            for e, (label, problem) in zip(entries, labels)]
+                 replace(facts[e.path], provenance="") if e.path in facts else None, lic)
+            for e, (label, problem), lic in zip(entries, labels, licences)]
     return resolve_duplicates(resolve_ambiguous(rows, entries), set()), facts
 
 
@@ -125,7 +128,8 @@ def _synthetic_row(name: str, index: int, row: dict[str, Any], facts: FileFacts 
     bad = row["status"] != "accepted"
     return {"sample_key": f"{name}-{index:06d}", "label": row["label"], "index": index, "path": row["source_path"],
             "sha256": row["sample_id"], "source": name, "status": "quarantined" if bad else "rendered",
-            "reason": row["reason"] if bad else None, **_generation_columns(facts)}
+            "reason": row["reason"] if bad else None, **_generation_columns(facts),
+            **{c: row[c] for c in LICENCE_COLUMNS}}
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -149,7 +153,7 @@ def import_rows(name: str, plan: LayoutPlan, cfg: IngestConfig, existing: pd.Dat
             index = int(old["index"])
         candidate = _synthetic_row(name, index, row, facts.get(row["source_path"]))
         quarantined = candidate["status"] == "quarantined"
-        same = old is not None and all(_equal(old[k], candidate[k]) for k in ("sha256", "label")) and \
+        same = old is not None and all(_equal(old[k], candidate[k]) for k in ("sha256", "label", *LICENCE_COLUMNS)) and \
             (old["status"] == "quarantined") == quarantined and (not quarantined or old["reason"] == candidate["reason"])
         if not same:
             changed += old is not None
@@ -186,7 +190,7 @@ def import_synthetic(workdir: Workdir, source: str | Path, name: str, cfg: Inges
 
 IMPORT_MODULES = ("dermt2im.generate.imports", "dermt2im.ingest.entries", "dermt2im.ingest.files",
                   "dermt2im.ingest.layouts", "dermt2im.ingest.labels", "dermt2im.ingest.rows",
-                  "dermt2im.ingest.provenance")
+                  "dermt2im.ingest.provenance", "dermt2im.ingest.licences")
 
 
 class ImportStage:

@@ -25,6 +25,7 @@ from dermt2im.ingest.layouts import (
     LayoutPlan,
     _folder_class,
 )
+from dermt2im.ingest.licences import Licence, from_row
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Entry:
     problem: str | None = None  # a quarantine reason known without reading the file
     readable: bool = True  # False: never open it (missing, or outside the source)
     matches: int = 1  # how many files the naming CSV line matched
+    licence: Licence | None = None  # what the metadata row states (``dermt2im.ingest.licences``)
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,8 @@ def _entries_from_csv(plan: LayoutPlan, images: Sequence[str]) -> list[Entry]:
     entries: list[Entry] = []
     for line, row in enumerate(_read_rows(plan.csv_path), start=2):
         origin = f"line {line} of {plan.csv_path.name}"
-        meta = dict(label=_cell(row, "label"), diagnosis=_cell(row, "diagnosis"), lesion_id=_cell(row, "lesion_id"))
+        meta = dict(label=_cell(row, "label"), diagnosis=_cell(row, "diagnosis"), lesion_id=_cell(row, "lesion_id"),
+                    licence=from_row(row, plan.csv_path.name))
         raw = _cell(row, "file")
         if raw is None:
             entries.append(Entry(f"{plan.csv_path}#line-{line}", origin=origin, readable=False,
@@ -212,7 +215,7 @@ def _entries_from_ids(plan: LayoutPlan, images: Sequence[str]) -> list[Entry]:
     entries: list[Entry] = []
     for line, row in enumerate(rows, start=2):
         origin = f"line {line} of {plan.csv_path.name}"
-        meta = _id_row_meta(plan.layout, row, one_hot)
+        meta = {**_id_row_meta(plan.layout, row, one_hot), "licence": from_row(row, plan.csv_path.name)}
         row_problem = meta.pop("problem", None)
         image_id = _cell(row, id_column)
         if image_id is None:

@@ -31,6 +31,7 @@ from dermt2im.core.specs import LABELS, IngestConfig
 from dermt2im.core.workdir import WORKDIR_MARKER, is_workdir
 from dermt2im.ingest import isic_formats
 from dermt2im.ingest.labels import label_map, normalise_diagnosis
+from dermt2im.ingest.licences import licence_files
 
 LAYOUTS: tuple[str, ...] = ("isic", "isic-challenge", "ham10000", "folders", "csv")
 
@@ -79,7 +80,8 @@ class LayoutPlan:
     root: Path  # resolved source folder
     csv_path: Path | None = None
     given_root: str = ""  # the folder as the user named it, for absolute paths written against it
-    metadata: tuple[Path, ...] = ()  # the source's readable CSVs: descriptions of the inputs, not inputs
+    # the source's readable CSVs and licence / attribution files: descriptions of the inputs, not inputs
+    metadata: tuple[Path, ...] = ()
 
 
 def _read_columns(path: Path) -> list[str] | str:
@@ -196,6 +198,7 @@ def _plan_layout(source: Path, forced: str | None, label_map: Mapping[str, str])
     folders, other = _class_folders(root, label_map) if source.is_dir() else ([], [])
 
     metadata = tuple(p for p, c in columns.items() if isinstance(c, list))
+    metadata += tuple(licence_files(root))
 
     def plan(layout: str, explanation: str, csv_path: Path | None = None) -> LayoutPlan:
         return LayoutPlan(layout, explanation, root, csv_path, os.path.normpath(given), metadata)

@@ -14,6 +14,7 @@ from dermt2im.ingest.entries import Entry, _within
 from dermt2im.ingest.files import FileFacts, examine_files
 from dermt2im.ingest.labels import resolve_label
 from dermt2im.ingest.layouts import LayoutPlan, _shown
+from dermt2im.ingest.licences import UNSTATED, Licence, resolve
 
 ACCEPTED, QUARANTINED = "accepted", "quarantined"
 PREPROCESS_COLUMNS: tuple[str, ...] = ("processed_path", "preprocess_key", "hair_fraction", "hair_changed_fraction")
@@ -21,7 +22,8 @@ GONE_REASON = "file not found: no longer in the source"
 
 
 def _row(
-    entry: Entry, plan: LayoutPlan, label: str | None, problem: str | None, facts: FileFacts | None
+    entry: Entry, plan: LayoutPlan, label: str | None, problem: str | None, facts: FileFacts | None,
+    licence: Licence = UNSTATED,
 ) -> dict[str, Any]:
     # a generated image is never real, whatever else is wrong with it: that reason comes first
     synthetic = f"synthetic: {facts.provenance}" if facts is not None and facts.synthetic else None
@@ -47,6 +49,7 @@ def _row(
         "hair_fraction": None,
         "hair_changed_fraction": None,
         "provenance": facts.provenance if facts else None,
+        **licence.row(),
     }
 
 
@@ -120,9 +123,10 @@ def build_rows(plan: LayoutPlan, entries: Sequence[Entry], label_map: Mapping[st
     labels = [resolve_label(e.label, e.diagnosis, label_map) for e in entries]
     jobs = [(e.path, e.problem is None and problem is None) for e, (_, problem) in zip(entries, labels) if e.readable]
     facts = examine_files(jobs, known, cfg.max_pixels, description=description)
+    licences = resolve([e.path for e in entries], [e.licence for e in entries], plan.root)
     rows = [
-        _row(e, plan, label, e.problem or problem or size_problem(facts.get(e.path), cfg), facts.get(e.path))
-        for e, (label, problem) in zip(entries, labels)
+        _row(e, plan, label, e.problem or problem or size_problem(facts.get(e.path), cfg), facts.get(e.path), lic)
+        for e, (label, problem), lic in zip(entries, labels, licences)
     ]
     return resolve_duplicates(resolve_ambiguous(rows, entries), preferred)
 

@@ -167,7 +167,8 @@ def _reconsidered(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[s
 # --------------------------------------------------------------------------------------------------
 # the stage
 
-INGEST_MODULES = ("labels", "layouts", "entries", "files", "rows", "splits", "stage", "isic_formats", "provenance")
+INGEST_MODULES = ("labels", "layouts", "entries", "files", "rows", "splits", "stage", "isic_formats", "provenance",
+                  "licences")
 
 
 @dataclass(frozen=True)
