@@ -184,7 +184,8 @@ def _damaged(path: str | Path, kind: ManifestSchema, err: BaseException) -> Mani
 
 
 # Which command writes each manifest, for error messages.
-_WRITER = {"seeds": "`dermt2im ingest`", "plan": "`dermt2im generate`", "synthetic": "`dermt2im generate`"}
+_WRITER = {"seeds": "`dermt2im ingest`", "plan": "`dermt2im generate`", "synthetic": "`dermt2im generate`",
+           "fidelity": "`dermt2im quality`"}
 
 
 def parts_folder(path: str | Path) -> str | Path:
@@ -381,6 +382,32 @@ SYNTHETIC = register(
             .append(_s("attribution"))
         ),
         optional=("base_model_only", "license", "license_note", "attribution"),
+    )
+)
+
+# Owned by the quality gate (dermt2im.quality.stage, computed by dermt2im.fidelity.measures): each assessed
+# image's typicality and skin tone, keyed like the synthetic manifest; the fidelity report and export join it.
+FIDELITY = register(
+    ManifestSchema(
+        name="fidelity",
+        key=("sample_key",),
+        schema=pa.schema(
+            [
+                _s("sample_key"),
+                _s("sha256"),  # the image measured
+                _s("source"),
+                _s("label"),
+                # mean distance to the nearest training seeds in the learned seed embedding
+                pa.field("typicality_distance", pa.float64()),
+                # share of held-out real images at least as far from the seeds (1 typical ... 0 beyond all)
+                pa.field("typicality", pa.float64()),
+                pa.field("atypical", pa.bool_()),
+                pa.field("ita", pa.float64()),  # individual typology angle of the skin around the lesion
+                _s("skin_tone"),  # its category: very light ... dark, or undefined
+                pa.field("skin_fraction", pa.float64()),
+                _s("embedding"),  # which embedding typicality was measured in (name and key)
+            ]
+        ),
     )
 )
 

@@ -170,8 +170,10 @@ class GenerateConfig(Strict):
         return self
 
 
-Flag = Literal["face", "text", "ruler", "ink", "frame", "hair"]
-FLAGS: tuple[Flag, ...] = ("face", "text", "ruler", "ink", "frame", "hair")
+Flag = Literal["face", "text", "ruler", "ink", "frame", "hair", "atypical"]
+FLAGS: tuple[Flag, ...] = ("face", "text", "ruler", "ink", "frame", "hair")  # the detectors' flags
+# far from the seeds in the learned embedding (dermt2im.fidelity.typicality), set over the whole set
+ATYPICAL: Flag = "atypical"
 
 
 class QualityConfig(Strict):
@@ -205,7 +207,11 @@ class QualityConfig(Strict):
     max_hair_fraction: float = Field(0.01, ge=0, le=1, description="share of pixels the hair detector finds")
     reject_flags: tuple[Flag, ...] = Field(
         ("face", "text"), description="flags that reject; rulers, ink, frames and hair also occur in real "
-        "dermoscopy, so by default they are only recorded (and their per-class rates audited)")
+        "dermoscopy, so by default they are only recorded (and their per-class rates audited); 'atypical' (far "
+        "from the seeds in the learned embedding) can reject generated anatomy and other things no lesion is")
+    max_typicality_quantile: float = Field(
+        0.99, gt=0, le=1, description="an image farther from the training seeds in the learned seed embedding than "
+        "this quantile of the held-out real images is flagged 'atypical' (dermt2im.fidelity.typicality)")
     balance_flags: bool = Field(
         False, description="reject flagged images of the class where a flag is much more frequent, until the "
         "benign and malignant rates match (a class-dependent artefact is a shortcut a classifier learns)")
@@ -245,3 +251,4 @@ class ValidateConfig(Strict):
     test_sets: dict[str, str] = Field(default_factory=dict, description="name -> SOURCE of an unseen real test set")
     segmentation_samples: int = Field(8, ge=0)
     sam_model: str = "facebook/sam-vit-base"
+

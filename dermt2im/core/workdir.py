@@ -101,6 +101,16 @@ class Workdir:
         return storage.join(self.manifests, "synthetic.parquet")
 
     @property
+    def fidelity_manifest(self) -> Location:
+        """Each assessed image's typicality and skin tone (``dermt2im.fidelity.measures``)."""
+        return storage.join(self.manifests, "fidelity.parquet")
+
+    @property
+    def fidelity(self) -> Path:
+        """The fidelity report's own files: the learned seed embedding, cached features, noise images."""
+        return self._dir("fidelity")
+
+    @property
     def locks(self) -> Path:
         """Lock files for manifests on object stores (``writers.writer_lock``): every worker shares
         this workdir (its config and LoRA weights live here too), so its POSIX locks cover them all."""

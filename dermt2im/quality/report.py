@@ -82,6 +82,25 @@ def flag_counts(df: pd.DataFrame, seed_checks: dict[str, dict[str, int]], n_seed
              "seeds_flagged": seed_checks.get(f, {}).get("flagged", 0), "seeds": n_seeds} for f in FLAGS]
 
 
+def typicality_lines(cut: dict | None, df: pd.DataFrame, q: QualityConfig) -> list[str]:
+    """The ``atypical`` flag: its calibrated cut and how many held-out real images it would reject."""
+    if not cut:
+        return []
+    lines = ["## Typicality (`atypical`)", ""]
+    if cut.get("cut") is None:
+        return lines + [f"Not measured: {cut.get('why_not')}.", ""]
+    assessed = df[df["status"].isin(["accepted", "rejected"])] if not df.empty else df
+    flagged = int(assessed["flags"].map(lambda v: has_flag(v, "atypical")).sum()) if len(assessed) else 0
+    rejects = "rejects (`quality.reject_flags`)" if "atypical" in q.reject_flags else "is a flag only"
+    return lines + [
+        f"Distance to the {cut['k']} nearest training seeds in the learned seed embedding `{cut['embedding']}`; "
+        f"an image beyond the {cut['quantile']:.0%} quantile of the {cut['held_out']} held-out real images "
+        f"(distance {cut['cut']:.3g}) is `atypical` and {rejects}. It would reject {cut['held_out_rejected']} of "
+        f"the {cut['held_out']} held-out real images (each judged by the cut of the others). Synthetic images "
+        f"flagged: {flagged} of {len(assessed)}. Typicality is relative to the seeds: a skin tone or a lesion the seeds "
+        "lack is atypical too, which is why the flag rejects only when `quality.reject_flags` names it.", ""]
+
+
 def _md_table(rows: list[dict], columns: list[str] | None = None) -> str:
     if not rows:
         return "_none_\n"
@@ -134,6 +153,7 @@ def write_quality_reports(workdir: Workdir, df: pd.DataFrame, q: QualityConfig,
     md += ["## Flags", "", "Faces and text reject by default; rulers, ink, dermatoscope frames and hair also occur "
            "in real dermoscopy and only reject when `quality.reject_flags` names them.", "",
            _md_table(flags, ["flag", "threshold", "rejects", "synthetic_flagged", "seeds_flagged"])]
+    md += typicality_lines(gate.get("typicality"), df, q)
     md += ["## Shortcut audit", "", "Share of accepted images carrying each flag, per class (and of the real "
            "seeds). A flag much more frequent in one class is a shortcut a classifier can learn.", "",
            _md_table(_rate_rows(gate.get("rates", [])))]

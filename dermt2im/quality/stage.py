@@ -21,8 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from dermt2im.core import identity, storage
-from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, rewrite
-from dermt2im.core.specs import QualityConfig
+from dermt2im.core.manifest import FIDELITY, SEEDS, SYNTHETIC, manifest_exists, read_manifest, rewrite, write_manifest
+from dermt2im.core.specs import ATYPICAL, QualityConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.core.writers import writer_lock
 from dermt2im.quality.calibrate import cut_table, resolve_cuts, seed_rejections
@@ -95,6 +95,25 @@ def _apply_duplicates(out: pd.DataFrame, measured: list[dict], reasons: list[str
             out.at[i, "duplicate_of"] = out.at[j, "sample_key"]
 
 
+def _apply_typicality(workdir: Workdir, out: pd.DataFrame, measured: list[dict], reasons: list[str | None],
+                      q: QualityConfig) -> tuple[pd.DataFrame, dict]:
+    """Typicality and skin tone of every readable image (``dermt2im.fidelity.measures``): the
+    ``atypical`` flag where an image lies beyond the calibrated cut, a rejection when
+    ``quality.reject_flags`` names it. Returns the fidelity manifest's rows and the cut's summary."""
+    from dermt2im.fidelity.measures import image_measures
+
+    readable = [i for i, m in enumerate(measured) if "thumb" in m]
+    rows, cut = image_measures(workdir, out.iloc[readable], q.max_typicality_quantile)
+    for i, atypical, typicality in zip(readable, rows["atypical"], rows["typicality"]):
+        if atypical is None or pd.isna(atypical) or not atypical:
+            continue
+        out.at[i, "flags"] = ",".join(f for f in (out.at[i, "flags"], ATYPICAL) if f)
+        if ATYPICAL in q.reject_flags and reasons[i] is None:
+            reasons[i] = (f"atypical: farther from the training seeds than {q.max_typicality_quantile:.0%} of held-out "
+                          f"real images in the learned embedding (typicality {typicality:.2f}; quality.reject_flags)")
+    return rows, cut.summary()
+
+
 def assess(workdir: Workdir, q: QualityConfig) -> QualityReport:
     """Gate and audit every rendered or imported image; write status / reason / scores and the reports."""
     df = with_sources(read_manifest(workdir.synthetic_manifest, SYNTHETIC))
@@ -114,6 +133,7 @@ def assess(workdir: Workdir, q: QualityConfig) -> QualityReport:
     reasons: list[str | None] = [m["reason"] for m in measured]
     audit_rows = _apply_audit(out, measured, reasons, seeds, q)
     _apply_duplicates(out, measured, reasons, q)
+    fidelity_rows, gate["typicality"] = _apply_typicality(workdir, out, measured, reasons, q)
     accepted = out[[r is None for r in reasons]]
     seed_flags = seeds.rows.assign(flags=_seed_flags(seeds, resolved.config))
     gate["rates"], shortcuts, balanced = audit_shortcuts(accepted, seed_flags, q)
@@ -124,6 +144,7 @@ def assess(workdir: Workdir, q: QualityConfig) -> QualityReport:
     out["status"] = ["rejected" if r else "accepted" for r in reasons]
     out["memorised"] = out["memorised"].astype("boolean")
     _save(workdir, out)
+    write_manifest(fidelity_rows, workdir.fidelity_manifest, FIDELITY)
     whole = pd.concat([out, df[df["status"] == QUARANTINED]], ignore_index=True)
     files = write_quality_reports(workdir, whole, resolved.config, gate)
     files.update(write_grids(workdir, out, measured))
@@ -167,6 +188,7 @@ def _save(workdir: Workdir, assessed: pd.DataFrame) -> None:
 
 QUALITY_MODULES = ("checks", "detectors", "rulers", "text", "calibrate", "seeds", "shortcuts", "dedupe", "audit",
                    "report", "figures", "images", "stage")
+FIDELITY_MODULES = ("measures", "embeddings", "typicality", "skin_tone", "distances")  # what the gate records
 
 
 def report_summary(report: QualityReport) -> dict:
@@ -199,16 +221,19 @@ class QualityStage:
         w = self.workdir
         images = identity.manifest_digest(w.synthetic_manifest, SYNTHETIC,
                                           ["sample_key", "sha256", "render_key", "source"])
-        seeds = identity.manifest_digest(w.seeds_manifest, SEEDS, ["source_path", "sample_id", "status",
+        seeds = identity.manifest_digest(w.seeds_manifest, SEEDS, ["source_path", "sample_id", "status", "split", "label",
                                                                    "processed_path", "preprocess_key", "hair_fraction"])
         modules = [importlib.import_module(f"dermt2im.quality.{m}") for m in QUALITY_MODULES]
         modules.append(importlib.import_module("dermt2im.preprocess.hair"))
+        modules += [importlib.import_module(f"dermt2im.fidelity.{m}") for m in FIDELITY_MODULES]
         return identity.content_key("assess", images, seeds, identity.spec_digest(self.spec),
                                     identity.code_digest(*modules))
 
     def finished(self, unit: str) -> dict | None:
         df = read_manifest(self.workdir.synthetic_manifest, SYNTHETIC)
         if (df["status"] == "rendered").any() or not (self.workdir.reports / "quality.json").is_file():
+            return None
+        if (df["status"] != QUARANTINED).any() and not manifest_exists(self.workdir.fidelity_manifest):
             return None
         return self.stamps.matching(unit, self.key(unit))
 

@@ -1,0 +1,121 @@
+"""Per-image fidelity measures, recorded when the quality gate assesses a set: each image's typicality
+(``typicality``, in the learned seed embedding, calibrated on held-out real images) and the skin tone
+around its lesion (``skin_tone``). They go to W's ``fidelity`` manifest, keyed by the sample key (one
+writer: the gate), where the fidelity report and the export join them; an image beyond the typicality
+cut gets the gate's ``atypical`` flag.
+
+The real images come from the seeds manifest: the accepted, processed seeds of the *train* split fit
+the embedding (``embeddings.seed_embedding``, cached by their key), those of the *val* and *test*
+splits calibrate the cut. Without training seeds there is no embedding, and without held-out seeds
+no cut: typicality is then left empty, with the reason in the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from dermt2im.core import storage
+from dermt2im.core.workdir import Workdir
+from dermt2im.fidelity.embeddings import Embedding, seed_embedding
+from dermt2im.fidelity.skin_tone import skin_tone
+from dermt2im.fidelity.typicality import MIN_HELD_OUT, Calibration, calibrate
+
+log = logging.getLogger(__name__)
+BATCH = 64
+HELD_OUT = ("val", "test")
+
+
+def seed_rows(workdir: Workdir) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training seeds, held-out seeds): accepted rows with a processed image, by split."""
+    from dermt2im.quality.seeds import accepted_seeds
+
+    df = accepted_seeds(workdir)
+    return (df[df["split"] == "train"].reset_index(drop=True),
+            df[df["split"].isin(HELD_OUT)].reset_index(drop=True))
+
+
+def load_image(workdir: Workdir, path: str):
+    from dermt2im.quality.images import load_rgb
+
+    return load_rgb(storage.resolve(path, workdir.root))
+
+
+def learned_embedding(workdir: Workdir, train: pd.DataFrame) -> Embedding:
+    """The seed embedding of these training seeds (fitted once, then read from W/fidelity/embeddings)."""
+    paths = dict(zip(train["sample_id"], train["processed_path"]))
+    rows = list(zip(train["sample_id"], train["preprocess_key"], train["label"]))
+    return seed_embedding(workdir.fidelity / "embeddings", rows, lambda sid: load_image(workdir, paths[sid]))
+
+
+def batches(workdir: Workdir, paths: list[str]) -> Iterator[list[np.ndarray]]:
+    for i in range(0, len(paths), BATCH):
+        yield [load_image(workdir, p) for p in paths[i:i + BATCH]]
+
+
+def embed_paths(workdir: Workdir, embedding: Embedding, paths: list[str]) -> np.ndarray:
+    parts = [embedding.embed(images) for images in batches(workdir, paths)]
+    return np.concatenate(parts) if parts else np.zeros((0, embedding.dimensions), np.float32)
+
+
+@dataclass(frozen=True)
+class TypicalityCut:
+    """The calibrated typicality check: what reports say about it."""
+
+    embedding: str
+    calibration: Calibration | None
+    held_out: int
+    why_not: str = ""  # why there is no cut
+
+    def summary(self) -> dict:
+        cal = self.calibration
+        if cal is None:
+            return {"embedding": self.embedding, "held_out": self.held_out, "cut": None, "why_not": self.why_not}
+        return {"embedding": self.embedding, "held_out": self.held_out, "cut": cal.cut, "quantile": cal.quantile,
+                "k": cal.k, "held_out_rejected": cal.held_out_rejections()}
+
+
+def typicality_cut(workdir: Workdir, quantile: float) -> tuple[Embedding | None, TypicalityCut]:
+    train, held = seed_rows(workdir)
+    if len(train) < 2:
+        return None, TypicalityCut("", None, len(held), f"{len(train)} training seeds: no embedding to learn")
+    embedding = learned_embedding(workdir, train)
+    if len(held) < MIN_HELD_OUT:
+        return embedding, TypicalityCut(embedding.label, None, len(held),
+                                        f"{len(held)} held-out real images (val + test): too few to calibrate "
+                                        f"(at least {MIN_HELD_OUT})")
+    reference = embed_paths(workdir, embedding, train["processed_path"].tolist())
+    held_emb = embed_paths(workdir, embedding, held["processed_path"].tolist())
+    return embedding, TypicalityCut(embedding.label, calibrate(reference, held_emb, quantile=quantile), len(held))
+
+
+def image_measures(workdir: Workdir, rows: pd.DataFrame, quantile: float) -> tuple[pd.DataFrame, TypicalityCut]:
+    """The fidelity manifest's rows for ``rows`` (sample_key, sha256, source, label, path) and the cut."""
+    embedding, cut = typicality_cut(workdir, quantile)
+    paths = rows["path"].tolist()
+    ita, tone, fraction, distance = [], [], [], []
+    for images in batches(workdir, paths):
+        for rgb in images:
+            t = skin_tone(rgb)
+            ita.append(t.ita)
+            tone.append(t.category)
+            fraction.append(t.skin_fraction)
+        if cut.calibration is not None:
+            distance.extend(cut.calibration.distances(embedding.embed(images)).tolist())
+    out = pd.DataFrame({"sample_key": rows["sample_key"].tolist(), "sha256": rows["sha256"].tolist(),
+                        "source": rows["source"].tolist(), "label": rows["label"].tolist(),
+                        "ita": ita, "skin_tone": tone, "skin_fraction": fraction,
+                        "embedding": cut.embedding or None})
+    if cut.calibration is not None:
+        d = np.asarray(distance, float)
+        out["typicality_distance"] = d
+        out["typicality"] = cut.calibration.typicality(d)
+        out["atypical"] = cut.calibration.atypical(d)
+    else:
+        log.warning("typicality not measured: %s", cut.why_not)
+        out["typicality_distance"], out["typicality"], out["atypical"] = np.nan, np.nan, None
+    return out, cut
