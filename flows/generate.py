@@ -1,4 +1,4 @@
-"""The generate stage as a Prefect flow: plan -> render shards (gpu) -> quality gate + audit.
+"""The generate stage as a Prefect flow: plan -> render shards (gpu) -> quality gate + audit -> fidelity report.
 
 Deployable on its own to a CUDA work pool (the factory reaches it through run_deployment). With no
 ``config`` the workdir's saved W/config.yaml is used. Shards render here, one task run each; with
@@ -12,13 +12,14 @@ from __future__ import annotations
 from prefect import flow
 
 from dermt2im.core.workdir import open_workdir
+from dermt2im.fidelity.stage import FidelityStage
 from dermt2im.generate.model import resolve_model
 from dermt2im.generate.stage import GenerateStage
 from dermt2im.quality.stage import QualityStage
 from dermt2im.runners.scaling import scaled
 from flows.names import in_workdir
 from flows.settings import orchestration
-from tasks.artifacts import publish_quality
+from tasks.artifacts import publish_fidelity, publish_quality
 from tasks.fanout import render_with_workers
 from tasks.stage import run_stage
 
@@ -52,9 +53,11 @@ def generate(
     rendered["rendered"] += by_workers
     assessed = run_stage(QualityStage(w, cfg.quality))
     artifacts = publish_quality(w, assessed)
+    fidelity = run_stage(FidelityStage.of(w, cfg))
+    artifacts += publish_fidelity(fidelity)
     return {**rendered, "accepted": assessed["accepted"], "rejected": assessed["rejected"],
             "reasons": assessed["reasons"], "memorised": assessed["memorised"], "reports": assessed["files"],
-            "artifacts": artifacts}
+            "fidelity": fidelity["md"], "artifacts": artifacts}
 
 
 if __name__ == "__main__":  # python -m flows.generate WORKDIR [CONFIG]

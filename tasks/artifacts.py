@@ -186,6 +186,36 @@ def publish_segmentation(summary: dict[str, Any]) -> None:
                                  description="SAM mask statistics, real vs synthetic")
 
 
+def publish_fidelity(summary: dict[str, Any]) -> list[str]:
+    """The fidelity report: its markdown with the figures embedded (key ``fidelity``), and the per class
+    and per sampler figures of every set as a table (``fidelity-table``)."""
+    import pandas as pd
+
+    from dermt2im.fidelity.figures import set_label
+    from dermt2im.fidelity.text import cell
+
+    md, csv = Path(summary.get("md", "")), Path(summary.get("csv", ""))
+    if not md.is_file() or not csv.is_file():
+        return []
+    body = [line for line in md.read_text().splitlines() if not line.startswith("![")]
+    for caption, path in summary.get("figures", {}).items():
+        if Path(path).is_file():
+            body += ["", *_figure(path, caption)]
+    create_markdown_artifact(key="fidelity", markdown="\n".join(body) + "\n",
+                             description="fidelity, diversity, privacy and skin tone of each synthetic set")
+    tab = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    if tab.empty:  # no report (no seeds to compare with): the markdown says why
+        return ["fidelity"]
+    emb = next((c.split(".", 1)[1] for c in tab.columns if c.startswith("kid.") and c.count(".") == 1), None)
+    metrics = [m for m in ("frd", f"kid.{emb}", f"precision.{emb}", f"recall.{emb}", f"coverage.{emb}") if m in tab]
+    rows = [{"set": set_label(r["kind"], r["set"], r["run"]), "stratum": f"{r['stratum']}: {r['value']}",
+             "n": int(r["n"]), **{m: cell(r, m) for m in metrics}}
+            for _, r in tab[tab["stratum"].isin(["all", "label", "sampler"])].iterrows()]
+    create_table_artifact(table=rows, key="fidelity-table",
+                          description="per class and sampler, with the real floor and the noise ceiling")
+    return ["fidelity", "fidelity-table"]
+
+
 def publish_factory(workdir: Workdir, validation: dict[str, Any], tracking: TrackingConfig) -> None:
     """The factory at a glance: Table IV (compact), the grids, where to look in MLflow, every file."""
     lines = [f"# derm-t2im factory: `{workdir.root}`", ""]

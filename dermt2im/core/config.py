@@ -3,7 +3,7 @@
 A config has two kinds of sections:
 
 * **what to make** (``dermt2im.core.specs``): ``phantoms``, ``ingest``, ``preprocess``, ``train``,
-  ``generate``, ``quality``, ``validate``. Every field changes a stage's output and is hashed into
+  ``generate``, ``quality``, ``validate``, ``fidelity``. Every field changes a stage's output and is hashed into
   that stage's keys;
 * **how to run** (``dermt2im.core.runtime``): ``runtime.<stage>`` (devices, batch sizes, workers),
   ``storage`` (where manifests and images live), ``tracking`` (MLflow) and ``scale`` (a Ray
@@ -31,6 +31,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from dermt2im.core.errors import ConfigError
 from dermt2im.core.runtime import RuntimeConfig, ScaleConfig, StorageConfig, TrackingConfig
 from dermt2im.core.specs import (
+    FidelityConfig,
     GenerateConfig,
     IngestConfig,
     PhantomConfig,
@@ -70,7 +71,8 @@ RETIRED_KEYS: dict[str, str] = {
                               "--shard-index/--num-shards",
 }
 
-SPEC_SECTIONS: tuple[str, ...] = ("phantoms", "ingest", "preprocess", "train", "generate", "quality", "validate")
+SPEC_SECTIONS: tuple[str, ...] = ("phantoms", "ingest", "preprocess", "train", "generate", "quality", "validate",
+                                  "fidelity")
 
 
 class FactoryConfig(Strict):
@@ -85,6 +87,7 @@ class FactoryConfig(Strict):
     generate: GenerateConfig = GenerateConfig()
     quality: QualityConfig = QualityConfig()
     validation: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    fidelity: FidelityConfig = FidelityConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -252,3 +252,23 @@ class ValidateConfig(Strict):
     segmentation_samples: int = Field(8, ge=0)
     sam_model: str = "facebook/sam-vit-base"
 
+
+class FidelityConfig(Strict):
+    """The fidelity report (``dermt2im.fidelity``): how good each synthetic set is, against the seeds."""
+
+    embeddings: tuple[str, ...] = Field(
+        (), description="local folders of transformers vision models (DINOv2, a ViT, CLIP, a dermatology model; "
+        "safetensors only, nothing is downloaded) to measure FID / KID / PRDC in, besides the embedding learned "
+        "from the workdir's own seeds")
+    bootstrap: int = Field(200, ge=0, description="bootstrap resamples behind each interval (0: no intervals)")
+    max_images: int = Field(500, ge=10, description="images per stratum and set the metrics use at most (a seeded "
+                            "random subset; the report states how many)")
+    frd: bool = Field(True, description="the Fréchet Radiomics Distance (pyradiomics: the slowest metric)")
+    frd_size: int = Field(64, ge=16, description="side in px every image is resized to for radiomics")
+    frd_filters: tuple[Literal["Original", "LoG", "Wavelet"], ...] = Field(
+        ("Original", "LoG", "Wavelet"), description="pyradiomics image filters (FRDv1: all three)")
+    frd_max_images: int = Field(200, ge=2, description="images per stratum and set radiomics are computed for at most")
+    noise_images: int = Field(32, ge=0, description="images rendered by the random-weight tiny Stable Diffusion: the "
+                              "noise ceiling every figure is read against (0: no ceiling)")
+    strata: tuple[Literal["label", "sampler", "transformation", "skin_tone"], ...] = Field(
+        ("label", "sampler", "transformation", "skin_tone"), description="what the report breaks each set down by")

@@ -94,17 +94,47 @@ def interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float,
 
 def two_sample(metric: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int, n_reference: int, *,
                name: str, dimensions: int = 0, resamples: int = RESAMPLES, seed: int = RANDOM_SEED,
-               confidence: float = CONFIDENCE) -> Estimate:
+               confidence: float = CONFIDENCE, bias_shift: bool = False, lower_bound: float | None = None) -> Estimate:
     """``metric(w, w_reference)`` (each a (k, size) weight matrix, returning k values) on the sets as
-    they are and on ``resamples`` bootstrap resamples of each."""
+    they are and on ``resamples`` bootstrap resamples of each.
+
+    ``bias_shift``: the resampled values are first shifted by the bootstrap's estimate of the bias
+    (their mean minus the value). FID and FRD need it: the images a resample draws twice shrink its
+    covariances' rank, and every resample lands above the value (a plain percentile interval can
+    then miss the value it is about). ``lower_bound`` clips the interval to the metric's range."""
     warning = too_small(name, n, n_reference, dimensions)
     if n < 2 or n_reference < 2:
         return missing(n, n_reference, warning or "fewer than 2 images")
     value = float(metric(np.ones((1, n)), np.ones((1, n_reference)))[0])
+    if not resamples:
+        return Estimate(value, NAN, NAN, n, n_reference, warning)
     rng = np.random.default_rng(seed)
     w, w_ref = resample_weights(n, resamples, rng), resample_weights(n_reference, resamples, rng)
-    low, high = interval(np.asarray(metric(w, w_ref), dtype=float), confidence)
+    resampled = np.asarray(metric(w, w_ref), dtype=float)
+    if bias_shift and np.isfinite(resampled).any() and math.isfinite(value):
+        resampled = resampled - (np.nanmean(resampled[np.isfinite(resampled)]) - value)
+    low, high = interval(resampled, confidence)
+    if lower_bound is not None:
+        low, high = max(low, lower_bound), max(high, lower_bound)
     return Estimate(value, low, high, n, n_reference, warning)
+
+
+def two_sample_all(metric: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]], n: int, n_reference: int, *,
+                   names: tuple[str, ...], minimum: int = 2, resamples: int = RESAMPLES, seed: int = RANDOM_SEED,
+                   confidence: float = CONFIDENCE) -> dict[str, Estimate]:
+    """``two_sample`` for a metric computing several values at once (``prdc``): one per name; none
+    below ``minimum`` images on either side."""
+    if n < minimum or n_reference < minimum:
+        return {k: missing(n, n_reference, f"fewer than {minimum} images: not computed") for k in names}
+    point = metric(np.ones((1, n)), np.ones((1, n_reference)))
+    rng = np.random.default_rng(seed)
+    w, w_ref = resample_weights(n, resamples, rng), resample_weights(n_reference, resamples, rng)
+    resampled = metric(w, w_ref) if resamples else {k: np.zeros(0) for k in names}
+    out = {}
+    for k in names:
+        low, high = interval(np.asarray(resampled[k], float), confidence) if resamples else (NAN, NAN)
+        out[k] = Estimate(float(point[k][0]), low, high, n, n_reference, too_small(k, n, n_reference))
+    return out
 
 
 def one_sample(values: np.ndarray, statistic: Callable[[np.ndarray], float], *, name: str,
@@ -120,5 +150,5 @@ def one_sample(values: np.ndarray, statistic: Callable[[np.ndarray], float], *, 
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(resamples, n))
     resampled = np.array([statistic(values[i]) for i in idx])
-    low, high = interval(resampled, confidence) if n > 1 else (NAN, NAN)
+    low, high = interval(resampled, confidence) if n > 1 and resamples else (NAN, NAN)
     return Estimate(float(statistic(values)), low, high, n, 0, warning)

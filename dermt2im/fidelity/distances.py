@@ -6,9 +6,9 @@ the sets as they are. Each returns one value per resample.
 
 * ``frechet_distance``: FID (Heusel et al. 2017), ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2)``.
   The trace of the matrix square root is computed exactly without ``sqrtm``: as the sum of the square
-  roots of the eigenvalues of ``S_a^1/2 S_b S_a^1/2`` when there are fewer dimensions than images, else
-  as the nuclear norm of ``A^T B`` (``S_a = A A^T``, ``S_b = B B^T``), which is small when images are
-  fewer than dimensions. Tests check both against ``scipy.linalg.sqrtm``.
+  roots of the eigenvalues of ``S_a^1/2 S_b S_a^1/2`` (d x d) when there are few dimensions, else as the
+  nuclear norm of ``A B^T`` (n_a x n_b; ``S_a = A^T A``, ``S_b = B^T B``), which is small when images
+  are fewer than dimensions. Tests check both against ``scipy.linalg.sqrtm``.
 * ``kid``: the Kernel Inception Distance (Bińkowski et al. 2018), the unbiased estimator of the squared
   MMD with the cubic polynomial kernel ``k(x, y) = (x.y / d + 1)^3``. Unlike FID it has no bias at
   small sample sizes (its expectation is 0 for two samples of one distribution), so it can be
@@ -40,9 +40,9 @@ def _moments(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _trace_sqrt_product(a: np.ndarray, b: np.ndarray) -> float:
-    """tr((A^T A)(B^T B))^1/2 for row matrices A (n_a x d) and B (n_b x d)."""
+    """tr((A^T A)(B^T B))^1/2 for row matrices A (n_a x d) and B (n_b x d), whichever way is cheaper."""
     d = a.shape[1]
-    if d <= min(a.shape[0], b.shape[0]):
+    if d * d <= a.shape[0] * b.shape[0]:
         sa, sb = a.T @ a, b.T @ b
         vals, vecs = np.linalg.eigh(sa)
         root = (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T

@@ -32,6 +32,7 @@ from dermt2im.core.fileio import atomic_path, atomic_write_text
 from dermt2im.core.runtime import TrackingConfig
 from dermt2im.core.tracking import RunRecord, Tracker, metric_key, open_tracker
 from dermt2im.core.workdir import Workdir
+from dermt2im.fidelity.tracking import fidelity_lines
 from dermt2im.validate.bootstrap import paired_difference, seed_mean_interval
 from dermt2im.validate.figures import MODEL_ORDER, _regime_order, fig10
 from dermt2im.validate.metrics import METRICS, THRESHOLD, binary_metrics, mcnemar_from_predictions
@@ -46,6 +47,10 @@ class ReportError(DermT2imError, ValueError):
     message, not a traceback)."""
 
 
+class NoComparison(ReportError):
+    """The experiment holds no comparison run yet."""
+
+
 # --- reading MLflow ---------------------------------------------------------------------------
 
 
@@ -57,7 +62,7 @@ def newest_comparison(tracker: Tracker) -> str:
         runs = tracker.runs(flt, order_by=["attributes.end_time DESC", "attributes.start_time DESC"], limit=1)
         if runs:
             return runs[0].run_id
-    raise ReportError("no comparison run in this MLflow experiment yet: run `dermt2im validate` first")
+    raise NoComparison("no comparison run in this MLflow experiment yet: run `dermt2im validate` first")
 
 
 def finished_cells(tracker: Tracker, parent_run_id: str) -> list[RunRecord]:
@@ -221,6 +226,7 @@ def build_report(workdir: Workdir, tracking: TrackingConfig, *, parent_run_id: s
     table = table_iv(predictions_frame(tracker, cells))
     lines = verdicts(table)
     head = headline(table, lines, "hybrid", skipped)
+    lines += fidelity_lines(tracker, table)  # next to each verdict, the fidelity of the set it trained on
     experiment = tracker.experiment_name(parent.experiment_id)
     md = markdown(table, lines, head, parent_run_id=pid, experiment=experiment, skipped=skipped)
     reports = workdir.reports

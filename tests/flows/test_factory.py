@@ -21,7 +21,7 @@ SMALL = [
     "validate.segmentation_samples=1",
 ]
 SEED_STAGES = {"phantoms", "ingest", "preprocess"}
-GENERATE_STAGES = {"generate", "quality"}
+GENERATE_STAGES = {"generate", "quality", "fidelity"}
 COMPUTE = SEED_STAGES | {"train"} | GENERATE_STAGES | {"validate", "segmentation"}
 
 
@@ -44,6 +44,11 @@ def test_factory_end_to_end_then_cache_then_partial_reruns(prefect_harness, work
     assert len(synthetic) == len(read_manifest(w.plan_manifest, PLAN)) == 8
     assert set(synthetic["status"]) <= {"accepted", "rejected"} and synthetic["sha256"].notna().all()
     assert (w.reports / "table_iv.md").is_file() and "hybrid" in (w.reports / "table_iv.md").read_text()
+    # the fidelity report of the set, read against the real floor and the noise ceiling, and linked from Table IV
+    fidelity = (w.reports / "fidelity.csv").read_text()
+    assert all(f"\n{kind}," in fidelity for kind in ("floor", "test", "synthetic", "ceiling"))
+    assert "Fidelity of the synthetic images hybrid drew on (source dermt2im" in (w.reports / "table_iv.md").read_text()
+    assert len(mlflow.search_runs(experiment_names=["derm-t2im"], filter_string="tags.`dermt2im.kind` = 'fidelity'")) == 1
     children = mlflow.search_runs(experiment_names=["derm-t2im"], filter_string="tags.regime = 'hybrid'")
     assert len(children) >= 1
     first_states = task_states(first)
@@ -123,6 +128,7 @@ def _check_what_the_prefect_ui_shows(state, w):
     assert md.count("](data:image/") == 1 and (w.reports / "grids" / "overview.png").is_file()
     assert "file://" not in md and len(md) < 4_000_000
     for key in ("ingest-seeds", "ingest-phantom-ham", "preprocess-seeds", "preprocess-phantom-isic",
-                "generate-grid-overview", "table-iv"):
+                "generate-grid-overview", "table-iv", "fidelity", "fidelity-table"):
         assert key in latest, sorted(latest)
     assert "](data:image/png;base64," in latest["generate-grid-overview"].data
+    assert "held-out real (floor)" in latest["fidelity"].data and "](data:image/" in latest["fidelity"].data
