@@ -247,13 +247,25 @@ def export(
     overrides: SetOpt = None,
     save: SaveOpt = False,
 ) -> None:
-    """Export the accepted synthetic set (class folders + metadata.csv, Hugging Face imagefolder)."""
+    """Export the accepted synthetic set (class folders + metadata.csv, Hugging Face imagefolder) with its
+    dataset card (README.md: counts, gate and audit, fidelity, provenance, licences and the terms they give)."""
     if format != "imagefolder":
         raise typer.BadParameter("only 'imagefolder' is supported", param_hint="--format")
-    w, _cfg = _session(workdir, config, overrides, save, hold=None)
+    w, cfg = _session(workdir, config, overrides, save, hold=None)
+    from dermt2im.core.errors import DermT2imError
     from dermt2im.export import export_imagefolder
+    from dermt2im.fidelity.stage import FidelityStage
 
-    _echo(f"exported to {_guard(lambda: export_imagefolder(w, out, include_rejected=include_rejected))}")
+    try:  # the card's fidelity table: the report, made now if stale (an export never stops for it)
+        from dermt2im.runners.sequential import run_stage
+
+        fidelity = run_stage(FidelityStage.of(w, cfg)).closing.get("csv")
+    except DermT2imError as err:
+        _echo(f"no fidelity table for the dataset card: {err}")
+        fidelity = None
+    path = _guard(lambda: export_imagefolder(w, out, include_rejected=include_rejected,
+                                             base_model=cfg.train.base_model, fidelity_csv=fidelity))
+    _echo(f"exported to {path} (dataset card: {path / 'README.md'})")
 
 
 def _parse_test_sets(items: list[str] | None) -> dict[str, str]:

@@ -2,7 +2,11 @@
 
 ``OUT/<label>/<sample_key>.png`` plus ``OUT/metadata.csv`` whose ``file_name`` column is relative
 to OUT (``datasets.load_dataset("imagefolder", data_dir=OUT)`` reads it; the ``label`` column
-carries the class, since imagefolder does not infer labels from folders when metadata exists).
+carries the class, since imagefolder does not infer labels from folders when metadata exists), and
+``OUT/README.md``, the dataset card (``dermt2im.fidelity.card``): what the images are and are not,
+counts, gate and audit, fidelity, provenance, and the terms that follow from the seeds', the base
+model's and each imported set's licences. Per image, ``metadata.csv`` also carries the gate's skin
+tone and typicality (the ``fidelity`` manifest) and an imported image's licence.
 The export is built in a temporary folder beside OUT and renamed into place, so OUT is always
 either the previous complete export or the new complete one. OUT is only ever replaced when it is
 empty or an earlier export (it holds the ``.dermt2im-export`` marker): any other folder, the workdir,
@@ -24,7 +28,7 @@ import pandas as pd
 from dermt2im.core import storage
 from dermt2im.core.errors import DermT2imError
 from dermt2im.core.fileio import as_new_folder, sha256_bytes, sha256_file
-from dermt2im.core.manifest import SYNTHETIC, read_manifest
+from dermt2im.core.manifest import FIDELITY, SEEDS, SYNTHETIC, manifest_exists, read_manifest
 from dermt2im.core.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,15 @@ METADATA_COLUMNS = [
     "reason",
     "nearest_seed_distance",
     "memorised",
+    "ita",
+    "skin_tone",
+    "typicality",
+    "atypical",
+    "license",
+    "license_note",
+    "attribution",
 ]
+MEASURED = ["ita", "skin_tone", "typicality", "atypical"]  # from the gate's fidelity manifest
 
 
 class ExportError(DermT2imError, ValueError):
@@ -95,13 +107,35 @@ def select_for_export(df: pd.DataFrame, *, include_rejected: bool = False, inclu
     return df[keep]
 
 
+def _with_measures(workdir: Workdir, df: pd.DataFrame) -> pd.DataFrame:
+    """The gate's per-image skin tone and typicality joined by sample key (where the image is the one measured)."""
+    if not manifest_exists(workdir.fidelity_manifest):
+        return df.assign(**{c: None for c in MEASURED})
+    measured = read_manifest(workdir.fidelity_manifest, FIDELITY)[["sample_key", "sha256", *MEASURED]]
+    return df.merge(measured, on=["sample_key", "sha256"], how="left")
+
+
+def _card(workdir: Workdir, rows: pd.DataFrame, df: pd.DataFrame, *, name: str, base_model: str | None,
+          fidelity_csv: str | Path | None, include_rejected: bool) -> str:
+    from dermt2im.fidelity.card import CardInputs, card, fidelity_table
+
+    seeds = read_manifest(workdir.seeds_manifest, SEEDS)
+    seeds = seeds[seeds["status"] == "accepted"]
+    return card(CardInputs(name=name, rows=rows, assessed=df, seeds=seeds, fidelity=fidelity_table(fidelity_csv),
+                           base_model=base_model, include_rejected=include_rejected))
+
+
 def export_imagefolder(
-    workdir: Workdir, out: Path, *, include_rejected: bool = False, include_memorised: bool = False
+    workdir: Workdir, out: Path, *, include_rejected: bool = False, include_memorised: bool = False,
+    base_model: str | None = None, fidelity_csv: str | Path | None = None,
 ) -> Path:
-    """Write accepted (and not memorised) synthetic images as an imagefolder dataset at ``out``.
+    """Write accepted (and not memorised) synthetic images as an imagefolder dataset at ``out``, with
+    its dataset card.
 
     ``include_rejected`` adds the rejected ones (their ``status`` / ``reason`` are in the metadata);
-    near-copies of seed images stay out unless ``include_memorised`` is also set. Returns ``out``.
+    near-copies of seed images stay out unless ``include_memorised`` is also set. ``base_model``: the
+    config's ``train.base_model`` (for its licence); ``fidelity_csv``: the fidelity report's table.
+    Returns ``out``.
     """
     out = Path(out).expanduser().resolve()
     df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
@@ -115,6 +149,7 @@ def export_imagefolder(
             "see W/reports/quality.md, or pass --include-rejected"
         )
     check_target(out, workdir.root)
+    rows = _with_measures(workdir, rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -140,6 +175,10 @@ def export_imagefolder(
                             "source": r.get("source") or "dermt2im"})
         meta = pd.DataFrame(records, columns=METADATA_COLUMNS)
         meta.to_csv(tmp / "metadata.csv", index=False)
+        made_by = meta.assign(generator=rows["generator"].tolist(), model_hash=rows["model_hash"].tolist())
+        (tmp / "README.md").write_text(_card(workdir, made_by, df, base_model=base_model, fidelity_csv=fidelity_csv,
+                                             name=f"derm-t2im synthetic dermoscopy ({workdir.root.name})",
+                                             include_rejected=include_rejected))
         (tmp / MARKER).write_text(json.dumps({"workdir": str(workdir.root), "images": len(meta),
                                               "made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
         as_new_folder(tmp)

@@ -49,7 +49,7 @@ def test_export_writes_class_folders_and_metadata_that_load_back(workdir, tmp_pa
         assert img.shape == (128, 128, 3)
     assert set(meta["label"]) == {"benign", "malignant"} and (meta["status"] == "accepted").all()
     assert {"prompt", "sampler", "seed", "steps", "guidance_scale", "sha256"} <= set(meta.columns)
-    assert sorted(p.name for p in out.iterdir()) == [".dermt2im-export", "benign", "malignant", "metadata.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [".dermt2im-export", "README.md", "benign", "malignant", "metadata.csv"]
     # pixels are the synthetic files, untouched
     src = np.asarray(Image.open(workdir.synthetic / "benign" / "benign-000001.png").convert("RGB"))
     assert np.array_equal(images[list(meta["sample_key"]).index("benign-000001")], src)
