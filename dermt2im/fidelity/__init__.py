@@ -12,6 +12,8 @@ Pure metric code, apart from where it is stored or tracked:
 * ``typicality``: each image's distance to the seeds in the learned embedding, calibrated on
   held-out real images;
 * ``embeddings``: one learned from the workdir's own seeds, and any local transformers model;
-* ``report``, ``figures``, ``stage``: the fidelity report per generation run; ``card``: the
-  dataset card that ``dermt2im export`` writes.
+* ``measures``: what the quality gate records per image (typicality, skin tone; the ``atypical`` flag);
+* ``report`` (the table), ``collect`` (the sets read from the workdir), ``figures``, ``text``,
+  ``tracking`` (MLflow, Table IV's lines) and ``stage``: the fidelity report per generation run;
+* ``card``: the dataset card that ``dermt2im export`` writes.
 """

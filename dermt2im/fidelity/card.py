@@ -167,7 +167,7 @@ def licences(inputs: CardInputs) -> tuple[list[str], list[str]]:
         ids.append(t.hf_licence)
         notes = sorted({str(n) for n in mine.get("license_note", pd.Series(dtype=str)).dropna()})
         lines += [f"### Imported set `{source}`", "",
-                  f"- Brought with `dermt2im import-synthetic`; its licence as its own source states it: "
+                  "- Brought with `dermt2im import-synthetic`; its licence as its own source states it: "
                   + ", ".join(f"{k} {v}" for k, v in sorted(t.counts.items())) + " image(s)"
                   + (f" ({'; '.join(notes[:3])})" if notes else "") + ".",
                   "- Its terms are its own (this factory made none of its images); "

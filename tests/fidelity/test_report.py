@@ -16,7 +16,7 @@ from dermt2im.core.runtime import TrackingConfig
 from dermt2im.core.specs import FidelityConfig, GenerateConfig, QualityConfig
 from dermt2im.fidelity.report import ImageSet, skin_tone_response
 from dermt2im.fidelity.stage import FidelityStage
-from tests.fidelity.fidelity_fixtures import fidelity_workdir, phantom, seed_rows
+from tests.fidelity.fidelity_fixtures import fidelity_workdir, phantom
 
 pytestmark = pytest.mark.xdist_group("fidelity-report")  # one worker: the tests share one report
 CFG = FidelityConfig(bootstrap=60, frd_filters=("Original",), noise_images=12)
@@ -130,7 +130,7 @@ def test_one_mlflow_run_per_generation_run_holds_every_figure_beside_floor_and_c
         assert m[f"all/all/kid.{EMB}"] == pytest.approx(synthetic[f"kid.{EMB}"])
         assert m[f"all/all/kid.{EMB}.low"] == pytest.approx(synthetic[f"kid.{EMB}.low"])
         assert m[f"floor/all/all/kid.{EMB}"] == pytest.approx(row(tab, "floor")[f"kid.{EMB}"])
-        assert f"ceiling/label/benign/frd" in m and "sampler/euler/frd" in m and "label/malignant/frd.n" in m
+        assert "ceiling/label/benign/frd" in m and "sampler/euler/frd" in m and "label/malignant/frd.n" in m
         assert runs[0].params["base_model"] == "stand-in: degraded phantoms" and runs[0].params["source"] == "dermt2im"
         folder = tracker.download(runs[0].run_id, "fidelity", w.root.parent / "downloaded")
         assert {"fidelity.md", "fidelity.csv", "ita.png", "per_class.png"} <= {p.name for p in folder.iterdir()}
