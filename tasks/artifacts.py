@@ -186,12 +186,27 @@ def publish_segmentation(summary: dict[str, Any]) -> None:
                                  description="SAM mask statistics, real vs synthetic")
 
 
+def _class_agreement(workdir: Workdir) -> list[str]:
+    """Do the synthetic images show their class? From reports/class_agreement.csv."""
+    import pandas as pd
+
+    from dermt2im.validate.agreement import compact_markdown, headline
+
+    csv = workdir.reports / "class_agreement.csv"
+    if not csv.is_file():
+        return []
+    table = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    return ["## Class agreement", "", *[f"**{line}**" for line in headline(table)], "", compact_markdown(table), "",
+            f"By transformation and source: `{workdir.reports / 'class_agreement.md'}`", ""]
+
+
 def publish_factory(workdir: Workdir, validation: dict[str, Any], tracking: TrackingConfig) -> None:
     """The factory at a glance: Table IV (compact), the grids, where to look in MLflow, every file."""
     lines = [f"# derm-t2im factory: `{workdir.root}`", ""]
     if validation.get("parent_run_id"):
         lines += ["## Table IV", "", *_compact_table(workdir),
                   mlflow_link(tracking, workdir, validation["experiment_id"], validation["parent_run_id"]), ""]
+    lines += _class_agreement(workdir)
     overview = workdir.reports / "grids" / "overview.png"
     if overview.is_file():
         lines += ["## Synthetic images", "", *_figure(overview, "class x sampler (the paper's Fig. 5 / 7)"),

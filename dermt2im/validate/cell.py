@@ -72,6 +72,7 @@ class CellOutcome:
     tables: dict[str, pd.DataFrame]  # set -> per-image predictions
     model: Any
     processor: Any
+    agreement: pd.DataFrame | None = None  # a baseline's predictions of the synthetic images (agreement)
 
 
 def fit_and_test(cell: Cell, inputs: ValidationInputs, spec: ValidateConfig, device: Any, batch_size: int,
@@ -104,7 +105,17 @@ def fit_and_test(cell: Cell, inputs: ValidationInputs, spec: ValidateConfig, dev
         out.per_set[name] = (y, prob, m)
         out.tables[name] = pd.DataFrame({"key": ts.rows["key"].astype(str), "path": ts.rows["path"], "label": y,
                                          "prob": prob, "pred": (prob >= THRESHOLD).astype(int)})
+    if predicts_synthetic(cell, inputs):
+        from dermt2im.validate.agreement import predict_synthetic
+
+        out.agreement = predict_synthetic(model, processor, inputs.synthetic, batch_size=max(batch_size, 32),
+                                          device=device, amp_dtype=amp)
     return out
+
+
+def predicts_synthetic(cell: Cell, inputs: ValidationInputs) -> bool:
+    """A classifier trained on real images only predicts every usable synthetic image (class agreement)."""
+    return not cell.mixture.regime.needs_synthetic and not inputs.synthetic.empty
 
 
 def share_reached(cell: Cell) -> bool:
@@ -174,6 +185,13 @@ def _log_outcome(tracker: Tracker, run: str, cell: Cell, outcome: CellOutcome, l
             tracker.log_figure(run, confusion_figure(m, title=f"{cell.name} on {name}"), f"confusion_{name}.png")
             tracker.log_figure(run, roc_figure(y, prob, title=f"{cell.name} on {name}"), f"roc_{name}.png")
         tracker.log_folder(run, pred_dir, "predictions")
+        if outcome.agreement is not None:
+            from dermt2im.validate.agreement import ARTIFACT, FILE
+
+            agree_dir = Path(tmp) / ARTIFACT
+            agree_dir.mkdir()
+            outcome.agreement.to_csv(agree_dir / FILE, index=False)
+            tracker.log_folder(run, agree_dir, ARTIFACT)
         if log_model:
             model_dir = save_model(outcome.model.cpu(), outcome.processor, Path(tmp) / "model")
             tracker.log_folder(run, model_dir, "model")

@@ -29,7 +29,7 @@ TAG_CELL_KEY = "dermt2im.cell_key"
 TAG_SKIPPED = "dermt2im.skipped"
 TAG_DESCRIPTION = "dermt2im.description"
 # The modules that decide what a cell computes: changing them invalidates earlier results.
-CELL_MODULES = ("classify", "models", "images", "metrics", "regimes", "cell", "plan", "inputs")
+CELL_MODULES = ("classify", "models", "images", "metrics", "regimes", "cell", "plan", "inputs", "agreement")
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,8 @@ def cell_key(spec: ValidateConfig, inputs: ValidationInputs, cell: Cell) -> str:
 
     synthetic_paths = {path for path, _label, source in cell.mixture.items if source == rg.SYNTHETIC}
     used = inputs.synthetic[inputs.synthetic["path"].isin(synthetic_paths)] if synthetic_paths else None
+    if not cell.mixture.regime.needs_synthetic and len(inputs.synthetic):
+        used = inputs.synthetic  # a real-only cell predicts every synthetic image (class agreement)
     return identity.content_key(
         "cell",
         cell.mixture.digest(),

@@ -77,6 +77,22 @@ def test_validate_logs_a_comparison_with_identical_child_runs(workdir):
         row = table[(table["regime"] == r.data.tags["regime"]) & (table["test_set"] == "phantom-ham")].iloc[0]
         assert row["balanced_accuracy_mean"] == r.data.metrics["test.phantom-ham.balanced_accuracy"]
 
+    # class agreement: the baseline (real-only) classifier predicted every usable synthetic image, once
+    root = sqlite_artifact_root(mlflow.get_tracking_uri())
+    agree = pd.read_csv(next(root.glob(f"*/{baseline.info.run_id}/artifacts/agreement/synthetic.csv")))
+    assert len(agree) == 24 and set(agree["label"]) == {"benign", "malignant"}  # 12 usable per class
+    assert set(agree["sampler"]) == {"euler"} and not list(root.glob(f"*/{hybrid.info.run_id}/artifacts/agreement"))
+    companion = pd.read_csv(workdir.reports / "class_agreement.csv")
+    overall = companion[(companion["by"] == "all") & (companion["label"] == "both classes")].iloc[0]
+    predicted = (agree["pred"] == agree["label"]).groupby(agree["label"]).mean().mean()
+    assert overall["share"] == pytest.approx(predicted) and overall["ci_low"] <= overall["share"] <= overall["ci_high"]
+    assert overall["share"] >= 0.75  # the fixture's synthetic images are drawn like its seeds
+    assert set(companion.loc[companion["by"] == "real test", "group"]) == {"phantom-isic", "phantom-ham", "seeds-test"}
+    assert parent.data.metrics["class_agreement.vit.both"] == pytest.approx(overall["share"])
+    assert {"class_agreement.vit.malignant_ci_low", "class_agreement.vit.benign_ci_high"} <= set(parent.data.metrics)
+    assert "## Class agreement" in (workdir.reports / "table_iv.md").read_text()
+    assert "Class agreement (vit baseline classifiers" in (workdir.reports / "verdict.txt").read_text()
+
     # the same comparison again: the parent is resumed and finished cells are read back, not retrained
     again = validate(workdir, cfg)
     assert again.parent_run_id == report.parent_run_id and again.reused == 2
@@ -144,7 +160,7 @@ def test_validate_flow_runs_cells_as_cached_tasks(prefect_harness, workdir):
     overrides = ["validate.models=[vit]", "validate.regimes=[baseline, hybrid]", "validate.seeds=[0]",
                  "validate.epochs=1", "validate.segmentation_samples=0", "tracking.experiment=validation-flow",
                  "validate.learning_rate=0.003"]
-    state = validate_flow(str(workdir.root), "smoke", overrides, log_model=False, return_state=True)
+    state = validate_flow(str(workdir.root), "tiny", overrides, log_model=False, return_state=True)
     out = state.result()
     assert out["runs"] == 2 and out["skipped"] == {}
     assert (workdir.reports / "table_iv.md").is_file() and out["report"]["fig10"].endswith("fig10.png")
@@ -158,7 +174,7 @@ def test_validate_flow_runs_cells_as_cached_tasks(prefect_harness, workdir):
         artifact = client.read_latest_artifacts()
     assert any(a.key == "table-iv" for a in artifact)
 
-    again = validate_flow(str(workdir.root), "smoke", overrides, log_model=False, return_state=True)
+    again = validate_flow(str(workdir.root), "tiny", overrides, log_model=False, return_state=True)
     assert again.result()["parent_run_id"] == out["parent_run_id"]
     assert set(task_states(again)["validate"]) == {"Cached"}
     children = _children(MlflowClient(), out["parent_run_id"])
