@@ -50,6 +50,38 @@ def phantoms(
     _echo(f"wrote {n} phantoms ({style} style) to {out}; labels: {labels}")
 
 
+@command("pretrain-mini")
+def pretrain_mini(
+    out: Annotated[Path, typer.Option("--out", help="the .safetensors file to write")] = Path("mini-sd.safetensors"),
+    recipe_set: Annotated[
+        list[str] | None, typer.Option("--recipe", help="change the recipe: NAME=VALUE (e.g. unet_steps=500); "
+                                       "the shipped model uses the defaults")
+    ] = None,
+) -> None:
+    """Pre-train the miniature Stable Diffusion on phantoms (deterministic; the smoke preset's `mini`)."""
+    import yaml
+
+    from dermt2im.mini.pretrain import pretrain
+    from dermt2im.mini.recipe import MiniRecipe
+
+    if out.suffix != ".safetensors":
+        _fail(f"--out {out}: the model is written as a .safetensors file")
+    changes = {}
+    for item in recipe_set or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--recipe {item!r}: expected NAME=VALUE")
+        changes[name.strip()] = yaml.safe_load(value)
+    try:
+        recipe = MiniRecipe(**changes)
+    except ValueError as err:
+        _fail(f"--recipe: {str(err).splitlines()[0]}; {'; '.join(str(err).splitlines()[1:3])}")
+    header = pretrain(recipe, out)
+    costs = ", ".join(f"{k.removesuffix('_seconds')} {v:.0f} s" for k, v in header["costs"].items())
+    _echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; {header['training_images']} phantoms, data sha256 "
+          f"{header['training_data_sha256'][:12]}; {costs} on {recipe.threads} thread(s))")
+
+
 def _run(stage, scale=None) -> dict:
     """Run a stage's units, saying what each did; returns the closing summary. ``scale``: the config's
     scale section, when the stage may run on a Ray cluster (``dermt2im.runners.scaling``)."""

@@ -88,7 +88,8 @@ class PreprocessConfig(Strict):
 class TrainConfig(Strict):
     base_model: str = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        description="hub id, local diffusers folder, single .safetensors checkpoint, or 'tiny'",
+        description="hub id, local diffusers folder, single .safetensors checkpoint, 'mini' (the miniature SD "
+        "pre-trained on phantoms, shipped with the package) or 'tiny' (random weights, for tests)",
     )
     revision: str | None = None
     instance_token: str = "sks"

@@ -1,5 +1,7 @@
-"""Base Stable Diffusion models: loading by hub id, local folder or single checkpoint file, and a
-tiny SD built fully offline from config with a fixed seed (tests and the smoke preset).
+"""Base Stable Diffusion models: loading by hub id, local folder or single checkpoint file, the
+miniature SD pre-trained on phantoms that ships with the package (``mini``, the smoke preset's;
+``dermt2im.mini``), and a tiny random-weight SD built fully offline from config with a fixed seed
+(tests of the machinery).
 
 Weights are only ever read from safetensors: hub and folder loads pass ``use_safetensors=True``,
 single files must end in ``.safetensors``. Nothing here unpickles.
@@ -105,13 +107,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def tiny_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+def tiny_vocab_and_merges(vocabulary: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str, int], list[str]]:
     """A CLIP-style byte-level BPE vocabulary: every byte (bare and word-final ``</w>``), the merges
-    learnt by plain BPE training on ``TINY_WORDS`` until each word is one token (ties broken
+    learnt by plain BPE training on ``vocabulary`` until each word is one token (ties broken
     alphabetically, so the result is deterministic), then the two special tokens."""
     alphabet = list(_bytes_to_unicode().values())
     tokens: list[str] = alphabet + [c + "</w>" for c in alphabet]
-    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in TINY_WORDS]
+    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in vocabulary]
     merges: list[str] = []
     while True:
         counts: dict[tuple[str, str], int] = {}
@@ -142,11 +144,12 @@ def _cache_root() -> Path:
     return Path(root) if root else Path(tempfile.gettempdir()) / "dermt2im-cache"
 
 
-def tiny_tokenizer_dir() -> Path:
-    """Write vocab.json / merges.txt for the tiny tokenizer once (atomically) and return the folder."""
+def tiny_tokenizer_dir(vocabulary: tuple[str, ...] = TINY_WORDS) -> Path:
+    """Write vocab.json / merges.txt for a word-level BPE tokenizer of ``vocabulary`` once
+    (atomically, in a folder named by its content) and return the folder."""
     from dermt2im.core.fileio import atomic_write_text
 
-    vocab, merges = tiny_vocab_and_merges()
+    vocab, merges = tiny_vocab_and_merges(vocabulary)
     vocab_text = json.dumps(vocab, ensure_ascii=False, sort_keys=True)
     merges_text = "#version: 0.2\n" + "\n".join(merges) + "\n"
     key = hashlib.sha256((vocab_text + merges_text).encode()).hexdigest()[:16]
@@ -158,10 +161,11 @@ def tiny_tokenizer_dir() -> Path:
     return folder
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer(vocabulary: tuple[str, ...] = TINY_WORDS):
+    """A CLIP tokenizer whose BPE knows each word of ``vocabulary`` as one token."""
     from transformers import CLIPTokenizer
 
-    folder = tiny_tokenizer_dir()
+    folder = tiny_tokenizer_dir(vocabulary)
     try:  # transformers >= 5: tokenizers-backed class, takes the files by name
         return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
     except TypeError:  # transformers 4: slow tokenizer
@@ -279,16 +283,21 @@ _PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
 
 def _kind(base_model: str) -> str:
-    """tiny | file | dir | hub; raises ModelError for local paths that cannot be used."""
+    """tiny | mini | file | dir | hub; raises ModelError for local paths that cannot be used. A
+    ``.safetensors`` file with a miniature model's header is ``mini``."""
+    from dermt2im.mini.weights import MINI, is_mini_file
+
     if base_model == TINY:
         return "tiny"
+    if base_model == MINI:
+        return "mini"
     p = Path(base_model).expanduser()
     if p.suffix.lower() in _PICKLE_SUFFIXES:
         raise ModelError(f"base model {base_model!r}: only .safetensors checkpoints are loaded (never pickles)")
     if p.is_file():
         if p.suffix.lower() != ".safetensors":
             raise ModelError(f"base model file {p} is not a .safetensors checkpoint")
-        return "file"
+        return "mini" if is_mini_file(p) else "file"
     if p.is_dir():
         if not (p / "model_index.json").is_file():
             raise ModelError(f"base model folder {p} has no model_index.json (not a diffusers pipeline folder)")
@@ -314,6 +323,10 @@ def load_pipeline(base_model: str, revision: str | None = None, *, torch_dtype=N
         pipe = build_tiny_pipeline(0)
         if torch_dtype is not None:
             pipe.to(dtype=torch_dtype)
+    elif kind == "mini":
+        pipe = _mini_pipeline(base_model)
+        if torch_dtype is not None:
+            pipe.to(dtype=torch_dtype)
     elif kind == "file":
         pipe = StableDiffusionPipeline.from_single_file(str(Path(base_model).expanduser()), **common)
     elif kind == "dir":
@@ -324,13 +337,33 @@ def load_pipeline(base_model: str, revision: str | None = None, *, torch_dtype=N
     return pipe.to(device)
 
 
+def _mini_path(base_model: str) -> Path:
+    from dermt2im.mini.weights import MINI, shipped_path
+
+    return shipped_path() if base_model == MINI else Path(base_model).expanduser()
+
+
+def _mini_pipeline(base_model: str):
+    from dermt2im.mini.weights import MiniModelError, build_pipeline
+
+    try:
+        return build_pipeline(_mini_path(base_model))
+    except MiniModelError as err:
+        raise ModelError(str(err)) from None
+
+
 def base_model_identity(base_model: str, revision: str | None = None) -> str:
     """A stable, content-based identity for keys and manifests (recipes in ``dermt2im.core.identity``):
-    the tiny model's construction, a checkpoint file's sha256, a folder's file listing, a hub id at
-    its revision."""
+    the tiny model's construction, a checkpoint file's sha256 (the miniature model's included), a
+    folder's file listing, a hub id at its revision."""
     kind = _kind(base_model)
     if kind == "tiny":
         return tiny_identity(0)
+    if kind == "mini":
+        path = _mini_path(base_model)
+        if not path.is_file():
+            raise ModelError(f"miniature model {path} not found (build it with `dermt2im pretrain-mini`)")
+        return identity.file_identity(path)
     if kind == "file":
         return identity.file_identity(base_model)
     if kind == "dir":
