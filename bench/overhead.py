@@ -7,7 +7,8 @@ Runs the same factory three ways on fresh workdirs:
 and prints the wall times, the orchestration overhead (flow wall time minus the time spent inside
 task bodies, from Prefect's own task-run records) and the ratios.
 
-    python bench/overhead.py                     # the smoke preset as shipped
+    python bench/overhead.py                     # the tiny preset (the machinery on random weights)
+    python bench/overhead.py --config smoke      # the smoke demo (the miniature model)
     python bench/overhead.py --set train.max_steps=10
 """
 
@@ -87,7 +88,7 @@ def task_seconds(flow_state) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="smoke")
+    ap.add_argument("--config", default="tiny")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 

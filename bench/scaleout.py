@@ -51,7 +51,7 @@ def _config(tmp: Path, args, actors: int = 1):
                  f"generate.steps_max={args.steps}", f"runtime.generate.batch_size={args.shard_size}",
                  "runtime.generate.writer_threads=1", "scale.ray_address=local", "scale.gpus_per_actor=0",
                  "scale.cpus_per_actor=1", f"scale.actors_per_node={actors}"]
-    return open_workdir(tmp, "smoke", overrides)
+    return open_workdir(tmp, "tiny", overrides)
 
 
 def _stage(w, cfg):

@@ -109,7 +109,7 @@ def test_set_is_for_one_command_unless_saved(tmp_path):
     import yaml
 
     data, w = _phantoms(tmp_path), tmp_path / "w"
-    assert runner.invoke(app, ["ingest", str(data), "-w", str(w), "-c", "smoke", "-s", "preprocess.size=32"]).exit_code == 0
+    assert runner.invoke(app, ["ingest", str(data), "-w", str(w), "-c", "tiny", "-s", "preprocess.size=32"]).exit_code == 0
     before = (w / "config.yaml").read_text()
     r = runner.invoke(app, ["preprocess", "-w", str(w), "--set", "preprocess.size=24"])
     assert r.exit_code == 0, r.output
@@ -126,7 +126,7 @@ def test_set_is_for_one_command_unless_saved(tmp_path):
 
 def test_progress_is_logged_as_plain_lines_when_not_on_a_terminal(tmp_path):
     data, w = _phantoms(tmp_path, n=6), tmp_path / "w"
-    r = runner.invoke(app, ["ingest", str(data), "-w", str(w), "-c", "smoke"])
+    r = runner.invoke(app, ["ingest", str(data), "-w", str(w), "-c", "tiny"])
     assert r.exit_code == 0, r.output
     assert "ingest ph: 6/6 files in " in r.output and "files/s" in r.output
     r = runner.invoke(app, ["preprocess", "-w", str(w)])

@@ -81,16 +81,16 @@ def _classes(root: Path, n: int, seed: int, size: tuple[int, int] = (16, 12)) ->
 @pytest.fixture
 def exported_workdir(workdir):
     from dermt2im.quality.stage import assess
-    from tests.quality.gate_config import smoke_with_full_gate
+    from tests.quality.gate_config import tiny_with_full_gate
     from tests.quality.test_quality import phantom, seed_workdir, synthetic_workdir
 
     from dermt2im.core.config import load_config
 
     seed_workdir(workdir, n_seeds=2)
-    (workdir.root / "config.yaml").write_text(load_config("smoke").as_yaml())  # a workdir the CLI knows
+    (workdir.root / "config.yaml").write_text(load_config("tiny").as_yaml())  # a workdir the CLI knows
     synthetic_workdir(workdir, {f"{lab}-00000{i}": phantom(lab, 40 + i) for lab in ("benign", "malignant")
                                 for i in range(2)})
-    assess(workdir, smoke_with_full_gate().quality)
+    assess(workdir, tiny_with_full_gate().quality)
     return workdir
 
 
@@ -229,7 +229,7 @@ def _holding(tmp_path, root: Path, mode: str, command: str = "dermt2im run") -> 
 
 def test_a_second_run_on_a_busy_workdir_stops_at_once_naming_the_first(tmp_path):
     root, data = tmp_path / "w", _classes(tmp_path / "src", 4, seed=1, size=(64, 64))
-    assert _cli("config", "--workdir", root, "--config", "smoke").exit_code == 0
+    assert _cli("config", "--workdir", root, "--config", "tiny").exit_code == 0
     saved = (root / "config.yaml").read_text()
     child = _holding(tmp_path, root, "exclusive")
     try:
@@ -419,7 +419,7 @@ def test_every_resize_is_bounded_before_it_allocates():
 )
 def test_a_bad_override_is_refused_before_anything_is_saved(tmp_path, override, message):
     root = tmp_path / "w"
-    assert _cli("config", "--workdir", root, "--config", "smoke", "--set", "generate.per_class=3").exit_code == 0
+    assert _cli("config", "--workdir", root, "--config", "tiny", "--set", "generate.per_class=3").exit_code == 0
     saved = (root / "config.yaml").read_text()
     for command in (["config", "--save"], ["generate", "--save"], ["ingest", tmp_path, "--save"], ["run"]):
         result = _cli(*command, "--workdir", root, "--set", override)
@@ -572,7 +572,7 @@ def test_the_start_up_timeout_defaults_to_a_patient_value(tmp_path, monkeypatch)
 
 
 def test_generate_without_a_lora_stops_and_says_how_to_go_on(tmp_path):
-    assert _cli("config", "--workdir", tmp_path / "w", "--config", "smoke").exit_code == 0
+    assert _cli("config", "--workdir", tmp_path / "w", "--config", "tiny").exit_code == 0
     result = _cli("generate", "--workdir", tmp_path / "w")
     assert result.exit_code == 2 and "no LoRA given and none trained" in result.output
     assert "--base-model-only" in result.output
@@ -645,7 +645,7 @@ def test_a_planted_pickle_is_never_executed(prefect_harness, tmp_path, monkeypat
 
     root = tmp_path / "w"
     small = ["phantoms.n_seed=6", "phantoms.n_test=2", "phantoms.size=48", "preprocess.size=32"]
-    assert prepare_seeds(str(root), config="smoke", overrides=small, return_state=True).is_completed()
+    assert prepare_seeds(str(root), config="tiny", overrides=small, return_state=True).is_completed()
     storage = Path(os.environ["PREFECT_LOCAL_STORAGE_PATH"])
     written = [p for p in (*storage.rglob("*"), *(root / ".prefect").rglob("storage/*")) if p.is_file()]
     assert written == []  # nothing persisted, so nothing is ever read back

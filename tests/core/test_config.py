@@ -9,7 +9,14 @@ from dermt2im.ingest.labels import label_map
 def test_presets_load_and_differ():
     smoke = load_config("smoke")
     paper = load_config("paper")
-    assert smoke.train.base_model == "tiny"
+    tiny = load_config("tiny")
+    assert smoke.train.base_model == "mini" and tiny.train.base_model == "tiny"
+    # the demo keeps every quality check, calibrated on the seeds as the paper preset's are
+    calibrated = ("min_std", "max_high_frequency_ratio", "min_sharpness", "min_lesion_contrast")
+    assert smoke.quality == paper.quality and all(getattr(smoke.quality, c) is None for c in calibrated)
+    # the LoRA reaches beyond attention on the miniature model only: the paper keeps Table II's
+    assert paper.train.target_modules == ("to_k", "to_q", "to_v", "to_out.0") and paper.train.rank == 4
+    assert "ff.net.2" in smoke.train.target_modules and not paper.train.train_text_encoder
     assert paper.train.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # Table II
     assert (paper.train.train_batch_size, paper.train.epochs, paper.train.optimizer) == (2, 120, "adamw8bit")

@@ -31,7 +31,7 @@ def _ran(states: dict[str, list[str]], names: set[str]) -> dict[str, set[str]]:
 
 def test_factory_end_to_end_then_cache_then_partial_reruns(prefect_harness, workdir):
     root = str(workdir.root)
-    first = factory(root, config="smoke", overrides=SMALL, return_state=True)
+    first = factory(root, config="tiny", overrides=SMALL, return_state=True)
     out = first.result()
     w = Workdir.at(root)
 
@@ -78,7 +78,7 @@ def test_factory_with_manifests_and_images_on_a_local_s3_endpoint(prefect_harnes
 
     root = str(workdir.root)
     where = [f"storage.manifests={s3_bucket}/run/manifests", f"storage.images={s3_bucket}/run/images"]
-    first = factory(root, config="smoke", overrides=SMALL + where, return_state=True)
+    first = factory(root, config="tiny", overrides=SMALL + where, return_state=True)
     first.result()
     assert all(s == {"Completed"} for s in _ran(task_states(first), COMPUTE).values()), task_states(first)
 

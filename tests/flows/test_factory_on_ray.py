@@ -34,7 +34,7 @@ def test_the_factory_renders_and_validates_on_ray_one_task_run_per_unit(prefect_
     monkeypatch.setattr(cell, "fit_and_test", not_here)
 
     root = str(workdir.root)
-    state = factory(root, config="smoke", overrides=ON_RAY + [f"scale.ray_address={ray_cluster}"], return_state=True)
+    state = factory(root, config="tiny", overrides=ON_RAY + [f"scale.ray_address={ray_cluster}"], return_state=True)
     out = state.result()
     states = task_states(state)
     assert all(set(states[s]) == {"Completed"} for s in ("generate", "validate", "quality")), states

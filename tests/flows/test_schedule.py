@@ -54,7 +54,7 @@ def _prepare_workdir(root: Path) -> int:
     from dermt2im.stage import Stamps
     from dermt2im.train.stage import TrainStage
 
-    w, cfg = open_workdir(root, "smoke", TINY)
+    w, cfg = open_workdir(root, "tiny", TINY)
     sets = run_stage(PhantomStage(cfg.phantoms, w.data, Stamps(w.stamps, "phantoms"))).closing
     datasets = seed_datasets(w, sets.pop("seeds"), sets)
     run_stage(IngestStage(cfg.ingest, datasets, w))

@@ -11,7 +11,7 @@ SMALL = ["phantoms.n_seed=8", "phantoms.n_test=4", "phantoms.size=48", "preproce
 
 
 def test_flow_prepares_seeds_and_test_sets_then_serves_cache(prefect_harness, workdir):
-    state = prepare_seeds(str(workdir.root), config="smoke", overrides=SMALL, return_state=True)
+    state = prepare_seeds(str(workdir.root), config="tiny", overrides=SMALL, return_state=True)
     out = state.result()
     seeds = read_manifest(out["seeds"], SEEDS)
     assert len(seeds) == 8 and seeds["processed_path"].notna().all()
@@ -30,8 +30,8 @@ def test_flow_prepares_seeds_and_test_sets_then_serves_cache(prefect_harness, wo
 
 
 def test_changed_preprocess_config_reruns_only_preprocess(prefect_harness, workdir):
-    prepare_seeds(str(workdir.root), config="smoke", overrides=SMALL)
-    state = prepare_seeds(str(workdir.root), config="smoke", overrides=SMALL[:-1] + ["preprocess.size=24"],
+    prepare_seeds(str(workdir.root), config="tiny", overrides=SMALL)
+    state = prepare_seeds(str(workdir.root), config="tiny", overrides=SMALL[:-1] + ["preprocess.size=24"],
                           return_state=True)
     states = task_states(state)
     assert set(states["ingest"]) == {"Cached"}

@@ -22,7 +22,7 @@ SMALL = FULL_GATE + [
 
 
 def test_generate_flow_renders_assesses_publishes_then_serves_cache(prefect_harness, workdir):
-    state = generate(str(workdir.root), config="smoke", overrides=SMALL, base_model_only=True, return_state=True)
+    state = generate(str(workdir.root), config="tiny", overrides=SMALL, base_model_only=True, return_state=True)
     out = state.result()
     assert out["planned"] == 4 and out["shards"] == [0, 1] and out["rendered"] == 4 and out["lora"] is None
     df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)

@@ -36,7 +36,7 @@ TINY = [
 
 
 def tiny_cfg(*extra: str):
-    return load_config("smoke", TINY + list(extra))
+    return load_config("tiny", TINY + list(extra))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from dermt2im.quality.stage import QualityStage
 from dermt2im.runners.sequential import run_stage
 from dermt2im.validate.inputs import ValidationError, load_inputs
 from dermt2im.validate.plan import plan_mixtures
-from tests.quality.gate_config import smoke_with_full_gate
+from tests.quality.gate_config import tiny_with_full_gate
 from tests.validate.validate_fixtures import make_validation_data, render, run_validation, tiny_config
 
 PARAMETERS = ("a dermoscopic image of a {label} skin lesion\nNegative prompt: text, watermark, ruler\n"
@@ -58,7 +58,7 @@ def external(tmp_path, workdir):
 
 def test_an_external_set_is_imported_with_its_parameters_gated_and_audited(external, workdir):
     data, src, seed_row = external
-    cfg = smoke_with_full_gate()
+    cfg = tiny_with_full_gate()
     stage = ImportStage(workdir, cfg.ingest, src, "ext")
     first = run_stage(stage).closing
     assert (first["total"], first["new"], first["quarantined"]) == (13, 13, 2)
@@ -95,7 +95,7 @@ def test_an_external_set_is_imported_with_its_parameters_gated_and_audited(exter
 
 def test_validation_restricted_to_a_source_uses_exactly_its_images(external, workdir, tmp_path):
     _, src, _ = external
-    cfg = smoke_with_full_gate()
+    cfg = tiny_with_full_gate()
     import_synthetic(workdir, src, "ext", cfg.ingest)
     run_stage(QualityStage(workdir, cfg.quality))
     df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
@@ -139,7 +139,7 @@ def test_import_refuses_a_bad_name_or_a_real_dataset_layout(tmp_path, workdir):
 
 def test_reimport_keeps_verdicts_and_a_changed_or_gone_file_is_seen(external, workdir):
     _, src, _ = external
-    cfg = smoke_with_full_gate()
+    cfg = tiny_with_full_gate()
     import_synthetic(workdir, src, "ext", cfg.ingest)
     run_stage(QualityStage(workdir, cfg.quality))
     before = read_manifest(workdir.synthetic_manifest, SYNTHETIC).set_index("path")

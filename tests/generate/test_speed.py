@@ -136,7 +136,7 @@ def test_the_prepared_pipeline_is_fused_unloaded_and_renders_like_a_given_one(tm
 
 
 def test_a_shard_is_recorded_once_not_once_per_batch(workdir, monkeypatch, base):
-    cfg = load_config("smoke", ["generate.per_class=6", "generate.shard_size=6", "generate.width=32",
+    cfg = load_config("tiny", ["generate.per_class=6", "generate.shard_size=6", "generate.width=32",
                                 "generate.height=32", "generate.steps_min=2", "generate.steps_max=2",
                                 "runtime.generate.batch_size=2", "generate.samplers=[euler]"])
     plan(workdir, cfg)

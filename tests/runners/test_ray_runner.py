@@ -72,7 +72,7 @@ def test_a_renderer_killed_mid_shard_is_restarted_and_the_plan_completes_exactly
             forward.append(name)
     monkeypatch.setenv("DERMT2IM_TEST_WRITE_DELAY", "0.8")  # only the Ray workers load tests/slow_writes
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([SLOW_WRITES, str(ROOT)]))
-    w, cfg = open_workdir(tmp_path / "work", "smoke", overrides + [f"scale.forward_env={forward}"])
+    w, cfg = open_workdir(tmp_path / "work", "tiny", overrides + [f"scale.forward_env={forward}"])
     stage = generate_stage(w, cfg)
     plan = stage.plan()
     shards = sorted(plan["shard"].unique().tolist())

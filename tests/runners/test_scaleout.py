@@ -141,7 +141,7 @@ def test_the_generate_flow_fans_out_to_worker_runs_one_partition_each(prefect_se
             env = _base_env(tmp_path / "parent-home")
             env.update(PREFECT_API_URL=url, **bucket_env)
             script = ("import json, sys; from flows.generate import generate; "
-                      "out = generate(sys.argv[1], config='smoke', overrides=json.loads(sys.argv[2]), base_model_only=True); "
+                      "out = generate(sys.argv[1], config='tiny', overrides=json.loads(sys.argv[2]), base_model_only=True); "
                       "print('RESULT ' + json.dumps({k: out[k] for k in ('planned', 'rendered')}))")
             parent = subprocess.run([sys.executable, "-c", script, str(w.root), json.dumps(overrides)], cwd=ROOT,
                                     env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -186,7 +186,7 @@ def test_partition_workers_on_s3_one_killed_mid_shard_and_started_again(tmp_path
 
     manifests, images = f"{s3_bucket}/run/manifests", f"{s3_bucket}/run/images"
     root = tmp_path / "work"
-    cfg = workdir_config(Workdir.at(root), "smoke",
+    cfg = workdir_config(Workdir.at(root), "tiny",
                          OVERRIDES + [f"storage.manifests={manifests}", f"storage.images={images}"])
     w = Workdir.of(root, cfg)
     import fsspec
