@@ -185,7 +185,8 @@ def _open_parent(tracker: Tracker, spec: ValidateConfig, inputs: ValidationInput
 def log_quality(tracker: Tracker, parent: str, workdir: Workdir) -> None:
     """The quality gate's shortcut audit on the comparison's parent run: each flag's rate per class and
     image set (metrics ``flag_rate.<set>.<class>.<flag>``), the flags called out (a tag), and the
-    quality reports as artifacts, so a shortcut shows next to the results it may inflate."""
+    quality reports, grids and audit figures as artifacts, so a shortcut shows next to the results it
+    may inflate and the images next to the classifiers trained on them."""
     import json
 
     report = workdir.reports / "quality.json"
@@ -200,6 +201,10 @@ def log_quality(tracker: Tracker, parent: str, workdir: Workdir) -> None:
     for name in ("quality.json", "quality.md"):
         if (workdir.reports / name).is_file():
             tracker.log_file(parent, workdir.reports / name, "quality")
+    # what the images look like, next to what classifiers made of them: class x sampler grids, audit pairs
+    for sub in ("grids", "audit"):
+        for png in sorted((workdir.reports / sub).glob("*.png")):
+            tracker.log_file(parent, png, f"quality/{sub}")
 
 
 def prepare(workdir: Workdir, spec: ValidateConfig, tracker: Tracker,

@@ -122,6 +122,13 @@ def _check_what_the_prefect_ui_shows(state, w):
     assert md.count("Table IV") == 1 and "| vit | phantom-ham | hybrid<br>" in md and "mlflow ui --backend-store-uri" in md
     assert md.count("](data:image/") == 1 and (w.reports / "grids" / "overview.png").is_file()
     assert "file://" not in md and len(md) < 4_000_000
+    assert "## Class agreement" in md and "Class agreement (vit baseline classifiers on the synthetic images)" in md
+    # MLflow's comparison run holds the images beside the classifiers trained on them
+    from dermt2im.core.tracking import sqlite_artifact_root
+
+    parent = mlflow.search_runs(experiment_names=["derm-t2im"], filter_string="tags.`dermt2im.kind` = 'comparison'")
+    root = sqlite_artifact_root(mlflow.get_tracking_uri())
+    assert list(root.glob(f"*/{parent['run_id'].iloc[0]}/artifacts/quality/grids/overview.png")), parent["run_id"]
     for key in ("ingest-seeds", "ingest-phantom-ham", "preprocess-seeds", "preprocess-phantom-isic",
                 "generate-grid-overview", "table-iv"):
         assert key in latest, sorted(latest)
