@@ -141,14 +141,13 @@ def train(
 def _model(w, cfg, lora: Path | None, base_model_only: bool = False):
     from dermt2im.generate.model import resolve_model
 
-    return _guard(lambda: resolve_model(w, lora, base_model_only=base_model_only, base_model=cfg.train.base_model,
-                                        revision=cfg.train.revision, token=cfg.train.instance_token))
+    return _guard(lambda: resolve_model(w, lora, train=cfg.train, base_model_only=base_model_only))
 
 
 @command()
 def generate(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
-    lora: Annotated[Path | None, typer.Option(help="LoRA run folder or .safetensors; default: newest in W/lora")] = None,
+    lora: Annotated[Path | None, typer.Option(help="LoRA run folder or .safetensors; default: the LoRA trained for the current config")] = None,
     per_class: Annotated[int | None, typer.Option(
         "--per-class", min=1, help="how many images each class should have in all (a target, not an increment); "
         "more than planned extends the plan, fewer keeps it")] = None,
@@ -177,7 +176,7 @@ def worker(
     num_shards: Annotated[int, typer.Option(
         "--num-shards", min=1, envvar=["DERMT2IM_NUM_SHARDS", "SLURM_ARRAY_TASK_COUNT"],
         help="how many partitions the plan's shards are split into")] = 1,
-    lora: Annotated[Path | None, typer.Option(help="LoRA run folder or .safetensors; default: newest in W/lora")] = None,
+    lora: Annotated[Path | None, typer.Option(help="LoRA run folder or .safetensors; default: the LoRA trained for the current config")] = None,
     base_model_only: Annotated[bool, typer.Option("--base-model-only", help="render with train.base_model alone, no LoRA")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,

@@ -37,8 +37,8 @@ def factory(
         # a subflow whose result another one waits for, so it shows seeds -> train -> generate -> validate.
         seeds = prepare_seeds(workdir, source, layout=layout)
         lora = run_gpu_stage(train, gpu.train_deployment, {"workdir": workdir}, gpu, wait_for=[seeds])
-        synthetic = run_gpu_stage(generate, gpu.generate_deployment,
-                                  {"workdir": workdir, "lora": lora.get("lora_dir")}, gpu, wait_for=[lora])
+        # generate renders with the LoRA trained for this config (dermt2im.train.runs), whichever ran last
+        synthetic = run_gpu_stage(generate, gpu.generate_deployment, {"workdir": workdir}, gpu, wait_for=[lora])
         validation = validate(workdir, wait_for=[synthetic])
         publish_factory(w, validation, cfg.tracking)
     return {"seeds": seeds, "lora": lora, "synthetic": synthetic, "validation": validation}

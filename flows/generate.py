@@ -35,15 +35,14 @@ def generate(
 ) -> dict:
     """Plan (or extend the plan), render every shard that is not complete, gate and audit.
 
-    ``lora``: a LoRA run folder or weights file (default: the newest run in W/lora). ``shards``:
+    ``lora``: a LoRA run folder or weights file (default: the LoRA trained for the current config). ``shards``:
     render only these. With ``orchestration.parallel_workers`` > 0 (and no ``shards``) the shards are
     rendered by that many runs of the worker deployment (flows.generate_worker) instead of here.
     Renderer task runs carry the tag ``gpu`` in this process and ``ray`` on a cluster, where Ray, not
     Prefect's tag limit, shares out the GPUs.
     """
     w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
-    model = resolve_model(w, lora, base_model_only=base_model_only, base_model=cfg.train.base_model,
-                          revision=cfg.train.revision, token=cfg.train.instance_token)
+    model = resolve_model(w, lora, train=cfg.train, base_model_only=base_model_only)
     stage = GenerateStage(w, cfg.generate, cfg.runtime.generate, model, per_class=per_class, shards=shards)
     settings = orchestration(cfg)
     by_workers = render_with_workers(stage, settings) if settings.parallel_workers > 0 and not shards else 0

@@ -50,13 +50,14 @@ class GenerateReport:
     seconds: float
     lora: str | None = None
     shards: tuple[int, ...] = field(default_factory=tuple)
+    lora_text: str = ""  # the LoRA and why it was chosen (``RenderModel.describe``)
 
     def summary(self) -> str:
         rate = f", {self.rendered / self.seconds:.2f} images/s" if self.rendered and self.seconds > 0 else ""
         return (
             f"generate: {self.planned} planned in {len(self.shards)} shard(s), {self.rendered} rendered, "
             f"{self.skipped} already done ({self.seconds:.1f} s{rate})\n"
-            f"  LoRA: {self.lora or 'none (base model alone)'}\n"
+            f"  LoRA: {self.lora_text or self.lora or 'none (base model alone)'}\n"
             f"  plan: {self.plan_path}\n  manifest: {self.manifest_path}"
         )
 
@@ -101,6 +102,7 @@ class GenerateStage:
                 "_planned_elsewhere": self._planned_elsewhere or self._plan is not None}
 
     def units(self) -> list[int]:
+        log.info("generate: LoRA %s", self.model.describe())
         planned = shards_of(self.plan())
         chosen = planned if not self.only else sorted({int(s) for s in self.only})
         unknown = sorted(set(chosen) - set(planned))
@@ -149,9 +151,10 @@ class GenerateStage:
         report = GenerateReport(self.workdir.plan_manifest, self.workdir.synthetic_manifest, planned, rendered,
                                 planned - rendered, time.perf_counter() - self._t0,
                                 str(self.model.lora) if self.model.lora else None,
-                                tuple(int(r["shard"]) for r in results))
+                                tuple(int(r["shard"]) for r in results), self.model.describe())
         return {"plan": str(report.plan_path), "planned": planned, "rendered": rendered, "shards": list(report.shards),
-                "lora": report.lora, "synthetic": str(report.manifest_path), "text": report.summary()}
+                "lora": report.lora, "lora_chosen": self.model.chosen, "synthetic": str(report.manifest_path),
+                "text": report.summary()}
 
 
 def generate(workdir: Workdir, spec: GenerateConfig, runtime: GenerateRuntime, model: RenderModel, *,
@@ -164,7 +167,7 @@ def generate(workdir: Workdir, spec: GenerateConfig, runtime: GenerateRuntime, m
     done = run_stage(stage).closing
     return GenerateReport(workdir.plan_manifest, workdir.synthetic_manifest, done["planned"], done["rendered"],
                           done["planned"] - done["rendered"], time.perf_counter() - t0, done["lora"],
-                          tuple(done["shards"]))
+                          tuple(done["shards"]), model.describe())
 
 
 __all__ = ["GenerateReport", "GenerateStage", "GenerationError", "RenderModel", "generate", "pipeline", "shard_order"]

@@ -74,10 +74,6 @@ def train_key(seeds: str, spec: TrainConfig, base_identity: str) -> str:
     return identity.content_key("train", TRAINER_VERSION, seeds, identity.spec_digest(spec), base_identity)
 
 
-def default_run_id(key: str) -> str:
-    return key[:12]
-
-
 def _placeholders(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
 

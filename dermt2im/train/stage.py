@@ -40,7 +40,6 @@ from dermt2im.train.inputs import (
     TrainingImage,
     check_config,
     check_inputs,
-    default_run_id,
     git_revision,
     instance_prompt,
     planned_steps,
@@ -54,12 +53,8 @@ from dermt2im.train.loop import (
     _train_one,
 )
 from dermt2im.train.outputs import _final_loss, _flat_params, _write_loss_curve
-from dermt2im.train.results import (
-    TrainResult,
-    _cached_result,
-    _finish_one,
-    result_summary,
-)
+from dermt2im.train.results import _finish_one
+from dermt2im.train.runs import TrainResult, default_run_id, record_run, result_summary, trained_for
 from dermt2im.train.state import VALIDATION, Preview, TrainContext, TrainingError
 
 LOG = logging.getLogger(__name__)
@@ -286,9 +281,10 @@ def train_lora(
 
     plan = plan_training(workdir, spec, runtime, run_id)
     if not force:
-        cached = _cached_result(plan.lora_dir, plan.key)
+        cached = trained_for(workdir.lora, plan.key, run_id)
         if cached is not None:
-            LOG.info("LoRA for these inputs already trained: %s", plan.lora_dir)
+            LOG.info("LoRA for these inputs already trained: %s", cached.lora_dir)
+            record_run(workdir.lora, plan.key, cached.run_id)
             return cached
     elif (plan.lora_dir / lora_io.RUN_META).is_file():
         (plan.lora_dir / lora_io.RUN_META).unlink()
@@ -313,6 +309,7 @@ def train_lora(
         ctx.tracker.finish(ctx.tracker_run, "FAILED")
         raise
     ctx.tracker.finish(ctx.tracker_run)
+    record_run(workdir.lora, plan.key, plan.run_id)
     return TrainResult(
         run_id=plan.run_id, lora_dir=plan.lora_dir, weights={n: f["paths"]["diffusers"] for n, f in finished.items()},
         sha256=meta["sha256"], steps=meta["steps"], final_loss=meta["final_loss"], optimizer=plan.optimizer,
@@ -321,12 +318,16 @@ def train_lora(
     )
 
 
+def current_key(workdir: Workdir, spec: TrainConfig) -> str:
+    """The train key of ``spec`` on the workdir's current training seeds (no model is loaded)."""
+    return train_key(seeds_digest(check_inputs(workdir)), spec, _base_identity(spec))
+
+
 def find_trained(workdir: Workdir, spec: TrainConfig, run_id: str | None = None) -> TrainResult | None:
-    """The finished, intact LoRA for these inputs, if there is one (no model is loaded)."""
+    """The finished, intact LoRA for these inputs, if there is one (no model is loaded): in
+    ``run_id``'s folder when one is named, else the run recorded for the key (``runs``)."""
     try:
-        images = check_inputs(workdir)
-        key = train_key(seeds_digest(images), spec, _base_identity(spec))
-        return _cached_result(workdir.lora / (run_id or default_run_id(key)), key)
+        return trained_for(workdir.lora, current_key(workdir, spec), run_id)
     except (TrainingError, ValueError, OSError, KeyError):
         return None
 

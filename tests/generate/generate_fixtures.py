@@ -42,6 +42,5 @@ def generate(workdir, cfg, *, lora=None, base_model_only: bool = False, **kw) ->
     from dermt2im.generate.model import resolve_model
 
     w = workdir.using(cfg)
-    model = resolve_model(w, lora, base_model_only=base_model_only, base_model=cfg.train.base_model,
-                          revision=cfg.train.revision, token=cfg.train.instance_token)
+    model = resolve_model(w, lora, train=cfg.train, base_model_only=base_model_only)
     return run_generate(w, cfg.generate, cfg.runtime.generate, model, **kw)
