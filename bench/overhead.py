@@ -58,7 +58,7 @@ def run_plain(workdir: Path, config: str, overrides: list[str]) -> None:
     model = resolve_model(w, lora["lora_dir"])
     run_stage(GenerateStage(w, cfg.generate, cfg.runtime.generate, model))
     run_stage(QualityStage(w, cfg.quality))
-    run_stage(ValidateStage.of(w, cfg, segmentation=False))
+    run_stage(ValidateStage.of(w, cfg))
     run_stage(SegmentationStage(w, cfg.validation))
 
 

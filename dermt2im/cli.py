@@ -294,7 +294,7 @@ def validate(
         _run(PreprocessStage(cfg.preprocess, {d.name: d.manifest for d in datasets}, w.processed,
                              max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers, locks=w.locks))
     manifests = {name: w.test_set_manifest(name) for name in sets} or None
-    _run(ValidateStage.of(w, cfg, test_sets=manifests, segmentation=False), cfg.scale)
+    _run(ValidateStage.of(w, cfg, test_sets=manifests), cfg.scale)
     _run(SegmentationStage(w, cfg.validation))
 
 

@@ -65,10 +65,6 @@ class Stage(Protocol[U]):
     def close(self, results: Sequence[Summary]) -> Summary: ...
 
 
-def is_done(stage: Stage[U], unit: U) -> bool:
-    return stage.finished(unit) is not None
-
-
 @dataclass(frozen=True)
 class Stamps:
     """The key each unit's output was last made for, with its summary: ``<root>/<stage>/<unit>.json``."""

@@ -31,7 +31,7 @@ def validate(
     split."""
     w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
     tags = ["gpu" if cfg.runtime.validation.device != "cpu" else "cpu", "validate"]
-    stage = ValidateStage.of(w, cfg, test_sets=test_sets, log_model=log_model, segmentation=False)
+    stage = ValidateStage.of(w, cfg, test_sets=test_sets, log_model=log_model)
     with scaled(stage, cfg.scale) as placed:  # scale.ray_address: every cell a Ray task (scale.gpus_per_cell)
         compared = run_stage(placed.stage, tags=["ray", "validate"] if placed.on_ray else tags,
                              concurrency=placed.concurrency)

@@ -70,8 +70,6 @@ RETIRED_KEYS: dict[str, str] = {
                               "--shard-index/--num-shards",
 }
 
-SPEC_SECTIONS: tuple[str, ...] = ("phantoms", "ingest", "preprocess", "train", "generate", "quality", "validate")
-
 
 class FactoryConfig(Strict):
     # YAML key `validate`; the attribute is `validation` because BaseModel.validate exists.

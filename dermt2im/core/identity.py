@@ -120,26 +120,42 @@ def manifest_digest(path: str | Path, kind: Any, columns: list[str] | None = Non
     return h.hexdigest()
 
 
-def tree_listing(root: str | Path, *, skip: Iterable[str] = (), skip_marked: str | None = None) -> list[tuple[str, int, int]]:
+def tree_listing(root: str | Path, *, skip: Iterable[str] = (), skip_marked: str | None = None) -> list[tuple]:
     """(relative path, size, mtime_ns) of every file below ``root``: the cheap change detector that
     make and rsync use (ingest hashes every file itself; this only decides whether to look again).
-    Folders named in ``skip`` (relative POSIX paths), and folders holding a file named
-    ``skip_marked``, are left out."""
+    Symbolic links are followed as ingest follows them (a linked file by its target's size and time;
+    a linked folder walked once, each link listed with where it points). Folders named in ``skip``
+    (relative POSIX paths), and folders holding a file named ``skip_marked``, are left out."""
     root = Path(root)
     skipped = set(skip)
-    out = []
-    for dirpath, dirs, files in os.walk(root):
+    out: list[tuple] = []
+    seen = {os.path.realpath(root)}
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
         rel_dir = Path(dirpath).relative_to(root).as_posix()
-        dirs[:] = [d for d in dirs if (d if rel_dir == "." else f"{rel_dir}/{d}") not in skipped
-                   and not (skip_marked and os.path.isfile(os.path.join(dirpath, d, skip_marked)))]
+        kept = []
+        for d in dirs:
+            full = os.path.join(dirpath, d)
+            if (d if rel_dir == "." else f"{rel_dir}/{d}") in skipped:
+                continue
+            if skip_marked and os.path.isfile(os.path.join(full, skip_marked)):
+                continue
+            if os.path.islink(full):
+                out.append((str(Path(full).relative_to(root)), -1, os.readlink(full)))
+            real = os.path.realpath(full)
+            if real in seen:  # a folder reached twice (a link to it, or a loop): walked once
+                continue
+            seen.add(real)
+            kept.append(d)
+        dirs[:] = kept
         for name in files:
             p = Path(dirpath) / name
             try:
                 st = p.stat()
             except OSError:
+                out.append((str(p.relative_to(root)), -1, os.readlink(p) if p.is_symlink() else ""))
                 continue
             out.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns))
-    return sorted(out)
+    return sorted(out, key=lambda row: tuple(map(str, row)))
 
 
 # --- recipes whose keys live inside outputs (scheme 1, unchanged) --------------------------------

@@ -79,11 +79,12 @@ SEEDS = ManifestSchema(
             # generator named by the file's metadata ("AUTOMATIC1111, Steps 20, ..."; such rows are
             # quarantined as synthetic); "" when it names none; null in manifests made before
             _s("provenance"),
+            # where the file really is when a symbolic link leads there (source_path is the link); null otherwise
+            _s("link_target"),
         ]
     ),
+    optional=("link_target",),
 )
-
-MANIFESTS: dict[str, ManifestSchema] = {SEEDS.name: SEEDS}
 
 # A seeds row quarantined for a reason that may pass (the file could not be read: a mount away, a
 # permission being fixed) carries this prefix; ingest and preprocess look at such a row again.
@@ -92,11 +93,6 @@ TRANSIENT = "preprocess (transient): "
 
 def is_transient(reason: str | None) -> bool:
     return str(reason or "").startswith(TRANSIENT)
-
-
-def register(schema: ManifestSchema) -> ManifestSchema:
-    MANIFESTS[schema.name] = schema
-    return schema
 
 
 def conform(df: pd.DataFrame, kind: ManifestSchema) -> pa.Table:
@@ -293,10 +289,8 @@ def upsert(path: str | Path, rows: pd.DataFrame, kind: ManifestSchema) -> pd.Dat
     return rewrite(path, kind, lambda current: _merge(current, rows, kind))
 
 
-
 # Owned by the generation stage (dermt2im.generate.stage); read by quality, validation and export.
-PLAN = register(
-    ManifestSchema(
+PLAN = ManifestSchema(
         name="plan",
         key=("sample_key",),
         schema=pa.schema(
@@ -317,11 +311,9 @@ PLAN = register(
                 pa.field("shard", pa.int64()),
             ]
         ),
-    )
 )
 
-SYNTHETIC = register(
-    ManifestSchema(
+SYNTHETIC = ManifestSchema(
         name="synthetic",
         key=("sample_key",),
         schema=pa.schema(
@@ -371,8 +363,4 @@ SYNTHETIC = register(
             .append(_s("audit_method"))  # geometric | global
         ),
         optional=("base_model_only",),
-    )
 )
-
-# Test sets are ingested like seeds, into W/manifests/test_sets/<name>.parquet.
-TEST_SET = SEEDS

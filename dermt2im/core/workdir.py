@@ -65,14 +65,13 @@ class Workdir:
 
     @property
     def manifests(self) -> Location:
-        """The manifests' folder: W/manifests, or ``storage.manifests`` (a URL stays a ``str``)."""
+        """The manifests' folder: W/manifests, or ``storage.manifests`` (a URL stays a ``str``).
+        Naming it creates nothing: every manifest write makes its folder (``fileio.atomic_path``)."""
         if self.manifest_store is None:
-            return self._dir("manifests")
+            return self.root / "manifests"
         if storage.is_remote(self.manifest_store):
             return self.manifest_store
-        p = storage.resolve(self.manifest_store, self.root)
-        Path(p).mkdir(parents=True, exist_ok=True)
-        return p
+        return storage.resolve(self.manifest_store, self.root)
 
     @property
     def manifests_are_remote(self) -> bool:
@@ -84,10 +83,7 @@ class Workdir:
 
     @property
     def test_sets_folder(self) -> Location:
-        folder = storage.join(self.manifests, "test_sets")
-        if not storage.is_remote(folder):
-            Path(folder).mkdir(parents=True, exist_ok=True)
-        return folder
+        return storage.join(self.manifests, "test_sets")
 
     def test_set_manifest(self, name: str) -> Location:
         return storage.join(self.test_sets_folder, f"{name}.parquet")
@@ -151,10 +147,6 @@ class Workdir:
     @property
     def mlflow_uri(self) -> str:
         return f"sqlite:///{self.root / 'mlflow.db'}"
-
-    @property
-    def mlflow_artifacts(self) -> Path:
-        return self._dir("mlartifacts")
 
 
 def configure_runtime(workdir: Workdir) -> None:

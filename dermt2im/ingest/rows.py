@@ -10,7 +10,7 @@ from typing import Any
 
 from dermt2im.core.manifest import is_transient
 from dermt2im.core.specs import IngestConfig
-from dermt2im.ingest.entries import Entry, _within
+from dermt2im.ingest.entries import Entry, _within, link_target
 from dermt2im.ingest.files import FileFacts, examine_files
 from dermt2im.ingest.labels import resolve_label
 from dermt2im.ingest.layouts import LayoutPlan, _shown
@@ -47,6 +47,7 @@ def _row(
         "hair_fraction": None,
         "hair_changed_fraction": None,
         "provenance": facts.provenance if facts else None,
+        "link_target": link_target(entry.path, str(plan.root)) if entry.readable else None,
     }
 
 

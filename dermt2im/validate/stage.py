@@ -33,7 +33,7 @@ from dermt2im.validate.plan import Cell, ValidationPlan, cell_key, prepare
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ValidateStage", "ValidationError", "ValidationReport", "validate"]
+__all__ = ["ValidateStage", "ValidationError", "ValidationReport"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,6 @@ class ValidationReport:
     skipped: dict[str, str] = field(default_factory=dict)
     verdict: str = ""
     reused: int = 0
-    segmentation: str = ""
 
     def summary(self) -> str:
         lines = [f"comparison run {self.parent_run_id} in MLflow experiment {self.experiment!r}: "
@@ -56,8 +55,6 @@ class ValidationReport:
             lines.append(f"Table IV: {self.table_path}")
         if self.verdict:
             lines.append(self.verdict)
-        if self.segmentation:
-            lines.append(self.segmentation)
         return "\n".join(lines)
 
 
@@ -69,10 +66,10 @@ class ValidateStage:
 
     def __init__(self, workdir: Workdir, spec: ValidateConfig, runtime: ValidateRuntime, tracking: TrackingConfig, *,
                  test_sets: dict[str, str | Path] | None = None, log_model: bool = True, resume: bool = True,
-                 build_table: bool = True, segmentation: bool = True, batch_size: int | None = None) -> None:
+                 build_table: bool = True, batch_size: int | None = None) -> None:
         self.workdir, self.spec, self.runtime, self.tracking = workdir, spec, runtime, tracking
         self.test_sets, self.log_model, self.resume = test_sets, log_model, resume
-        self.build_table, self.segmentation, self.batch_size = build_table, segmentation, batch_size
+        self.build_table, self.batch_size = build_table, batch_size
         self._plan: ValidationPlan | None = None
         self._tracker: Tracker | None = None
         self.report: ValidationReport | None = None  # set by close()
@@ -134,39 +131,10 @@ class ValidateStage:
             verdict_file = paths.get("verdict")
             verdict = verdict_file.read_text().strip() if verdict_file and verdict_file.is_file() else ""
         report = ValidationReport(self.plan.parent_run_id, self.plan.experiment, len(cells), table_path,
-                                  dict(self.plan.skipped), verdict, sum(c.reused for c in cells),
-                                  self._segmentation_check() if self.segmentation else "")
+                                  dict(self.plan.skipped), verdict, sum(c.reused for c in cells))
         self.report = report
         return {"parent_run_id": report.parent_run_id, "experiment": report.experiment,
                 "experiment_id": self.plan.experiment_id, "runs": report.runs,
                 "reused": report.reused, "skipped": report.skipped,
                 "table_md": str(table_path) if table_path else None, "report": {k: str(v) for k, v in paths.items()},
                 "text": report.summary()}
-
-    def _segmentation_check(self) -> str:
-        if self.spec.segmentation_samples <= 0:
-            return ""
-        try:
-            from dermt2im.validate.segmentation import segmentation_check
-
-            seg = segmentation_check(self.workdir, self.spec)
-            for p in seg.paths.values():
-                self.tracker.log_file(self.plan.parent_run_id, p, "segmentation")
-            return seg.summary()
-        except Exception as err:  # noqa: BLE001 - the segmentation check never sinks a validation
-            log.warning("segmentation check failed: %s", err)
-            return f"segmentation check failed: {err}"
-
-
-def validate(workdir: Workdir, spec: ValidateConfig, runtime: ValidateRuntime, tracking: TrackingConfig, *,
-             test_sets: dict[str, str | Path] | None = None, log_model: bool = True, resume: bool = True,
-             segmentation: bool = True) -> ValidationReport:
-    """Fine-tune every (model, regime, seed), test on every test set, log it all to MLflow, and
-    write Table IV / Fig. 10 (and the segmentation check) under W/reports."""
-    from dermt2im.runners.sequential import run_stage
-
-    stage = ValidateStage(workdir, spec, runtime, tracking, test_sets=test_sets, log_model=log_model, resume=resume,
-                          segmentation=segmentation)
-    run_stage(stage)
-    assert stage.report is not None
-    return stage.report

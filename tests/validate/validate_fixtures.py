@@ -165,9 +165,12 @@ def tiny_config(experiment: str = "test-validation", **validate: object) -> Fact
 
 
 def run_validation(workdir, cfg, **kw):
-    """``validate`` with the validate spec, runtime and tracking of a factory config."""
-    from dermt2im.validate.stage import validate
+    """The validate stage of a factory config, run in this process; its report."""
+    from dermt2im.runners.sequential import run_stage
+    from dermt2im.validate.stage import ValidateStage
 
-    return validate(workdir, cfg.validation, cfg.runtime.validation, cfg.tracking, **kw)
+    stage = ValidateStage(workdir, cfg.validation, cfg.runtime.validation, cfg.tracking, **kw)
+    run_stage(stage)
+    return stage.report
 
 
