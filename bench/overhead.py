@@ -100,7 +100,7 @@ def main() -> None:
 
     from prefect import flow
 
-    from flows.factory import factory
+    from dermt2im.flows.factory import factory
 
     @flow
     def start_server() -> None:

@@ -334,7 +334,7 @@ def run(
     chosen = None if layout == "auto" else layout
     w, cfg = _session(workdir, config, overrides, True, existing=False, fallback="smoke" if source is None else None,
                       check=(lambda c: check_source(source, c.ingest, chosen)) if source is not None else None)
-    from flows.factory import factory
+    from dermt2im.flows.factory import factory
 
     _guard(lambda: cli_session.start_prefect_server(_echo))
     result = _guard(lambda: factory(str(w.root), str(source) if source else None, None, None, chosen))
@@ -353,7 +353,7 @@ def show_config(
     import yaml
 
     from dermt2im import cli_session
-    from flows.settings import orchestration
+    from dermt2im.flows.settings import orchestration
 
     root = workdir.expanduser().resolve()
     resolved = _guard(lambda: cli_session.resolve(root, config, overrides, save=save))

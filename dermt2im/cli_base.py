@@ -75,7 +75,7 @@ def session(workdir: Path, config: str | None, overrides: list[str] | None, save
     ``hold`` takes the workdir for the rest of the command, before its config is saved: "exclusive"
     (one run of the stages at a time), "shared" (scale-out workers) or None (commands that only read)."""
     from dermt2im import cli_session
-    from flows.settings import (
+    from dermt2im.flows.settings import (
         orchestration,  # validated with every other section, before anything is saved
     )
 

@@ -19,7 +19,7 @@ validate opens its MLflow parent run); ``close(results)`` runs once after every 
 parts in, write the reports) and returns the stage's summary.
 
 The stages know nothing of how they are run. ``dermt2im.runners.sequential`` runs the units in
-this process (the CLI); ``tasks.stage`` maps each unit to a Prefect task; either may hand ``run``
+this process (the CLI); ``dermt2im.tasks.stage`` maps each unit to a Prefect task; either may hand ``run``
 to a Ray cluster (``dermt2im.runners.ray_runner``: long-lived workers for a stage with a ``warm()``
 method, such as generate's renderers, one task per unit otherwise), and ``dermt2im.runners.partition``
 gives a batch job its static share of the units. All ask ``finished`` before ``run``, so a unit

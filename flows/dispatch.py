@@ -8,7 +8,7 @@ from typing import Any
 from prefect import get_run_logger
 
 from dermt2im.core.errors import DermT2imError
-from flows.settings import OrchestrationSettings
+from dermt2im.flows.settings import OrchestrationSettings
 
 
 class StageFailed(DermT2imError, RuntimeError):

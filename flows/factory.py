@@ -9,14 +9,14 @@ from __future__ import annotations
 from prefect import flow
 
 from dermt2im.core.workdir import DEFAULTS, Workdir, open_workdir, workdir_lock
-from flows.dispatch import run_gpu_stage
-from flows.generate import generate
-from flows.names import in_workdir
-from flows.seeds import prepare_seeds
-from flows.settings import orchestration
-from flows.train import train
-from flows.validate import validate
-from tasks.artifacts import publish_factory
+from dermt2im.flows.dispatch import run_gpu_stage
+from dermt2im.flows.generate import generate
+from dermt2im.flows.names import in_workdir
+from dermt2im.flows.seeds import prepare_seeds
+from dermt2im.flows.settings import orchestration
+from dermt2im.flows.train import train
+from dermt2im.flows.validate import validate
+from dermt2im.tasks.artifacts import publish_factory
 
 
 @flow(name="derm-t2im-factory", log_prints=True, flow_run_name=in_workdir("factory"))

@@ -4,7 +4,7 @@ Deployable on its own to a CUDA work pool (the factory reaches it through run_de
 ``config`` the workdir's saved W/config.yaml is used. Shards render here, one task run each; with
 ``scale.ray_address`` each task run's shard renders on the Ray cluster (one renderer actor per GPU,
 ``dermt2im.runners.ray_runner``); with ``orchestration.parallel_workers`` N, N runs of the worker
-deployment render a static partition each (``flows.generate_worker``).
+deployment render a static partition each (``dermt2im.flows.generate_worker``).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from dermt2im.generate.model import resolve_model
 from dermt2im.generate.stage import GenerateStage
 from dermt2im.quality.stage import QualityStage
 from dermt2im.runners.scaling import scaled
-from flows.names import in_workdir
-from flows.settings import orchestration
-from tasks.artifacts import publish_quality
-from tasks.fanout import render_with_workers
-from tasks.stage import run_stage
+from dermt2im.flows.names import in_workdir
+from dermt2im.flows.settings import orchestration
+from dermt2im.tasks.artifacts import publish_quality
+from dermt2im.tasks.fanout import render_with_workers
+from dermt2im.tasks.stage import run_stage
 
 
 @flow(name="generate", log_prints=True, flow_run_name=in_workdir("generate"))
@@ -37,7 +37,7 @@ def generate(
 
     ``lora``: a LoRA run folder or weights file (default: the LoRA trained for the current config). ``shards``:
     render only these. With ``orchestration.parallel_workers`` > 0 (and no ``shards``) the shards are
-    rendered by that many runs of the worker deployment (flows.generate_worker) instead of here.
+    rendered by that many runs of the worker deployment (dermt2im.flows.generate_worker) instead of here.
     Renderer task runs carry the tag ``gpu`` in this process and ``ray`` on a cluster, where Ray, not
     Prefect's tag limit, shares out the GPUs.
     """
@@ -56,7 +56,7 @@ def generate(
             "artifacts": artifacts}
 
 
-if __name__ == "__main__":  # python -m flows.generate WORKDIR [CONFIG]
+if __name__ == "__main__":  # python -m dermt2im.flows.generate WORKDIR [CONFIG]
     import sys
 
     generate(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

@@ -6,11 +6,11 @@ from prefect import flow
 
 from dermt2im.core.workdir import Workdir, open_workdir, workdir_lock
 from dermt2im.generate.plan import planned_per_class
-from flows.dispatch import run_gpu_stage
-from flows.generate import generate
-from flows.names import in_workdir
-from flows.settings import orchestration
-from flows.validate import validate
+from dermt2im.flows.dispatch import run_gpu_stage
+from dermt2im.flows.generate import generate
+from dermt2im.flows.names import in_workdir
+from dermt2im.flows.settings import orchestration
+from dermt2im.flows.validate import validate
 
 
 @flow(name="regenerate", log_prints=True, flow_run_name=in_workdir("regenerate"))

@@ -12,10 +12,10 @@ from dermt2im.ingest.stage import IngestStage, seed_datasets
 from dermt2im.phantoms import PhantomStage
 from dermt2im.preprocess.stage import PreprocessStage
 from dermt2im.stage import Stamps
-from flows.names import in_workdir
-from flows.settings import orchestration
-from tasks.artifacts import publish_datasets
-from tasks.stage import run_stage
+from dermt2im.flows.names import in_workdir
+from dermt2im.flows.settings import orchestration
+from dermt2im.tasks.artifacts import publish_datasets
+from dermt2im.tasks.stage import run_stage
 
 
 @flow(name="prepare-seeds", log_prints=True, flow_run_name=in_workdir("seeds and test sets"))
@@ -50,7 +50,7 @@ def prepare_seeds(
             "accepted": ingested["seeds"]["accepted"], "quarantined": ingested["seeds"]["quarantined"]}
 
 
-if __name__ == "__main__":  # python -m flows.seeds WORKDIR [SOURCE]
+if __name__ == "__main__":  # python -m dermt2im.flows.seeds WORKDIR [SOURCE]
     import sys
 
     prepare_seeds(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

@@ -1,6 +1,6 @@
 """The train stage as a Prefect flow: DreamBooth + LoRA fine-tuning on the processed seeds.
 
-Deployable on its own to a CUDA work pool (``flows/train.py:train``, deployment ``train/train-cuda``;
+Deployable on its own to a CUDA work pool (``dermt2im.flows.train.train``, deployment ``train/train-cuda``;
 the factory reaches it through run_deployment). With no ``config`` the workdir's saved W/config.yaml
 is used.
 """
@@ -11,10 +11,10 @@ from prefect import flow
 
 from dermt2im.core.workdir import open_workdir
 from dermt2im.train.stage import TrainStage
-from flows.names import in_workdir
-from flows.settings import orchestration
-from tasks.artifacts import publish_lora
-from tasks.stage import run_stage
+from dermt2im.flows.names import in_workdir
+from dermt2im.flows.settings import orchestration
+from dermt2im.tasks.artifacts import publish_lora
+from dermt2im.tasks.stage import run_stage
 
 
 @flow(name="train", log_prints=True, flow_run_name=in_workdir("train LoRA"))

@@ -9,10 +9,10 @@ from dermt2im.core.workdir import open_workdir
 from dermt2im.runners.scaling import scaled
 from dermt2im.validate.segmentation import SegmentationStage
 from dermt2im.validate.stage import ValidateStage
-from flows.names import in_workdir
-from flows.settings import orchestration
-from tasks.artifacts import publish_segmentation, publish_table_iv
-from tasks.stage import run_stage
+from dermt2im.flows.names import in_workdir
+from dermt2im.flows.settings import orchestration
+from dermt2im.tasks.artifacts import publish_segmentation, publish_table_iv
+from dermt2im.tasks.stage import run_stage
 
 
 @flow(name="validate", log_prints=True, flow_run_name=in_workdir("validate"))
@@ -41,7 +41,7 @@ def validate(
     return {**compared, "segmentation": segmentation}
 
 
-if __name__ == "__main__":  # python -m flows.validate WORKDIR [CONFIG]
+if __name__ == "__main__":  # python -m dermt2im.flows.validate WORKDIR [CONFIG]
     import sys
 
     validate(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from dermt2im.stage import Stage, Summary
-from tasks.retries import retry_transient_only
+from dermt2im.tasks.retries import retry_transient_only
 
 
 @task(name="stage-unit", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=5,

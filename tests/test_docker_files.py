@@ -23,18 +23,19 @@ DOCKER = ROOT / "docker"
 DEPLOYMENTS = ROOT / "deployments"
 DOCKERFILES = [DOCKER / "Dockerfile.cuda", DOCKER / "Dockerfile.cpu"]
 
-# The fixed contract between prefect.yaml and flows/: entrypoint -> (flow name, parameters).
+# The fixed contract between prefect.yaml and flows/ (installed as dermt2im.flows): entrypoint -> (flow
+# name, parameters). Entrypoints are module paths: a worker imports them from the installed package.
 FLOW_CONTRACT = {
-    "flows/factory.py:factory": ("derm-t2im-factory", {"workdir", "source", "config", "overrides", "layout"}),
-    "flows/seeds.py:prepare_seeds": ("prepare-seeds", {"workdir", "source", "config", "overrides", "layout"}),
-    "flows/train.py:train": ("train", {"workdir", "config", "overrides"}),
-    "flows/generate.py:generate": ("generate", {"workdir", "config", "overrides", "lora", "per_class"}),
-    "flows/validate.py:validate": ("validate", {"workdir", "config", "overrides"}),
-    "flows/regenerate.py:regenerate": ("regenerate", {"workdir", "config", "overrides", "per_class_increment"}),
-    "flows/generate_worker.py:generate_worker": ("generate-worker", {"workdir", "config", "overrides", "lora",
+    "dermt2im.flows.factory.factory": ("derm-t2im-factory", {"workdir", "source", "config", "overrides", "layout"}),
+    "dermt2im.flows.seeds.prepare_seeds": ("prepare-seeds", {"workdir", "source", "config", "overrides", "layout"}),
+    "dermt2im.flows.train.train": ("train", {"workdir", "config", "overrides"}),
+    "dermt2im.flows.generate.generate": ("generate", {"workdir", "config", "overrides", "lora", "per_class"}),
+    "dermt2im.flows.validate.validate": ("validate", {"workdir", "config", "overrides"}),
+    "dermt2im.flows.regenerate.regenerate": ("regenerate", {"workdir", "config", "overrides", "per_class_increment"}),
+    "dermt2im.flows.generate_worker.generate_worker": ("generate-worker", {"workdir", "config", "overrides", "lora",
                                                                       "shard_index", "num_shards"}),
 }
-GPU_ENTRYPOINTS = {"flows/train.py:train", "flows/generate.py:generate", "flows/generate_worker.py:generate_worker"}
+GPU_ENTRYPOINTS = {"dermt2im.flows.train.train", "dermt2im.flows.generate.generate", "dermt2im.flows.generate_worker.generate_worker"}
 
 
 def _prefect_yaml() -> dict:
@@ -63,9 +64,20 @@ def _interpolate(value: str) -> str:
     return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:?\?[^}]*)?\}", "", value)
 
 
+def entrypoint_file(entrypoint: str) -> Path:
+    """The source file of a module-path entrypoint (``dermt2im.flows.train.train``), found without
+    importing the module (``flows/`` installs as ``dermt2im.flows``)."""
+    import importlib.util
+
+    module = entrypoint.rsplit(".", 1)[0]
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin, f"{entrypoint}: no module {module} in the installed package"
+    return Path(spec.origin)
+
+
 def _find_flow(entrypoint: str) -> ast.FunctionDef:
-    path, func = entrypoint.split(":")
-    tree = ast.parse((ROOT / path).read_text(), filename=path)
+    path, func = entrypoint_file(entrypoint), entrypoint.rsplit(".", 1)[1]
+    tree = ast.parse(path.read_text(), filename=str(path))
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name == func:
             return node
@@ -106,15 +118,14 @@ def test_entrypoints_in_prefect_yaml_follow_the_contract():
     spec = _prefect_yaml()
     used = {d["entrypoint"] for d in spec["deployments"]}
     assert used <= set(FLOW_CONTRACT), f"entrypoints outside the contract: {sorted(used - set(FLOW_CONTRACT))}"
-    assert {"flows/factory.py:factory", "flows/train.py:train", "flows/generate.py:generate",
-            "flows/validate.py:validate", "flows/regenerate.py:regenerate"} <= used
+    assert {"dermt2im.flows.factory.factory", "dermt2im.flows.train.train", "dermt2im.flows.generate.generate",
+            "dermt2im.flows.validate.validate", "dermt2im.flows.regenerate.regenerate"} <= used
 
 
 @pytest.mark.parametrize("entrypoint", sorted(FLOW_CONTRACT))
 def test_entrypoint_is_a_flow_with_the_contracted_name_and_parameters(entrypoint):
-    path = ROOT / entrypoint.split(":")[0]
-    if not path.is_file():
-        pytest.fail(f"{path.relative_to(ROOT)} does not exist yet: deployments/prefect.yaml deploys {entrypoint}")
+    path = entrypoint_file(entrypoint)
+    assert path.is_relative_to(ROOT / "flows"), f"{entrypoint} is not a module of flows/ ({path})"
     fn = _find_flow(entrypoint)
     name, params = FLOW_CONTRACT[entrypoint]
     assert _flow_decorator_name(fn) == name, f"{entrypoint} must be decorated @flow(name={name!r})"
@@ -142,7 +153,7 @@ def test_gpu_deployments_do_not_pin_a_preset():
 
 
 def test_dispatch_names_match_deployments():
-    from flows.settings import OrchestrationSettings
+    from dermt2im.flows.settings import OrchestrationSettings
 
     spec = _prefect_yaml()
     names = {f"{FLOW_CONTRACT[d['entrypoint']][0]}/{d['name']}" for d in spec["deployments"]}

@@ -616,8 +616,8 @@ def test_every_prefect_task_and_flow_keeps_no_result():
     from prefect import Flow, Task
     from prefect.cache_policies import NO_CACHE
 
-    import flows
-    import tasks
+    from dermt2im import flows
+    from dermt2im import tasks
 
     found = 0
     for package in (tasks, flows):
@@ -637,7 +637,7 @@ def test_every_prefect_task_and_flow_keeps_no_result():
 def test_a_planted_pickle_is_never_executed(prefect_harness, tmp_path, monkeypatch):
     from prefect.results import ResultRecord
 
-    from flows.seeds import prepare_seeds
+    from dermt2im.flows.seeds import prepare_seeds
     from tests.prefect_utils import task_states
 
     marker = tmp_path / "PWNED"

@@ -10,7 +10,7 @@ A config has two kinds of sections:
   cluster to render and validate on). Never hashed.
 
 ``orchestration`` holds the Prefect deployment settings; the domain never reads it, and
-``flows.settings`` validates it (strictly) where it is used.
+``dermt2im.flows.settings`` validates it (strictly) where it is used.
 
 Every model is frozen and strict: an unknown key or a wrong type is an error that names the key and
 the file it came from. ``load_config`` applies ``--set key.path=value`` overrides from the CLI on top
@@ -88,7 +88,7 @@ class FactoryConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     scale: ScaleConfig = ScaleConfig()
     orchestration: dict[str, Any] = Field(
-        default_factory=dict, description="Prefect deployment settings, validated by flows.settings"
+        default_factory=dict, description="Prefect deployment settings, validated by dermt2im.flows.settings"
     )
 
     @field_validator("name")

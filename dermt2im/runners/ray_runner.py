@@ -17,7 +17,7 @@ skips recorded images, adopts PNGs written before the crash and records rows by 
 Ray's own API rather than prefect-ray's ``RayTaskRunner``: that runner ships each Prefect task to
 a fresh Ray worker process, which cannot keep a loaded pipeline between shards, so every shard
 would pay the model load (the cost this module exists to pay once). Prefect still shows one task
-run per unit: ``tasks.stage.run_stage`` submits them on threads that wait for the cluster.
+run per unit: ``dermt2im.tasks.stage.run_stage`` submits them on threads that wait for the cluster.
 
 Ray is imported only here, and only when a stage has work left: with everything up to date no
 Ray process is started or contacted.

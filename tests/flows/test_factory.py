@@ -5,7 +5,7 @@ import pytest
 
 from dermt2im.core.manifest import PLAN, SEEDS, SYNTHETIC, read_manifest
 from dermt2im.core.workdir import Workdir
-from flows.factory import factory
+from dermt2im.flows.factory import factory
 from tests.prefect_utils import subflow_graph, task_run_names, task_states
 from tests.core.test_storage import s3_bucket  # noqa: F401  (fixture)
 

@@ -9,7 +9,7 @@ import pytest
 
 from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest
 from dermt2im.core.workdir import Workdir
-from flows.factory import factory
+from dermt2im.flows.factory import factory
 from tests.flows.test_factory import SMALL
 from tests.prefect_utils import task_runs, task_states
 

@@ -3,7 +3,7 @@
 import pytest
 
 from dermt2im.core.manifest import SEEDS, read_manifest
-from flows.seeds import prepare_seeds
+from dermt2im.flows.seeds import prepare_seeds
 from tests.prefect_utils import task_states
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from dermt2im.core.manifest import SYNTHETIC, read_manifest
-from flows.generate import generate
+from dermt2im.flows.generate import generate
 from tests.quality.gate_config import FULL_GATE
 from tests.prefect_utils import task_states
 

@@ -126,7 +126,7 @@ def test_the_generate_flow_fans_out_to_worker_runs_one_partition_each(prefect_se
         with temporary_settings({PREFECT_API_URL: url}):
             with get_client(sync_client=True) as client:
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            flow.from_source(source=str(ROOT), entrypoint="flows/generate_worker.py:generate_worker").deploy(
+            flow.from_source(source=str(ROOT), entrypoint="dermt2im.flows.generate_worker.generate_worker").deploy(
                 name=name, work_pool_name=pool, build=False, push=False, print_next_steps=False,
                 parameters={"workdir": str(w.root), "base_model_only": True})
             for i in (1, 2):
@@ -140,7 +140,7 @@ def test_the_generate_flow_fans_out_to_worker_runs_one_partition_each(prefect_se
             # client of this test process bound to this module's server after it stops.
             env = _base_env(tmp_path / "parent-home")
             env.update(PREFECT_API_URL=url, **bucket_env)
-            script = ("import json, sys; from flows.generate import generate; "
+            script = ("import json, sys; from dermt2im.flows.generate import generate; "
                       "out = generate(sys.argv[1], config='smoke', overrides=json.loads(sys.argv[2]), base_model_only=True); "
                       "print('RESULT ' + json.dumps({k: out[k] for k in ('planned', 'rendered')}))")
             parent = subprocess.run([sys.executable, "-c", script, str(w.root), json.dumps(overrides)], cwd=ROOT,

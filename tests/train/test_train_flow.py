@@ -7,8 +7,8 @@ import torch
 import yaml
 
 from dermt2im.diffusion import lora_files as lora_io
-from flows.train import train
-from tasks.retries import is_transient
+from dermt2im.flows.train import train
+from dermt2im.tasks.retries import is_transient
 from tests.prefect_utils import task_states
 from tests.train.train_fixtures import TINY_TRAIN, TINY_TRAIN_RUNTIME, make_seed_manifest
 

@@ -137,7 +137,7 @@ def test_missing_seeds_is_a_clear_error(workdir):
 
 
 def test_validate_flow_runs_cells_as_cached_tasks(prefect_harness, workdir):
-    from flows.validate import validate as validate_flow
+    from dermt2im.flows.validate import validate as validate_flow
     from tests.prefect_utils import task_states
 
     make_validation_data(workdir, n_train=8, n_val=2, n_test=2, n_synthetic=8, n_external=4)
