@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,7 +338,7 @@ class PhantomStage:
 
     def key(self, unit: PhantomSet) -> str:
         return identity.content_key("phantoms", unit.n, unit.seed, unit.style, self.cfg.size,
-                                    self.cfg.hair_probability, str(unit.folder), identity.code_digest(sys.modules[__name__]))
+                                    self.cfg.hair_probability, str(unit.folder), identity.code_digest(__name__))
 
     def finished(self, unit: PhantomSet) -> dict | None:
         if not (unit.folder / "labels.csv").is_file():

@@ -15,7 +15,6 @@ nothing; a changed file is assessed again; a file gone from the source is quaran
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -184,11 +183,6 @@ def import_synthetic(workdir: Workdir, source: str | Path, name: str, cfg: Inges
 # --------------------------------------------------------------------------------------------------
 # the stage
 
-IMPORT_MODULES = ("dermt2im.generate.imports", "dermt2im.ingest.entries", "dermt2im.ingest.files",
-                  "dermt2im.ingest.layouts", "dermt2im.ingest.labels", "dermt2im.ingest.rows",
-                  "dermt2im.ingest.provenance")
-
-
 class ImportStage:
     """Import one external synthetic set: one unit (its name); done when its stamp holds the key of
     the same files (names, sizes, modification times), options and code, and its rows are in W."""
@@ -209,10 +203,9 @@ class ImportStage:
 
     def key(self, unit: str) -> str:
         root = self.source if self.source.is_dir() else self.source.parent
-        modules = [importlib.import_module(m) for m in IMPORT_MODULES]
         return identity.content_key("import", str(self.source.resolve()), identity.tree_listing(
             root, skip_marked=WORKDIR_MARKER), unit, self.layout, identity.spec_digest(self.cfg),
-            identity.code_digest(*modules))
+            identity.code_digest(__name__))
 
     def finished(self, unit: str) -> dict[str, Any] | None:
         df = read_manifest(self.workdir.synthetic_manifest, SYNTHETIC)

@@ -131,7 +131,7 @@ def resolve_model(workdir: Workdir, lora: str | Path | None, *, train: TrainConf
         return RenderModel.base_only(train.base_model, train.revision, train.instance_token)
     if lora is not None:
         return dataclasses.replace(RenderModel.from_lora(lora), chosen="given with --lora")
-    from dermt2im.train.stage import current_key, find_trained
+    from dermt2im.train.runs import current_key, find_trained
     from dermt2im.train.state import TrainingError
 
     what_to_do = ("run `dermt2im train` first, pass --lora RUN_FOLDER, or --base-model-only to render with the base "

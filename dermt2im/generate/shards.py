@@ -58,6 +58,7 @@ def shard_rows(workdir: Workdir, shard: int, plan: pd.DataFrame | None = None) -
 def expected_rows(workdir: Workdir, model: RenderModel, rows: pd.DataFrame) -> list[dict]:
     """The manifest rows the shard's plan rows will have once rendered (without sha256)."""
     versions = identity.library_versions_json()
+    code = identity.code_digest(__name__)
     choices: dict[str, LoraChoice] = {}
     out = []
     for rec in rows.to_dict("records"):
@@ -68,7 +69,8 @@ def expected_rows(workdir: Workdir, model: RenderModel, rows: pd.DataFrame) -> l
                    base_revision=model.revision, lora_path=str(choice.weights) if choice.weights else None,
                    lora_sha256=choice.sha256, library_versions=versions, status="rendered", reason=None,
                    base_model_only=model.lora is None)
-        rec["render_key"] = identity.render_key({c: rec[c] for c in RENDER_COLUMNS}, model.identity, choice.sha256)
+        rec["render_key"] = identity.render_key({c: rec[c] for c in RENDER_COLUMNS}, model.identity, choice.sha256,
+                                                code)
         out.append(rec)
     return out
 

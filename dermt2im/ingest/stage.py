@@ -11,7 +11,6 @@ Patient metadata (age, sex, site) in the CSVs is never read into the manifest.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -167,9 +166,6 @@ def _reconsidered(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[s
 # --------------------------------------------------------------------------------------------------
 # the stage
 
-INGEST_MODULES = ("labels", "layouts", "entries", "files", "rows", "splits", "stage", "isic_formats", "provenance")
-
-
 @dataclass(frozen=True)
 class Dataset:
     """One source to ingest: the seeds, or an unseen real test set."""
@@ -210,10 +206,8 @@ class IngestStage:
     def key(self, d: Dataset) -> str:
         source = Path(d.source)
         root = source if source.is_dir() else source.parent
-        modules = [importlib.import_module(f"dermt2im.ingest.{m}") for m in INGEST_MODULES]
         return content_key("ingest", tree_listing(root, skip_marked=WORKDIR_MARKER), spec_digest(self.cfg), d.layout,
-                           d.split, d.manifest,
-                           code_digest(*modules))
+                           d.split, d.manifest, code_digest(__name__))
 
     def finished(self, d: Dataset) -> dict[str, Any] | None:
         if not manifest_exists(d.manifest):

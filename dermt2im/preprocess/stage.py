@@ -30,22 +30,25 @@ from dermt2im.core.specs import PreprocessConfig
 from dermt2im.core.writers import writer_lock
 from dermt2im.preprocess.pool import TEXT_CHANGED, TEXT_HAIR, TEXT_KEY, _Job, run_jobs, worker_count
 
-# Bump when the processing changes its output for the same parameters: it is part of every key.
-ALGORITHM_VERSION = "2"  # 2: shape-verified hair (dots, globules and network are kept), full-resolution fill
 log = logging.getLogger(__name__)
 _HAIR_PARAMS = ("hair_kernel_size", "hair_threshold", "hair_line_threshold", "hair_line_length", "hair_min_length",
                 "hair_min_elongation", "inpaint_radius", "inpaint_method")
 
 
-def preprocess_key(sample_id: str, cfg: PreprocessConfig) -> str:
+def preprocess_code() -> str:
+    """The processing's code identity: ``dermt2im/preprocess/`` and every project module it imports."""
+    return identity.code_digest(__name__)
+
+
+def preprocess_key(sample_id: str, cfg: PreprocessConfig, code: str | None = None) -> str:
     """Key of one processed image (``identity.preprocess_key``): the input's content hash, the
     parameters that change the output (not the hair parameters when hair removal is off) and the
-    algorithm version."""
+    processing's code (``preprocess_code``; pass it when keying many images)."""
     params = cfg.model_dump(mode="json")
     if not cfg.hair_removal:
         for name in _HAIR_PARAMS:
             params.pop(name, None)
-    return identity.preprocess_key(sample_id, params, ALGORITHM_VERSION)
+    return identity.preprocess_key(sample_id, params, code or preprocess_code())
 
 
 def processed_path(out_dir: Path, sample_id: str, key: str) -> Path:
@@ -108,13 +111,14 @@ def plan_work(df: pd.DataFrame, out_dir: Path, cfg: PreprocessConfig) -> _Plan:
     out_dir = Path(out_dir).resolve()
     plan = _Plan([], {}, [], {}, [])
     found: dict[str, tuple[str, str, float, float | None] | None] = {}
+    code = preprocess_code()
     todo: dict[str, tuple[list[str], str, str]] = {}  # sample_id -> (sources, target, key)
     for pos, row in df[df["status"] == "accepted"].iterrows():
         sample_id = row["sample_id"]
         if not isinstance(sample_id, str) or not sample_id:
             plan.missing_id.append(pos)
             continue
-        key = preprocess_key(sample_id, cfg)
+        key = preprocess_key(sample_id, cfg, code)
         target = processed_path(out_dir, sample_id, key)
         if _is_cached(row, target, key):
             plan.cached.append(pos)
@@ -243,7 +247,8 @@ def outputs_current(manifest: Path | str, cfg: PreprocessConfig) -> bool:
     accepted = df[df["status"] == "accepted"]
     if accepted.empty:
         return storage.is_file(manifest)
-    keys = accepted["sample_id"].map(lambda s: preprocess_key(s, cfg) if isinstance(s, str) else None)
+    code = preprocess_code()
+    keys = accepted["sample_id"].map(lambda s: preprocess_key(s, cfg, code) if isinstance(s, str) else None)
     return bool((accepted["preprocess_key"] == keys).all()
                 and accepted["processed_path"].map(lambda p: isinstance(p, str) and Path(p).is_file()).all())
 
@@ -279,7 +284,7 @@ class PreprocessStage:
     def key(self, name: str) -> str:
         df = read_manifest(self.manifests[name], SEEDS)
         return identity.content_key("preprocess", identity.frame_digest(df, ["source_path", "sample_id", "status"]),
-                                    identity.spec_digest(self.cfg), str(self.out_dir), ALGORITHM_VERSION)
+                                    identity.spec_digest(self.cfg), str(self.out_dir), preprocess_code())
 
     def finished(self, name: str) -> dict[str, Any] | None:
         manifest = self.manifests[name]

@@ -11,7 +11,6 @@ its hair (the processed image has none left).
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,6 @@ from dermt2im.quality.checks import detector_scores, image_metrics
 from dermt2im.quality.images import load_rgb, workers
 
 log = logging.getLogger(__name__)
-MEASURE_MODULES = ("checks", "detectors", "rulers", "text")
 
 
 @dataclass(frozen=True)
@@ -44,10 +42,8 @@ class Seeds:
 
 
 def _measures_key(q: QualityConfig) -> str:
-    modules = [importlib.import_module(f"dermt2im.quality.{m}") for m in MEASURE_MODULES]
-    modules.append(importlib.import_module("dermt2im.preprocess.hair"))
     # the ruler threshold decides which labels beside a ruler are not text
-    return identity.content_key("seed-measures", identity.code_digest(*modules), q.max_ruler_score)
+    return identity.content_key("seed-measures", identity.code_digest(__name__), q.max_ruler_score)
 
 
 def _cache_path(workdir: Workdir) -> Path:

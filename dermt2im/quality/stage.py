@@ -13,7 +13,6 @@ failed. Cuts left empty in the config are calibrated on the workdir's real seeds
 
 from __future__ import annotations
 
-import importlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -165,10 +164,6 @@ def _save(workdir: Workdir, assessed: pd.DataFrame) -> None:
 # --------------------------------------------------------------------------------------------------
 # the stage
 
-QUALITY_MODULES = ("checks", "detectors", "rulers", "text", "calibrate", "seeds", "shortcuts", "dedupe", "audit",
-                   "report", "figures", "images", "stage")
-
-
 def report_summary(report: QualityReport) -> dict:
     return {"accepted": report.accepted, "rejected": report.rejected, "reasons": report.reasons,
             "memorised": report.memorised, "seeds_compared": report.seeds_compared,
@@ -201,10 +196,8 @@ class QualityStage:
                                           ["sample_key", "sha256", "render_key", "source"])
         seeds = identity.manifest_digest(w.seeds_manifest, SEEDS, ["source_path", "sample_id", "status",
                                                                    "processed_path", "preprocess_key", "hair_fraction"])
-        modules = [importlib.import_module(f"dermt2im.quality.{m}") for m in QUALITY_MODULES]
-        modules.append(importlib.import_module("dermt2im.preprocess.hair"))
         return identity.content_key("assess", images, seeds, identity.spec_digest(self.spec),
-                                    identity.code_digest(*modules))
+                                    identity.code_digest(__name__))
 
     def finished(self, unit: str) -> dict | None:
         df = read_manifest(self.workdir.synthetic_manifest, SYNTHETIC)

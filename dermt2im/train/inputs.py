@@ -17,10 +17,6 @@ from dermt2im.core.specs import LABELS, TrainConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.train.state import TrainingError
 
-# Bump when a change to the trainer changes what a given config trains (keys include it).
-TRAINER_VERSION = 1
-
-
 @dataclass(frozen=True)
 class TrainingImage:
     sample_id: str
@@ -69,9 +65,14 @@ def seeds_digest(images: dict[str, list[TrainingImage]]) -> str:
     return identity.content_key("train-seeds", rows)
 
 
+def trainer_code() -> str:
+    """The trainer's code identity: ``dermt2im/train/`` and every project module it imports."""
+    return identity.code_digest(__name__)
+
+
 def train_key(seeds: str, spec: TrainConfig, base_identity: str) -> str:
-    """The LoRA run's key: the training images, the ``train`` spec, the base model and the trainer."""
-    return identity.content_key("train", TRAINER_VERSION, seeds, identity.spec_digest(spec), base_identity)
+    """The LoRA run's key: the training images, the ``train`` spec, the base model and the trainer's code."""
+    return identity.content_key("train", trainer_code(), seeds, identity.spec_digest(spec), base_identity)
 
 
 def _placeholders(template: str) -> set[str]:

@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from dermt2im.core.fileio import atomic_write_text, sha256_file
+from dermt2im.core.specs import TrainConfig
+from dermt2im.core.workdir import Workdir
 from dermt2im.diffusion import lora_files as lora_io
+from dermt2im.train.inputs import check_inputs, seeds_digest, train_key
 from dermt2im.train.state import TrainingError
 
 LOG = logging.getLogger(__name__)
@@ -130,3 +133,27 @@ def trained_for(lora_root: Path, key: str, run_id: str | None = None) -> TrainRe
         if found is not None:
             return found
     return None
+
+
+def base_identity(spec: TrainConfig) -> str:
+    """The content identity of ``train.base_model`` (``dermt2im.diffusion.models``)."""
+    from dermt2im.diffusion.models import base_model_identity
+
+    try:
+        return base_model_identity(spec.base_model, spec.revision)
+    except ValueError as err:
+        raise TrainingError(f"train.base_model: {err}") from None
+
+
+def current_key(workdir: Workdir, spec: TrainConfig) -> str:
+    """The train key of ``spec`` on the workdir's current training seeds (no model is loaded)."""
+    return train_key(seeds_digest(check_inputs(workdir)), spec, base_identity(spec))
+
+
+def find_trained(workdir: Workdir, spec: TrainConfig, run_id: str | None = None) -> TrainResult | None:
+    """The finished, intact LoRA for these inputs, if there is one (no model is loaded): in
+    ``run_id``'s folder when one is named, else the run recorded for the key."""
+    try:
+        return trained_for(workdir.lora, current_key(workdir, spec), run_id)
+    except (TrainingError, ValueError, OSError, KeyError):
+        return None

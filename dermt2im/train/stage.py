@@ -36,7 +36,6 @@ from dermt2im.core.tracking import open_tracker
 from dermt2im.core.workdir import Workdir
 from dermt2im.diffusion import lora_files as lora_io
 from dermt2im.train.inputs import (
-    TRAINER_VERSION,
     TrainingImage,
     check_config,
     check_inputs,
@@ -45,6 +44,7 @@ from dermt2im.train.inputs import (
     planned_steps,
     seeds_digest,
     train_key,
+    trainer_code,
 )
 from dermt2im.train.loop import (
     _accelerator,
@@ -54,7 +54,16 @@ from dermt2im.train.loop import (
 )
 from dermt2im.train.outputs import _final_loss, _flat_params, _write_loss_curve
 from dermt2im.train.results import _finish_one
-from dermt2im.train.runs import TrainResult, default_run_id, record_run, result_summary, trained_for
+from dermt2im.train.runs import (
+    TrainResult,
+    base_identity,
+    current_key,
+    default_run_id,
+    find_trained,
+    record_run,
+    result_summary,
+    trained_for,
+)
 from dermt2im.train.state import VALIDATION, Preview, TrainContext, TrainingError
 
 LOG = logging.getLogger(__name__)
@@ -84,7 +93,7 @@ def plan_training(workdir: Workdir, spec: TrainConfig, runtime: TrainRuntime, ru
 
     warnings = check_config(spec, runtime)
     images = check_inputs(workdir)
-    base_id = _base_identity(spec)
+    base_id = base_identity(spec)
     seeds = seeds_digest(images)
     key = train_key(seeds, spec, base_id)
     run_id = run_id or default_run_id(key)
@@ -98,7 +107,7 @@ def plan_training(workdir: Workdir, spec: TrainConfig, runtime: TrainRuntime, ru
     optimizer = _choose_optimizer(spec, device, warnings)
     groups = [(label, [label]) for label in LABELS] if spec.lora_per_class else [("all", list(LABELS))]
     header_meta = {
-        "run_id": run_id, "cache_key": key, "trainer_version": TRAINER_VERSION,
+        "run_id": run_id, "cache_key": key, "trainer_code": trainer_code(),
         "base_model": spec.base_model, "revision": spec.revision, "base_model_identity": base_id,
         "instance_token": spec.instance_token, "seeds_digest": seeds, "config": spec.model_dump(mode="json"),
         "seed": spec.seed, "git_revision": git_revision(), "library_versions": identity.library_versions(),
@@ -120,15 +129,6 @@ def _mixed_precision(asked: str, device: str, warnings: list[str]) -> str:
     needs = "CUDA" if asked == "fp16" else "CUDA or a CPU with native bf16 (AVX512-BF16, AMX)"
     warnings.append(f"mixed_precision {asked} needs {needs}; training in fp32 on {device}")
     return "no"
-
-
-def _base_identity(spec: TrainConfig) -> str:
-    from dermt2im.diffusion.models import base_model_identity
-
-    try:
-        return base_model_identity(spec.base_model, spec.revision)
-    except ValueError as err:
-        raise TrainingError(f"train.base_model: {err}") from None
 
 
 def load_models(plan: TrainingPlan, spec: TrainConfig, runtime: TrainRuntime, preview: Preview) -> TrainContext:
@@ -318,20 +318,6 @@ def train_lora(
     )
 
 
-def current_key(workdir: Workdir, spec: TrainConfig) -> str:
-    """The train key of ``spec`` on the workdir's current training seeds (no model is loaded)."""
-    return train_key(seeds_digest(check_inputs(workdir)), spec, _base_identity(spec))
-
-
-def find_trained(workdir: Workdir, spec: TrainConfig, run_id: str | None = None) -> TrainResult | None:
-    """The finished, intact LoRA for these inputs, if there is one (no model is loaded): in
-    ``run_id``'s folder when one is named, else the run recorded for the key (``runs``)."""
-    try:
-        return trained_for(workdir.lora, current_key(workdir, spec), run_id)
-    except (TrainingError, ValueError, OSError, KeyError):
-        return None
-
-
 # --------------------------------------------------------------------------------------------------
 # the stage
 
@@ -360,7 +346,7 @@ class TrainStage:
         return f"train LoRA on {self.spec.base_model}"
 
     def key(self, unit: str) -> str:
-        return train_key(seeds_digest(check_inputs(self.workdir)), self.spec, _base_identity(self.spec))
+        return current_key(self.workdir, self.spec)
 
     def finished(self, unit: str) -> dict[str, Any] | None:
         found = find_trained(self.workdir, self.spec, self.run_id)

@@ -4,7 +4,6 @@ finished cells are read back instead of trained again)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,8 +27,6 @@ TAG_KEY = "dermt2im.comparison_key"
 TAG_CELL_KEY = "dermt2im.cell_key"
 TAG_SKIPPED = "dermt2im.skipped"
 TAG_DESCRIPTION = "dermt2im.description"
-# The modules that decide what a cell computes: changing them invalidates earlier results.
-CELL_MODULES = ("classify", "models", "images", "metrics", "regimes", "cell", "plan", "inputs")
 
 
 @dataclass(frozen=True)
@@ -63,8 +60,9 @@ class ValidationPlan:
 
 
 def code_digest() -> str:
-    """The cell modules' source digest, read from their files: importing them would load torch."""
-    return identity.source_files_digest(importlib.util.find_spec(f"dermt2im.validate.{m}").origin for m in CELL_MODULES)
+    """The validation's code identity (``dermt2im/validate/`` and every project module it imports),
+    read from the files: importing them would load torch."""
+    return identity.code_digest(__name__)
 
 
 def plan_mixtures(inputs: ValidationInputs, spec: ValidateConfig) -> tuple[list[rg.Mixture], dict[str, str]]:

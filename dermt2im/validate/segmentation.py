@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,7 +310,7 @@ class SegmentationStage:
         files = [(p, storage.version_token(p)) for p in (sorted(images["path"]) if not images.empty else [])]
         s = self.spec
         return identity.content_key("segmentation", files, s.tiny, s.sam_model, s.segmentation_samples, s.image_size,
-                                    identity.code_digest(sys.modules[__name__]))
+                                    identity.code_digest(__name__))
 
     def finished(self, unit: str) -> dict | None:
         if not (self.workdir.reports / "segmentation.md").is_file():

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from dermt2im.core.config import config_from_dict
+from dermt2im.core.fileio import sha256_file
 from dermt2im.core.workdir import Workdir
 from dermt2im.diffusion import lora_files as lora_io
 from dermt2im.diffusion import models
@@ -19,7 +20,7 @@ from dermt2im.train import loop as train_loop
 from dermt2im.train import state as training
 from dermt2im.train.checkpoints import latest_checkpoint
 from dermt2im.train.inputs import seeds_digest, training_images
-from dermt2im.train.stage import find_trained
+from dermt2im.train.runs import find_trained
 from tests.train.train_fixtures import TINY_TRAIN, make_seed_manifest, tiny_config, train
 
 pytestmark = pytest.mark.slow
@@ -86,8 +87,8 @@ def test_outputs_and_metadata(trained):
     assert d == w.lora / r.run_id and r.run_id == r.cache_key[:12]
     meta = json.loads((d / lora_io.RUN_META).read_text())
     assert meta["layout"] == "shared" and meta["weights"] == {"all": lora_io.DIFFUSERS_WEIGHTS}
-    assert meta["sha256"]["all"] == r.sha256["all"] == lora_io.sha256_file(r.weights["all"])
-    assert meta["kohya_sha256"]["all"] == lora_io.sha256_file(d / lora_io.KOHYA_WEIGHTS)
+    assert meta["sha256"]["all"] == r.sha256["all"] == sha256_file(r.weights["all"])
+    assert meta["kohya_sha256"]["all"] == sha256_file(d / lora_io.KOHYA_WEIGHTS)
     assert meta["base_model_identity"] == models.base_model_identity("tiny")
     assert meta["seeds_digest"] == seeds_digest(training_images(w))
     assert meta["config"]["rank"] == 4 and meta["seed"] == TINY_TRAIN.get("seed", 42)
