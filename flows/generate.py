@@ -11,16 +11,12 @@ from __future__ import annotations
 
 from prefect import flow
 
+from dermt2im import pipelines
 from dermt2im.core.workdir import open_workdir
-from dermt2im.generate.model import resolve_model
-from dermt2im.generate.stage import GenerateStage
-from dermt2im.quality.stage import QualityStage
-from dermt2im.runners.scaling import scaled
 from dermt2im.flows.names import in_workdir
 from dermt2im.flows.settings import orchestration
-from dermt2im.tasks.artifacts import publish_quality
 from dermt2im.tasks.fanout import render_with_workers
-from dermt2im.tasks.stage import run_stage
+from dermt2im.tasks.stage import run_pipeline
 
 
 @flow(name="generate", log_prints=True, flow_run_name=in_workdir("generate"))
@@ -33,7 +29,8 @@ def generate(
     shards: list[int] | None = None,
     base_model_only: bool = False,
 ) -> dict:
-    """Plan (or extend the plan), render every shard that is not complete, gate and audit.
+    """Plan (or extend the plan), render every shard that is not complete, gate and audit
+    (``dermt2im.pipelines.generate``).
 
     ``lora``: a LoRA run folder or weights file (default: the LoRA trained for the current config). ``shards``:
     render only these. With ``orchestration.parallel_workers`` > 0 (and no ``shards``) the shards are
@@ -42,15 +39,12 @@ def generate(
     Prefect's tag limit, shares out the GPUs.
     """
     w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
-    model = resolve_model(w, lora, train=cfg.train, base_model_only=base_model_only)
-    stage = GenerateStage(w, cfg.generate, cfg.runtime.generate, model, per_class=per_class, shards=shards)
+    stages = pipelines.generate(w, cfg, lora=lora, per_class=per_class, shards=shards, base_model_only=base_model_only)
     settings = orchestration(cfg)
-    by_workers = render_with_workers(stage, settings) if settings.parallel_workers > 0 and not shards else 0
-    with scaled(stage, cfg.scale) as placed:
-        rendered = run_stage(placed.stage, tags=["ray" if placed.on_ray else "gpu"], concurrency=placed.concurrency)
+    by_workers = render_with_workers(stages[0], settings) if settings.parallel_workers > 0 and not shards else 0
+    done, artifacts = run_pipeline(stages, cfg.scale)
+    rendered, assessed = done["generate"], done["quality"]
     rendered["rendered"] += by_workers
-    assessed = run_stage(QualityStage(w, cfg.quality))
-    artifacts = publish_quality(w, assessed)
     return {**rendered, "accepted": assessed["accepted"], "rejected": assessed["rejected"],
             "reasons": assessed["reasons"], "memorised": assessed["memorised"], "reports": assessed["files"],
             "artifacts": artifacts}

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
+from dermt2im.core.config import format_errors
 from dermt2im.core.errors import ConfigError
 from dermt2im.core.specs import Strict
 
@@ -33,9 +34,8 @@ def orchestration(cfg: Any) -> OrchestrationSettings:
     try:
         settings = OrchestrationSettings.model_validate(cfg.orchestration or {})
     except ValidationError as err:
-        lines = [f"  orchestration.{'.'.join(map(str, e['loc']))}: "
-                 + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"]) for e in err.errors()]
-        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+        raise ConfigError(format_errors(err, f"the orchestration section of config {cfg.name!r}",
+                                        "orchestration")) from None
     scale = getattr(cfg, "scale", None)
     if settings.parallel_workers > 0 and scale is not None and scale.ray_address is not None:
         raise ConfigError("invalid configuration:\n  orchestration.parallel_workers and scale.ray_address are both set: "

@@ -202,3 +202,24 @@ def publish_factory(workdir: Workdir, validation: dict[str, Any], tracking: Trac
     lines += ["", "## Reports", ""] + [f"- `{p}`" for p in reports]
     create_markdown_artifact(key="factory-summary", markdown="\n".join(lines),
                              description="derm-t2im factory run: Table IV, grids, where everything is")
+
+
+def publish(stage: Any, summary: dict[str, Any]) -> list[str]:
+    """What the Prefect UI shows after a stage has closed, by stage (``dermt2im.tasks.stage.run_pipeline``
+    calls it after each one): the keys of the artifacts made."""
+    name = stage.name
+    if name in ("ingest", "preprocess"):
+        publish_datasets(name, summary)
+        return [artifact_key(name, dataset) for dataset in summary]
+    if name == "train":
+        publish_lora(summary)
+        return [artifact_key("lora", summary["run_id"])]
+    if name == "quality":
+        return publish_quality(stage.workdir, summary)
+    if name == "validate":
+        publish_table_iv(stage.workdir, summary, stage.tracking)
+        return ["table-iv"] if summary.get("table_md") else []
+    if name == "segmentation":
+        publish_segmentation(summary)
+        return ["segmentation-check"] if summary.get("md") else []
+    return []

@@ -19,6 +19,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from dermt2im.generate.model import GenerationError
 from dermt2im.generate.shards import shard_missing
 from dermt2im.generate.stage import GenerateStage
+from dermt2im.runners.core import survey
 from dermt2im.flows.settings import OrchestrationSettings
 
 
@@ -53,7 +54,7 @@ def render_with_workers(stage: GenerateStage, settings: OrchestrationSettings, p
     stage.fold_parts()  # the runs' appended parts (object stores)
     failed = [f"partition {i} (flow run {r.id}): {st.name}" for i, (r, st) in enumerate(zip(runs, states))
               if not st.is_completed()]
-    left = [s for s in shards if stage.finished(s) is None]
+    left = [u.unit for u in survey(stage) if not u.cached]
     if failed or left:
         raise GenerationError(f"{len(left)} shard(s) not rendered ({left[:10]}); worker runs that did not complete: "
                               f"{', '.join(failed) or 'none'}. Run the generate flow again: finished shards are skipped")

@@ -176,10 +176,13 @@ def _deep_copy(d: Any) -> Any:
     return d
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str, section: str = "") -> str:
+    """A pydantic ``ValidationError`` as the one message every config error gives: where the values
+    came from, then one line per problem naming its key (``section.key: unknown key``, or the rule
+    it breaks and the value given). The one formatter of the project's settings models."""
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in ([section] if section else []) + list(e["loc"])) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         else:
@@ -195,7 +198,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: li
         return FactoryConfig.model_validate(merged)
     except ValidationError as err:
         where = source if not overrides else f"{source} (with overrides {overrides})"
-        raise ConfigError(_format_errors(err, where)) from None
+        raise ConfigError(format_errors(err, where)) from None
 
 
 def load_config(name_or_path: str | Path = "smoke", overrides: list[str] | None = None) -> FactoryConfig:

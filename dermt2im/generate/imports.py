@@ -194,6 +194,11 @@ class ImportStage:
         self.workdir, self.cfg, self.source, self.set_name, self.layout = workdir, cfg, Path(source), set_name, layout
         self.stamps = Stamps(workdir.stamps, self.name)
 
+    @classmethod
+    def of(cls, workdir: Workdir, cfg: Any, *, source: str | Path, name: str, layout: str = "auto") -> "ImportStage":
+        """The stage as a factory config sets it up: the set at ``source`` imported as ``name``."""
+        return cls(workdir, cfg.ingest, source, name, layout)
+
     def units(self) -> list[str]:
         check_name(self.set_name)
         return [self.set_name]
@@ -207,14 +212,13 @@ class ImportStage:
             root, skip_marked=WORKDIR_MARKER), unit, self.layout, identity.spec_digest(self.cfg),
             identity.code_digest(__name__))
 
-    def finished(self, unit: str) -> dict[str, Any] | None:
+    def finished(self, unit: str, key: str) -> dict[str, Any] | None:
         df = read_manifest(self.workdir.synthetic_manifest, SYNTHETIC)
         if not (df["source"] == unit).any():
             return None
-        return self.stamps.matching(unit, self.key(unit))
+        return self.stamps.matching(unit, key)
 
-    def run(self, unit: str) -> dict[str, Any]:
-        key = self.key(unit)
+    def run(self, unit: str, key: str) -> dict[str, Any]:
         report = import_synthetic(self.workdir, self.source, unit, self.cfg, self.layout)
         summary = {"name": unit, "source": str(self.source), "layout": report.layout, "total": report.total,
                    "new": report.new, "changed": report.changed, "quarantined": report.quarantined,

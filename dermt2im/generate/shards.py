@@ -103,25 +103,42 @@ def shard_state(workdir: Workdir, model: RenderModel, shard: int, *, verify: boo
     return ShardState(todo, adopt, done)
 
 
-def shard_complete(workdir: Workdir, model: RenderModel, shard: int, *,
-                   plan: pd.DataFrame | None = None, recorded: pd.DataFrame | None = None) -> bool:
-    """Every image of the shard is recorded with its current render key *and* its file exists (an
+def _shard_key(workdir: Workdir, render_keys: list[str]) -> str:
+    return identity.content_key("render-shard", render_keys, str(workdir.images), str(workdir.manifests))
+
+
+def expected_key(workdir: Workdir, model: RenderModel, shard: int, plan: pd.DataFrame | None = None) -> str:
+    """The key a shard's output must have: the render key of every image it plans, and where the
+    images and rows go."""
+    return _shard_key(workdir, [r["render_key"] for r in expected_rows(workdir, model, shard_rows(workdir, shard, plan))])
+
+
+def recorded_key(workdir: Workdir, shard: int, plan: pd.DataFrame | None = None,
+                 recorded: pd.DataFrame | None = None) -> str | None:
+    """The key of what is recorded for a shard: the render keys of its rows, when every image it plans
+    is recorded with a sha256 and its file exists where the workdir puts it; None otherwise (an
     unrecorded PNG still needs adopting: not complete).
 
     ``plan`` / ``recorded`` are snapshots of the two manifests, so that one poll over many shards
     reads each once. Records are checked before files: an unfinished shard costs no file lookups,
-    which matters when the images sit in an object store.
-    """
-    expected = expected_rows(workdir, model, shard_rows(workdir, shard, plan))
+    which matters when the images sit in an object store."""
+    rows = shard_rows(workdir, shard, plan)
     recorded = read_manifest(workdir.synthetic_manifest, SYNTHETIC) if recorded is None else recorded
     have = recorded.drop_duplicates("sample_key", keep="last").set_index("sample_key")
-    for rec in expected:
-        key = rec["sample_key"]
-        if key not in have.index or have.at[key, "render_key"] != rec["render_key"]:
-            return False
-        if not isinstance(have.at[key, "sha256"], str):
-            return False
-    return all(storage.is_file(rec["path"]) for rec in expected)
+    keys = []
+    for key in rows["sample_key"]:
+        if key not in have.index or not isinstance(have.at[key, "sha256"], str):
+            return None
+        keys.append(have.at[key, "render_key"])
+    if not all(storage.is_file(workdir.png_path(label, key)) for label, key in zip(rows["label"], rows["sample_key"])):
+        return None
+    return _shard_key(workdir, keys)
+
+
+def shard_complete(workdir: Workdir, model: RenderModel, shard: int, *,
+                   plan: pd.DataFrame | None = None, recorded: pd.DataFrame | None = None) -> bool:
+    """Every image of the shard is recorded with its current render key *and* its file exists."""
+    return recorded_key(workdir, shard, plan, recorded) == expected_key(workdir, model, shard, plan)
 
 
 def shard_missing(workdir: Workdir, model: RenderModel, shard: int) -> int:

@@ -197,6 +197,11 @@ class IngestStage:
         self.cfg, self.datasets = cfg, list(datasets)
         self.stamps, self.locks = Stamps(workdir.stamps, self.name), workdir.locks
 
+    @classmethod
+    def of(cls, workdir: Any, cfg: Any, *, datasets: Sequence[Dataset]) -> "IngestStage":
+        """The stage as a factory config sets it up, for ``datasets`` (``seed_datasets``)."""
+        return cls(cfg.ingest, datasets, workdir)
+
     def units(self) -> list[Dataset]:
         return self.datasets
 
@@ -209,13 +214,12 @@ class IngestStage:
         return content_key("ingest", tree_listing(root, skip_marked=WORKDIR_MARKER), spec_digest(self.cfg), d.layout,
                            d.split, d.manifest, code_digest(__name__))
 
-    def finished(self, d: Dataset) -> dict[str, Any] | None:
+    def finished(self, d: Dataset, key: str) -> dict[str, Any] | None:
         if not manifest_exists(d.manifest):
             return None
-        return self.stamps.matching(d.unit_id, self.key(d))
+        return self.stamps.matching(d.unit_id, key)
 
-    def run(self, d: Dataset) -> dict[str, Any]:
-        key = self.key(d)
+    def run(self, d: Dataset, key: str) -> dict[str, Any]:
         report = ingest_source(Path(d.source), d.manifest, self.cfg, layout=d.layout, split=d.split, lock_dir=self.locks)
         summary = ingest_summary(report)
         self.stamps.write(d.unit_id, key, summary)

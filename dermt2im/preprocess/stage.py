@@ -275,6 +275,13 @@ class PreprocessStage:
         self.max_pixels, self.workers, self.locks = max_pixels, workers, locks
         self.reports = Path(reports) if reports is not None else self.out_dir.parent / "reports"  # W/reports
 
+    @classmethod
+    def of(cls, workdir: Any, cfg: Any, *, datasets: Sequence[Any]) -> "PreprocessStage":
+        """The stage as a factory config sets it up, for the ingested ``datasets`` (``ingest.stage.Dataset``)."""
+        return cls(cfg.preprocess, {d.name: d.manifest for d in datasets}, workdir.processed,
+                   max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers, locks=workdir.locks,
+                   reports=workdir.reports)
+
     def units(self) -> list[str]:
         return list(self.manifests)
 
@@ -286,11 +293,11 @@ class PreprocessStage:
         return identity.content_key("preprocess", identity.frame_digest(df, ["source_path", "sample_id", "status"]),
                                     identity.spec_digest(self.cfg), str(self.out_dir), preprocess_code())
 
-    def finished(self, name: str) -> dict[str, Any] | None:
+    def finished(self, name: str, key: str) -> dict[str, Any] | None:
         manifest = self.manifests[name]
         return manifest_summary(manifest) if outputs_current(manifest, self.cfg) else None
 
-    def run(self, name: str) -> dict[str, Any]:
+    def run(self, name: str, key: str) -> dict[str, Any]:
         report = preprocess_manifest(self.manifests[name], self.out_dir, self.cfg, max_pixels=self.max_pixels,
                                      workers=self.workers, lock_dir=self.locks)
         return {**manifest_summary(self.manifests[name]), "processed": report.processed, "failed": report.failed,

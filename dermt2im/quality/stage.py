@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -184,6 +185,11 @@ class QualityStage:
         self.workdir, self.spec = workdir, spec
         self.stamps = Stamps(workdir.stamps, self.name)
 
+    @classmethod
+    def of(cls, workdir: Workdir, cfg: Any) -> "QualityStage":
+        """The stage as a factory config sets it up."""
+        return cls(workdir, cfg.quality)
+
     def units(self) -> list[str]:
         return [self.UNIT]
 
@@ -199,15 +205,15 @@ class QualityStage:
         return identity.content_key("assess", images, seeds, identity.spec_digest(self.spec),
                                     identity.code_digest(__name__))
 
-    def finished(self, unit: str) -> dict | None:
+    def finished(self, unit: str, key: str) -> dict | None:
         df = read_manifest(self.workdir.synthetic_manifest, SYNTHETIC)
         if (df["status"] == "rendered").any() or not (self.workdir.reports / "quality.json").is_file():
             return None
-        return self.stamps.matching(unit, self.key(unit))
+        return self.stamps.matching(unit, key)
 
-    def run(self, unit: str) -> dict:
+    def run(self, unit: str, key: str) -> dict:
         summary = report_summary(assess(self.workdir, self.spec))
-        self.stamps.write(unit, self.key(unit), summary)
+        self.stamps.write(unit, key, summary)
         return summary
 
     def close(self, results) -> dict:

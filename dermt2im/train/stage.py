@@ -59,7 +59,6 @@ from dermt2im.train.runs import (
     base_identity,
     current_key,
     default_run_id,
-    find_trained,
     record_run,
     result_summary,
     trained_for,
@@ -323,10 +322,12 @@ def train_lora(
 
 
 class TrainStage:
-    """Train: one unit, the LoRA run of these inputs; done when ``W/lora/<run_id>/lora.json`` holds the
-    unit's key and every weights file matches its sha256."""
+    """Train: one unit, the LoRA run of these inputs; done when the run folder recorded for the unit's
+    key (``runs``: ``W/lora/runs.json``, or ``--run-id``'s folder) holds a ``lora.json`` of that key
+    and every weights file matches its sha256."""
 
     name = "train"
+    tags = ("gpu",)  # its task runs count against Prefect's `gpu` concurrency limit
 
     def __init__(self, workdir: Workdir, spec: TrainConfig, runtime: TrainRuntime, *, tracking: TrackingConfig,
                  preview: Preview = Preview(), resume: str | None = "latest", run_id: str | None = None,
@@ -335,9 +336,10 @@ class TrainStage:
         self.preview, self.resume, self.run_id, self.progress = preview, resume, run_id, progress
 
     @classmethod
-    def of(cls, workdir: Workdir, cfg: Any, **kw: Any) -> "TrainStage":
+    def of(cls, workdir: Workdir, cfg: Any, *, resume: str | None = "latest", run_id: str | None = None) -> "TrainStage":
         """The stage as a factory config (``dermt2im.core.config.FactoryConfig``) sets it up."""
-        return cls(workdir, cfg.train, cfg.runtime.train, tracking=cfg.tracking, preview=Preview.of(cfg.generate), **kw)
+        return cls(workdir, cfg.train, cfg.runtime.train, tracking=cfg.tracking, preview=Preview.of(cfg.generate),
+                   resume=resume, run_id=run_id)
 
     def units(self) -> list[str]:
         return ["lora"]
@@ -348,11 +350,14 @@ class TrainStage:
     def key(self, unit: str) -> str:
         return current_key(self.workdir, self.spec)
 
-    def finished(self, unit: str) -> dict[str, Any] | None:
-        found = find_trained(self.workdir, self.spec, self.run_id)
+    def finished(self, unit: str, key: str) -> dict[str, Any] | None:
+        try:
+            found = trained_for(self.workdir.lora, key, self.run_id)
+        except TrainingError:
+            return None  # the folder named holds another run: run() says so
         return result_summary(found) if found is not None else None
 
-    def run(self, unit: str) -> dict[str, Any]:
+    def run(self, unit: str, key: str) -> dict[str, Any]:
         result = train_lora(self.workdir, self.spec, self.runtime, tracking=self.tracking, preview=self.preview,
                             resume=self.resume, run_id=self.run_id, progress=self.progress)
         return result_summary(result)

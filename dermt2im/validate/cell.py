@@ -1,6 +1,6 @@
 """One cell of a comparison: fine-tune one model on one regime's mixture at one seed, test it on
 every test set (``fit_and_test``, no tracking), and record it as a child run of the comparison
-(``run_cell``), or read a finished child run back (``reuse_cell``).
+(``run_cell``).
 
 The decision threshold is 0.5; nothing is tuned on a test set.
 """
@@ -217,28 +217,3 @@ def run_cell(tracker: Tracker, plan: ValidationPlan, cell: Cell, key: str, spec:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return CellResult(run, cell.model, cell.regime, cell.seed, outcome.metrics, outcome.predictions)
-
-
-def reuse_cell(tracker: Tracker, plan: ValidationPlan, cell: Cell, key: str) -> CellResult | None:
-    """The finished child run of this cell (same key, same parent), read back; None when there is none."""
-    runs = tracker.runs(
-        f"tags.mlflow.parentRunId = '{plan.parent_run_id}' and tags.`{TAG_CELL_KEY}` = '{key}' "
-        "and attributes.status = 'FINISHED'", order_by=["attributes.end_time DESC"], limit=1)
-    if not runs:
-        return None
-    run = runs[0]
-    predictions = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = tracker.download(run.run_id, "predictions", tmp)
-        except Exception:  # noqa: BLE001 - an incomplete old run is simply trained again
-            return None
-        for name in plan.inputs.test_sets:
-            f = local / f"{name}.csv"
-            if not f.is_file():
-                return None
-            df = pd.read_csv(f, dtype={"key": str})
-            predictions[name] = tuple(zip(df["key"], df["label"].astype(int), df["prob"].astype(float)))
-    metrics = {k: v for k, v in run.metrics.items() if k.startswith("test.")}
-    log.info("cell %s: reusing finished run %s", cell.name, run.run_id)
-    return CellResult(run.run_id, cell.model, cell.regime, cell.seed, metrics, predictions, reused=True)

@@ -1,6 +1,7 @@
-"""A comparison, planned: its cells (model x regime x seed, each with its training mixture), its
-content key, and its MLflow parent run (resumed when an identical comparison ran before, so that
-finished cells are read back instead of trained again)."""
+"""A comparison, planned: its cells (model x regime x seed, each with its training mixture) and its
+content key (``plan_comparison``, from the manifests alone: no tracking store is opened), then its
+MLflow parent run (``open_parent_run``: resumed when an identical comparison ran before, so that
+its cells go on under the same parent)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,17 @@ class Cell:
     @property
     def name(self) -> str:
         return f"{self.model}-{self.regime}-seed{self.seed}"
+
+
+@dataclass(frozen=True, eq=False)
+class Comparison:
+    """What a comparison trains and tests, decided from the manifests alone."""
+
+    comparison_key: str
+    inputs: ValidationInputs
+    cells: tuple[Cell, ...]
+    mixtures: tuple[rg.Mixture, ...]
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,8 +127,10 @@ def comparison_key(spec: ValidateConfig, inputs: ValidationInputs) -> str:
     )
 
 
-def cell_key(spec: ValidateConfig, inputs: ValidationInputs, cell: Cell) -> str:
-    """Content key of one cell: training rows, validation rows, test sets, spec, model, regime, seed."""
+def cell_key(spec: ValidateConfig, inputs: ValidationInputs, cell: Cell, comparison: str = "", store: str = "") -> str:
+    """Content key of one cell: training rows, validation rows, test sets, spec, model, regime, seed,
+    code, and the comparison it belongs to and the tracking store its runs go to (a cell is recorded
+    as a child run of its comparison's parent run there)."""
     from dermt2im.validate.models import model_name
 
     synthetic_paths = {path for path, _label, source in cell.mixture.items if source == rg.SYNTHETIC}
@@ -133,6 +147,8 @@ def cell_key(spec: ValidateConfig, inputs: ValidationInputs, cell: Cell) -> str:
         cell.regime,
         cell.seed,
         code_digest(),
+        comparison,
+        store,
     )
 
 
@@ -198,11 +214,9 @@ def log_quality(tracker: Tracker, parent: str, workdir: Workdir) -> None:
             tracker.log_file(parent, workdir.reports / name, "quality")
 
 
-def prepare(workdir: Workdir, spec: ValidateConfig, tracker: Tracker,
-            test_sets: dict[str, str | Path] | None = None, *, resume: bool = True) -> ValidationPlan:
-    """Load and check the inputs, build the mixtures and open (or resume) the parent run."""
-    import json
-
+def plan_comparison(workdir: Workdir, spec: ValidateConfig,
+                    test_sets: dict[str, str | Path] | None = None) -> Comparison:
+    """Load and check the inputs and build the cells and the comparison's key (no tracking store)."""
     if not spec.models:
         raise ValidationError("validate.models is empty")
     if not spec.seeds:
@@ -210,9 +224,18 @@ def prepare(workdir: Workdir, spec: ValidateConfig, tracker: Tracker,
     inputs = load_inputs(workdir, test_sets)
     mixtures, skipped = plan_mixtures(inputs, spec)
     cells = tuple(Cell(model, m) for model in spec.models for m in mixtures)
-    key = comparison_key(spec, inputs)
-    parent, resumed = _open_parent(tracker, spec, inputs, mixtures, skipped, key, resume)
+    return Comparison(comparison_key(spec, inputs), inputs, cells, tuple(mixtures), skipped)
+
+
+def open_parent_run(workdir: Workdir, spec: ValidateConfig, tracker: Tracker, comparison: Comparison, *,
+                    resume: bool = True) -> ValidationPlan:
+    """The comparison's MLflow parent run, opened (or resumed by key): what its cells run under."""
+    import json
+
+    parent, resumed = _open_parent(tracker, spec, comparison.inputs, list(comparison.mixtures), comparison.skipped,
+                                   comparison.comparison_key, resume)
     if not resumed:
         log_quality(tracker, parent, workdir)
-    tracker.set_tags(parent, {TAG_SKIPPED: json.dumps(skipped, sort_keys=True)})
-    return ValidationPlan(parent, tracker.experiment, tracker.experiment_id, key, inputs, cells, skipped, resumed)
+    tracker.set_tags(parent, {TAG_SKIPPED: json.dumps(comparison.skipped, sort_keys=True)})
+    return ValidationPlan(parent, tracker.experiment, tracker.experiment_id, comparison.comparison_key,
+                          comparison.inputs, comparison.cells, comparison.skipped, resumed)

@@ -20,6 +20,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -299,6 +300,11 @@ class SegmentationStage:
         self.workdir, self.spec = workdir, spec
         self.stamps = Stamps(workdir.stamps, self.name)
 
+    @classmethod
+    def of(cls, workdir: Workdir, cfg: Any) -> "SegmentationStage":
+        """The stage as a factory config sets it up."""
+        return cls(workdir, cfg.validation)
+
     def units(self) -> list[str]:
         return [self.UNIT] if self.spec.segmentation_samples > 0 else []
 
@@ -312,15 +318,15 @@ class SegmentationStage:
         return identity.content_key("segmentation", files, s.tiny, s.sam_model, s.segmentation_samples, s.image_size,
                                     identity.code_digest(__name__))
 
-    def finished(self, unit: str) -> dict | None:
+    def finished(self, unit: str, key: str) -> dict | None:
         if not (self.workdir.reports / "segmentation.md").is_file():
             return None
-        return self.stamps.matching(unit, self.key(unit))
+        return self.stamps.matching(unit, key)
 
-    def run(self, unit: str) -> dict:
+    def run(self, unit: str, key: str) -> dict:
         report = segmentation_check(self.workdir, self.spec)
         summary = {"status": report.status, "message": report.message, **{k: str(v) for k, v in report.paths.items()}}
-        self.stamps.write(unit, self.key(unit), summary)
+        self.stamps.write(unit, key, summary)
         return summary
 
     def close(self, results) -> dict:

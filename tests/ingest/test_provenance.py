@@ -116,7 +116,7 @@ def test_a_workdir_inside_the_source_is_skipped(tmp_path):
     put(w.root / "data" / "seeds" / "malignant" / "ph.png", png_with(pixels(8)))
     stage = IngestStage(IngestConfig(min_side=8), [Dataset("seeds", str(src), str(w.seeds_manifest))], w)
     key = stage.key(stage.units()[0])
-    stage.run(stage.units()[0])
+    stage.run(stage.units()[0], key)
     df = read_manifest(w.seeds_manifest, SEEDS)
     assert len(df) == 4 and not df["source_path"].str.contains("dermt2im-work").any()
     put(w.synthetic / "malignant" / "malignant-000001.png", png_with(pixels(9)))  # the workdir grows

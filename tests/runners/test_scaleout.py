@@ -181,14 +181,12 @@ def test_partition_workers_on_s3_one_killed_mid_shard_and_started_again(tmp_path
     from dermt2im.core import storage
     from dermt2im.core.fileio import sha256_bytes
     from dermt2im.core.manifest import PLAN, SYNTHETIC, pending_parts, read_manifest
-    from dermt2im.core.workdir import Workdir, workdir_config
+    from dermt2im.core.workdir import open_workdir
     from dermt2im.quality.stage import assess
 
     manifests, images = f"{s3_bucket}/run/manifests", f"{s3_bucket}/run/images"
     root = tmp_path / "work"
-    cfg = workdir_config(Workdir.at(root), "smoke",
-                         OVERRIDES + [f"storage.manifests={manifests}", f"storage.images={images}"])
-    w = Workdir.of(root, cfg)
+    w, cfg = open_workdir(root, "smoke", OVERRIDES + [f"storage.manifests={manifests}", f"storage.images={images}"])
     import fsspec
 
     s3 = fsspec.config.conf["s3"]  # the test endpoint (fixture): handed to the workers through fsspec's env config

@@ -45,10 +45,10 @@ class _Numbers:
     def key(self, u):
         return str(u)
 
-    def finished(self, u):
+    def finished(self, u, key):
         return {"u": u, "cached": True} if u == 0 else None
 
-    def run(self, u):
+    def run(self, u, key):
         self.started.append(u)
         self.threads.add(threading.current_thread().name)
         time.sleep(self.delay(u))
