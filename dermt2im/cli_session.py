@@ -149,8 +149,9 @@ def where_results_are(w: Workdir, cfg: Any) -> str:
     found = [(what, path) for what, path in (
         ("Table IV", reports / "table_iv.md"), ("verdict", reports / "verdict.txt"), ("Fig. 10", reports / "fig10.png"),
         ("quality gate and shortcut audit", reports / "quality.md"), ("memorisation audit", reports / "audit" / "audit.md"),
-        ("class x sampler grids", reports / "grids"), ("hair removal", reports / "preprocess.md"),
-        ("segmentation check", reports / "segmentation.md")) if path.exists()]
+        ("class x sampler grids", reports / "grids"), ("segmentation check", reports / "segmentation.md"),
+        *((f"hair removal ({p.stem.removeprefix('preprocess-')})", p) for p in sorted(reports.glob("preprocess-*.md"))))
+        if path.exists()]
     lines = ["results:"] + [f"  {what}: {path}" for what, path in found]
     lines += [f"  manifests: {w.manifests}", f"  LoRA runs: {w.lora}"]
     verdict = reports / "verdict.txt"

@@ -6,8 +6,7 @@ from __future__ import annotations
 from prefect import flow
 
 from dermt2im import pipelines
-from dermt2im.core.identity import manifest_digest
-from dermt2im.core.manifest import SEEDS
+from dermt2im.core.views import seeds_digest
 from dermt2im.core.workdir import DEFAULTS, open_workdir
 from dermt2im.flows.names import in_workdir
 from dermt2im.flows.settings import orchestration
@@ -32,7 +31,7 @@ def prepare_seeds(
                           check=orchestration)
     done, _ = run_pipeline(pipelines.seeds(w, cfg, source=source, test_sets=test_sets, layout=layout))
     ingested = done["ingest"]
-    return {"seeds": str(w.seeds_manifest), "seeds_digest": manifest_digest(w.seeds_manifest, SEEDS),
+    return {"seeds": str(w.seeds_manifest), "seeds_digest": seeds_digest(w.seeds_manifest),
             "test_sets": {name: s["manifest"] for name, s in ingested.items() if name != "seeds"},
             "accepted": ingested["seeds"]["accepted"], "quarantined": ingested["seeds"]["quarantined"]}
 

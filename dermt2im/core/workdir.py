@@ -94,7 +94,23 @@ class Workdir:
 
     @property
     def synthetic_manifest(self) -> Location:
+        """The renders (written by generate)."""
         return storage.join(self.manifests, "synthetic.parquet")
+
+    @property
+    def imported_manifest(self) -> Location:
+        """External synthetic sets (written by import-synthetic)."""
+        return storage.join(self.manifests, "imported.parquet")
+
+    @property
+    def quality_manifest(self) -> Location:
+        """The gate's verdict on every render and import (written by quality)."""
+        return storage.join(self.manifests, "quality.parquet")
+
+    @property
+    def flag_rates_manifest(self) -> Location:
+        """The shortcut audit's flag rates per image set and class (written by quality)."""
+        return storage.join(self.manifests, "flag_rates.parquet")
 
     @property
     def locks(self) -> Path:

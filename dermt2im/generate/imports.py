@@ -1,7 +1,8 @@
 """Bring any synthetic set to the factory: ``dermt2im import-synthetic SOURCE --name NAME``.
 
 A folder of generated images (class folders, or a CSV of ``file,label``, like ingest) becomes rows
-of W's synthetic manifest with ``source = NAME`` (the factory's own renders are ``dermt2im``): one
+of W's imported manifest (``imported.parquet``, written by this stage only; the factory's own renders
+are ``synthetic.parquet``, ``source = dermt2im``) with ``source = NAME``: one
 row per file, bad input quarantined with a reason exactly as ingest does (unreadable, truncated,
 not in a class folder, unknown class, byte-identical duplicates, ...), and whatever generation
 parameters the files carry (``dermt2im.ingest.provenance``) parsed into the manifest's columns:
@@ -26,8 +27,8 @@ import pandas as pd
 
 from dermt2im.core import identity
 from dermt2im.core.errors import DermT2imError
-from dermt2im.core.manifest import SYNTHETIC, read_manifest, upsert
-from dermt2im.core.specs import IngestConfig
+from dermt2im.core.manifest import IMPORTED, read_manifest, upsert
+from dermt2im.core.specs import LABELS, IngestConfig
 from dermt2im.core.workdir import WORKDIR_MARKER, Workdir
 from dermt2im.core.writers import writer_lock
 from dermt2im.ingest.entries import Entry, read_entries, scan_source
@@ -76,6 +77,9 @@ def check_name(name: str) -> str:
                                    "starting with a letter or digit")
     if name == OWN_SOURCE:
         raise SyntheticImportError(f"--name {OWN_SOURCE!r} is the factory's own renders; choose another name")
+    if name in LABELS:  # its rows would be keyed <name>-000001, as the renders of that class are
+        raise SyntheticImportError(f"--name {name!r} is a class, and the factory's renders are keyed by class; "
+                                   "choose another name")
     return name
 
 
@@ -172,11 +176,11 @@ def import_synthetic(workdir: Workdir, source: str | Path, name: str, cfg: Inges
     plan = plan_import(Path(source), layout, cfg)
     if Path(workdir.root).resolve() == plan.root:
         raise SyntheticImportError(f"{plan.root} is the workdir itself")
-    with writer_lock(workdir.synthetic_manifest, workdir.locks):
-        existing = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    with writer_lock(workdir.imported_manifest, workdir.locks):
+        existing = read_manifest(workdir.imported_manifest, IMPORTED)
         rows, report = import_rows(name, plan, cfg, existing)
         if rows:
-            upsert(workdir.synthetic_manifest, pd.DataFrame(rows), SYNTHETIC)
+            upsert(workdir.imported_manifest, pd.DataFrame(rows), IMPORTED)
     return report
 
 
@@ -213,7 +217,7 @@ class ImportStage:
             identity.code_digest(__name__))
 
     def finished(self, unit: str, key: str) -> dict[str, Any] | None:
-        df = read_manifest(self.workdir.synthetic_manifest, SYNTHETIC)
+        df = read_manifest(self.workdir.imported_manifest, IMPORTED)
         if not (df["source"] == unit).any():
             return None
         return self.stamps.matching(unit, key)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from dermt2im.core.identity import code_digest, content_key, spec_digest, tree_l
 from dermt2im.core.manifest import (
     SEEDS,
     conform,
-    is_transient,
     manifest_exists,
     read_manifest,
     write_manifest,
@@ -64,7 +63,6 @@ class IngestReport:
     reasons: dict[str, int]  # quarantine reason category -> count
     labels: dict[str, int] = field(default_factory=dict)  # accepted rows per label
     splits: dict[str, int] = field(default_factory=dict)  # accepted rows per split
-    reconsidered: int = 0  # rows preprocess had quarantined for an I/O error, inputs again
 
     def summary(self) -> str:
         def counts(d: Mapping[str, int]) -> str:
@@ -80,9 +78,6 @@ class IngestReport:
         if self.reasons:
             top = sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
             lines.append("quarantine reasons: " + counts(dict(top[:6])) + (" …" if len(top) > 6 else ""))
-        if self.reconsidered:
-            lines.append(f"reconsidered: {self.reconsidered} row(s) that preprocess had quarantined for an I/O error "
-                         "(the next preprocess tries them again)")
         return "\n".join(lines)
 
 
@@ -151,16 +146,7 @@ def ingest_source(
         frame = pd.DataFrame(rows, columns=SEEDS.columns)
         if not (storage.exists(manifest_path) and conform(frame, SEEDS).equals(before)):
             write_manifest(frame, manifest_path, SEEDS)
-    reconsidered = _reconsidered(existing, rows)
-    if reconsidered:
-        log.info("ingest: %d row(s) that preprocess had quarantined for an I/O error are inputs again", reconsidered)
-    return replace(_report(plan, manifest_path, rows, new), reconsidered=reconsidered)
-
-
-def _reconsidered(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]]) -> int:
-    """Rows that preprocess had quarantined for a transient reason and that are inputs again."""
-    was = {r["source_path"] for r in before if r["status"] != ACCEPTED and is_transient(r["reason"])}
-    return sum(1 for r in after if r["source_path"] in was and not is_transient(r["reason"]))
+    return _report(plan, manifest_path, rows, new)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pandas as pd
 
 from dermt2im.core import identity, storage
 from dermt2im.core.fileio import atomic_write_text
-from dermt2im.core.manifest import SEEDS, read_manifest
+from dermt2im.core.views import seeds_view
 from dermt2im.core.specs import QualityConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.quality.audit import SeedIndex, build_index, merge_indexes
@@ -61,7 +61,7 @@ def _read_cache(path: Path, key: str) -> dict[str, dict[str, float]]:
 
 def accepted_seeds(workdir: Workdir) -> pd.DataFrame:
     """Accepted seed rows whose processed image exists."""
-    df = read_manifest(workdir.seeds_manifest, SEEDS)
+    df = seeds_view(workdir.seeds_manifest)
     df = df[(df["status"] == "accepted") & df["processed_path"].notna()].drop_duplicates("sample_id")
     present = [storage.is_file(storage.resolve(p, workdir.root)) for p in df["processed_path"]]
     for sid, p, ok in zip(df["sample_id"], df["processed_path"], present):

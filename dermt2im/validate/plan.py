@@ -197,18 +197,18 @@ def _open_parent(tracker: Tracker, spec: ValidateConfig, inputs: ValidationInput
 def log_quality(tracker: Tracker, parent: str, workdir: Workdir) -> None:
     """The quality gate's shortcut audit on the comparison's parent run: each flag's rate per class and
     image set (metrics ``flag_rate.<set>.<class>.<flag>``), the flags called out (a tag), and the
-    quality reports as artifacts, so a shortcut shows next to the results it may inflate."""
-    import json
+    quality reports as artifacts, so a shortcut shows next to the results it may inflate. Read from
+    the quality stage's ``flag_rates.parquet`` (the reports are for people, never inputs)."""
+    from dermt2im.core.manifest import FLAG_RATES, read_manifest
 
-    report = workdir.reports / "quality.json"
-    try:
-        quality = json.loads(report.read_text())
-    except (OSError, ValueError):
+    rates = read_manifest(workdir.flag_rates_manifest, FLAG_RATES)
+    if rates.empty:
         return
     points = [(metric_key("flag_rate", r["images"], r["label"], flag), float(r[flag]), 0)
-              for r in quality.get("flag_rates", []) if r.get("n") for flag in FLAG_NAMES if flag in r]
+              for r in rates.to_dict("records") if r["n"] for flag in FLAG_NAMES]
     tracker.log_points(parent, points)
-    tracker.set_tags(parent, {"dermt2im.shortcuts": "; ".join(quality.get("shortcuts", [])) or "none"})
+    called = [s for s in rates["shortcut"].dropna() if s]
+    tracker.set_tags(parent, {"dermt2im.shortcuts": "; ".join(called) or "none"})
     for name in ("quality.json", "quality.md"):
         if (workdir.reports / name).is_file():
             tracker.log_file(parent, workdir.reports / name, "quality")

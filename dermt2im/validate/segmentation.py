@@ -29,7 +29,8 @@ import pandas as pd
 from dermt2im.core import identity, storage
 from dermt2im.core.errors import DermT2imError
 from dermt2im.core.fileio import atomic_path, atomic_write_text
-from dermt2im.core.manifest import SEEDS, SYNTHETIC, manifest_exists, read_manifest
+from dermt2im.core.manifest import manifest_exists
+from dermt2im.core.views import seeds_view, synthetic_view
 from dermt2im.core.specs import LABELS, ValidateConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.stage import Stamps
@@ -194,10 +195,10 @@ def sample_images(workdir: Workdir, spec: ValidateConfig, seed: int = 0) -> pd.D
     k = spec.segmentation_samples
     frames = []
     if manifest_exists(workdir.seeds_manifest):
-        seeds = read_manifest(workdir.seeds_manifest, SEEDS)
+        seeds = seeds_view(workdir.seeds_manifest)
         real = pd.concat([real_rows(seeds, s) for s in ("train", "val", "test")], ignore_index=True)
         frames.append(real[["path", "label", "source"]])
-    syn = usable_synthetic(read_manifest(workdir.synthetic_manifest, SYNTHETIC))
+    syn = usable_synthetic(synthetic_view(workdir))
     if len(syn):
         syn["path"] = [p if storage.is_remote(p) or Path(p).is_absolute() else str(workdir.root / p)
                      for p in syn["path"]]  # image-store URLs as they are

@@ -586,21 +586,27 @@ def test_new_copies_of_existing_images_on_reingest(tmp_path):
 
 
 def test_reingest_keeps_preprocess_results_unless_the_file_changed(tmp_path):
+    """Ingest never writes preprocess's table; readers join the two by row id, and a row whose bytes
+    changed is joined to nothing preprocess made of the old bytes."""
+    from dermt2im.core.manifest import PROCESSED, processed_location, write_manifest
+    from dermt2im.core.views import seeds_view
+
     src, manifest = tmp_path / "src", tmp_path / "seeds.parquet"
     class_folders(src, per_class=3)
     _, df = run(src, manifest)
-    done = df.copy()
-    done["processed_path"] = "/processed/" + done["sample_id"] + ".png"
-    done["preprocess_key"] = "k1"
-    done["hair_fraction"] = 0.25
+    done = pd.DataFrame({"source_path": df["source_path"], "sample_id": df["sample_id"], "status": "processed",
+                         "processed_path": "/processed/" + df["sample_id"] + ".png", "preprocess_key": "k1",
+                         "hair_fraction": 0.25})
     failed = done.index[done["source_path"].str.endswith("benign-1.jpg")][0]
     done.loc[failed, ["status", "reason", "processed_path", "preprocess_key"]] = [
-        "quarantined", "preprocess: image processing failed", None, None]
-    upsert(manifest, done, SEEDS)
+        "failed", "preprocess: image processing failed", None, "k1"]
+    write_manifest(done, processed_location(manifest), PROCESSED)
+    before = read_manifest(processed_location(manifest), PROCESSED)
     put(src / "malignant" / "malignant-0.jpg", jpeg(4242))  # changed bytes: old preprocessing is stale
 
-    _, again = run(src, manifest)
-    rows = by_rel(again, src)
+    run(src, manifest)
+    assert read_manifest(processed_location(manifest), PROCESSED).equals(before)  # ingest writes only its own
+    rows = by_rel(seeds_view(manifest), src)
     kept = rows.loc["benign/benign-0.jpg"]
     assert kept["processed_path"].startswith("/processed/") and kept["preprocess_key"] == "k1"
     assert kept["hair_fraction"] == 0.25

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from dermt2im.core.views import synthetic_view
 from tests.core.test_storage import s3_bucket  # noqa: F401  (fixture)
 from tests.flows.prefect_server import prefect_cli
 from tests.flows.prefect_server import prefect_server as serve
@@ -158,7 +159,7 @@ def test_the_generate_flow_fans_out_to_worker_runs_one_partition_each(prefect_se
     assert sorted((r.parameters["shard_index"], r.parameters["num_shards"]) for r in runs) == [(0, 2), (1, 2)]
     assert all(r.state is not None and r.state.is_completed() for r in runs), diagnostics
     plan = read_manifest(w.plan_manifest, PLAN)
-    df = read_manifest(w.synthetic_manifest, SYNTHETIC)
+    df = synthetic_view(w)
     assert len(df) == len(plan) == 8 and df["sample_key"].is_unique and df["status"].isin(["accepted", "rejected"]).all()
     fs, prefix = storage.to_fs(f"{s3_bucket}/images")
     assert len(fs.find(prefix)) == 8 and all(p.startswith(f"{s3_bucket}/images/") for p in df["path"])
@@ -242,8 +243,8 @@ def test_partition_workers_on_s3_one_killed_mid_shard_and_started_again(tmp_path
     assert 0 < rendered_again < int((plan["shard"] % 2 == 0).sum()), diagnostics()
     assert "worker 1 of 2:" in (logs / "w1.log").read_text()
     appended = read_manifest(w.synthetic_manifest, SYNTHETIC)
-    report = assess(w, cfg.quality)  # what `dermt2im quality` runs next: gates the images and folds the parts in
-    df = read_manifest(w.synthetic_manifest, SYNTHETIC)
+    report = assess(w, cfg.quality)  # what `dermt2im quality` runs next (the workers folded their parts as they ended)
+    df = synthetic_view(w)
     assert pending_parts(w.synthetic_manifest) == [] and storage.is_file(w.synthetic_manifest)
     assert report.accepted + report.rejected == len(plan) and df["status"].isin(["accepted", "rejected"]).all()
     assert df[["sample_key", "sha256"]].equals(appended[["sample_key", "sha256"]])

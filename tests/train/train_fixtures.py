@@ -11,7 +11,7 @@ import pandas as pd
 from PIL import Image
 
 from dermt2im.core.config import config_from_dict
-from dermt2im.core.manifest import SEEDS, upsert
+from tests.manifests import write_seeds
 
 # Fast, CPU-only training settings on the tiny model.
 TINY_TRAIN = {
@@ -96,4 +96,4 @@ def make_seed_manifest(
                     "height": size,
                 }
             )
-    return upsert(workdir.seeds_manifest, pd.DataFrame(rows), SEEDS)
+    return write_seeds(workdir.seeds_manifest, rows)

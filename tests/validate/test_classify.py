@@ -1,10 +1,9 @@
 """The tiny classifiers learn the fixture lesions well above chance, deterministically per seed."""
 
-import pandas as pd
 import pytest
 import torch
 
-from dermt2im.core.manifest import SEEDS, read_manifest
+from dermt2im.core.views import seeds_view
 from dermt2im.validate import classify
 from dermt2im.validate import images as classify_images
 from dermt2im.validate import models as classify_models
@@ -20,8 +19,8 @@ def data(tmp_path_factory):
     w = Workdir.at(tmp_path_factory.mktemp("classify"))
     fx = make_validation_data(w, n_train=16, n_val=4, n_test=2, n_synthetic=0, extra_rejected=0,
                               extra_memorised=0, n_external=8)
-    seeds = read_manifest(w.seeds_manifest, SEEDS)
-    return real_rows(seeds, "train"), real_rows(seeds, "val"), pd.read_parquet(fx.test_sets["phantom-isic"])
+    seeds = seeds_view(w.seeds_manifest)
+    return real_rows(seeds, "train"), real_rows(seeds, "val"), seeds_view(fx.test_sets["phantom-isic"])
 
 
 def _train(kind, data, seed=0, **over):

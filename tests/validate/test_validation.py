@@ -1,6 +1,7 @@
 """validate(): model x regime x seed in MLflow child runs, leakage and no-synthetic guards, the flow."""
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -8,7 +9,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
+from dermt2im.core.views import seeds_view
+from dermt2im.core.manifest import SEEDS, read_manifest, write_manifest
 from dermt2im.core.tracking import sqlite_artifact_root
 from dermt2im.validate.cell import CELL_TAGS
 from dermt2im.validate.inputs import ValidationError
@@ -85,7 +87,7 @@ def test_validate_logs_a_comparison_with_identical_child_runs(workdir):
 
 def test_a_lesion_in_training_and_test_data_is_refused(workdir):
     fx = make_validation_data(workdir, n_synthetic=2)
-    seeds = read_manifest(workdir.seeds_manifest, SEEDS)
+    seeds = seeds_view(workdir.seeds_manifest)
     leaked = seeds[seeds["split"] == "train"]["lesion_id"].iloc[3]
     path = fx.test_sets["phantom-ham"]
     test = read_manifest(path, SEEDS)
@@ -97,7 +99,7 @@ def test_a_lesion_in_training_and_test_data_is_refused(workdir):
 
 def test_the_same_image_in_val_and_test_is_refused(workdir):
     fx = make_validation_data(workdir, n_synthetic=2)
-    seeds = read_manifest(workdir.seeds_manifest, SEEDS)
+    seeds = seeds_view(workdir.seeds_manifest)
     val_row = seeds[seeds["split"] == "val"].iloc[0]
     test = read_manifest(fx.test_sets["phantom-isic"], SEEDS)
     test.loc[0, "sample_id"] = val_row["sample_id"]
@@ -124,8 +126,7 @@ def test_no_accepted_synthetic_images_runs_the_baseline_and_says_why(workdir):
 
 def test_only_synthetic_regimes_without_synthetic_images_is_a_clear_error(workdir):
     make_validation_data(workdir, n_synthetic=2)
-    syn = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
-    write_manifest(syn.assign(status=None), workdir.synthetic_manifest, SYNTHETIC)  # gate not run yet
+    Path(workdir.quality_manifest).unlink()  # the gate has not run yet: no verdicts
     cfg = tiny_config("validation-onlysyn", regimes=["hybrid", "synthetic_only"])
     with pytest.raises(ValidationError, match="nothing to validate.*not yet through the quality gate.*include 'baseline'"):
         validate(workdir, cfg)
