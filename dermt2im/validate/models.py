@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from dermt2im.core.errors import DermT2imError
 from dermt2im.core.specs import LABELS, ValidateConfig
 
@@ -40,6 +38,8 @@ def tiny_model(kind: str, image_size: int, seed: int):
         ViTConfig,
         ViTForImageClassification,
     )
+
+    import torch
 
     torch.manual_seed(seed)
     if kind == "vit":
@@ -86,6 +86,8 @@ def pretrained_model(kind: str, name: str, seed: int):
     cls = {"vit": ViTForImageClassification, "mobilenet_v2": MobileNetV2ForImageClassification}.get(kind)
     if cls is None:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
+    import torch
+
     torch.manual_seed(seed)
     try:
         model = cls.from_pretrained(
