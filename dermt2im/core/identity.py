@@ -151,18 +151,39 @@ def code_files(module: str, root: Path | None = None) -> list[Path]:
     return sorted(seen, key=lambda p: p.relative_to(root).as_posix())
 
 
+_DIGESTS: dict[tuple[str, str], tuple[tuple[tuple[Path, int, int], ...], str]] = {}
+
+
+def _versions(paths: Iterable[Path]) -> tuple[tuple[Path, int, int], ...]:
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append((p, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def code_digest(module: str, root: Path | None = None) -> str:
     """The code identity of a stage: sha256 over the relative path and bytes of every file
     ``code_files(module)`` lists. Every stage's key holds the digest of its own module's package
     (``code_digest(__name__)``): editing any of those files re-runs that stage, and no list of
-    modules or version constant is kept by hand."""
+    modules or version constant is kept by hand. Remembered in this process while none of the files
+    changes (size and modification time): a new import is an edit of a file already listed."""
     root = Path(root) if root is not None else _package_root()
+    seen = _DIGESTS.get((module, str(root)))
+    try:
+        if seen is not None and _versions(p for p, _, _ in seen[0]) == seen[0]:
+            return seen[1]
+    except OSError:
+        pass
+    files = code_files(module, root)
     h = hashlib.sha256()
-    for path in code_files(module, root):
+    for path in files:
         h.update(path.relative_to(root).as_posix().encode() + b"\0")
         h.update(path.read_bytes())
         h.update(b"\0")
-    return h.hexdigest()
+    digest = h.hexdigest()
+    _DIGESTS[(module, str(root))] = (_versions(files), digest)
+    return digest
 
 
 # --- data ---------------------------------------------------------------------------------------

@@ -1,14 +1,25 @@
-"""The automatic quality gate and the memorisation audit over the synthetic manifest.
+"""The automatic quality gate and the memorisation audit over the synthetic images.
 
 The paper discarded images "with noisy artifacts" by hand; here every image, rendered by the factory
-or imported (``dermt2im.generate.imports``), is measured and scanned by the detectors (``checks``),
-compared with the seeds (``audit``) and with the other images of its source (``dedupe``), and the
-flags of the accepted ones are audited per class (``shortcuts``). A rejected image keeps its file;
-its manifest row gets ``status = rejected`` and a ``reason`` whose first word is the check that
-failed. Cuts left empty in the config are calibrated on the workdir's real seeds (``calibrate``,
-``seeds``); ``report`` and ``figures`` write what people look at.
+(``synthetic.parquet``) or imported (``imported.parquet``, ``dermt2im.generate.imports``), is
+measured and scanned by the detectors (``checks``), compared with the seeds (``audit``) and with the
+other images of its source (``dedupe``), and the flags of the accepted ones are audited per class
+(``shortcuts``). A rejected image keeps its file. Cuts left empty in the config are calibrated on the
+workdir's real seeds (``calibrate``, ``seeds``); ``report`` and ``figures`` write what people look at
+(``W/reports``; nothing reads them back).
 
-``QualityStage`` is the stage: one unit, the whole synthetic set.
+What the gate decides is written by this stage alone, into tables of its own keyed by the image's
+``sample_key`` (it never writes the renders' or the imports' manifests): ``quality.parquet``, one
+verdict per image with the ``sha256`` it judged (``status`` accepted / rejected, a ``reason`` whose
+first word is the check that failed, every measure, score and flag, the audit's nearest seed), and
+``flag_rates.parquet`` beside it (the shortcut audit). Readers join the verdicts to the images
+(``dermt2im.core.views.synthetic_view``); a verdict on bytes re-rendered since joins nothing.
+
+``QualityStage`` is the stage: one unit, the whole synthetic set. A gate that runs per shard while
+rendering goes on fits without a second writer: it appends its verdicts as parts of
+``quality.parquet`` (``core.writers.append_rows``, no lock, no read), which readers merge at once and
+this stage's ``close`` folds in; the stage's run over the whole set (duplicates across shards, the
+shortcut audit and its balancing) then replaces them.
 """
 
 from __future__ import annotations
