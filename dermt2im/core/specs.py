@@ -9,9 +9,9 @@ Each model is frozen and strict: an unknown key or a wrong type is an error nami
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 Label = Literal["benign", "malignant"]
 LABELS: tuple[Label, ...] = ("benign", "malignant")
@@ -23,6 +23,21 @@ SAMPLER_NAMES: tuple[str, ...] = ("euler", "euler_a", "plms", "ddim", "dpmpp_2m"
 def _multiple_of_8(name: str, value: int) -> None:
     if value % 8:
         raise ValueError(f"{name} must be a multiple of 8 (the VAE works on 8 x 8 pixel blocks), got {value}")
+
+
+# What people type for "no" and "yes": a YAML or JSON boolean, or one of these words in any case.
+NO_WORDS = ("no", "off", "false", "n", "0")
+YES_WORDS = ("yes", "on", "true", "y", "1")
+
+
+def _precision_word(v: Any) -> Any:
+    """``false`` / ``off`` / ``no`` (as typed, or as YAML 1.1 reads them) mean no mixed precision."""
+    if v is False or (isinstance(v, str) and v.strip().lower() in NO_WORDS):
+        return "no"
+    return v.strip().lower() if isinstance(v, str) else v
+
+
+Precision = Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(_precision_word)]
 
 
 class Strict(BaseModel):
@@ -110,7 +125,7 @@ class TrainConfig(Strict):
     lr_warmup_steps: int = Field(500, ge=0)
     optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"
     adam_weight_decay: float = 1e-2
-    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    mixed_precision: Precision = "fp16"
     max_grad_norm: float = Field(1.0, gt=0)
     snr_gamma: float | None = Field(None, gt=0)
     noise_offset: float = Field(0.0, ge=0)
@@ -241,7 +256,7 @@ class ValidateConfig(Strict):
     learning_rate: float = Field(5e-5, gt=0)
     early_stopping_patience: int = Field(3, ge=1)
     image_size: int = Field(224, ge=16)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    mixed_precision: Precision = "fp16"
     test_sets: dict[str, str] = Field(default_factory=dict, description="name -> SOURCE of an unseen real test set")
     segmentation_samples: int = Field(8, ge=0)
     sam_model: str = "facebook/sam-vit-base"
