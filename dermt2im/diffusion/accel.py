@@ -16,6 +16,10 @@ from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
+# What torch.compile lowers graphs with. Tests that only count graphs or check that a compiled module
+# is called correctly set "eager" (dynamo traces as it would, without inductor's minutes of codegen).
+BACKEND = "inductor"
+
 Switch = Literal["auto", "on", "off"]
 
 
@@ -60,4 +64,4 @@ def compiled(module: Any, *, what: str) -> Any:
     import torch
 
     log.info("compiling the %s with torch.compile (the first call takes a while)", what)
-    return torch.compile(module, fullgraph=False, dynamic=False)
+    return torch.compile(module, fullgraph=False, dynamic=False, backend=BACKEND)

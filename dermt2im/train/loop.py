@@ -181,7 +181,7 @@ def _mse_per_example(ctx: TrainContext, latents, noise, ts, cond):
     sched = ctx.noise_scheduler
     noisy = sched.add_noise(latents, noise, ts)
     with ctx.accelerator.autocast():
-        pred = (ctx.unet or ctx.pipe.unet)(noisy.to(ctx.weight_dtype), ts, cond.to(ctx.weight_dtype)).sample
+        pred = ctx.denoiser(noisy.to(ctx.weight_dtype), ts, cond.to(ctx.weight_dtype)).sample
     if sched.config.prediction_type == "v_prediction":
         target = sched.get_velocity(latents, noise, ts)
     else:
