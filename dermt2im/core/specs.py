@@ -106,6 +106,10 @@ class TrainConfig(Strict):
         description="hub id, local diffusers folder, single .safetensors checkpoint, or 'tiny'",
     )
     revision: str | None = None
+    base_config: str | None = Field(
+        None, description="a single-file base_model's configuration: a local folder with the pipeline's config files "
+        "(model_index.json, unet/config.json, ..., tokenizer/), so that nothing is fetched; None: the hub's SD v1.5 "
+        "configs (fetched, or from the Hugging Face cache). Part of the base model's identity, not of the spec digest")
     instance_token: str = "sks"
     instance_prompt: str = "a dermoscopic image of {token} {label} skin lesion"
     class_prompt: str = "a dermoscopic image of {label} skin lesion"

@@ -179,7 +179,8 @@ def prepared_pipeline(model: RenderModel, runtime: GenerateRuntime, lora: LoraCh
 
         # fp32 is every loader's default: passing it would only make diffusers warn about casting
         torch_dtype = None if dtype == torch.float32 else dtype
-        base = load_pipeline(model.base_model, model.revision, torch_dtype=torch_dtype, device=device)
+        base = load_pipeline(model.base_model, model.revision, base_config=model.base_config, torch_dtype=torch_dtype,
+                             device=device)
         base.set_progress_bar_config(disable=True)
         if lora.weights is not None:
             _fuse(base, lora, scale, keep_adapter=False)

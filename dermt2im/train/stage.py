@@ -105,6 +105,7 @@ def plan_training(workdir: Workdir, spec: TrainConfig, runtime: TrainRuntime, ru
     header_meta = {
         "run_id": run_id, "cache_key": key, "trainer_version": TRAINER_VERSION,
         "base_model": spec.base_model, "revision": spec.revision, "base_model_identity": base_id,
+        "base_config": spec.base_config, "resolved_revision": _resolved_revision(spec),
         "instance_token": spec.instance_token, "seeds_digest": seeds, "config": spec.model_dump(mode="json"),
         "seed": spec.seed, "git_revision": git_revision(), "library_versions": identity.library_versions(),
         "training_images": {label: len(images[label]) for label in LABELS},
@@ -135,9 +136,17 @@ def _base_identity(spec: TrainConfig) -> str:
     from dermt2im.diffusion.models import base_model_identity
 
     try:
-        return base_model_identity(spec.base_model, spec.revision)
+        return base_model_identity(spec.base_model, spec.revision, spec.base_config)
     except ValueError as err:
         raise TrainingError(f"train.base_model: {err}") from None
+
+
+def _resolved_revision(spec: TrainConfig) -> str | None:
+    """The hub commit ``train.revision`` stands for, as the local cache knows it (generation then loads
+    exactly that commit; None for local models or an uncached one)."""
+    from dermt2im.diffusion.models import resolved_revision
+
+    return resolved_revision(spec.base_model, spec.revision)
 
 
 def load_models(plan: TrainingPlan, spec: TrainConfig, runtime: TrainRuntime, preview: Preview) -> TrainContext:
@@ -151,7 +160,7 @@ def load_models(plan: TrainingPlan, spec: TrainConfig, runtime: TrainRuntime, pr
 
     accelerator = _accelerator(plan.device, plan.mixed_precision)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.mixed_precision, torch.float32)
-    pipe = load_pipeline(spec.base_model, spec.revision, device="cpu")
+    pipe = load_pipeline(spec.base_model, spec.revision, base_config=spec.base_config, device="cpu")
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
