@@ -212,29 +212,32 @@ def _render_all(workdir: Workdir, model: RenderModel, runtime: GenerateRuntime, 
     """Render ``todo`` batch by batch (halving a batch on CUDA out-of-memory), writing PNGs meanwhile;
     the pipeline is looked up once per LoRA and scale, not per batch."""
     recorder = _Recorder(workdir.synthetic_manifest)
-    queue = batches(todo, runtime.batch_size)
+    # (rows, the size the batch is rendered at): every batch at runtime.batch_size (one shape for a
+    # compiled pipeline); the halves of a batch split after an out-of-memory error at their own size
+    queue = [(batch, runtime.batch_size) for batch in batches(todo, runtime.batch_size)]
     prep, prep_for = None, None
     with ThreadPoolExecutor(max_workers=runtime.writer_threads, thread_name_prefix="png-writer") as writers:
         try:
             while queue and recorder.error is None:
-                batch = queue.pop(0)
+                batch, size = queue.pop(0)
                 lora = (batch[0]["lora_path"], batch[0]["lora_sha256"], batch[0]["lora_scale"])
                 if lora != prep_for:
                     choice = LoraChoice(Path(lora[0]) if lora[0] else None, lora[1])
                     prep, prep_for = prepared_pipeline(model, runtime, choice, lora[2], pipe=pipe), lora
                 try:
                     with prep.lock:
-                        images = render_batch(prep.pipe, prep.switch, batch, prep.prompts)
+                        images = render_batch(prep.pipe, prep.switch, batch, prep.prompts, pad_to=size)
                 except BaseException as exc:
                     if is_oom(exc) and len(batch) > 1:
                         half = len(batch) // 2
                         log.warning("CUDA out of memory with %d images: retrying as %d + %d", len(batch), half,
                                     len(batch) - half)
                         empty_cuda_cache()
-                        queue[:0] = [batch[:half], batch[half:]]
+                        queue[:0] = [(batch[:half], half), (batch[half:], len(batch) - half)]
                         continue
                     raise
-                recorder.pending.append([writers.submit(_encode_and_write, r, img) for r, img in zip(batch, images)])
+                placed = [{**r, "batch_size": size, "batch_position": i} for i, r in enumerate(batch)]
+                recorder.pending.append([writers.submit(_encode_and_write, r, img) for r, img in zip(placed, images)])
                 bar.advance(len(batch))
                 recorder.harvest(max_pending=2)  # bounded memory: at most two batches waiting on the writers
         except BaseException as exc:
