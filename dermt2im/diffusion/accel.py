@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-# What torch.compile lowers graphs with. Tests that only count graphs or check that a compiled module
-# is called correctly set "eager" (dynamo traces as it would, without inductor's minutes of codegen).
-BACKEND = "inductor"
+# What torch.compile lowers graphs with: inductor, unless DERMT2IM_COMPILE_BACKEND names another.
+# The CPU rehearsal of the paper preset uses "aot_eager" (dynamo's tracing and AOTAutograd's joint
+# graphs as inductor receives them, without its C++ code generation, minutes per graph on two cores);
+# tests that only count graphs or call a compiled module set "eager".
+BACKEND = os.environ.get("DERMT2IM_COMPILE_BACKEND") or "inductor"
 
 Switch = Literal["auto", "on", "off"]
 

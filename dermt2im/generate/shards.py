@@ -211,10 +211,16 @@ def _render_all(workdir: Workdir, model: RenderModel, runtime: GenerateRuntime, 
                 bar: progress.Task) -> _Recorder:
     """Render ``todo`` batch by batch (halving a batch on CUDA out-of-memory), writing PNGs meanwhile;
     the pipeline is looked up once per LoRA and scale, not per batch."""
+    from dermt2im.diffusion import accel
+    from dermt2im.diffusion.models import resolve_device
+
     recorder = _Recorder(workdir.synthetic_manifest)
-    # (rows, the size the batch is rendered at): every batch at runtime.batch_size (one shape for a
-    # compiled pipeline); the halves of a batch split after an out-of-memory error at their own size
-    queue = [(batch, runtime.batch_size) for batch in batches(todo, runtime.batch_size)]
+    # (rows, the size the batch is rendered at): compiled, every batch at runtime.batch_size (one shape,
+    # one graph; the padding costs at most a batch per sampler and shard), eager at its own size; the
+    # halves of a batch split after an out-of-memory error at theirs
+    device = str(pipe.device) if pipe is not None else resolve_device(runtime.device)
+    padded = accel.wanted(runtime.compile, device)
+    queue = [(batch, runtime.batch_size if padded else len(batch)) for batch in batches(todo, runtime.batch_size)]
     prep, prep_for = None, None
     with ThreadPoolExecutor(max_workers=runtime.writer_threads, thread_name_prefix="png-writer") as writers:
         try:

@@ -92,8 +92,8 @@ def test_augmentation_keeps_shape_and_range():
 
 def test_missing_pretrained_model_gives_a_clear_message():
     cfg = tiny_config(tiny=False, vit_model="/nonexistent/vit-model").validation
-    with pytest.raises(classify_models.ModelUnavailable, match="vit model '/nonexistent/vit-model' is not in the Hugging "
-                       "Face cache .*huggingface-cli download /nonexistent/vit-model.*validate.vit_model"):
+    with pytest.raises(classify_models.ModelUnavailable, match="vit model folder /nonexistent/vit-model not found: "
+                       "set validate.vit_model"):
         classify_models.build_classifier("vit", cfg, 0)
 
 
