@@ -13,9 +13,9 @@ cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 SCRATCH="$(mktemp -d)"
 export HF_HUB_OFFLINE=1 MLFLOW_TRACKING_URI="sqlite:///$SCRATCH/mlflow.db" DERMT2IM_CACHE_DIR="$SCRATCH/models"
-DEVICE=cuda
+DEVICE=cuda LIMIT=900
 if [[ "${1:-}" == "--dry-run" ]]; then
-  DEVICE=cpu
+  DEVICE=cpu LIMIT=2400
 else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -23,6 +23,6 @@ else
 fi
 echo "==> rehearsal of the paper preset on $DEVICE ($SCRATCH/rehearsal)"
 start=$(date +%s)
-timeout 900 "$PY" -m dermt2im.rehearsal "$SCRATCH/rehearsal" --device "$DEVICE"
+timeout "$LIMIT" "$PY" -m dermt2im.rehearsal "$SCRATCH/rehearsal" --device "$DEVICE"
 echo "==> rehearsal passed in $(( $(date +%s) - start )) s; measuring"
 exec timeout 470 "$PY" bench/gpu.py "$@"

@@ -53,11 +53,10 @@ def check_devices_here(cfg: Any, stages: Sequence[str]) -> None:
     if torch.cuda.is_available():
         return
     first = wanting[0]
-    key = "validate" if first == "validate" else first
     raise StageFailed(
-        f"{', '.join(wanting)} would run in this flow's process on CUDA (runtime.{key}.device: "
+        f"{', '.join(wanting)} would run in this flow's process on CUDA (runtime.{first}.device: "
         f"{stage_device(cfg, first)}), and this worker has none: set orchestration.gpu_deployments=true to run "
-        f"{'them' if len(wanting) > 1 else 'it'} on the cuda pool, or runtime.{key}.device=cpu")
+        f"{'them' if len(wanting) > 1 else 'it'} on the cuda pool, or runtime.{first}.device=cpu")
 
 
 def run_gpu_stage(flow_fn: Callable[..., Any], deployment: str | None, parameters: dict, orch: OrchestrationSettings,
