@@ -234,12 +234,12 @@ def _render_all(workdir: Workdir, model: RenderModel, runtime: GenerateRuntime, 
                     with prep.lock:
                         images = render_batch(prep.pipe, prep.switch, batch, prep.prompts, pad_to=size)
                 except BaseException as exc:
-                    if is_oom(exc) and len(batch) > 1:
-                        half = len(batch) // 2
-                        log.warning("CUDA out of memory with %d images: retrying as %d + %d", len(batch), half,
+                    if is_oom(exc) and size > 1:
+                        half = max(1, len(batch) // 2)
+                        log.warning("CUDA out of memory with %d images: retrying as %d + %d", size, half,
                                     len(batch) - half)
                         empty_cuda_cache()
-                        queue[:0] = [(batch[:half], half), (batch[half:], len(batch) - half)]
+                        queue[:0] = [(part, len(part)) for part in (batch[:half], batch[half:]) if part]
                         continue
                     raise
                 placed = [{**r, "batch_size": size, "batch_position": i} for i, r in enumerate(batch)]

@@ -198,3 +198,23 @@ def test_compiled_generation_traces_one_graph_per_module_over_a_shard_of_three_s
     finally:
         pipeline.clear_pipeline_cache()
         torch._dynamo.reset()
+
+
+def test_a_padded_batch_out_of_memory_is_split_and_each_part_rendered_at_its_own_size(workdir, monkeypatch):
+    cfg = load_config("smoke", ["generate.per_class=3", "generate.shard_size=3", "generate.width=32",
+                                "generate.height=32", "generate.steps_min=2", "generate.steps_max=2",
+                                "runtime.generate.batch_size=4", "runtime.generate.compile=on",
+                                "generate.samplers=[euler]"])
+    plan(workdir, cfg)
+    real, sizes = shards.render_batch, []
+
+    def out_of_memory_above_two(pipe, switch, rows, prompts=None, pad_to=None):
+        sizes.append(pad_to)
+        if (pad_to or len(rows)) > 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(pipe, switch, rows, prompts, pad_to=pad_to)
+
+    monkeypatch.setattr(shards, "render_batch", out_of_memory_above_two)
+    rows = render(workdir, cfg, 0, pipe=build_tiny_pipeline(0))
+    assert sizes == [4, 1, 2]  # 3 rows padded to 4, then 1 + 2 unpadded
+    assert sorted((r["batch_size"], r["batch_position"]) for r in rows) == [(1, 0), (2, 0), (2, 1)]
