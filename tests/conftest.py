@@ -53,10 +53,10 @@ def mlflow_uri(tmp_path, monkeypatch):
     return uri
 
 
-def stop_temporary_prefect_servers() -> int:
+def stop_temporary_prefect_servers(failed_only: bool = False) -> int:
     """Stop every temporary Prefect server this process started, also one whose start timed out
     (Prefect leaves that process running until interpreter exit, which an xdist worker may never
-    reach); returns how many were stopped."""
+    reach); with ``failed_only``, only those. Returns how many were stopped."""
     import sys
 
     server_module = sys.modules.get("prefect.server.api.server")
@@ -65,7 +65,7 @@ def stop_temporary_prefect_servers() -> int:
     stopped = 0
     for server in list(server_module.SubprocessASGIServer._instances.values()):
         proc = getattr(server, "server_process", None)
-        if proc is not None and proc.poll() is None:
+        if proc is not None and proc.poll() is None and not (failed_only and server.running):
             server.stop()
             stopped += 1
     return stopped
