@@ -3,7 +3,7 @@
 * The rehearsal preset differs from ``paper`` only in the keys it declares (sizes and counts, model
   folders of the same architectures, the speed switches as CUDA resolves them, the devices), so
   the two cannot drift apart.
-* Once per session (the heavy part, on one xdist worker): seeds through the CLI, ``dermt2im train``
+* Once (the heavy part, one test): seeds through the CLI, ``dermt2im train``
   killed with SIGKILL after its first checkpoint, then the ``factory-cpu`` deployment of
   deployments/prefect.yaml with the rehearsal preset on a real Prefect server, with a ``cpu`` process
   worker and a process worker standing in for the ``cuda`` pool: the factory dispatches training
@@ -142,8 +142,16 @@ def _logs(root: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("rehearsal")
-def test_the_factory_deployment_runs_the_paper_preset_through_the_cuda_pool(rehearsed):
+def test_the_paper_preset_rehearsed_as_the_deployments_run_it(rehearsed):
+    """One test, so that the heavy part runs once whatever the xdist schedule (as four tests of one
+    group it ran once per worker)."""
+    _check_the_factory_deployment_ran_the_paper_preset_through_the_cuda_pool(rehearsed)
+    _check_training_took_the_paper_path_and_resumed_after_sigkill(rehearsed)
+    _check_generation_rendered_every_sampler_compiled_in_full_batches(rehearsed)
+    _check_validation_fine_tuned_both_full_size_classifiers(rehearsed)
+
+
+def _check_the_factory_deployment_ran_the_paper_preset_through_the_cuda_pool(rehearsed):
     runs, names = rehearsed["runs"], rehearsed["deployments"]
     by_name = {x["name"].split(" in ")[0]: x for x in runs}
     assert by_name["factory"]["state_type"] == "COMPLETED", _logs(rehearsed["root"])[-4000:]
@@ -155,9 +163,7 @@ def test_the_factory_deployment_runs_the_paper_preset_through_the_cuda_pool(rehe
         assert names.get(run["deployment_id"]) == deployment and run["work_pool_name"] == "cuda", (stage, run)
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("rehearsal")
-def test_training_took_the_paper_path_and_resumed_after_sigkill(rehearsed):
+def _check_training_took_the_paper_path_and_resumed_after_sigkill(rehearsed):
     w = rehearsed["rehearsal"].workdir
     (lora,) = [p for p in w.glob("lora/*/lora.json")]
     meta = json.loads(lora.read_text())
@@ -171,9 +177,7 @@ def test_training_took_the_paper_path_and_resumed_after_sigkill(rehearsed):
     assert f"resumed all from {killed_at}" in _logs(rehearsed["root"])  # by the train-cuda flow run
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("rehearsal")
-def test_generation_rendered_every_sampler_compiled_in_full_batches(rehearsed):
+def _check_generation_rendered_every_sampler_compiled_in_full_batches(rehearsed):
     from dermt2im.core.manifest import SYNTHETIC, read_manifest
 
     rows = read_manifest(rehearsed["rehearsal"].workdir / "manifests" / "synthetic.parquet", SYNTHETIC)
@@ -182,9 +186,7 @@ def test_generation_rendered_every_sampler_compiled_in_full_batches(rehearsed):
     assert "compiled" in _logs(rehearsed["root"])
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("rehearsal")
-def test_validation_fine_tuned_both_full_size_classifiers(rehearsed):
+def _check_validation_fine_tuned_both_full_size_classifiers(rehearsed):
     import mlflow
 
     w = rehearsed["rehearsal"].workdir
