@@ -142,7 +142,8 @@ def _model(w, cfg, lora: Path | None, base_model_only: bool = False):
     from dermt2im.generate.model import resolve_model
 
     return _guard(lambda: resolve_model(w, lora, base_model_only=base_model_only, base_model=cfg.train.base_model,
-                                        revision=cfg.train.revision, token=cfg.train.instance_token))
+                                        revision=cfg.train.revision, token=cfg.train.instance_token,
+                                        base_config=cfg.train.base_config))
 
 
 @command()

@@ -43,7 +43,8 @@ def generate(
     """
     w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
     model = resolve_model(w, lora, base_model_only=base_model_only, base_model=cfg.train.base_model,
-                          revision=cfg.train.revision, token=cfg.train.instance_token)
+                          revision=cfg.train.revision, token=cfg.train.instance_token,
+                          base_config=cfg.train.base_config)
     stage = GenerateStage(w, cfg.generate, cfg.runtime.generate, model, per_class=per_class, shards=shards)
     settings = orchestration(cfg)
     by_workers = render_with_workers(stage, settings) if settings.parallel_workers > 0 and not shards else 0

@@ -34,7 +34,8 @@ def generate_worker(
     extended first, under a lock); returns this partition's counts."""
     w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
     model = resolve_model(w, lora, base_model_only=base_model_only, base_model=cfg.train.base_model,
-                          revision=cfg.train.revision, token=cfg.train.instance_token)
+                          revision=cfg.train.revision, token=cfg.train.instance_token,
+                          base_config=cfg.train.base_config)
     share = Partition(GenerateStage(w, cfg.generate, cfg.runtime.generate, model), shard_index, num_shards)
     return {**run_stage(share, tags=["gpu"]), "shard_index": shard_index, "num_shards": num_shards}
 

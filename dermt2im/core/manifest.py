@@ -369,8 +369,12 @@ SYNTHETIC = register(
             .append(pa.field("hair_fraction", pa.float64()))
             .append(pa.field("audit_inliers", pa.int64()))  # SIFT matches verified with the nearest seed
             .append(_s("audit_method"))  # geometric | global
+            # the size of the batch the image was rendered in and its place there (pixels depend on both,
+            # slightly): generate.pipeline.render_as_recorded renders it again as it was
+            .append(pa.field("batch_size", pa.int64()))
+            .append(pa.field("batch_position", pa.int64()))
         ),
-        optional=("base_model_only",),
+        optional=("base_model_only", "batch_size", "batch_position"),
     )
 )
 

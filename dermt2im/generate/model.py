@@ -42,6 +42,7 @@ class RenderModel:
     identity: str
     token: str
     lora: Path | None
+    base_config: str | None = None  # a single-file base model's local config folder (train.base_config)
 
     @classmethod
     def from_lora(cls, lora: str | Path) -> "RenderModel":
@@ -57,17 +58,20 @@ class RenderModel:
                 f"header with {', '.join(missing)}): train it with `dermt2im train`, or use a run folder"
             )
         token = meta.get("instance_token") or (meta.get("config") or {}).get("instance_token") or "sks"
-        return cls(meta["base_model"], meta.get("revision"), meta["base_model_identity"], token, path)
+        # the hub commit training resolved its revision to, where the cache knew it: the same weights
+        revision = meta.get("resolved_revision") or meta.get("revision")
+        return cls(meta["base_model"], revision, meta["base_model_identity"], token, path, meta.get("base_config"))
 
     @classmethod
-    def base_only(cls, base_model: str, revision: str | None = None, token: str = "sks") -> "RenderModel":
-        from dermt2im.diffusion.models import base_model_identity
+    def base_only(cls, base_model: str, revision: str | None = None, token: str = "sks",
+                  base_config: str | None = None) -> "RenderModel":
+        from dermt2im.diffusion.models import base_model_identity, resolved_revision
 
         try:
-            identity = base_model_identity(base_model, revision)
+            identity = base_model_identity(base_model, revision, base_config)
         except ValueError as err:
             raise GenerationError(f"base model: {err}") from None
-        return cls(base_model, revision, identity, token, None)
+        return cls(base_model, resolved_revision(base_model, revision) or revision, identity, token, None, base_config)
 
     def for_label(self, label: str) -> LoraChoice:
         """The weights file (and its sha256) to fuse for ``label``."""
@@ -119,7 +123,8 @@ def find_latest_lora(workdir: Workdir) -> Path | None:
 
 
 def resolve_model(workdir: Workdir, lora: str | Path | None, *, base_model_only: bool = False,
-                  base_model: str | None = None, revision: str | None = None, token: str = "sks") -> RenderModel:
+                  base_model: str | None = None, revision: str | None = None, token: str = "sks",
+                  base_config: str | None = None) -> RenderModel:
     """The model to render with: the LoRA given, else the newest trained in W/lora; with
     ``base_model_only``, ``base_model`` alone. No LoRA and no explicit request is an error: images
     from the base model alone are not lesions of a class."""
@@ -129,7 +134,7 @@ def resolve_model(workdir: Workdir, lora: str | Path | None, *, base_model_only:
         if not base_model:
             raise GenerationError("--base-model-only needs a base model (train.base_model)")
         log.warning("rendering with the base model %s alone, as asked: its images carry no LoRA", base_model)
-        return RenderModel.base_only(base_model, revision, token)
+        return RenderModel.base_only(base_model, revision, token, base_config)
     if lora is None:
         lora = find_latest_lora(workdir)
         if lora is None:

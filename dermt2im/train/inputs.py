@@ -71,7 +71,10 @@ def seeds_digest(images: dict[str, list[TrainingImage]]) -> str:
 
 def train_key(seeds: str, spec: TrainConfig, base_identity: str) -> str:
     """The LoRA run's key: the training images, the ``train`` spec, the base model and the trainer."""
-    return identity.content_key("train", TRAINER_VERSION, seeds, identity.spec_digest(spec), base_identity)
+    # base_config enters through base_identity (the checkpoint with its config folder), so that keys made
+    # before the setting existed stay as they were
+    return identity.content_key("train", TRAINER_VERSION, seeds, identity.spec_digest(spec, exclude={"base_config"}),
+                                base_identity)
 
 
 def default_run_id(key: str) -> str:
