@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import flow
 
 from dermt2im.core.workdir import DEFAULTS, Workdir, open_workdir, workdir_lock
-from dermt2im.flows.dispatch import run_gpu_stage
+from dermt2im.flows.dispatch import check_devices_here, placement, run_gpu_stage
 from dermt2im.flows.generate import generate
 from dermt2im.flows.names import in_workdir
 from dermt2im.flows.seeds import prepare_seeds
@@ -33,12 +33,14 @@ def factory(
         w, cfg = open_workdir(workdir, config, overrides, fallback="smoke" if source is None else DEFAULTS,
                               check=orchestration)
         gpu = orchestration(cfg)
+        where = placement(cfg, gpu)
+        check_devices_here(cfg, [stage for stage, deployment in where.items() if deployment is None])
         # Each stage waits for the one before, given its result: Prefect's run graph draws an edge from
         # a subflow whose result another one waits for, so it shows seeds -> train -> generate -> validate.
         seeds = prepare_seeds(workdir, source, layout=layout)
-        lora = run_gpu_stage(train, gpu.train_deployment, {"workdir": workdir}, gpu, wait_for=[seeds])
+        lora = run_gpu_stage(train, where["train"], {"workdir": workdir}, gpu, wait_for=[seeds])
         # generate renders with the LoRA trained for this config (dermt2im.train.runs), whichever ran last
-        synthetic = run_gpu_stage(generate, gpu.generate_deployment, {"workdir": workdir}, gpu, wait_for=[lora])
-        validation = validate(workdir, wait_for=[synthetic])
+        synthetic = run_gpu_stage(generate, where["generate"], {"workdir": workdir}, gpu, wait_for=[lora])
+        validation = run_gpu_stage(validate, where["validate"], {"workdir": workdir}, gpu, wait_for=[synthetic])
         publish_factory(w, validation, cfg.tracking)
     return {"seeds": seeds, "lora": lora, "synthetic": synthetic, "validation": validation}

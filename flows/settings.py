@@ -17,10 +17,12 @@ from dermt2im.core.specs import Strict
 
 class OrchestrationSettings(Strict):
     gpu_deployments: bool = Field(
-        False, description="run train / generate through run_deployment on the cuda work pool instead of in-process"
+        False, description="run train / generate / validate through run_deployment on the cuda work pool instead of "
+        "in-process (validation stays in-process when runtime.validate.device is cpu)"
     )
     train_deployment: str = "train/train-cuda"
     generate_deployment: str = "generate/generate-cuda"
+    validate_deployment: str = "validate/validate-cuda"
     deployment_timeout_s: float | None = Field(None, gt=0, description="None waits for as long as the run takes")
     parallel_workers: int = Field(
         0, ge=0, description="> 0: the generate flow renders through this many runs of worker_deployment, each a "

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
+from dermt2im.core import yamltext
 from dermt2im.core.errors import ConfigError
 from dermt2im.core.runtime import RuntimeConfig, ScaleConfig, StorageConfig, TrackingConfig
 from dermt2im.core.specs import (
@@ -149,7 +150,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     keys = [k for k in key.strip().split(".") if k]
     if not keys:
         raise ConfigError(f"override {item!r} has an empty key")
-    return keys, yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return keys, yamltext.load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -204,7 +208,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: li
 def load_config(name_or_path: str | Path = "smoke", overrides: list[str] | None = None) -> FactoryConfig:
     path = resolve_config_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yamltext.load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -375,12 +375,18 @@ _MADE = (
     .append(_s("generator"))  # AUTOMATIC1111, ComfyUI, ... (imports)
     .append(_s("model_hash"))
     .append(_s("generation_parameters"))  # the metadata text as found
+    # the size of the batch the image was rendered in and its place there (pixels depend on both,
+    # slightly): generate.pipeline.render_as_recorded renders it again as it was
+    .append(pa.field("batch_size", pa.int64()))
+    .append(pa.field("batch_position", pa.int64()))
 )
 
-SYNTHETIC = ManifestSchema(name="synthetic", key=("sample_key",), schema=_MADE, optional=("base_model_only",))
+SYNTHETIC = ManifestSchema(name="synthetic", key=("sample_key",), schema=_MADE,
+                           optional=("base_model_only", "batch_size", "batch_position"))
 
 # External synthetic sets (dermt2im.generate.imports): the same columns, written by import-synthetic only.
-IMPORTED = ManifestSchema(name="imported", key=("sample_key",), schema=_MADE)
+IMPORTED = ManifestSchema(name="imported", key=("sample_key",), schema=_MADE,
+                          optional=("base_model_only", "batch_size", "batch_position"))
 
 # The quality gate's verdict on each image (dermt2im.quality), keyed by the image's sample_key and
 # holding the sha256 it assessed: a verdict on bytes that have changed since is joined to nothing.

@@ -199,11 +199,12 @@ def read_snapshot(snapshot: Path) -> dict:
     """A saved ``W/config.yaml`` as a dict; a damaged one is a ``ConfigError`` naming the file."""
     import yaml
 
+    from dermt2im.core import yamltext
     from dermt2im.core.errors import ConfigError
 
     hint = "fix it, or delete it and pass --config to start this workdir's config again"
     try:
-        saved = yaml.safe_load(snapshot.read_text()) or {}
+        saved = yamltext.load(snapshot.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         where = getattr(err, "problem_mark", None)
         at = f" (line {where.line + 1})" if where is not None else ""

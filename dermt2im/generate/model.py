@@ -47,6 +47,7 @@ class RenderModel:
     identity: str
     token: str
     lora: Path | None
+    base_config: str | None = None  # a single-file base model's local config folder (train.base_config)
     chosen: str = field(default="", compare=False)  # why this LoRA, in words ("given with --lora", ...)
 
     @classmethod
@@ -63,17 +64,21 @@ class RenderModel:
                 f"header with {', '.join(missing)}): train it with `dermt2im train`, or use a run folder"
             )
         token = meta.get("instance_token") or (meta.get("config") or {}).get("instance_token") or "sks"
-        return cls(meta["base_model"], meta.get("revision"), meta["base_model_identity"], token, path)
+        # the hub commit training resolved its revision to, where the cache knew it: the same weights
+        revision = meta.get("resolved_revision") or meta.get("revision")
+        return cls(meta["base_model"], revision, meta["base_model_identity"], token, path, meta.get("base_config"))
 
     @classmethod
-    def base_only(cls, base_model: str, revision: str | None = None, token: str = "sks") -> "RenderModel":
-        from dermt2im.diffusion.models import base_model_identity
+    def base_only(cls, base_model: str, revision: str | None = None, token: str = "sks",
+                  base_config: str | None = None) -> "RenderModel":
+        from dermt2im.diffusion.models import base_model_identity, resolved_revision
 
         try:
-            identity = base_model_identity(base_model, revision)
+            identity = base_model_identity(base_model, revision, base_config)
         except ValueError as err:
             raise GenerationError(f"base model: {err}") from None
-        return cls(base_model, revision, identity, token, None, "none: the base model alone, as asked")
+        return cls(base_model, resolved_revision(base_model, revision) or revision, identity, token, None, base_config,
+                   "none: the base model alone, as asked")
 
     def describe(self) -> str:
         """The LoRA in words, with why it was chosen (what generate prints)."""
@@ -128,7 +133,7 @@ def resolve_model(workdir: Workdir, lora: str | Path | None, *, train: TrainConf
         if not train.base_model:
             raise GenerationError("--base-model-only needs a base model (train.base_model)")
         log.warning("rendering with the base model %s alone, as asked: its images carry no LoRA", train.base_model)
-        return RenderModel.base_only(train.base_model, train.revision, train.instance_token)
+        return RenderModel.base_only(train.base_model, train.revision, train.instance_token, train.base_config)
     if lora is not None:
         return dataclasses.replace(RenderModel.from_lora(lora), chosen="given with --lora")
     from dermt2im.train.runs import current_key, find_trained

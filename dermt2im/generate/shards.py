@@ -230,30 +230,39 @@ def _render_all(workdir: Workdir, model: RenderModel, runtime: GenerateRuntime, 
                 bar: progress.Task) -> _Recorder:
     """Render ``todo`` batch by batch (halving a batch on CUDA out-of-memory), writing PNGs meanwhile;
     the pipeline is looked up once per LoRA and scale, not per batch."""
+    from dermt2im.diffusion import accel
+    from dermt2im.diffusion.models import resolve_device
+
     recorder = _Recorder(workdir.synthetic_manifest)
-    queue = batches(todo, runtime.batch_size)
+    # (rows, the size the batch is rendered at): compiled, every batch at runtime.batch_size (one shape,
+    # one graph; the padding costs at most a batch per sampler and shard), eager at its own size; the
+    # halves of a batch split after an out-of-memory error at theirs
+    device = str(pipe.device) if pipe is not None else resolve_device(runtime.device)
+    padded = accel.wanted(runtime.compile, device)
+    queue = [(batch, runtime.batch_size if padded else len(batch)) for batch in batches(todo, runtime.batch_size)]
     prep, prep_for = None, None
     with ThreadPoolExecutor(max_workers=runtime.writer_threads, thread_name_prefix="png-writer") as writers:
         try:
             while queue and recorder.error is None:
-                batch = queue.pop(0)
+                batch, size = queue.pop(0)
                 lora = (batch[0]["lora_path"], batch[0]["lora_sha256"], batch[0]["lora_scale"])
                 if lora != prep_for:
                     choice = LoraChoice(Path(lora[0]) if lora[0] else None, lora[1])
                     prep, prep_for = prepared_pipeline(model, runtime, choice, lora[2], pipe=pipe), lora
                 try:
                     with prep.lock:
-                        images = render_batch(prep.pipe, prep.switch, batch, prep.prompts)
+                        images = render_batch(prep.pipe, prep.switch, batch, prep.prompts, pad_to=size)
                 except BaseException as exc:
-                    if is_oom(exc) and len(batch) > 1:
-                        half = len(batch) // 2
-                        log.warning("CUDA out of memory with %d images: retrying as %d + %d", len(batch), half,
+                    if is_oom(exc) and size > 1:
+                        half = max(1, len(batch) // 2)
+                        log.warning("CUDA out of memory with %d images: retrying as %d + %d", size, half,
                                     len(batch) - half)
                         empty_cuda_cache()
-                        queue[:0] = [batch[:half], batch[half:]]
+                        queue[:0] = [(part, len(part)) for part in (batch[:half], batch[half:]) if part]
                         continue
                     raise
-                recorder.pending.append([writers.submit(_encode_and_write, r, img) for r, img in zip(batch, images)])
+                placed = [{**r, "batch_size": size, "batch_position": i} for i, r in enumerate(batch)]
+                recorder.pending.append([writers.submit(_encode_and_write, r, img) for r, img in zip(placed, images)])
                 bar.advance(len(batch))
                 recorder.harvest(max_pending=2)  # bounded memory: at most two batches waiting on the writers
         except BaseException as exc:

@@ -72,7 +72,9 @@ def trainer_code() -> str:
 
 def train_key(seeds: str, spec: TrainConfig, base_identity: str) -> str:
     """The LoRA run's key: the training images, the ``train`` spec, the base model and the trainer's code."""
-    return identity.content_key("train", trainer_code(), seeds, identity.spec_digest(spec), base_identity)
+    # base_config enters through base_identity (the checkpoint with its config folder)
+    return identity.content_key("train", trainer_code(), seeds, identity.spec_digest(spec, exclude={"base_config"}),
+                                base_identity)
 
 
 def _placeholders(template: str) -> set[str]:

@@ -140,7 +140,7 @@ def base_identity(spec: TrainConfig) -> str:
     from dermt2im.diffusion.models import base_model_identity
 
     try:
-        return base_model_identity(spec.base_model, spec.revision)
+        return base_model_identity(spec.base_model, spec.revision, spec.base_config)
     except ValueError as err:
         raise TrainingError(f"train.base_model: {err}") from None
 

@@ -4,7 +4,7 @@ The steps of diffusers' ``examples/dreambooth/train_dreambooth_lora.py`` as smal
 typed config (paper, Table II): instance prompts per class; one LoRA for both classes (class in the
 prompt) or one per class; optional prior preservation with class images from the base model; PEFT
 LoRA on the UNet attention projections (optionally the text encoder); frozen VAE and text encoder;
-DDPM noise; 8-bit AdamW on CUDA, torch AdamW on CPU; accelerate mixed precision on CUDA with LoRA
+DDPM noise; 8-bit AdamW (bitsandbytes, on CUDA and on a CPU) or torch AdamW; accelerate mixed precision on CUDA with LoRA
 parameters kept in fp32; gradient checkpointing; constant-with-warmup; clipping; min-SNR weighting
 and offset noise.
 
@@ -108,6 +108,7 @@ def plan_training(workdir: Workdir, spec: TrainConfig, runtime: TrainRuntime, ru
     header_meta = {
         "run_id": run_id, "cache_key": key, "trainer_code": trainer_code(),
         "base_model": spec.base_model, "revision": spec.revision, "base_model_identity": base_id,
+        "base_config": spec.base_config, "resolved_revision": _resolved_revision(spec),
         "instance_token": spec.instance_token, "seeds_digest": seeds, "config": spec.model_dump(mode="json"),
         "seed": spec.seed, "git_revision": git_revision(), "library_versions": identity.library_versions(),
         "training_images": {label: len(images[label]) for label in LABELS},
@@ -117,17 +118,29 @@ def plan_training(workdir: Workdir, spec: TrainConfig, runtime: TrainRuntime, ru
 
 
 def _mixed_precision(asked: str, device: str, warnings: list[str]) -> str:
-    """The precision training runs in: as asked on CUDA; on a CPU, bf16 only where it is native
-    (elsewhere oneDNN emulates it, slower than fp32) and never fp16 (no fast fp16 kernels there)."""
+    """The precision training runs in: as asked on CUDA. On a CPU, half precision only where it is
+    native (AVX512-BF16, AMX; elsewhere oneDNN emulates it, slower than fp32), and as bf16: a CPU has
+    no fast fp16 kernels, and accelerate runs fp16 on a CPU without autocast or a grad scaler. So
+    fp16 asked on such a CPU trains in bf16 autocast, the nearest it has, and says so."""
     if device.startswith("cuda") or asked == "no":
         return asked
     from dermt2im.diffusion.accel import native_bf16_cpu
 
-    if asked == "bf16" and native_bf16_cpu():
+    if native_bf16_cpu():
+        if asked == "fp16":
+            warnings.append(f"mixed_precision fp16 needs CUDA; training in bf16 autocast on {device} (native bf16)")
         return "bf16"
     needs = "CUDA" if asked == "fp16" else "CUDA or a CPU with native bf16 (AVX512-BF16, AMX)"
     warnings.append(f"mixed_precision {asked} needs {needs}; training in fp32 on {device}")
     return "no"
+
+
+def _resolved_revision(spec: TrainConfig) -> str | None:
+    """The hub commit ``train.revision`` stands for, as the local cache knows it (generation then loads
+    exactly that commit; None for local models or an uncached one)."""
+    from dermt2im.diffusion.models import resolved_revision
+
+    return resolved_revision(spec.base_model, spec.revision)
 
 
 def load_models(plan: TrainingPlan, spec: TrainConfig, runtime: TrainRuntime, preview: Preview) -> TrainContext:
@@ -141,7 +154,7 @@ def load_models(plan: TrainingPlan, spec: TrainConfig, runtime: TrainRuntime, pr
 
     accelerator = _accelerator(plan.device, plan.mixed_precision)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.mixed_precision, torch.float32)
-    pipe = load_pipeline(spec.base_model, spec.revision, device="cpu")
+    pipe = load_pipeline(spec.base_model, spec.revision, base_config=spec.base_config, device="cpu")
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):

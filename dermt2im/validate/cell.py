@@ -88,7 +88,7 @@ def fit_and_test(cell: Cell, inputs: ValidationInputs, spec: ValidateConfig, dev
     val_y = images.labels_to_tensor(inputs.real_val["label"])
     t0 = time.time()
     fit = classify.fit(model, processor, train_x, train_y, val_x, val_y, spec, cell.seed, device=device,
-                       batch_size=batch_size, on_epoch=on_epoch)
+                       batch_size=batch_size, on_epoch=on_epoch, recipe=spec.recipe(cell.model))
     fit_summary = {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
                    "stopped_early": float(fit.stopped_early), "train_seconds": time.time() - t0}
     out = CellOutcome(fit_summary, {}, {}, {}, {}, model, processor)
@@ -142,12 +142,20 @@ def _cell_params(tags: dict[str, str], cell: Cell, inputs: ValidationInputs, spe
         **{k: tags[k] for k in CELL_TAGS}, "model_name": model_name(cell.model, spec), "n_train": len(mixture.items),
         "n_real_available": mixture.n_real_available, "target_synthetic": mixture.target_synthetic,
         "actual_synthetic_ratio": f"{mixture.actual_ratio:.4f}", "n_val": len(inputs.real_val),
-        "epochs": spec.epochs, "batch_size": batch_size, "learning_rate": spec.learning_rate,
+        **_recipe_params(spec.recipe(cell.model)), "batch_size": batch_size,
         "early_stopping_patience": spec.early_stopping_patience, "image_size": spec.image_size,
         "mixed_precision": spec.mixed_precision if device.type == "cuda" else "no", "device": device.type,
         "threshold": THRESHOLD, "test_sets": ",".join(sorted(inputs.test_sets)),
         "mixture_digest": mixture.digest()[:16], "mixture_notes": "; ".join(mixture.notes) or "none",
     }
+
+
+def _recipe_params(recipe: Any) -> dict[str, Any]:
+    aug = recipe.augmentation
+    return {"epochs": recipe.epochs, "learning_rate": recipe.learning_rate, "warmup_epochs": recipe.warmup_epochs,
+            "schedule": recipe.schedule, "weight_decay": recipe.weight_decay,
+            "augmentation": f"flips={aug.flips}, quarter_turns={aug.quarter_turns}, colour_jitter={aug.colour_jitter:g}, "
+                            f"crop_scale={aug.crop_scale:g}"}
 
 
 def _datasets(cell: Cell, inputs: ValidationInputs, seeds_manifest: str) -> list[DatasetRef]:
@@ -196,7 +204,8 @@ def run_cell(tracker: Tracker, plan: ValidationPlan, cell: Cell, key: str, spec:
             log.warning("%s: %s", cell.name, describe_cell(cell))
         tracker.log_params(run, _cell_params(tags, cell, plan.inputs, spec, device, bs))
         tracker.log_datasets(run, _datasets(cell, plan.inputs, seeds_manifest))
-        with progress.task(f"fit {cell.model} {cell.regime} seed {cell.seed}", total=spec.epochs, unit="epochs") as bar:
+        with progress.task(f"fit {cell.model} {cell.regime} seed {cell.seed}", total=spec.recipe(cell.model).epochs,
+                           unit="epochs") as bar:
             def on_epoch(epoch: int, row: dict[str, float]) -> None:
                 tracker.log_metrics(run, row, step=epoch)
                 bar.update(epoch, note=", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("val_")))

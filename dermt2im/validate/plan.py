@@ -181,7 +181,9 @@ def _open_parent(tracker: Tracker, spec: ValidateConfig, inputs: ValidationInput
     tracker.log_params(parent, {
         "models": ",".join(spec.models), "regimes": ",".join(r[0] for r in regimes_run),
         "seeds": ",".join(map(str, spec.seeds)), "test_sets": ",".join(sorted(inputs.test_sets)),
-        "synthetic_ratio": spec.synthetic_ratio, "tiny": spec.tiny, "epochs": spec.epochs, "threshold": THRESHOLD,
+        "synthetic_ratio": spec.synthetic_ratio, "tiny": spec.tiny, "threshold": THRESHOLD,
+        "epochs": ",".join(f"{m}:{spec.recipe(m).epochs}" for m in spec.models),
+        "learning_rate": ",".join(f"{m}:{spec.recipe(m).learning_rate:g}" for m in spec.models),
         "n_real_train": len(inputs.real_train), "n_real_val": len(inputs.real_val),
         "n_synthetic_usable": len(inputs.synthetic), "validate_config_digest": identity.spec_digest(spec),
     })

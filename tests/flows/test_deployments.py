@@ -118,6 +118,7 @@ def _check_gpu_stages_run_on_cuda_and_the_rest_on_cpu(got: dict) -> None:
     orch = OrchestrationSettings()  # the factory reaches the GPU stages by these names
     assert pools[orch.train_deployment] == "cuda" and orch.train_deployment == "train/train-cuda"
     assert pools[orch.generate_deployment] == "cuda" and orch.generate_deployment == "generate/generate-cuda"
+    assert pools[orch.validate_deployment] == "cuda" and orch.validate_deployment == "validate/validate-cuda"
     for name in ("derm-t2im-factory/factory-cpu", "derm-t2im-factory/factory-smoke", "validate/validate-cpu",
                  "regenerate/regenerate-weekly", "prepare-seeds/seeds-cpu"):
         assert pools[name] == "cpu", name

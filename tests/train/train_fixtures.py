@@ -31,8 +31,10 @@ TINY_TRAIN_RUNTIME = {"gradient_checkpointing": False, "checkpoint_every": 4, "c
 
 def tiny_config(**train):
     """A factory config with the tiny training settings; ``train`` may set spec or runtime keys."""
-    runtime = {**TINY_TRAIN_RUNTIME, **{k: v for k, v in train.items() if k in TINY_TRAIN_RUNTIME}}
-    spec = {**TINY_TRAIN, **{k: v for k, v in train.items() if k not in TINY_TRAIN_RUNTIME}}
+    from dermt2im.core.runtime import TrainRuntime
+
+    runtime = {**TINY_TRAIN_RUNTIME, **{k: v for k, v in train.items() if k in TrainRuntime.model_fields}}
+    spec = {**TINY_TRAIN, **{k: v for k, v in train.items() if k not in TrainRuntime.model_fields}}
     return config_from_dict({"name": "test", "train": spec, "runtime": {"train": runtime}})
 
 

@@ -170,5 +170,5 @@ def test_validate_flow_runs_cells_as_cached_tasks(prefect_harness, workdir):
 def test_an_unavailable_pretrained_model_is_a_clear_error(workdir):
     make_validation_data(workdir, n_train=2, n_val=1, n_test=1, n_synthetic=2, n_external=1)
     cfg = tiny_config("validation-offline", tiny=False, vit_model="/nonexistent/vit", regimes=["baseline"])
-    with pytest.raises(ValidationError, match="cannot load vit model '/nonexistent/vit'"):
+    with pytest.raises(ValidationError, match="vit model folder /nonexistent/vit not found: set validate.vit_model"):
         validate(workdir, cfg)
