@@ -55,9 +55,10 @@ def _config(tmp: Path, args, actors: int = 1):
 
 
 def _stage(w, cfg):
-    from tests.generate.generate_fixtures import stage
+    from dermt2im import pipelines
 
-    return stage(w, cfg)
+    (render,) = pipelines.generate(w, cfg, base_model_only=True, gated=False)  # the base model alone, as asked
+    return render
 
 
 def in_process(tmp: Path, args) -> dict:

@@ -24,7 +24,7 @@ import pandas as pd
 from dermt2im.core import storage
 from dermt2im.core.errors import DermT2imError
 from dermt2im.core.fileio import as_new_folder, sha256_bytes, sha256_file
-from dermt2im.core.manifest import SYNTHETIC, read_manifest
+from dermt2im.core.views import synthetic_view
 from dermt2im.core.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def export_imagefolder(
     near-copies of seed images stay out unless ``include_memorised`` is also set. Returns ``out``.
     """
     out = Path(out).expanduser().resolve()
-    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    df = synthetic_view(workdir)
     if df.empty:
         raise ExportError(f"no synthetic images in {workdir.synthetic_manifest}: run `dermt2im generate` first")
     rows = select_for_export(df, include_rejected=include_rejected, include_memorised=include_memorised)

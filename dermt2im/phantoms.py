@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -412,6 +412,15 @@ class PhantomStage:
     def __init__(self, cfg: PhantomConfig, data_dir: Path, stamps: Stamps) -> None:
         self.cfg, self.sets, self.stamps = cfg, phantom_sets(data_dir, cfg), stamps
 
+    @classmethod
+    def of(cls, workdir: Any, cfg: Any) -> "PhantomStage":
+        """The stage as a factory config sets it up: the sets go to ``W/data``."""
+        return cls(cfg.phantoms, workdir.data, Stamps(workdir.stamps, cls.name))
+
+    def folders(self) -> dict[str, Path]:
+        """Where each set will be (the seeds and every test set, by name), known before any is made."""
+        return {s.name: s.folder for s in self.sets}
+
     def units(self) -> list[PhantomSet]:
         return self.sets
 
@@ -420,18 +429,18 @@ class PhantomStage:
 
     def key(self, unit: PhantomSet) -> str:
         return identity.content_key("phantoms", unit.n, unit.seed, unit.style, self.cfg.size,
-                                    self.cfg.hair_probability, str(unit.folder), identity.code_digest(sys.modules[__name__]))
+                                    self.cfg.hair_probability, str(unit.folder), identity.code_digest(__name__))
 
-    def finished(self, unit: PhantomSet) -> dict | None:
+    def finished(self, unit: PhantomSet, key: str) -> dict | None:
         if not (unit.folder / "labels.csv").is_file():
             return None
-        return self.stamps.matching(unit.name, self.key(unit))
+        return self.stamps.matching(unit.name, key)
 
-    def run(self, unit: PhantomSet) -> dict:
+    def run(self, unit: PhantomSet, key: str) -> dict:
         make_phantoms(unit.folder, unit.n, seed=unit.seed, style=unit.style, size=self.cfg.size,
                       hair_probability=self.cfg.hair_probability)
         summary = {"name": unit.name, "folder": str(unit.folder), "images": unit.n}
-        self.stamps.write(unit.name, self.key(unit), summary)
+        self.stamps.write(unit.name, key, summary)
         return summary
 
     def close(self, results) -> dict:

@@ -309,30 +309,76 @@ def _kind(base_model: str) -> str:
     return "hub"
 
 
-def load_pipeline(base_model: str, revision: str | None = None, *, torch_dtype=None, device: str = "cpu"):
-    """A StableDiffusionPipeline without safety checker, on ``device``, progress bars off."""
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def check_base_config(base_config: str | None) -> Path | None:
+    """``train.base_config``: a local folder with a diffusers pipeline's config files (model_index.json,
+    unet/config.json, ...), used with a single-file checkpoint so that nothing is fetched."""
+    if not base_config:
+        return None
+    folder = Path(base_config).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise ModelError(f"train.base_config {base_config!r} is not a folder with model_index.json: download the base "
+                         f"model's config files into it (huggingface-cli download {SD15_HUB_ID} --include '*.json' "
+                         f"'*.txt' --local-dir {base_config})")
+    return folder.resolve()
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def load_pipeline(base_model: str, revision: str | None = None, *, base_config: str | None = None, torch_dtype=None,
+                  device: str = "cpu"):
+    """A StableDiffusionPipeline without safety checker, on ``device``, progress bars off.
+
+    A single ``.safetensors`` file takes its configuration from ``base_config`` (a local folder) when
+    given, else from the hub (SD v1.5's, fetched or cached). Every failure to find a model is one line
+    (``ModelError``) naming the model, where it was looked for and what to download."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components": the stages report progress
     kind = _kind(base_model)
+    config = check_base_config(base_config)
     common: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
     if torch_dtype is not None:
         common["torch_dtype"] = torch_dtype
-    if kind == "tiny":
-        pipe = build_tiny_pipeline(0)
-        if torch_dtype is not None:
-            pipe.to(dtype=torch_dtype)
-    elif kind == "mini":
-        pipe = _mini_pipeline(base_model)
-        if torch_dtype is not None:
-            pipe.to(dtype=torch_dtype)
-    elif kind == "file":
-        pipe = StableDiffusionPipeline.from_single_file(str(Path(base_model).expanduser()), **common)
-    elif kind == "dir":
-        pipe = StableDiffusionPipeline.from_pretrained(str(Path(base_model).expanduser()), use_safetensors=True, **common)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(base_model, revision=revision, use_safetensors=True, **common)
+    try:
+        if kind == "tiny":
+            pipe = build_tiny_pipeline(0)
+            if torch_dtype is not None:
+                pipe.to(dtype=torch_dtype)
+        elif kind == "mini":
+            pipe = _mini_pipeline(base_model)
+            if torch_dtype is not None:
+                pipe.to(dtype=torch_dtype)
+        elif kind == "file":
+            where = {"config": str(config), "local_files_only": True} if config else {"local_files_only": _offline()}
+            pipe = StableDiffusionPipeline.from_single_file(str(Path(base_model).expanduser()), feature_extractor=None,
+                                                            **where, **common)
+        elif kind == "dir":
+            pipe = StableDiffusionPipeline.from_pretrained(str(Path(base_model).expanduser()), use_safetensors=True,
+                                                           **common)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(base_model, revision=revision, use_safetensors=True, **common)
+    except ModelError:
+        raise
+    except (OSError, ValueError, KeyError) as err:  # huggingface_hub's not-found errors are OSErrors
+        raise ModelError(_not_loadable(base_model, kind, revision, config, err)) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -352,10 +398,50 @@ def _mini_pipeline(base_model: str):
         raise ModelError(str(err)) from None
 
 
-def base_model_identity(base_model: str, revision: str | None = None) -> str:
+def _not_loadable(base_model: str, kind: str, revision: str | None, config: Path | None, err: BaseException) -> str:
+    """One line: which model, where it was looked for, what to download."""
+    offline = " with HF_HUB_OFFLINE=1" if _offline() else ""
+    if kind == "file" and config is None:
+        return (f"base model file {base_model}: its configuration (the {SD15_HUB_ID} config files) is not in the "
+                f"Hugging Face cache ({_hub_cache()}){offline}; download it once (huggingface-cli download {SD15_HUB_ID} "
+                f"--include '*.json' '*.txt' --local-dir DIR) and set train.base_config: DIR ({_first_line(err)})")
+    if kind == "file":
+        return (f"base model file {base_model} with the config folder {config} cannot be loaded: {_first_line(err)} "
+                "(the folder must hold the same model's config files: model_index.json, unet/, vae/, text_encoder/, "
+                "tokenizer/, scheduler/)")
+    if kind == "dir":
+        return (f"base model folder {base_model} cannot be loaded: {_first_line(err)} (it needs a diffusers pipeline "
+                f"with safetensors weights: huggingface-cli download {SD15_HUB_ID} --local-dir {base_model})")
+    return (f"base model {base_model} (revision {revision or 'main'}) is not in the Hugging Face cache "
+            f"({_hub_cache()}){offline}: download it once with `huggingface-cli download {base_model}"
+            f"{' --revision ' + revision if revision else ''}`, or set train.base_model to a local folder "
+            f"({_first_line(err)})")
+
+
+def resolved_revision(base_model: str, revision: str | None = None) -> str | None:
+    """The commit a hub model's ``revision`` (a branch, a tag or a sha) stands for, as the local cache
+    knows it (None when the cache does not have it, or for local models)."""
+    if _kind(base_model) != "hub":
+        return None
+    if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(base_model, "model_index.json", revision=revision or "main")
+    except Exception:  # noqa: BLE001 - an unreadable cache: nothing known
+        return None
+    if isinstance(found, str):
+        snapshot = Path(found).parent
+        if snapshot.parent.name == "snapshots":
+            return snapshot.name
+    return None
+
+
+def base_model_identity(base_model: str, revision: str | None = None, base_config: str | None = None) -> str:
     """A stable, content-based identity for keys and manifests (recipes in ``dermt2im.core.identity``):
-    the tiny model's construction, a checkpoint file's sha256 (the miniature model's included), a
-    folder's file listing, a hub id at its revision."""
+    the tiny model's construction, a checkpoint file's sha256 (the miniature model's included; with its config folder's listing when one
+    is given), a folder's file listing, a hub id at its revision."""
     kind = _kind(base_model)
     if kind == "tiny":
         return tiny_identity(0)
@@ -365,7 +451,9 @@ def base_model_identity(base_model: str, revision: str | None = None) -> str:
             raise ModelError(f"miniature model {path} not found (build it with `dermt2im pretrain-mini`)")
         return identity.file_identity(path)
     if kind == "file":
-        return identity.file_identity(base_model)
+        config = check_base_config(base_config)
+        own = identity.file_identity(base_model)
+        return own if config is None else f"{own}+config:{identity.folder_identity(config)}"
     if kind == "dir":
         return identity.folder_identity(base_model)
     return identity.hub_identity(base_model, revision)

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -37,7 +37,8 @@ import pandas as pd
 from dermt2im.core import identity, storage
 from dermt2im.core.errors import DermT2imError
 from dermt2im.core.fileio import atomic_path, atomic_write_text
-from dermt2im.core.manifest import SEEDS, SYNTHETIC, manifest_exists, read_manifest
+from dermt2im.core.manifest import manifest_exists
+from dermt2im.core.views import seeds_view, synthetic_view
 from dermt2im.core.specs import LABELS, ValidateConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.stage import Stamps
@@ -289,10 +290,10 @@ def sample_images(workdir: Workdir, spec: ValidateConfig | None, seed: int = 0) 
     k = None if spec is None else spec.segmentation_samples
     frames = []
     if manifest_exists(workdir.seeds_manifest):
-        seeds = read_manifest(workdir.seeds_manifest, SEEDS)
+        seeds = seeds_view(workdir.seeds_manifest)
         real = pd.concat([real_rows(seeds, s) for s in ("train", "val", "test")], ignore_index=True)
         frames.append(real[["path", "label", "source"]])
-    syn = usable_synthetic(read_manifest(workdir.synthetic_manifest, SYNTHETIC))
+    syn = usable_synthetic(synthetic_view(workdir))
     if len(syn):
         syn["path"] = [p if storage.is_remote(p) or Path(p).is_absolute() else str(workdir.root / p)
                      for p in syn["path"]]  # image-store URLs as they are
@@ -407,6 +408,11 @@ class SegmentationStage:
         self.workdir, self.spec = workdir, spec
         self.stamps = Stamps(workdir.stamps, self.name)
 
+    @classmethod
+    def of(cls, workdir: Workdir, cfg: Any) -> "SegmentationStage":
+        """The stage as a factory config sets it up."""
+        return cls(workdir, cfg.validation)
+
     def units(self) -> list[str]:
         return [self.UNIT] if self.spec.segmentation_samples > 0 else []
 
@@ -418,17 +424,17 @@ class SegmentationStage:
         files = [(p, storage.version_token(p)) for p in (sorted(images["path"]) if not images.empty else [])]
         s = self.spec
         return identity.content_key("segmentation", files, s.tiny, s.sam_model, s.segmentation_samples, s.image_size,
-                                    identity.code_digest(sys.modules[__name__]))
+                                    identity.code_digest(__name__))
 
-    def finished(self, unit: str) -> dict | None:
+    def finished(self, unit: str, key: str) -> dict | None:
         if not (self.workdir.reports / "segmentation.md").is_file():
             return None
-        return self.stamps.matching(unit, self.key(unit))
+        return self.stamps.matching(unit, key)
 
-    def run(self, unit: str) -> dict:
+    def run(self, unit: str, key: str) -> dict:
         report = segmentation_check(self.workdir, self.spec)
         summary = {"status": report.status, "message": report.message, **{k: str(v) for k, v in report.paths.items()}}
-        self.stamps.write(unit, self.key(unit), summary)
+        self.stamps.write(unit, key, summary)
         return summary
 
     def close(self, results) -> dict:

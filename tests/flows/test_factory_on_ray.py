@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 
 from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest
+from dermt2im.core.views import synthetic_view
 from dermt2im.core.workdir import Workdir
-from flows.factory import factory
+from dermt2im.flows.factory import factory
 from tests.flows.test_factory import SMALL
 from tests.prefect_utils import task_runs, task_states
 
@@ -41,7 +42,7 @@ def test_the_factory_renders_and_validates_on_ray_one_task_run_per_unit(prefect_
 
     w = Workdir.at(root)
     plan = read_manifest(w.plan_manifest, PLAN)
-    synthetic = read_manifest(w.synthetic_manifest, SYNTHETIC)
+    synthetic = synthetic_view(w)
     assert len(synthetic) == len(plan) == 8 and synthetic["sha256"].notna().all()
     assert out["synthetic"]["rendered"] == 8 and (w.reports / "table_iv.md").is_file()
 

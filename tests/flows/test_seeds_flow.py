@@ -2,8 +2,9 @@
 
 import pytest
 
+from dermt2im.core.views import seeds_view
 from dermt2im.core.manifest import SEEDS, read_manifest
-from flows.seeds import prepare_seeds
+from dermt2im.flows.seeds import prepare_seeds
 from tests.prefect_utils import task_states
 
 pytestmark = pytest.mark.slow
@@ -13,11 +14,11 @@ SMALL = ["phantoms.n_seed=8", "phantoms.n_test=4", "phantoms.size=48", "preproce
 def test_flow_prepares_seeds_and_test_sets_then_serves_cache(prefect_harness, workdir):
     state = prepare_seeds(str(workdir.root), config="tiny", overrides=SMALL, return_state=True)
     out = state.result()
-    seeds = read_manifest(out["seeds"], SEEDS)
+    seeds = seeds_view(out["seeds"])
     assert len(seeds) == 8 and seeds["processed_path"].notna().all()
     assert set(out["test_sets"]) == {"phantom-isic", "phantom-ham"}
     for manifest in out["test_sets"].values():
-        t = read_manifest(manifest, SEEDS)
+        t = seeds_view(manifest)
         assert len(t) == 4 and set(t["split"]) == {"test"}
         assert not set(t["lesion_id"]) & set(seeds["lesion_id"])  # unseen lesions
     first = task_states(state)
@@ -38,5 +39,5 @@ def test_changed_preprocess_config_reruns_only_preprocess(prefect_harness, workd
     assert "Completed" in states["preprocess"]
     from PIL import Image
 
-    seeds = read_manifest(state.result()["seeds"], SEEDS)
+    seeds = seeds_view(state.result()["seeds"])
     assert Image.open(seeds["processed_path"].iloc[0]).size == (24, 24)

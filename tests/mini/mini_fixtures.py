@@ -14,9 +14,9 @@ import pandas as pd
 from PIL import Image
 
 from dermt2im.core.config import load_config
-from dermt2im.core.manifest import SEEDS, upsert
 from dermt2im.core.specs import LABELS
 from dermt2im.phantoms import render_phantom
+from tests.manifests import write_seeds
 
 
 def phantom_seeds(workdir, n_per_class: int, size: int = 64, seed: int = 0) -> pd.DataFrame:
@@ -36,7 +36,7 @@ def phantom_seeds(workdir, n_per_class: int, size: int = 64, seed: int = 0) -> p
                          "split": "train" if i < n_per_class else "val", "processed_path": str(path),
                          "preprocess_key": hashlib.sha256(f"{digest}:test".encode()).hexdigest(),
                          "width": size, "height": size, "lesion_id": f"{label}-{i}"})
-    return upsert(workdir.seeds_manifest, pd.DataFrame(rows), SEEDS)
+    return write_seeds(workdir.seeds_manifest, rows)
 
 
 def smoke_config(overrides: list[str] | None = None):

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from dermt2im.core import storage
 from dermt2im.core.fileio import sha256_file
 from dermt2im.core.imaging import encode_png
-from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, upsert
+from dermt2im.core.manifest import SYNTHETIC, read_manifest, upsert
+from dermt2im.core.views import seeds_view, synthetic_view
 from dermt2im.core.specs import LABELS
 from dermt2im.core.workdir import Workdir
 from dermt2im.diffusion import lora_files
@@ -43,15 +44,15 @@ NO_CLASS_WORD = "a dermoscopic image of {token} skin lesion{transformation}"
 @pytest.fixture(scope="module")
 def method(tmp_path_factory):
     """Seeds, the LoRA, the generate stage's images with it (PER_CLASS per class), and the judge."""
-    from dermt2im.generate.model import RenderModel
-    from dermt2im.generate.stage import generate
+    from dermt2im.generate.stage import GenerateStage
+    from dermt2im.runners.sequential import run_stage
 
     cfg = smoke_config(["train.validation_images_per_class=0", f"generate.per_class={PER_CLASS}"])
     w = Workdir.at(tmp_path_factory.mktemp("method") / "w").using(cfg)
     w.processed.mkdir(parents=True, exist_ok=True)
     phantom_seeds(w, 22)  # the smoke preset's train split holds about 22 images per class
     result = train(w, cfg)
-    generate(w, cfg.generate, cfg.runtime.generate, RenderModel.from_lora(result.lora_dir))
+    run_stage(GenerateStage.of(w, cfg, lora=result.lora_dir))
     return cfg, w, result
 
 
@@ -117,7 +118,7 @@ def test_the_gate_accepts_learned_images_rejects_noise_and_the_audit_flags_only_
     noise = build_tiny_pipeline(0)("a dermoscopic image of sks benign skin lesion", num_inference_steps=4,
                                    height=64, width=64, num_images_per_prompt=8, output_type="np",
                                    generator=__import__("torch").Generator().manual_seed(0)).images
-    seeds = read_manifest(w.seeds_manifest, SEEDS)
+    seeds = seeds_view(w.seeds_manifest)
     seed = seeds[seeds["label"] == "malignant"].iloc[0]
     copy = load_rgb(seed["processed_path"])[:, ::-1]  # a mirrored copy of a seed
     extra = [_extra_row(w, f"noise-{i}", LABELS[i % 2], (im * 255).round().astype(np.uint8))
@@ -126,7 +127,7 @@ def test_the_gate_accepts_learned_images_rejects_noise_and_the_audit_flags_only_
     upsert(w.synthetic_manifest, pd.DataFrame(extra), SYNTHETIC)
     assess(w, cfg.quality)
 
-    rows = read_manifest(w.synthetic_manifest, SYNTHETIC).set_index("sample_key")
+    rows = synthetic_view(w).set_index("sample_key")
     learned = rows[rows.index.str.match(r"^(benign|malignant)-\d+$")]
     noisy = rows[rows.index.str.startswith("noise-")]
     assert (learned["status"] == "accepted").mean() >= 0.75, learned["reason"].value_counts().to_dict()

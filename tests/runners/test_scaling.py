@@ -45,10 +45,10 @@ class _Numbers:
     def key(self, u):
         return str(u)
 
-    def finished(self, u):
+    def finished(self, u, key):
         return {"u": u, "cached": True} if u == 0 else None
 
-    def run(self, u):
+    def run(self, u, key):
         self.started.append(u)
         self.threads.add(threading.current_thread().name)
         time.sleep(self.delay(u))
@@ -133,7 +133,7 @@ def test_scale_settings_are_checked_and_never_change_a_key():
 
     with pytest.raises(ConfigError, match="scale.ray_address.*not local, auto, host:port or ray://host:port"):
         load_config("tiny", ["scale.ray_address=http://head:8265"])
-    from flows.settings import orchestration
+    from dermt2im.flows.settings import orchestration
 
     with pytest.raises(ConfigError, match="parallel_workers and scale.ray_address are both set"):
         orchestration(load_config("tiny", ["scale.ray_address=auto", "orchestration.parallel_workers=2"]))
@@ -149,7 +149,7 @@ _NO_RAY = """
 import json, sys
 from typer.testing import CliRunner
 from dermt2im.cli import app
-import flows.factory, flows.generate, flows.validate, flows.generate_worker  # noqa: F401
+import dermt2im.flows.factory, dermt2im.flows.generate, dermt2im.flows.validate, dermt2im.flows.generate_worker  # noqa: F401
 work, small = sys.argv[1], json.loads(sys.argv[2])
 sets = [a for o in small for a in ("--set", o)]
 run = lambda *args: CliRunner().invoke(app, [*args, "--workdir", work, "--base-model-only"])
