@@ -80,7 +80,7 @@ def prepare(tmp: Path, args) -> tuple[str, Path, list[dict]]:
     lora = make_lora(pipe, tmp / "lora", meta)
     del pipe
     torch.set_num_threads(1)
-    cfg = load_config("smoke", overrides(args, str(folder)))
+    cfg = load_config("tiny", overrides(args, str(folder)))
     rows = update_plan(tmp / "plan.parquet", cfg.generate, token=cfg.train.instance_token).to_dict("records")
     return str(folder), lora, rows
 
@@ -164,7 +164,7 @@ def main() -> None:
             work, out = tmp / f"work-{i}", tmp / f"plain-{i}"
             sets = [a for o in overrides(args, model) for a in ("--set", o)]
             # the workdir's config first, as a user sets one up (not timed): generate needs a workdir
-            subprocess.run([dermt2im, "config", "--workdir", str(work), "--config", "smoke", *sets, "--save"],
+            subprocess.run([dermt2im, "config", "--workdir", str(work), "--config", "tiny", *sets, "--save"],
                            check=True, env=env, capture_output=True)
             cmds = {"peer": [sys.executable, str(ROOT / "bench" / "peers" / "plain_generate.py"), str(job), str(out)],
                     "ours": [dermt2im, "generate", "--workdir", str(work), "--lora", str(lora)]}

@@ -7,7 +7,8 @@ Runs the same factory three ways on fresh workdirs:
 and prints the wall times, the orchestration overhead (flow wall time minus the time spent inside
 task bodies, from Prefect's own task-run records) and the ratios.
 
-    python bench/overhead.py                     # the smoke preset as shipped
+    python bench/overhead.py                     # the tiny preset (the machinery on random weights)
+    python bench/overhead.py --config smoke      # the smoke demo (the miniature model)
     python bench/overhead.py --set train.max_steps=10
 """
 
@@ -34,32 +35,14 @@ def _isolate(tmp: Path) -> None:
 
 
 def run_plain(workdir: Path, config: str, overrides: list[str]) -> None:
-    """The factory's stages, run one unit after the other without Prefect, in the flow's order."""
+    """The factory's stages (``dermt2im.pipelines.factory``), run one unit after the other without
+    Prefect, in the flow's order."""
+    from dermt2im import pipelines
     from dermt2im.core.workdir import open_workdir
-    from dermt2im.generate.model import resolve_model
-    from dermt2im.generate.stage import GenerateStage
-    from dermt2im.ingest.stage import IngestStage, seed_datasets
-    from dermt2im.phantoms import PhantomStage
-    from dermt2im.preprocess.stage import PreprocessStage
-    from dermt2im.quality.stage import QualityStage
-    from dermt2im.runners.sequential import run_stage
-    from dermt2im.stage import Stamps
-    from dermt2im.train.stage import TrainStage
-    from dermt2im.validate.segmentation import SegmentationStage
-    from dermt2im.validate.stage import ValidateStage
+    from dermt2im.runners.sequential import run_pipeline
 
     w, cfg = open_workdir(workdir, config, overrides)
-    sets = run_stage(PhantomStage(cfg.phantoms, w.data, Stamps(w.stamps, "phantoms"))).closing
-    datasets = seed_datasets(w, sets.pop("seeds"), sets)
-    run_stage(IngestStage(cfg.ingest, datasets, w))
-    run_stage(PreprocessStage(cfg.preprocess, {d.name: d.manifest for d in datasets}, w.processed,
-                              max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers, locks=w.locks))
-    lora = run_stage(TrainStage.of(w, cfg)).closing
-    model = resolve_model(w, lora["lora_dir"])
-    run_stage(GenerateStage(w, cfg.generate, cfg.runtime.generate, model))
-    run_stage(QualityStage(w, cfg.quality))
-    run_stage(ValidateStage.of(w, cfg, segmentation=False))
-    run_stage(SegmentationStage(w, cfg.validation))
+    run_pipeline(pipelines.factory(w, cfg))
 
 
 def task_seconds(flow_state) -> float:
@@ -87,7 +70,7 @@ def task_seconds(flow_state) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="smoke")
+    ap.add_argument("--config", default="tiny")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
@@ -100,7 +83,7 @@ def main() -> None:
 
     from prefect import flow
 
-    from flows.factory import factory
+    from dermt2im.flows.factory import factory
 
     @flow
     def start_server() -> None:

@@ -51,13 +51,14 @@ def _config(tmp: Path, args, actors: int = 1):
                  f"generate.steps_max={args.steps}", f"runtime.generate.batch_size={args.shard_size}",
                  "runtime.generate.writer_threads=1", "scale.ray_address=local", "scale.gpus_per_actor=0",
                  "scale.cpus_per_actor=1", f"scale.actors_per_node={actors}"]
-    return open_workdir(tmp, "smoke", overrides)
+    return open_workdir(tmp, "tiny", overrides)
 
 
 def _stage(w, cfg):
-    from tests.generate.generate_fixtures import stage
+    from dermt2im import pipelines
 
-    return stage(w, cfg)
+    (render,) = pipelines.generate(w, cfg, base_model_only=True, gated=False)  # the base model alone, as asked
+    return render
 
 
 def in_process(tmp: Path, args) -> dict:

@@ -50,24 +50,54 @@ def phantoms(
     _echo(f"wrote {n} phantoms ({style} style) to {out}; labels: {labels}")
 
 
-def _run(stage, scale=None) -> dict:
-    """Run a stage's units, saying what each did; returns the closing summary. ``scale``: the config's
-    scale section, when the stage may run on a Ray cluster (``dermt2im.runners.scaling``)."""
-    from dermt2im.runners.scaling import scaled
-    from dermt2im.runners.sequential import run_stage
+@command("pretrain-mini")
+def pretrain_mini(
+    out: Annotated[Path, typer.Option("--out", help="the .safetensors file to write")] = Path("mini-sd.safetensors"),
+    recipe_set: Annotated[
+        list[str] | None, typer.Option("--recipe", help="change the recipe: NAME=VALUE (e.g. unet_steps=500); "
+                                       "the shipped model uses the defaults")
+    ] = None,
+) -> None:
+    """Pre-train the miniature Stable Diffusion on phantoms (deterministic; the smoke preset's `mini`)."""
+    import yaml
 
-    def said(i: int, n: int, unit) -> None:
-        text = unit.summary.get("text") if isinstance(unit.summary, dict) else None
-        if unit.cached:
-            _echo(f"{unit.description}: up to date" + (f" (as last made)\n{text}" if text else ""))
-        elif text:
-            _echo(text)
+    from dermt2im.mini.pretrain import pretrain
+    from dermt2im.mini.recipe import MiniRecipe
 
-    def go() -> dict:
-        with scaled(stage, scale) as placed:
-            return run_stage(placed.stage, on_unit=said, workers=placed.concurrency).closing
+    if out.suffix != ".safetensors":
+        _fail(f"--out {out}: the model is written as a .safetensors file")
+    changes = {}
+    for item in recipe_set or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--recipe {item!r}: expected NAME=VALUE")
+        changes[name.strip()] = yaml.safe_load(value)
+    try:
+        recipe = MiniRecipe(**changes)
+    except ValueError as err:
+        _fail(f"--recipe: {str(err).splitlines()[0]}; {'; '.join(str(err).splitlines()[1:3])}")
+    header = pretrain(recipe, out)
+    costs = ", ".join(f"{k.removesuffix('_seconds')} {v:.0f} s" for k, v in header["costs"].items())
+    _echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; {header['training_images']} phantoms, data sha256 "
+          f"{header['training_data_sha256'][:12]}; {costs} on {recipe.threads} thread(s))")
 
-    return _guard(go)
+
+def _said(i: int, n: int, unit) -> None:
+    """What the CLI prints as each unit of a stage ends."""
+    text = unit.summary.get("text") if isinstance(unit.summary, dict) else None
+    if unit.cached:
+        _echo(f"{unit.description}: up to date" + (f" (as last made)\n{text}" if text else ""))
+    elif text:
+        _echo(text)
+
+
+def _run(stages, scale=None) -> dict[str, dict]:
+    """Run a pipeline's stages (``dermt2im.pipelines``) in this process, saying what each unit did;
+    returns every stage's closing summary by name. ``scale``: the config's scale section (stages that
+    can scale out run on the Ray cluster it names, ``dermt2im.runners.scaling``)."""
+    from dermt2im.runners.sequential import run_pipeline
+
+    return _guard(lambda: {name: r.closing for name, r in run_pipeline(stages, scale, on_unit=_said).items()})
 
 
 @command()
@@ -83,16 +113,14 @@ def ingest(
     save: SaveOpt = False,
 ) -> None:
     """Ingest seed images into W/manifests/seeds.parquet (bad files are quarantined with a reason)."""
-    from dermt2im.ingest.stage import Dataset, IngestStage, check_source
+    from dermt2im import pipelines
+    from dermt2im.ingest.stage import check_source
 
     chosen = None if layout == "auto" else layout
     w, cfg = _session(workdir, config, overrides, save, existing=False,
                       check=lambda c: check_source(source, c.ingest, chosen))
-    if test_set:
-        dataset = Dataset(test_set, str(source), str(w.test_set_manifest(test_set)), "test", chosen)
-    else:
-        dataset = Dataset("seeds", str(source), str(w.seeds_manifest), None, chosen)
-    _run(IngestStage(cfg.ingest, [dataset], w))
+    dataset = pipelines.dataset(w, source=source, test_set=test_set, layout=chosen)
+    _run(pipelines.only(pipelines.datasets(w, cfg, [dataset]), "ingest"))
 
 
 @command()
@@ -105,14 +133,12 @@ def preprocess(
 ) -> None:
     """Remove hair (DullRazor) and resize / centre-crop every accepted image; cached by content."""
     w, cfg = _session(workdir, config, overrides, save)
-    from dermt2im.preprocess.stage import PreprocessStage
+    from dermt2im import pipelines
 
-    manifest = w.test_set_manifest(test_set) if test_set else w.seeds_manifest
-    if not storage.is_file(manifest):
-        _fail(f"{manifest} does not exist: run `dermt2im ingest` first")
-    closing = _run(PreprocessStage(cfg.preprocess, {test_set or "seeds": manifest}, w.processed,
-                                   max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers,
-                                   locks=w.locks))
+    dataset = pipelines.dataset(w, test_set=test_set)
+    if not storage.is_file(dataset.manifest):
+        _fail(f"{dataset.manifest} does not exist: run `dermt2im ingest` first")
+    closing = _run(pipelines.only(pipelines.datasets(w, cfg, [dataset]), "preprocess"))["preprocess"]
     for summary in closing.values():
         _echo(summary["hair_text"])
 
@@ -128,9 +154,9 @@ def train(
 ) -> None:
     """Fine-tune Stable Diffusion with DreamBooth + LoRA on the accepted training-split seeds."""
     w, cfg = _session(workdir, config, overrides, save)
-    from dermt2im.train.stage import TrainStage
+    from dermt2im import pipelines
 
-    result = _run(TrainStage.of(w, cfg, resume=resume, run_id=run_id))
+    result = _run(pipelines.train(w, cfg, resume=resume, run_id=run_id))["train"]
     how = "up to date, not trained again" if result.get("cached") else "trained now"
     _echo(f"LoRA run {result['run_id']} ({how}): {result['steps']} steps, final loss {result['final_loss']:.4f}, "
           f"optimizer {result['optimizer']} on {result['device']}")
@@ -138,17 +164,10 @@ def train(
         _echo(f"  {label}: {path} (sha256 {result['sha256'][label][:12]})")
 
 
-def _model(w, cfg, lora: Path | None, base_model_only: bool = False):
-    from dermt2im.generate.model import resolve_model
-
-    return _guard(lambda: resolve_model(w, lora, base_model_only=base_model_only, base_model=cfg.train.base_model,
-                                        revision=cfg.train.revision, token=cfg.train.instance_token))
-
-
 @command()
 def generate(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
-    lora: Annotated[Path | None, typer.Option(help="LoRA run folder or .safetensors; default: newest in W/lora")] = None,
+    lora: Annotated[Path | None, typer.Option(help="LoRA run folder or .safetensors; default: the LoRA trained for the current config")] = None,
     per_class: Annotated[int | None, typer.Option(
         "--per-class", min=1, help="how many images each class should have in all (a target, not an increment); "
         "more than planned extends the plan, fewer keeps it")] = None,
@@ -160,12 +179,10 @@ def generate(
 ) -> None:
     """Plan, render (Euler / Euler a / PLMS ...), then quality-gate and audit synthetic lesions."""
     w, cfg = _session(workdir, config, overrides, save)
-    from dermt2im.generate.stage import GenerateStage
-    from dermt2im.quality.stage import QualityStage
+    from dermt2im import pipelines
 
-    model = _model(w, cfg, lora, base_model_only)
-    _run(GenerateStage(w, cfg.generate, cfg.runtime.generate, model, per_class=per_class, shards=shard), cfg.scale)
-    _run(QualityStage(w, cfg.quality))
+    _run(pipelines.generate(w, cfg, lora=lora, base_model_only=base_model_only, per_class=per_class, shards=shard),
+         cfg.scale)
 
 
 @command()
@@ -177,7 +194,7 @@ def worker(
     num_shards: Annotated[int, typer.Option(
         "--num-shards", min=1, envvar=["DERMT2IM_NUM_SHARDS", "SLURM_ARRAY_TASK_COUNT"],
         help="how many partitions the plan's shards are split into")] = 1,
-    lora: Annotated[Path | None, typer.Option(help="LoRA run folder or .safetensors; default: newest in W/lora")] = None,
+    lora: Annotated[Path | None, typer.Option(help="LoRA run folder or .safetensors; default: the LoRA trained for the current config")] = None,
     base_model_only: Annotated[bool, typer.Option("--base-model-only", help="render with train.base_model alone, no LoRA")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
@@ -193,11 +210,11 @@ def worker(
 
     _guard(lambda: check_partition(shard_index, num_shards))
     w, cfg = _session(workdir, config, overrides, save, hold="shared")
-    from dermt2im.generate.stage import GenerateStage
+    from dermt2im import pipelines
     from dermt2im.runners.partition import Partition
 
-    stage = GenerateStage(w, cfg.generate, cfg.runtime.generate, _model(w, cfg, lora, base_model_only))
-    out = _run(Partition(stage, shard_index, num_shards))
+    (render,) = pipelines.generate(w, cfg, lora=lora, base_model_only=base_model_only, gated=False)
+    out = _run([Partition(render, shard_index, num_shards)])["generate"]
     _echo(f"worker {shard_index} of {num_shards}: {out['rendered']} image(s) rendered in shard(s) {out['shards']}")
 
 
@@ -206,9 +223,9 @@ def quality(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, ove
             save: SaveOpt = False) -> None:
     """Run the quality gate and memorisation audit over W/manifests/synthetic.parquet."""
     w, cfg = _session(workdir, config, overrides, save)
-    from dermt2im.quality.stage import QualityStage
+    from dermt2im import pipelines
 
-    _run(QualityStage(w, cfg.quality))  # saving the verdicts also folds in rows workers appended as parts
+    _run(pipelines.gate(w, cfg))
 
 
 @command("import-synthetic")
@@ -225,16 +242,15 @@ def import_synthetic(
     factory's own renders (validate.synthetic_sources can then restrict a regime to it)."""
     if not name:
         raise typer.BadParameter("give the set a name", param_hint="--name")
-    from dermt2im.generate.imports import ImportStage, check_name, plan_import
-    from dermt2im.quality.stage import QualityStage
+    from dermt2im import pipelines
+    from dermt2im.generate.imports import check_name, plan_import
 
     def check(cfg) -> None:  # before the workdir or its config is written
         check_name(name)
         plan_import(source, layout, cfg.ingest)
 
     w, cfg = _session(workdir, config, overrides, save, existing=False, check=check)
-    _run(ImportStage(w, cfg.ingest, source, name, layout))
-    _run(QualityStage(w, cfg.quality))
+    _run(pipelines.imported(w, cfg, source=source, name=name, layout=layout))
 
 
 @command()
@@ -254,12 +270,12 @@ def export(
     w, cfg = _session(workdir, config, overrides, save, hold=None)
     from dermt2im.core.errors import DermT2imError
     from dermt2im.export import export_imagefolder
-    from dermt2im.fidelity.stage import FidelityStage
+    from dermt2im import pipelines
 
     try:  # the card's fidelity table: the report, made now if stale (an export never stops for it)
-        from dermt2im.runners.sequential import run_stage
+        from dermt2im.runners.sequential import run_pipeline
 
-        fidelity = run_stage(FidelityStage.of(w, cfg)).closing.get("csv")
+        fidelity = run_pipeline(pipelines.fidelity(w, cfg))["fidelity"].closing.get("csv")
     except DermT2imError as err:
         _echo(f"no fidelity table for the dataset card: {err}")
         fidelity = None
@@ -295,20 +311,9 @@ def validate(
             check_source(src, cfg.ingest)
 
     w, cfg = _session(workdir, config, overrides, save, check=check)
-    from dermt2im.ingest.stage import IngestStage, seed_datasets
-    from dermt2im.preprocess.stage import PreprocessStage
-    from dermt2im.validate.segmentation import SegmentationStage
-    from dermt2im.validate.stage import ValidateStage
+    from dermt2im import pipelines
 
-    sets = {**cfg.validation.test_sets, **tests}
-    if sets:
-        datasets = seed_datasets(w, "", sets)[1:]  # the test sets only
-        _run(IngestStage(cfg.ingest, datasets, w))
-        _run(PreprocessStage(cfg.preprocess, {d.name: d.manifest for d in datasets}, w.processed,
-                             max_pixels=cfg.ingest.max_pixels, workers=cfg.runtime.preprocess.workers, locks=w.locks))
-    manifests = {name: w.test_set_manifest(name) for name in sets} or None
-    _run(ValidateStage.of(w, cfg, test_sets=manifests, segmentation=False), cfg.scale)
-    _run(SegmentationStage(w, cfg.validation))
+    _run(pipelines.validate(w, cfg, test_sets=tests), cfg.scale)
 
 
 @command()
@@ -323,10 +328,10 @@ def report(
     MLflow) and Table IV (model x regime x test set, bootstrap intervals over test images) and Fig. 10
     from MLflow alone."""
     w, cfg = _session(workdir, config, overrides, save, hold=None)
-    from dermt2im.fidelity.stage import FidelityStage
+    from dermt2im import pipelines
     from dermt2im.validate.table import NoComparison, build_report
 
-    _run(FidelityStage.of(w, cfg))
+    _run(pipelines.fidelity(w, cfg))
 
     def table_iv() -> dict:
         try:
@@ -353,14 +358,25 @@ def run(
 
     Its config (with any --set) is saved as W/config.yaml: every stage of the flow reads it there.
     Without SOURCE the factory makes phantom seed and test images and, on a fresh workdir, uses the
-    smoke preset; with a SOURCE a fresh workdir gets the built-in defaults (the paper's settings)."""
-    from dermt2im import cli_session
+    smoke preset; with a SOURCE a fresh workdir gets the built-in defaults (the paper's settings).
+    First it asks every stage whether anything is left to do (no torch, no server): when nothing
+    is, it says so, prints where the results are, and exits."""
+    from dermt2im import cli_session, pipelines
     from dermt2im.ingest.stage import check_source
+    from dermt2im.runners.core import pending
 
     chosen = None if layout == "auto" else layout
     w, cfg = _session(workdir, config, overrides, True, existing=False, fallback="smoke" if source is None else None,
                       check=(lambda c: check_source(source, c.ingest, chosen)) if source is not None else None)
-    from flows.factory import factory
+    left = _guard(lambda: pending(pipelines.factory(w, cfg, source=source, layout=chosen)))
+    if left is None:
+        _echo(f"everything in {w.root} is up to date for this config: nothing to do (no server started)")
+        _echo(cli_session.where_results_are(w, cfg))
+        return
+    stage, todo = left
+    _echo(f"to do, from the {stage.name} stage on: {todo[0].description}"
+          + (f" and {len(todo) - 1} more unit(s)" if len(todo) > 1 else ""))
+    from dermt2im.flows.factory import factory
 
     _guard(lambda: cli_session.start_prefect_server(_echo))
     result = _guard(lambda: factory(str(w.root), str(source) if source else None, None, None, chosen))
@@ -379,7 +395,7 @@ def show_config(
     import yaml
 
     from dermt2im import cli_session
-    from flows.settings import orchestration
+    from dermt2im.flows.settings import orchestration
 
     root = workdir.expanduser().resolve()
     resolved = _guard(lambda: cli_session.resolve(root, config, overrides, save=save))

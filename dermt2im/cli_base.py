@@ -14,7 +14,7 @@ import typer
 
 from dermt2im import __version__
 from dermt2im.core.errors import DermT2imError
-from dermt2im.core.workdir import CONFIG_SNAPSHOT, Workdir, workdir_lock
+from dermt2im.core.workdir import CONFIG_SNAPSHOT, DEFAULTS, Workdir, workdir_lock
 
 app = typer.Typer(
     name="dermt2im",
@@ -75,7 +75,7 @@ def session(workdir: Path, config: str | None, overrides: list[str] | None, save
     ``hold`` takes the workdir for the rest of the command, before its config is saved: "exclusive"
     (one run of the stages at a time), "shared" (scale-out workers) or None (commands that only read)."""
     from dermt2im import cli_session
-    from flows.settings import (
+    from dermt2im.flows.settings import (
         orchestration,  # validated with every other section, before anything is saved
     )
 
@@ -84,7 +84,7 @@ def session(workdir: Path, config: str | None, overrides: list[str] | None, save
         fail(f"no factory workdir at {root} (no {CONFIG_SNAPSHOT}): start with `dermt2im ingest SOURCE "
               f"--workdir {workdir}`, or `dermt2im run`")
     resolved = guard(lambda: cli_session.resolve(root, config, overrides, save=save,
-                                                  fallback=fallback or cli_session.DEFAULTS))
+                                                  fallback=fallback or DEFAULTS))
     guard(lambda: orchestration(resolved.cfg))
     if check is not None:
         guard(lambda: check(resolved.cfg))

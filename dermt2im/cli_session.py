@@ -1,7 +1,8 @@
 """What a CLI command runs with: its workdir's config (where it came from, and whether
 ``W/config.yaml`` changes), its log output and its progress display.
 
-Which config a command uses, in order:
+Which config a command uses is ``dermt2im.core.workdir.resolve_config``'s to say (the flows ask the
+same resolver), in order:
 
 1. ``--config NAME|FILE``: that preset or file (``--set`` on top); it becomes the workdir's config.
 2. the workdir's saved ``W/config.yaml`` (``--set`` on top, for this command only unless ``--save``).
@@ -18,44 +19,20 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dermt2im.core.config import FactoryConfig, config_from_dict, load_config
 from dermt2im.core.errors import DermT2imError
-from dermt2im.core.workdir import CONFIG_SNAPSHOT, DEFAULTS, Workdir, configure_runtime, read_snapshot
+from dermt2im.core.workdir import (
+    CONFIG_SNAPSHOT,
+    ResolvedConfig,
+    Workdir,
+    configure_runtime,
+    resolve_config,
+    save_config,
+)
 
-
-@dataclass(frozen=True)
-class ResolvedConfig:
-    cfg: FactoryConfig
-    origin: str  # in words, for the one line every command prints
-    write: bool  # whether W/config.yaml must be (re)written
-    before: dict[str, Any] | None  # the saved config this replaces, if any
-
-
-def _describe(config: str) -> str:
-    if config == DEFAULTS:
-        return "built-in defaults (the paper's settings)"
-    return f"config file {config}" if Path(config).suffix in (".yaml", ".yml") else f"preset {config}"
-
-
-def resolve(root: Path, config: str | None, overrides: list[str] | None, *, save: bool = False,
-            fallback: str = DEFAULTS) -> ResolvedConfig:
-    """The config a command on ``root`` runs with; nothing is written here."""
-    snapshot = root / CONFIG_SNAPSHOT
-    saved = read_snapshot(snapshot) if snapshot.is_file() else None
-    sets = f" with --set {' '.join(overrides)}" if overrides else ""
-    if config is None and saved is not None:
-        cfg = config_from_dict(saved, str(snapshot), overrides)
-        if overrides and not save:
-            return ResolvedConfig(cfg, f"{snapshot} ({cfg.name}){sets}, for this command only (--save keeps it)",
-                                  False, saved)
-        return ResolvedConfig(cfg, f"{snapshot} ({cfg.name}){sets}", bool(overrides), saved)
-    chosen = config or fallback
-    cfg = config_from_dict({}, _describe(DEFAULTS), overrides) if chosen == DEFAULTS else load_config(chosen, overrides)
-    return ResolvedConfig(cfg, f"{_describe(chosen)}{sets}", True, saved)
+resolve = resolve_config  # the one resolver of the project (dermt2im.core.workdir), as commands call it
 
 
 def changes(before: dict[str, Any] | None, after: dict[str, Any], prefix: str = "") -> list[str]:
@@ -87,13 +64,9 @@ def config_line(resolved: ResolvedConfig, root: Path) -> str:
 
 def start(root: Path, resolved: ResolvedConfig) -> Workdir:
     """Create the workdir, save its config if it changed, and point Prefect and MLflow at it."""
-    from dermt2im.core.fileio import atomic_write_text
-
     w = Workdir.at(root)
     configure_runtime(w)
-    if resolved.write:
-        atomic_write_text(w.root / CONFIG_SNAPSHOT, resolved.cfg.as_yaml())
-    return w.using(resolved.cfg)
+    return save_config(w, resolved)
 
 
 def setup_output() -> None:
@@ -165,3 +138,29 @@ def start_prefect_server(echo: Any, attempts: int = 3) -> None:
         f"Prefect's temporary server did not start in {attempts} attempts. Start one yourself "
         "(`prefect server start --host 127.0.0.1`) and set PREFECT_API_URL=http://127.0.0.1:4200/api"
     )
+
+
+def where_results_are(w: Workdir, cfg: Any) -> str:
+    """Where a finished factory's results are, in lines a person can follow (what ``dermt2im run``
+    prints when nothing is left to do). Names files only: no store is opened."""
+    from dermt2im.core.tracking import sqlite_artifact_root, tracking_uri
+
+    reports = w.reports
+    found = [(what, path) for what, path in (
+        ("Table IV", reports / "table_iv.md"), ("verdict", reports / "verdict.txt"), ("Fig. 10", reports / "fig10.png"),
+        ("quality gate and shortcut audit", reports / "quality.md"), ("memorisation audit", reports / "audit" / "audit.md"),
+        ("class x sampler grids", reports / "grids"), ("segmentation check", reports / "segmentation.md"),
+        *((f"hair removal ({p.stem.removeprefix('preprocess-')})", p) for p in sorted(reports.glob("preprocess-*.md"))))
+        if path.exists()]
+    lines = ["results:"] + [f"  {what}: {path}" for what, path in found]
+    lines += [f"  manifests: {w.manifests}", f"  LoRA runs: {w.lora}"]
+    verdict = reports / "verdict.txt"
+    if verdict.is_file():
+        head = verdict.read_text().strip().splitlines()
+        if head:
+            lines.append(f"  {head[0]}")
+    uri = tracking_uri(w, cfg.tracking)
+    artifacts = sqlite_artifact_root(uri)
+    serve = f" --artifacts-destination {artifacts}" if artifacts else ""
+    lines.append(f"  MLflow: mlflow ui --backend-store-uri {uri}{serve} --host 127.0.0.1")
+    return "\n".join(lines)

@@ -28,7 +28,8 @@ import pandas as pd
 from dermt2im.core import storage
 from dermt2im.core.errors import DermT2imError
 from dermt2im.core.fileio import as_new_folder, sha256_bytes, sha256_file
-from dermt2im.core.manifest import FIDELITY, SEEDS, SYNTHETIC, manifest_exists, read_manifest
+from dermt2im.core.manifest import FIDELITY, manifest_exists, read_manifest
+from dermt2im.core.views import seeds_view, synthetic_view
 from dermt2im.core.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def _card(workdir: Workdir, rows: pd.DataFrame, df: pd.DataFrame, *, name: str, 
           fidelity_csv: str | Path | None, include_rejected: bool) -> str:
     from dermt2im.fidelity.card import CardInputs, card, fidelity_table
 
-    seeds = read_manifest(workdir.seeds_manifest, SEEDS)
+    seeds = seeds_view(workdir.seeds_manifest)
     seeds = seeds[seeds["status"] == "accepted"]
     return card(CardInputs(name=name, rows=rows, assessed=df, seeds=seeds, fidelity=fidelity_table(fidelity_csv),
                            base_model=base_model, include_rejected=include_rejected))
@@ -138,7 +139,7 @@ def export_imagefolder(
     Returns ``out``.
     """
     out = Path(out).expanduser().resolve()
-    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    df = synthetic_view(workdir)
     if df.empty:
         raise ExportError(f"no synthetic images in {workdir.synthetic_manifest}: run `dermt2im generate` first")
     rows = select_for_export(df, include_rejected=include_rejected, include_memorised=include_memorised)

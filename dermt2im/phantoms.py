@@ -15,15 +15,21 @@ A phantom is rendered in three layers:
 
 Every image is a pure function of (label, rng state, size, style, hair); ``make_phantoms`` seeds
 one generator per image from (seed, style, index), so image *i* is the same whatever ``n`` is.
+
+``render_phantom_traits`` also says what is visible (``PhantomTraits``: lesion size, number of
+lesions, colours, hair, skin type), and can put the scene on any Fitzpatrick skin type and add
+small satellite moles; with neither, it draws the same random numbers and pixels as
+``render_phantom``. The miniature Stable Diffusion (``dermt2im.mini``) is pre-trained on such
+phantoms with captions made from their traits.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -35,6 +41,10 @@ from dermt2im.core.specs import LABELS, PhantomConfig
 from dermt2im.stage import Stamps
 
 DIAGNOSIS = {"benign": "nevus", "malignant": "melanoma"}
+
+# Bumped whenever a phantom's pixels (or traits) change for the same arguments: the miniature
+# Stable Diffusion's header records the version it was pre-trained on (``dermt2im.mini``).
+GENERATOR_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -58,12 +68,15 @@ STYLES: dict[str, CameraStyle] = {
 }
 
 SKIN_BASE = np.array([0.88, 0.68, 0.58], np.float32)
-# Skin colours per Fitzpatrick type (1: palest ... 6: darkest), for phantoms of a chosen skin tone:
-# type 2 is SKIN_BASE; their ITA under the isic camera falls from "very light" to "dark"
-# (tests/fidelity/test_skin_tone.py).
-SKIN_BY_TYPE: dict[int, tuple[float, float, float]] = {
-    1: (0.95, 0.80, 0.72), 2: (0.88, 0.68, 0.58), 3: (0.80, 0.57, 0.44),
-    4: (0.66, 0.45, 0.31), 5: (0.46, 0.30, 0.19), 6: (0.27, 0.17, 0.11),
+# Linear-ish RGB of the six Fitzpatrick skin types; type II is the default skin above. Melanin
+# darkens and browns the skin (blue and green drop faster than red).
+FITZPATRICK_SKIN: dict[int, np.ndarray] = {
+    1: np.array([0.94, 0.77, 0.69], np.float32),
+    2: SKIN_BASE,
+    3: np.array([0.80, 0.60, 0.46], np.float32),
+    4: np.array([0.68, 0.48, 0.33], np.float32),
+    5: np.array([0.50, 0.33, 0.22], np.float32),
+    6: np.array([0.33, 0.21, 0.15], np.float32),
 }
 
 
@@ -88,13 +101,11 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _skin(rng: np.random.Generator, size: int, skin_type: int | None = None) -> np.ndarray:
-    """Skin with a random tone (or one near Fitzpatrick ``skin_type``), blotchy redness and fine
-    pore-like texture."""
+    """Skin with a random tone, blotchy redness and fine pore-like texture; ``skin_type`` picks the
+    Fitzpatrick type's colour (None: the default light skin), the same random draws either way."""
     tone = rng.uniform(0.80, 1.04)  # lighter / darker skin
-    if skin_type is not None:  # the same draws either way: a phantom without a type is unchanged
-        tone = 0.95 + 0.1 * (tone - 0.80) / 0.24
-    colour = SKIN_BASE if skin_type is None else np.asarray(SKIN_BY_TYPE[skin_type], np.float32)
-    base = colour * tone + rng.normal(0.0, 0.015, 3).astype(np.float32)
+    base_colour = SKIN_BASE if skin_type is None else FITZPATRICK_SKIN[skin_type] * np.float32(1.0 / 0.92)
+    base = base_colour * tone + rng.normal(0.0, 0.015, 3).astype(np.float32)
     coarse = _noise_field(rng, size, size * 0.08)
     medium = _noise_field(rng, size, size * 0.02)
     fine = _noise_field(rng, size, max(0.6, size * 0.003))
@@ -112,6 +123,7 @@ class _Shape:
     t: np.ndarray  # normalised radius: < 1 inside the lesion, 1 on its border
     alpha: np.ndarray  # lesion coverage in [0, 1]
     theta: np.ndarray  # polar angle about the lesion centre
+    radius: float = 0.0  # mean radius, in units of half the image side
 
 
 def _lesion_shape(rng: np.random.Generator, size: int, malignant: bool) -> _Shape:
@@ -143,7 +155,8 @@ def _lesion_shape(rng: np.random.Generator, size: int, malignant: bool) -> _Shap
     else:
         width = np.float32(rng.uniform(0.06, 0.12))
     alpha = 1.0 - _smoothstep(1.0 - width, 1.0 + width, t)
-    return _Shape(t=t.astype(np.float32), alpha=alpha.astype(np.float32), theta=theta.astype(np.float32))
+    return _Shape(t=t.astype(np.float32), alpha=alpha.astype(np.float32), theta=theta.astype(np.float32),
+                  radius=float(radius * np.sqrt(aspect)))
 
 
 def _blotches(rng: np.random.Generator, size: int, sigma: float, coverage: float) -> np.ndarray:
@@ -164,21 +177,23 @@ def _mix(colour: np.ndarray, layer: np.ndarray, weight: np.ndarray) -> np.ndarra
     return colour * (1.0 - w) + layer[None, None, :] * w
 
 
-def _benign_colour(rng: np.random.Generator, size: int, shape: _Shape) -> np.ndarray:
+def _benign_colour(rng: np.random.Generator, size: int, shape: _Shape) -> tuple[np.ndarray, tuple[str, ...]]:
     centre = np.array([0.42, 0.26, 0.17], np.float32) * rng.uniform(0.8, 1.15)
     if rng.random() < 0.5:  # one tone
         rim = centre * rng.uniform(1.0, 1.1)
+        names: tuple[str, ...] = ("brown",)
     else:  # two tones: darker centre, lighter rim
         rim = np.array([0.60, 0.42, 0.30], np.float32) * rng.uniform(0.9, 1.08)
+        names = ("dark brown", "light brown")
     radial = _smoothstep(0.2, 1.0, shape.t)
     colour = centre[None, None, :] * (1 - radial[..., None]) + rim[None, None, :] * radial[..., None]
     mottle = 0.04 * _noise_field(rng, size, size * 0.012) + 0.02 * _noise_field(rng, size, size * 0.004)
     # a faint, regular network that fades towards the rim
     mesh = _network(rng, size, 0.008) * rng.uniform(0.05, 0.1) * _smoothstep(1.0, 0.4, shape.t)
-    return colour * (1.0 + mottle - mesh)[..., None]
+    return colour * (1.0 + mottle - mesh)[..., None], names
 
 
-def _malignant_colour(rng: np.random.Generator, size: int, shape: _Shape) -> np.ndarray:
+def _malignant_colour(rng: np.random.Generator, size: int, shape: _Shape) -> tuple[np.ndarray, tuple[str, ...]]:
     light = np.array([0.52, 0.33, 0.22], np.float32) * rng.uniform(0.9, 1.1)
     dark = np.array([0.30, 0.17, 0.11], np.float32) * rng.uniform(0.8, 1.1)
     base = light[None, None, :] * (1.0 - 0.25 * _smoothstep(1.0, 0.2, shape.t))[..., None]
@@ -187,14 +202,16 @@ def _malignant_colour(rng: np.random.Generator, size: int, shape: _Shape) -> np.
     side = 0.5 + 0.5 * np.cos(shape.theta - rng.uniform(0, 2 * np.pi))
     black = _blotches(rng, size, size * 0.025, rng.uniform(0.08, 0.2)) * side
     colour = _mix(colour, np.array([0.09, 0.07, 0.07], np.float32), black)
+    names: tuple[str, ...] = ("light brown", "dark brown", "black")
     if rng.random() < 0.8:
         red = _blotches(rng, size, size * 0.03, rng.uniform(0.05, 0.15)) * rng.uniform(0.5, 0.75)
         colour = _mix(colour, np.array([0.64, 0.30, 0.27], np.float32), red)
+        names += ("red",)
     veil = _blotches(rng, size, size * 0.05, rng.uniform(0.10, 0.25)) * _smoothstep(1.1, 0.3, shape.t)
     colour = _mix(colour, np.array([0.55, 0.62, 0.74], np.float32), veil * rng.uniform(0.55, 0.8))
     # an atypical network: coarser, darker, and only in patches
     mesh = _network(rng, size, 0.012) * _blotches(rng, size, size * 0.06, 0.5) * rng.uniform(0.08, 0.16)
-    return colour * (1.0 + 0.06 * _noise_field(rng, size, size * 0.006) - mesh)[..., None]
+    return colour * (1.0 + 0.06 * _noise_field(rng, size, size * 0.006) - mesh)[..., None], names + ("blue-grey",)
 
 
 def _camera(scene: np.ndarray, rng: np.random.Generator, style: CameraStyle) -> np.ndarray:
@@ -238,34 +255,83 @@ def draw_hairs(rgb: np.ndarray, rng: np.random.Generator, n: int | None = None) 
     return out
 
 
-def render_phantom(
+@dataclass(frozen=True)
+class PhantomTraits:
+    """What a phantom shows, in the terms a caption (or a dermatologist's note) would use."""
+
+    label: str
+    radius: float  # the main lesion's mean radius, in units of half the image side
+    lesions: int  # the main lesion and its satellite moles
+    colours: tuple[str, ...]  # of the main lesion
+    hair: bool
+    skin_type: int | None  # Fitzpatrick type; None: the generator's default light skin (close to type II)
+    style: str
+
+
+def _pigment(skin_type: int) -> np.float32:
+    """How much darker lesions are on this skin type than on type II (1 on types I and II)."""
+    ratio = float(FITZPATRICK_SKIN[skin_type].mean() / SKIN_BASE.mean())
+    return np.float32(min(1.0, max(0.3, ratio)))
+
+
+def _satellites(rng: np.random.Generator, size: int, n: int, scene: np.ndarray, texture: np.ndarray,
+                keep_out: float) -> np.ndarray:
+    """``n`` small, round, brown moles away from the main lesion (whose radius is ``keep_out``)."""
+    x, y = _grid(size)
+    for _ in range(n):
+        angle = rng.uniform(0.0, 2 * np.pi)
+        dist = rng.uniform(min(keep_out + 0.12, 0.7), 0.8)
+        radius = rng.uniform(0.07, 0.12)
+        rho = np.hypot(x - dist * np.cos(angle), y - dist * np.sin(angle)) / radius
+        a = (1.0 - _smoothstep(0.75, 1.25, rho))[..., None]
+        colour = np.array([0.42, 0.26, 0.17], np.float32) * rng.uniform(0.8, 1.15)
+        scene = scene * (1 - a) + colour[None, None, :] * texture * a
+    return scene
+
+
+def render_phantom_traits(
     label: str, rng: np.random.Generator, *, size: int = 256, style: str = "isic", hair: bool = False,
-    skin_type: int | None = None,
-) -> np.ndarray:
-    """One dermoscopy-like image (size x size x 3 uint8) of a ``benign`` or ``malignant`` lesion;
-    ``skin_type`` (Fitzpatrick 1-6) sets the skin's colour, else it is drawn at random."""
+    skin_type: int | None = None, satellites: int = 0,
+) -> tuple[np.ndarray, PhantomTraits]:
+    """One dermoscopy-like image (size x size x 3 uint8) of a ``benign`` or ``malignant`` lesion and
+    what it shows. ``skin_type`` (Fitzpatrick 1-6) sets the skin colour and ``satellites`` adds that
+    many small moles; with the defaults the image is ``render_phantom``'s, pixel for pixel."""
     if label not in LABELS:
         raise ValueError(f"label must be one of {LABELS}, got {label!r}")
     if style not in STYLES:
         raise ValueError(f"style must be one of {sorted(STYLES)}, got {style!r}")
     if size < 16:
         raise ValueError(f"size must be at least 16, got {size}")
-    if skin_type is not None and skin_type not in SKIN_BY_TYPE:
-        raise ValueError(f"skin_type must be a Fitzpatrick type 1-6, got {skin_type!r}")
+    if skin_type is not None and skin_type not in FITZPATRICK_SKIN:
+        raise ValueError(f"skin_type must be a Fitzpatrick type 1-6 or None, got {skin_type!r}")
+    if satellites < 0:
+        raise ValueError(f"satellites must be at least 0, got {satellites}")
     malignant = label == "malignant"
     skin = _skin(rng, size, skin_type)
     shape = _lesion_shape(rng, size, malignant)
-    colour = _malignant_colour(rng, size, shape) if malignant else _benign_colour(rng, size, shape)
-    if skin_type is not None and SKIN_BY_TYPE[skin_type][0] < SKIN_BASE[0]:
-        colour = colour * (SKIN_BY_TYPE[skin_type][0] / SKIN_BASE[0])  # pigment on darker skin is darker too
+    colour, colours = _malignant_colour(rng, size, shape) if malignant else _benign_colour(rng, size, shape)
     a = shape.alpha[..., None]
     # lesion pigment sits in the skin, so the skin's texture modulates it as well
     texture = (skin.mean(axis=2) / float(skin.mean()))[..., None]
+    if skin_type is not None:  # and a darker skin's melanin darkens its lesions too
+        texture = texture * _pigment(skin_type)
     scene = skin * (1 - a) + colour * texture * a
+    if satellites:
+        scene = _satellites(rng, size, satellites, scene, texture, shape.radius)
     if hair:
         scene8 = draw_hairs(np.clip(scene * 255.0 + 0.5, 0, 255).astype(np.uint8), rng)
         scene = scene8.astype(np.float32) / 255.0
-    return _camera(scene.astype(np.float32), rng, STYLES[style])
+    image = _camera(scene.astype(np.float32), rng, STYLES[style])
+    return image, PhantomTraits(label, shape.radius, 1 + satellites, colours, hair, skin_type, style)
+
+
+def render_phantom(
+    label: str, rng: np.random.Generator, *, size: int = 256, style: str = "isic", hair: bool = False,
+    skin_type: int | None = None,
+) -> np.ndarray:
+    """One dermoscopy-like image (size x size x 3 uint8) of a ``benign`` or ``malignant`` lesion;
+    ``skin_type`` (Fitzpatrick 1-6) sets the skin's colour (None: the default light skin)."""
+    return render_phantom_traits(label, rng, size=size, style=style, hair=hair, skin_type=skin_type)[0]
 
 
 def _image_rng(seed: int, style: str, index: int) -> np.random.Generator:
@@ -348,6 +414,15 @@ class PhantomStage:
     def __init__(self, cfg: PhantomConfig, data_dir: Path, stamps: Stamps) -> None:
         self.cfg, self.sets, self.stamps = cfg, phantom_sets(data_dir, cfg), stamps
 
+    @classmethod
+    def of(cls, workdir: Any, cfg: Any) -> "PhantomStage":
+        """The stage as a factory config sets it up: the sets go to ``W/data``."""
+        return cls(cfg.phantoms, workdir.data, Stamps(workdir.stamps, cls.name))
+
+    def folders(self) -> dict[str, Path]:
+        """Where each set will be (the seeds and every test set, by name), known before any is made."""
+        return {s.name: s.folder for s in self.sets}
+
     def units(self) -> list[PhantomSet]:
         return self.sets
 
@@ -356,18 +431,18 @@ class PhantomStage:
 
     def key(self, unit: PhantomSet) -> str:
         return identity.content_key("phantoms", unit.n, unit.seed, unit.style, self.cfg.size,
-                                    self.cfg.hair_probability, str(unit.folder), identity.code_digest(sys.modules[__name__]))
+                                    self.cfg.hair_probability, str(unit.folder), identity.code_digest(__name__))
 
-    def finished(self, unit: PhantomSet) -> dict | None:
+    def finished(self, unit: PhantomSet, key: str) -> dict | None:
         if not (unit.folder / "labels.csv").is_file():
             return None
-        return self.stamps.matching(unit.name, self.key(unit))
+        return self.stamps.matching(unit.name, key)
 
-    def run(self, unit: PhantomSet) -> dict:
+    def run(self, unit: PhantomSet, key: str) -> dict:
         make_phantoms(unit.folder, unit.n, seed=unit.seed, style=unit.style, size=self.cfg.size,
                       hair_probability=self.cfg.hair_probability)
         summary = {"name": unit.name, "folder": str(unit.folder), "images": unit.n}
-        self.stamps.write(unit.name, self.key(unit), summary)
+        self.stamps.write(unit.name, key, summary)
         return summary
 
     def close(self, results) -> dict:

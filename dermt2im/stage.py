@@ -4,26 +4,30 @@ A stage's work is split into *units*: one dataset for ingest and preprocess, one
 one shard for generate, one (model, regime, seed) cell for validate. For each unit a stage says:
 
 ``key(unit)``
-    The content key of everything the unit's output depends on (``dermt2im.core.identity``).
-``finished(unit)``
-    The summary of the unit's output when that output exists and was made for ``key(unit)``, else
-    None. This is the only place where a stage decides whether its work is stale.
-``run(unit)``
-    Make the output and return its summary: a small JSON-able dict (paths, counts, digests; never
-    tensors or pipelines).
+    The content key of everything the unit's output depends on (``dermt2im.core.identity``: the
+    inputs' content, the stage's spec, its code identity, where its output goes).
+``finished(unit, key)``
+    The summary of the unit's output when that output exists and was made for ``key``, else None.
+    Together with ``key`` this is the only place where a stage's work is judged stale, and runners
+    use these keys and no others (``dermt2im.runners.core``).
+``run(unit, key)``
+    Make the output, record it as made for ``key``, and return its summary: a small JSON-able dict
+    (paths, counts, digests; never tensors or pipelines).
 ``describe(unit)``
     What the unit does, in words ("render shard 3"), for log lines and task-run names.
 
-``units()`` may first prepare what the units depend on (generate makes or extends its plan,
-validate opens its MLflow parent run); ``close(results)`` runs once after every unit (fold manifest
-parts in, write the reports) and returns the stage's summary.
+``units()`` may first prepare what the units depend on (generate makes or extends its plan);
+``close(results)`` runs once after every unit (fold manifest parts in, write the reports) and
+returns the stage's summary. ``StageClass.of(workdir, cfg, **choices)`` builds a stage from a
+workdir and its factory config; ``dermt2im.pipelines`` does so, once per stage, for every pipeline.
 
-The stages know nothing of how they are run. ``dermt2im.runners.sequential`` runs the units in
-this process (the CLI); ``tasks.stage`` maps each unit to a Prefect task; either may hand ``run``
-to a Ray cluster (``dermt2im.runners.ray_runner``: long-lived workers for a stage with a ``warm()``
-method, such as generate's renderers, one task per unit otherwise), and ``dermt2im.runners.partition``
-gives a batch job its static share of the units. All ask ``finished`` before ``run``, so a unit
-whose output is up to date is never made again, and a unit re-run after a crash is idempotent.
+The stages know nothing of how they are run. The runner core (``dermt2im.runners.core``) asks
+every unit's key and ``finished``, runs the rest and closes the stage, for the CLI
+(``dermt2im.runners.sequential``) and the Prefect adapter (``dermt2im.tasks.stage``) alike; either
+may hand ``run`` to a Ray cluster (``dermt2im.runners.ray_runner``: long-lived workers for a stage
+with a ``warm()`` method, such as generate's renderers, one task per unit otherwise), and
+``dermt2im.runners.partition`` gives a batch job its static share of the units. A unit whose output
+is up to date is never made again, and a unit re-run after a crash is idempotent.
 
 Stages whose output carries no key of its own record it in a *stamp* (``Stamps``): a small JSON
 file per unit under ``W/.stamps/<stage>/``, written after the unit's output. Stamps are data, never
@@ -58,15 +62,11 @@ class Stage(Protocol[U]):
 
     def key(self, unit: U) -> str: ...
 
-    def finished(self, unit: U) -> Summary | None: ...
+    def finished(self, unit: U, key: str) -> Summary | None: ...
 
-    def run(self, unit: U) -> Summary: ...
+    def run(self, unit: U, key: str) -> Summary: ...
 
     def close(self, results: Sequence[Summary]) -> Summary: ...
-
-
-def is_done(stage: Stage[U], unit: U) -> bool:
-    return stage.finished(unit) is not None
 
 
 @dataclass(frozen=True)

@@ -4,24 +4,19 @@ Deployable on its own to a CUDA work pool (the factory reaches it through run_de
 ``config`` the workdir's saved W/config.yaml is used. Shards render here, one task run each; with
 ``scale.ray_address`` each task run's shard renders on the Ray cluster (one renderer actor per GPU,
 ``dermt2im.runners.ray_runner``); with ``orchestration.parallel_workers`` N, N runs of the worker
-deployment render a static partition each (``flows.generate_worker``).
+deployment render a static partition each (``dermt2im.flows.generate_worker``).
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
+from dermt2im import pipelines
 from dermt2im.core.workdir import open_workdir
-from dermt2im.fidelity.stage import FidelityStage
-from dermt2im.generate.model import resolve_model
-from dermt2im.generate.stage import GenerateStage
-from dermt2im.quality.stage import QualityStage
-from dermt2im.runners.scaling import scaled
-from flows.names import in_workdir
-from flows.settings import orchestration
-from tasks.artifacts import publish_fidelity, publish_quality
-from tasks.fanout import render_with_workers
-from tasks.stage import run_stage
+from dermt2im.flows.names import in_workdir
+from dermt2im.flows.settings import orchestration
+from dermt2im.tasks.fanout import render_with_workers
+from dermt2im.tasks.stage import run_pipeline
 
 
 @flow(name="generate", log_prints=True, flow_run_name=in_workdir("generate"))
@@ -34,33 +29,28 @@ def generate(
     shards: list[int] | None = None,
     base_model_only: bool = False,
 ) -> dict:
-    """Plan (or extend the plan), render every shard that is not complete, gate and audit.
+    """Plan (or extend the plan), render every shard that is not complete, gate and audit, report the
+    set's fidelity (``dermt2im.pipelines.generate``).
 
-    ``lora``: a LoRA run folder or weights file (default: the newest run in W/lora). ``shards``:
+    ``lora``: a LoRA run folder or weights file (default: the LoRA trained for the current config). ``shards``:
     render only these. With ``orchestration.parallel_workers`` > 0 (and no ``shards``) the shards are
-    rendered by that many runs of the worker deployment (flows.generate_worker) instead of here.
+    rendered by that many runs of the worker deployment (dermt2im.flows.generate_worker) instead of here.
     Renderer task runs carry the tag ``gpu`` in this process and ``ray`` on a cluster, where Ray, not
     Prefect's tag limit, shares out the GPUs.
     """
     w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
-    model = resolve_model(w, lora, base_model_only=base_model_only, base_model=cfg.train.base_model,
-                          revision=cfg.train.revision, token=cfg.train.instance_token)
-    stage = GenerateStage(w, cfg.generate, cfg.runtime.generate, model, per_class=per_class, shards=shards)
+    stages = pipelines.generate(w, cfg, lora=lora, per_class=per_class, shards=shards, base_model_only=base_model_only)
     settings = orchestration(cfg)
-    by_workers = render_with_workers(stage, settings) if settings.parallel_workers > 0 and not shards else 0
-    with scaled(stage, cfg.scale) as placed:
-        rendered = run_stage(placed.stage, tags=["ray" if placed.on_ray else "gpu"], concurrency=placed.concurrency)
+    by_workers = render_with_workers(stages[0], settings) if settings.parallel_workers > 0 and not shards else 0
+    done, artifacts = run_pipeline(stages, cfg.scale)
+    rendered, assessed, fidelity = done["generate"], done["quality"], done["fidelity"]
     rendered["rendered"] += by_workers
-    assessed = run_stage(QualityStage(w, cfg.quality))
-    artifacts = publish_quality(w, assessed)
-    fidelity = run_stage(FidelityStage.of(w, cfg))
-    artifacts += publish_fidelity(fidelity)
     return {**rendered, "accepted": assessed["accepted"], "rejected": assessed["rejected"],
             "reasons": assessed["reasons"], "memorised": assessed["memorised"], "reports": assessed["files"],
             "fidelity": fidelity["md"], "artifacts": artifacts}
 
 
-if __name__ == "__main__":  # python -m flows.generate WORKDIR [CONFIG]
+if __name__ == "__main__":  # python -m dermt2im.flows.generate WORKDIR [CONFIG]
     import sys
 
     generate(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

@@ -6,11 +6,11 @@ from prefect import flow
 
 from dermt2im.core.workdir import Workdir, open_workdir, workdir_lock
 from dermt2im.generate.plan import planned_per_class
-from flows.dispatch import run_gpu_stage
-from flows.generate import generate
-from flows.names import in_workdir
-from flows.settings import orchestration
-from flows.validate import validate
+from dermt2im.flows.dispatch import check_devices_here, placement, run_gpu_stage
+from dermt2im.flows.generate import generate
+from dermt2im.flows.names import in_workdir
+from dermt2im.flows.settings import orchestration
+from dermt2im.flows.validate import validate
 
 
 @flow(name="regenerate", log_prints=True, flow_run_name=in_workdir("regenerate"))
@@ -27,7 +27,8 @@ def regenerate(
         before = planned_per_class(w.plan_manifest)
         target = before + (per_class_increment or cfg.generate.per_class)
         settings = orchestration(cfg)
-        gen = run_gpu_stage(generate, settings.generate_deployment, {"workdir": workdir, "per_class": target},
-                            settings)
-        val = validate(workdir, wait_for=[gen])
+        where = placement(cfg, settings)
+        check_devices_here(cfg, [stage for stage in ("generate", "validate") if where[stage] is None])
+        gen = run_gpu_stage(generate, where["generate"], {"workdir": workdir, "per_class": target}, settings)
+        val = run_gpu_stage(validate, where["validate"], {"workdir": workdir}, settings, wait_for=[gen])
     return {"per_class_before": before, "per_class_after": target, "generate": gen, "validate": val}

@@ -10,16 +10,19 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
+from dermt2im.core.config import format_errors
 from dermt2im.core.errors import ConfigError
 from dermt2im.core.specs import Strict
 
 
 class OrchestrationSettings(Strict):
     gpu_deployments: bool = Field(
-        False, description="run train / generate through run_deployment on the cuda work pool instead of in-process"
+        False, description="run train / generate / validate through run_deployment on the cuda work pool instead of "
+        "in-process (validation stays in-process when runtime.validate.device is cpu)"
     )
     train_deployment: str = "train/train-cuda"
     generate_deployment: str = "generate/generate-cuda"
+    validate_deployment: str = "validate/validate-cuda"
     deployment_timeout_s: float | None = Field(None, gt=0, description="None waits for as long as the run takes")
     parallel_workers: int = Field(
         0, ge=0, description="> 0: the generate flow renders through this many runs of worker_deployment, each a "
@@ -33,9 +36,8 @@ def orchestration(cfg: Any) -> OrchestrationSettings:
     try:
         settings = OrchestrationSettings.model_validate(cfg.orchestration or {})
     except ValidationError as err:
-        lines = [f"  orchestration.{'.'.join(map(str, e['loc']))}: "
-                 + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"]) for e in err.errors()]
-        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+        raise ConfigError(format_errors(err, f"the orchestration section of config {cfg.name!r}",
+                                        "orchestration")) from None
     scale = getattr(cfg, "scale", None)
     if settings.parallel_workers > 0 and scale is not None and scale.ray_address is not None:
         raise ConfigError("invalid configuration:\n  orchestration.parallel_workers and scale.ray_address are both set: "

@@ -1,6 +1,7 @@
-"""The train stage as a Prefect flow: DreamBooth + LoRA fine-tuning on the processed seeds.
+"""The train stage as a Prefect flow: DreamBooth + LoRA fine-tuning on the processed seeds
+(``dermt2im.pipelines.train``).
 
-Deployable on its own to a CUDA work pool (``flows/train.py:train``, deployment ``train/train-cuda``;
+Deployable on its own to a CUDA work pool (``dermt2im.flows.train.train``, deployment ``train/train-cuda``;
 the factory reaches it through run_deployment). With no ``config`` the workdir's saved W/config.yaml
 is used.
 """
@@ -9,12 +10,11 @@ from __future__ import annotations
 
 from prefect import flow
 
+from dermt2im import pipelines
 from dermt2im.core.workdir import open_workdir
-from dermt2im.train.stage import TrainStage
-from flows.names import in_workdir
-from flows.settings import orchestration
-from tasks.artifacts import publish_lora
-from tasks.stage import run_stage
+from dermt2im.flows.names import in_workdir
+from dermt2im.flows.settings import orchestration
+from dermt2im.tasks.stage import run_pipeline
 
 
 @flow(name="train", log_prints=True, flow_run_name=in_workdir("train LoRA"))
@@ -26,6 +26,5 @@ def train(workdir: str, config: str | None = None, overrides: list[str] | None =
     checkpoint; None starts over.
     """
     w, cfg = open_workdir(workdir, config, overrides, check=orchestration)
-    lora = run_stage(TrainStage.of(w, cfg, resume=resume), tags=["gpu"])
-    publish_lora(lora)
-    return lora
+    done, _ = run_pipeline(pipelines.train(w, cfg, resume=resume))
+    return done["train"]

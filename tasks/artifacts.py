@@ -17,7 +17,8 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dermt2im.core import storage
-from dermt2im.core.manifest import SYNTHETIC, read_manifest
+from dermt2im.core.manifest import FLAG_RATES, read_manifest
+from dermt2im.core.views import synthetic_view
 from dermt2im.core.runtime import TrackingConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.quality.report import quality_tables
@@ -94,7 +95,7 @@ def publish_quality(workdir: Workdir, assessed: dict[str, Any]) -> list[str]:
     create_markdown_artifact(key="generate-quality", markdown="\n".join(body),
                              description="quality gate counts and memorisation audit")
     made.append("generate-quality")
-    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    df = synthetic_view(workdir)
     table = quality_tables(df)["by_label"] if not df.empty else []
     if table:
         create_table_artifact(table=table, key="generate-counts", description="accepted / rejected by reason, per class")
@@ -110,19 +111,15 @@ def publish_quality(workdir: Workdir, assessed: dict[str, Any]) -> list[str]:
 
 def publish_shortcuts(workdir: Workdir) -> list[str]:
     """The shortcut audit as a table: each flag's rate per class among accepted synthetic images (per
-    source) and real seeds; the flags called out by name in the description."""
-    import json
-
-    try:
-        quality = json.loads((workdir.reports / "quality.json").read_text())
-    except (OSError, ValueError):
-        return []
-    rows = [{"images": r["images"], "class": r["label"], "n": r["n"],
+    source) and real seeds; the flags called out by name in the description (the quality stage's
+    ``flag_rates.parquet``)."""
+    rates = read_manifest(workdir.flag_rates_manifest, FLAG_RATES)
+    rows = [{"images": r["images"], "class": r["label"], "n": int(r["n"]),
              **{f: round(float(r[f]), 4) for f in ("ruler", "ink", "frame", "hair", "text") if r["n"]}}
-            for r in quality.get("flag_rates", [])]
+            for r in rates.to_dict("records")]
     if not rows:
         return []
-    called = quality.get("shortcuts") or ["no flag differs strongly between benign and malignant"]
+    called = [s for s in rates["shortcut"].dropna() if s] or ["no flag differs strongly between benign and malignant"]
     create_table_artifact(table=rows, key="quality-shortcuts",
                           description="flag rates per class (shortcut audit): " + "; ".join(called))
     return ["quality-shortcuts"]
@@ -216,12 +213,27 @@ def publish_fidelity(summary: dict[str, Any]) -> list[str]:
     return ["fidelity", "fidelity-table"]
 
 
+def _class_agreement(workdir: Workdir) -> list[str]:
+    """Do the synthetic images show their class? From reports/class_agreement.csv."""
+    import pandas as pd
+
+    from dermt2im.validate.agreement import compact_markdown, headline
+
+    csv = workdir.reports / "class_agreement.csv"
+    if not csv.is_file():
+        return []
+    table = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    return ["## Class agreement", "", *[f"**{line}**" for line in headline(table)], "", compact_markdown(table), "",
+            f"By transformation and source: `{workdir.reports / 'class_agreement.md'}`", ""]
+
+
 def publish_factory(workdir: Workdir, validation: dict[str, Any], tracking: TrackingConfig) -> None:
     """The factory at a glance: Table IV (compact), the grids, where to look in MLflow, every file."""
     lines = [f"# derm-t2im factory: `{workdir.root}`", ""]
     if validation.get("parent_run_id"):
         lines += ["## Table IV", "", *_compact_table(workdir),
                   mlflow_link(tracking, workdir, validation["experiment_id"], validation["parent_run_id"]), ""]
+    lines += _class_agreement(workdir)
     overview = workdir.reports / "grids" / "overview.png"
     if overview.is_file():
         lines += ["## Synthetic images", "", *_figure(overview, "class x sampler (the paper's Fig. 5 / 7)"),
@@ -232,3 +244,26 @@ def publish_factory(workdir: Workdir, validation: dict[str, Any], tracking: Trac
     lines += ["", "## Reports", ""] + [f"- `{p}`" for p in reports]
     create_markdown_artifact(key="factory-summary", markdown="\n".join(lines),
                              description="derm-t2im factory run: Table IV, grids, where everything is")
+
+
+def publish(stage: Any, summary: dict[str, Any]) -> list[str]:
+    """What the Prefect UI shows after a stage has closed, by stage (``dermt2im.tasks.stage.run_pipeline``
+    calls it after each one): the keys of the artifacts made."""
+    name = stage.name
+    if name in ("ingest", "preprocess"):
+        publish_datasets(name, summary)
+        return [artifact_key(name, dataset) for dataset in summary]
+    if name == "train":
+        publish_lora(summary)
+        return [artifact_key("lora", summary["run_id"])]
+    if name == "quality":
+        return publish_quality(stage.workdir, summary)
+    if name == "fidelity":
+        return publish_fidelity(summary)
+    if name == "validate":
+        publish_table_iv(stage.workdir, summary, stage.tracking)
+        return ["table-iv"] if summary.get("table_md") else []
+    if name == "segmentation":
+        publish_segmentation(summary)
+        return ["segmentation-check"] if summary.get("md") else []
+    return []

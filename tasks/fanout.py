@@ -1,5 +1,5 @@
 """Generation fanned out over Prefect worker runs: ``orchestration.parallel_workers`` runs of the
-``generate-worker`` deployment (``flows.generate_worker``), run ``i`` of N rendering the static
+``generate-worker`` deployment (``dermt2im.flows.generate_worker``), run ``i`` of N rendering the static
 partition ``shard % N == i``.
 
 For work pools without a Ray cluster (one batch job per flow run). The parent waits until every
@@ -19,7 +19,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from dermt2im.generate.model import GenerationError
 from dermt2im.generate.shards import shard_missing
 from dermt2im.generate.stage import GenerateStage
-from flows.settings import OrchestrationSettings
+from dermt2im.runners.core import survey
+from dermt2im.flows.settings import OrchestrationSettings
 
 
 def render_with_workers(stage: GenerateStage, settings: OrchestrationSettings, poll_seconds: float = 5.0) -> int:
@@ -53,7 +54,7 @@ def render_with_workers(stage: GenerateStage, settings: OrchestrationSettings, p
     stage.fold_parts()  # the runs' appended parts (object stores)
     failed = [f"partition {i} (flow run {r.id}): {st.name}" for i, (r, st) in enumerate(zip(runs, states))
               if not st.is_completed()]
-    left = [s for s in shards if stage.finished(s) is None]
+    left = [u.unit for u in survey(stage) if not u.cached]
     if failed or left:
         raise GenerationError(f"{len(left)} shard(s) not rendered ({left[:10]}); worker runs that did not complete: "
                               f"{', '.join(failed) or 'none'}. Run the generate flow again: finished shards are skipped")

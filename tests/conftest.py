@@ -18,6 +18,9 @@ os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_HOME / 'mlflow.db'}"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# As patient as the CLI (dermt2im.core.workdir.configure_runtime): Prefect's default 20 s for its
+# temporary server is too short on a busy 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_DERMOSCOPY = SHARED_DATA / "real-dermoscopy"
@@ -50,13 +53,41 @@ def mlflow_uri(tmp_path, monkeypatch):
     return uri
 
 
+def stop_temporary_prefect_servers(failed_only: bool = False) -> int:
+    """Stop every temporary Prefect server this process started, also one whose start timed out
+    (Prefect leaves that process running until interpreter exit, which an xdist worker may never
+    reach); with ``failed_only``, only those. Returns how many were stopped."""
+    import sys
+
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is None:
+        return 0
+    stopped = 0
+    for server in list(server_module.SubprocessASGIServer._instances.values()):
+        proc = getattr(server, "server_process", None)
+        if proc is not None and proc.poll() is None and not (failed_only and server.running):
+            server.stop()
+            stopped += 1
+    return stopped
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_prefect_servers_end_with_the_session():
+    yield
+    stop_temporary_prefect_servers()
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """One temporary Prefect server (SQLite) for all flow tests in the session."""
+    """One temporary Prefect server (SQLite) for all flow tests in the session, as patient as the CLI;
+    stopped at the end, and at once if its start timed out."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        stop_temporary_prefect_servers()
 
 
 @pytest.fixture(scope="session")

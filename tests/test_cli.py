@@ -2,6 +2,7 @@
 
 from typer.testing import CliRunner
 
+from dermt2im.core.views import seeds_view
 from dermt2im.cli import app
 from dermt2im.core.manifest import SEEDS, read_manifest
 
@@ -24,7 +25,7 @@ def test_phantoms_ingest_preprocess(tmp_path):
     assert "csv" in r.output.lower()  # the detected layout is reported
     r = runner.invoke(app, ["preprocess", "--workdir", str(work)])
     assert r.exit_code == 0, r.output
-    df = read_manifest(work / "manifests" / "seeds.parquet", SEEDS)
+    df = seeds_view(work / "manifests" / "seeds.parquet")
     assert len(df) == 8 and (df["status"] == "accepted").all()
     assert df["processed_path"].notna().all()
     from PIL import Image
@@ -109,7 +110,7 @@ def test_set_is_for_one_command_unless_saved(tmp_path):
     import yaml
 
     data, w = _phantoms(tmp_path), tmp_path / "w"
-    assert runner.invoke(app, ["ingest", str(data), "-w", str(w), "-c", "smoke", "-s", "preprocess.size=32"]).exit_code == 0
+    assert runner.invoke(app, ["ingest", str(data), "-w", str(w), "-c", "tiny", "-s", "preprocess.size=32"]).exit_code == 0
     before = (w / "config.yaml").read_text()
     r = runner.invoke(app, ["preprocess", "-w", str(w), "--set", "preprocess.size=24"])
     assert r.exit_code == 0, r.output
@@ -117,7 +118,7 @@ def test_set_is_for_one_command_unless_saved(tmp_path):
     assert (w / "config.yaml").read_text() == before  # unchanged ...
     from PIL import Image
 
-    df = read_manifest(w / "manifests" / "seeds.parquet", SEEDS)
+    df = seeds_view(w / "manifests" / "seeds.parquet")
     assert Image.open(df["processed_path"].iloc[0]).size == (24, 24)  # ... and yet the command used it
     r = runner.invoke(app, ["config", "-w", str(w), "--set", "train.rank=8", "--save"])
     assert r.exit_code == 0 and "CHANGED (later commands use it): train.rank: 4 -> 8" in r.output
@@ -126,7 +127,7 @@ def test_set_is_for_one_command_unless_saved(tmp_path):
 
 def test_progress_is_logged_as_plain_lines_when_not_on_a_terminal(tmp_path):
     data, w = _phantoms(tmp_path, n=6), tmp_path / "w"
-    r = runner.invoke(app, ["ingest", str(data), "-w", str(w), "-c", "smoke"])
+    r = runner.invoke(app, ["ingest", str(data), "-w", str(w), "-c", "tiny"])
     assert r.exit_code == 0, r.output
     assert "ingest ph: 6/6 files in " in r.output and "files/s" in r.output
     r = runner.invoke(app, ["preprocess", "-w", str(w)])

@@ -23,18 +23,19 @@ DOCKER = ROOT / "docker"
 DEPLOYMENTS = ROOT / "deployments"
 DOCKERFILES = [DOCKER / "Dockerfile.cuda", DOCKER / "Dockerfile.cpu"]
 
-# The fixed contract between prefect.yaml and flows/: entrypoint -> (flow name, parameters).
+# The fixed contract between prefect.yaml and flows/ (installed as dermt2im.flows): entrypoint -> (flow
+# name, parameters). Entrypoints are module paths: a worker imports them from the installed package.
 FLOW_CONTRACT = {
-    "flows/factory.py:factory": ("derm-t2im-factory", {"workdir", "source", "config", "overrides", "layout"}),
-    "flows/seeds.py:prepare_seeds": ("prepare-seeds", {"workdir", "source", "config", "overrides", "layout"}),
-    "flows/train.py:train": ("train", {"workdir", "config", "overrides"}),
-    "flows/generate.py:generate": ("generate", {"workdir", "config", "overrides", "lora", "per_class"}),
-    "flows/validate.py:validate": ("validate", {"workdir", "config", "overrides"}),
-    "flows/regenerate.py:regenerate": ("regenerate", {"workdir", "config", "overrides", "per_class_increment"}),
-    "flows/generate_worker.py:generate_worker": ("generate-worker", {"workdir", "config", "overrides", "lora",
+    "dermt2im.flows.factory.factory": ("derm-t2im-factory", {"workdir", "source", "config", "overrides", "layout"}),
+    "dermt2im.flows.seeds.prepare_seeds": ("prepare-seeds", {"workdir", "source", "config", "overrides", "layout"}),
+    "dermt2im.flows.train.train": ("train", {"workdir", "config", "overrides"}),
+    "dermt2im.flows.generate.generate": ("generate", {"workdir", "config", "overrides", "lora", "per_class"}),
+    "dermt2im.flows.validate.validate": ("validate", {"workdir", "config", "overrides"}),
+    "dermt2im.flows.regenerate.regenerate": ("regenerate", {"workdir", "config", "overrides", "per_class_increment"}),
+    "dermt2im.flows.generate_worker.generate_worker": ("generate-worker", {"workdir", "config", "overrides", "lora",
                                                                       "shard_index", "num_shards"}),
 }
-GPU_ENTRYPOINTS = {"flows/train.py:train", "flows/generate.py:generate", "flows/generate_worker.py:generate_worker"}
+GPU_ENTRYPOINTS = {"dermt2im.flows.train.train", "dermt2im.flows.generate.generate", "dermt2im.flows.generate_worker.generate_worker"}
 
 
 def _prefect_yaml() -> dict:
@@ -63,9 +64,20 @@ def _interpolate(value: str) -> str:
     return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:?\?[^}]*)?\}", "", value)
 
 
+def entrypoint_file(entrypoint: str) -> Path:
+    """The source file of a module-path entrypoint (``dermt2im.flows.train.train``), found without
+    importing the module (``flows/`` installs as ``dermt2im.flows``)."""
+    import importlib.util
+
+    module = entrypoint.rsplit(".", 1)[0]
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin, f"{entrypoint}: no module {module} in the installed package"
+    return Path(spec.origin)
+
+
 def _find_flow(entrypoint: str) -> ast.FunctionDef:
-    path, func = entrypoint.split(":")
-    tree = ast.parse((ROOT / path).read_text(), filename=path)
+    path, func = entrypoint_file(entrypoint), entrypoint.rsplit(".", 1)[1]
+    tree = ast.parse(path.read_text(), filename=str(path))
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name == func:
             return node
@@ -106,15 +118,14 @@ def test_entrypoints_in_prefect_yaml_follow_the_contract():
     spec = _prefect_yaml()
     used = {d["entrypoint"] for d in spec["deployments"]}
     assert used <= set(FLOW_CONTRACT), f"entrypoints outside the contract: {sorted(used - set(FLOW_CONTRACT))}"
-    assert {"flows/factory.py:factory", "flows/train.py:train", "flows/generate.py:generate",
-            "flows/validate.py:validate", "flows/regenerate.py:regenerate"} <= used
+    assert {"dermt2im.flows.factory.factory", "dermt2im.flows.train.train", "dermt2im.flows.generate.generate",
+            "dermt2im.flows.validate.validate", "dermt2im.flows.regenerate.regenerate"} <= used
 
 
 @pytest.mark.parametrize("entrypoint", sorted(FLOW_CONTRACT))
 def test_entrypoint_is_a_flow_with_the_contracted_name_and_parameters(entrypoint):
-    path = ROOT / entrypoint.split(":")[0]
-    if not path.is_file():
-        pytest.fail(f"{path.relative_to(ROOT)} does not exist yet: deployments/prefect.yaml deploys {entrypoint}")
+    path = entrypoint_file(entrypoint)
+    assert path.is_relative_to(ROOT / "flows"), f"{entrypoint} is not a module of flows/ ({path})"
     fn = _find_flow(entrypoint)
     name, params = FLOW_CONTRACT[entrypoint]
     assert _flow_decorator_name(fn) == name, f"{entrypoint} must be decorated @flow(name={name!r})"
@@ -128,8 +139,10 @@ def test_entrypoint_is_a_flow_with_the_contracted_name_and_parameters(entrypoint
 
 
 def test_gpu_stages_go_to_cuda_everything_else_to_cpu():
+    """Train and generate always on cuda; validation both ways (validate-cuda, what the factory
+    dispatches to, and validate-cpu); a deployment's name says its pool."""
     for d in _prefect_yaml()["deployments"]:
-        want = "cuda" if d["entrypoint"] in GPU_ENTRYPOINTS else "cpu"
+        want = "cuda" if d["entrypoint"] in GPU_ENTRYPOINTS or d["name"].endswith("-cuda") else "cpu"
         assert d["work_pool"]["name"] == want, d["name"]
 
 
@@ -142,11 +155,12 @@ def test_gpu_deployments_do_not_pin_a_preset():
 
 
 def test_dispatch_names_match_deployments():
-    from flows.settings import OrchestrationSettings
+    from dermt2im.flows.settings import OrchestrationSettings
 
     spec = _prefect_yaml()
     names = {f"{FLOW_CONTRACT[d['entrypoint']][0]}/{d['name']}" for d in spec["deployments"]}
     orch = OrchestrationSettings()
+    assert orch.validate_deployment in names
     assert orch.train_deployment in names
     assert orch.generate_deployment in names
     assert orch.worker_deployment in names  # orchestration.parallel_workers fans out to it
@@ -306,7 +320,7 @@ def test_both_images_install_ray_with_one_python_and_the_tested_ray_release():
     assert f"sys.version_info[:2] == ({python[0]}, {python[1]})" in cuda_runs  # checked when the CUDA image builds
     cpu_runs = " ".join(arg for op, arg in _instructions(DOCKER / "Dockerfile.cpu") if op == "RUN")
     assert re.search(r'-e "\.\[[a-z0-9,]*\bray\b[a-z0-9,]*\]"', cpu_runs), cpu_runs
-    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (DOCKER / "constraints.txt").read_text(), re.M))
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "constraints.txt").read_text(), re.M))
     manifest = yaml.safe_load((DEPLOYMENTS / "kuberay" / "raycluster.yaml").read_text())
     assert manifest["spec"]["rayVersion"] == pins["ray"]
     ray = pytest.importorskip("ray")
@@ -330,7 +344,7 @@ def test_cpu_image_installs_the_makefiles_cpu_torch():
 def test_the_prefect_server_runs_with_the_pinned_constraints():
     """The server is built from the CPU image (docker/constraints.txt), whose SQLAlchemy lets
     Prefect's scheduler insert scheduled runs; Prefect is the version the tests ran with."""
-    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (DOCKER / "constraints.txt").read_text(), re.M))
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "constraints.txt").read_text(), re.M))
     services = _compose()["services"]
     assert services["prefect-server"]["image"] == services["cpu-worker"]["image"]
     assert services["prefect-server"]["command"][:3] == ["prefect", "server", "start"]
@@ -538,3 +552,52 @@ def test_deployments_readme_shows_the_kuberay_manifest_as_shipped():
     shipped = yaml.safe_load((DEPLOYMENTS / "kuberay" / "raycluster.yaml").read_text())
     assert shipped in blocks
     assert "scale.ray_address=dermt2im-ray-head-svc:6379" in text and "ray-head:6379" in text
+
+
+def test_one_set_of_versions_is_installed_everywhere():
+    """make install (so the demo, the tests and CI) and both images install with constraints.txt, and
+    this environment holds exactly its versions: an upstream patch release (SQLAlchemy 2.0.59 beside a
+    2.0.58 pin) can no longer make a fresh clone differ from what was tested."""
+    import importlib.metadata as md
+
+    make = (ROOT / "Makefile").read_text()
+    assert re.search(r"pip install [^\n]*-c constraints\.txt -e \"\.\[dev\]\"", make), "make install ignores the pins"
+    for dockerfile in DOCKERFILES:
+        ins = _instructions(dockerfile)
+        assert any(op == "COPY" and arg.split()[0] == "constraints.txt" for op, arg in ins), dockerfile.name
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "constraints.txt").read_text(), re.M))
+    assert "torch" not in pins and len(pins) > 100  # every package of the dev install, not a hand-picked few
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [re.split(r"[<>=\[; ]", d, maxsplit=1)[0] for d in deps["dependencies"] + deps["optional-dependencies"]["dev"]]
+    norm = {k.lower().replace("_", "-"): v for k, v in pins.items()}
+    assert [d for d in wanted if d.lower().replace("_", "-") not in norm and d != "torch"] == []
+    def installed(name: str) -> str | None:  # the copy imports find (not a vendored one further down sys.path)
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    differ = {name: (pin, have) for name, pin in norm.items() if (have := installed(name)) is not None and have != pin}
+    assert differ == {}, f"installed versions differ from constraints.txt (run `make install`): {differ}"
+
+
+def test_a_temporary_server_whose_start_timed_out_is_stopped():
+    """After a red run, a Prefect server the suite had started was still running."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from tests.conftest import stop_temporary_prefect_servers
+    from tests.flows.prefect_server import free_port
+
+    server = SubprocessASGIServer(port=free_port())  # its own: port None is the session's shared server
+    try:
+        with pytest.raises(RuntimeError, match="Timed out"):
+            server.start(timeout=0.05)  # far too short for any machine
+        proc = server.server_process
+        assert proc is not None and proc.poll() is None, "Prefect leaves the timed-out server running"
+        others = [s.server_process for s in SubprocessASGIServer._instances.values()
+                  if s is not server and s.running and s.server_process is not None]
+        assert stop_temporary_prefect_servers(failed_only=True) == 1
+        assert proc.poll() is not None
+        assert all(p.poll() is None for p in others), "a healthy server (the session's) was stopped too"
+    finally:
+        server.stop()

@@ -9,7 +9,7 @@ from PIL import Image
 
 from dermt2im.export import ExportError, export_imagefolder
 from dermt2im.quality.stage import assess
-from tests.quality.gate_config import smoke_with_full_gate
+from tests.quality.gate_config import tiny_with_full_gate
 from tests.quality.test_quality import (
     altered_copy,
     bad_images,
@@ -36,7 +36,7 @@ def assessed(workdir):
     images["benign-000007"] = bad_images()["noise"]
     images["malignant-000008"] = altered_copy(seeds[1][1])  # memorised
     synthetic_workdir(workdir, images)
-    return assess(workdir, smoke_with_full_gate(["quality.exclude_memorised=false"]).quality)
+    return assess(workdir, tiny_with_full_gate(["quality.exclude_memorised=false"]).quality)
 
 
 def test_export_writes_class_folders_and_metadata_that_load_back(workdir, tmp_path, assessed):
@@ -75,7 +75,7 @@ def test_export_needs_assessed_images(workdir, tmp_path):
     with pytest.raises(ExportError, match="quality"):
         export_imagefolder(workdir, tmp_path / "x")
     synthetic_workdir(workdir, {"benign-000000": bad_images()["blank"]})
-    assess(workdir, smoke_with_full_gate().quality)
+    assess(workdir, tiny_with_full_gate().quality)
     with pytest.raises(ExportError, match="0 of 1 .*blank"):
         export_imagefolder(workdir, tmp_path / "x")
     assert not (tmp_path / "x").exists()

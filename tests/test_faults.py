@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from dermt2im.core.views import seeds_view
 from dermt2im.cli import app
 from dermt2im.core.errors import DecodeError, ManifestError
 from dermt2im.core.manifest import SEEDS, read_manifest, write_manifest
@@ -30,7 +31,7 @@ from dermt2im.core.workdir import Workdir, WorkdirBusy, workdir_lock
 from dermt2im.export import MARKER, ExportError, check_target
 from dermt2im.ingest.stage import ingest_source
 from dermt2im.preprocess.resize import preprocess_image, resize_short_side
-from dermt2im.preprocess.stage import preprocess_manifest
+from dermt2im.preprocess.stage import PreprocessStage, preprocess_manifest
 from tests.ingest.ingest_fixtures import jpeg, put
 from tests.processes import alive, descendants
 
@@ -81,16 +82,16 @@ def _classes(root: Path, n: int, seed: int, size: tuple[int, int] = (16, 12)) ->
 @pytest.fixture
 def exported_workdir(workdir):
     from dermt2im.quality.stage import assess
-    from tests.quality.gate_config import smoke_with_full_gate
+    from tests.quality.gate_config import tiny_with_full_gate
     from tests.quality.test_quality import phantom, seed_workdir, synthetic_workdir
 
     from dermt2im.core.config import load_config
 
     seed_workdir(workdir, n_seeds=2)
-    (workdir.root / "config.yaml").write_text(load_config("smoke").as_yaml())  # a workdir the CLI knows
+    (workdir.root / "config.yaml").write_text(load_config("tiny").as_yaml())  # a workdir the CLI knows
     synthetic_workdir(workdir, {f"{lab}-00000{i}": phantom(lab, 40 + i) for lab in ("benign", "malignant")
                                 for i in range(2)})
-    assess(workdir, smoke_with_full_gate().quality)
+    assess(workdir, tiny_with_full_gate().quality)
     return workdir
 
 
@@ -163,7 +164,7 @@ def test_two_concurrent_ingests_into_one_manifest_keep_every_row(tmp_path):
     assert not (signals / "b-scanning").exists()
     (signals / "release").touch()
     assert "10 new" in _finish(first) and "9 new" in _finish(second)
-    df = read_manifest(manifest, SEEDS)
+    df = seeds_view(manifest)
     assert len(df) == 19 and df["source_path"].is_unique and (df["status"] == "accepted").all()
 
 
@@ -195,7 +196,7 @@ def test_preprocess_keeps_rows_an_ingest_added_while_it_worked(tmp_path):
     assert ingest_source(_classes(tmp_path / "b", 3, seed=2), manifest, CFG).new == 3
     (signals / "ingested").touch()
     assert "4 processed" in _finish(child)
-    df = read_manifest(manifest, SEEDS)
+    df = seeds_view(manifest)
     assert len(df) == 7
     from_a = df["source_path"].str.contains("/a/")
     assert df.loc[from_a, "processed_path"].notna().all() and df.loc[~from_a, "processed_path"].isna().all()
@@ -229,7 +230,7 @@ def _holding(tmp_path, root: Path, mode: str, command: str = "dermt2im run") -> 
 
 def test_a_second_run_on_a_busy_workdir_stops_at_once_naming_the_first(tmp_path):
     root, data = tmp_path / "w", _classes(tmp_path / "src", 4, seed=1, size=(64, 64))
-    assert _cli("config", "--workdir", root, "--config", "smoke").exit_code == 0
+    assert _cli("config", "--workdir", root, "--config", "tiny").exit_code == 0
     saved = (root / "config.yaml").read_text()
     child = _holding(tmp_path, root, "exclusive")
     try:
@@ -266,7 +267,7 @@ def test_the_lock_dies_with_its_holder_and_workers_share_it(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. a quarantine for a passing I/O fault clears once the file is back
+# 4. a file unreadable for a while is tried again once it is back
 
 
 def test_a_file_unreadable_at_preprocess_is_tried_again_after_it_is_fixed(tmp_path):
@@ -275,19 +276,23 @@ def test_a_file_unreadable_at_preprocess_is_tried_again_after_it_is_fixed(tmp_pa
     flaky = src / "benign" / "benign-3-0.jpg"
     away = flaky.rename(tmp_path / "away.jpg")  # an unmounted share, a permission being fixed ...
     report = preprocess_manifest(manifest, out, PreprocessConfig(size=16), workers=1)
-    row = read_manifest(manifest, SEEDS).set_index("source_path").loc[str(flaky)]
+    row = seeds_view(manifest).set_index("source_path").loc[str(flaky)]
     assert report.failed == 1 and row["status"] == "quarantined" and "cannot read source file" in row["reason"]
+    assert "the next preprocess tries again" in row["reason"]
+    stage = PreprocessStage(PreprocessConfig(size=16), {"seeds": manifest}, out, workers=1)
+    assert stage.finished("seeds", stage.key("seeds")) is None  # the stage is not done while a row waits
+    assert read_manifest(manifest, SEEDS).set_index("source_path").loc[str(flaky), "status"] == "accepted"
 
-    away.rename(flaky)
-    again = ingest_source(src, manifest, CFG)
-    assert again.reconsidered == 1 and "reconsidered: 1 row(s)" in again.summary()
+    away.rename(flaky)  # back: preprocess alone tries it again (ingest's rows were never touched)
     report = preprocess_manifest(manifest, out, PreprocessConfig(size=16), workers=1)
-    df = read_manifest(manifest, SEEDS)
+    df = seeds_view(manifest)
+    assert report.retried == 1 and "tried again 1 row(s)" in report.summary()
     assert report.failed == 0 and (df["status"] == "accepted").all() and df["processed_path"].notna().all()
+    assert stage.finished("seeds", stage.key("seeds")) is not None
 
     flaky.write_bytes(jpeg(999, (40, 40)))  # other bytes at the same path: a lasting verdict, not retried
     ingest_source(src, manifest, CFG)
-    assert read_manifest(manifest, SEEDS).set_index("source_path").loc[str(flaky), "status"] == "accepted"
+    assert seeds_view(manifest).set_index("source_path").loc[str(flaky), "status"] == "accepted"
 
 
 def test_a_changed_file_stays_quarantined_until_ingest_sees_its_new_bytes(tmp_path):
@@ -296,10 +301,10 @@ def test_a_changed_file_stays_quarantined_until_ingest_sees_its_new_bytes(tmp_pa
     changed = src / "benign" / "benign-4-0.jpg"
     changed.write_bytes(jpeg(4242, (40, 40)))
     preprocess_manifest(manifest, out, PreprocessConfig(size=16), workers=1)
-    reason = read_manifest(manifest, SEEDS).set_index("source_path").loc[str(changed), "reason"]
+    reason = seeds_view(manifest).set_index("source_path").loc[str(changed), "reason"]
     assert "changed since ingest" in reason and "transient" not in reason
     preprocess_manifest(manifest, out, PreprocessConfig(size=16), workers=1)  # not retried blindly
-    assert read_manifest(manifest, SEEDS).set_index("source_path").loc[str(changed), "reason"] == reason
+    assert seeds_view(manifest).set_index("source_path").loc[str(changed), "reason"] == reason
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,12 +345,16 @@ def test_every_file_under_the_source_gets_a_row_with_a_reason(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "scandir", unreadable)
     report = ingest_source(src, tmp_path / "m.parquet", CFG)
-    df = read_manifest(tmp_path / "m.parquet", SEEDS)
+    df = seeds_view(tmp_path / "m.parquet")
     rows = df.set_index(df["source_path"].str.replace(str(src) + "/", "", regex=False))
     reason = rows["reason"].to_dict()
 
     assert len(df) == 4 + 11 and df["source_path"].is_unique
-    assert "outside the source" in reason["benign/escape.jpg"] and str(outside) in reason["benign/escape.jpg"]
+    # a link out of the source is read as its owner would read it, and the row says where it leads
+    assert rows.loc["benign/escape.jpg", "status"] == "accepted"
+    assert rows.loc["benign/escape.jpg", "link_target"] == str(outside.resolve())
+    assert rows.loc["malignant/inside.jpg", "link_target"] == str((src / "malignant" / "malignant-5-1.jpg").resolve())
+    assert pd.isna(rows.loc["benign/benign-5-0.jpg", "link_target"])
     assert reason["benign/dangling.jpg"].startswith("broken symbolic link")
     assert reason["benign/loop.jpg"].startswith("symbolic link loop")
     pair = rows.loc[["malignant/inside.jpg", "malignant/malignant-5-1.jpg"]]  # a link inside: the same bytes twice
@@ -359,7 +368,7 @@ def test_every_file_under_the_source_gets_a_row_with_a_reason(tmp_path, monkeypa
     assert "not valid UTF-8" in reason["benign/l\\xe9sion.jpg"]
     assert (rows.loc[["benign/benign-5-0.jpg", "benign/benign-5-2.jpg", "malignant/malignant-5-3.jpg"], "status"]
             == "accepted").all()
-    assert report.quarantined == 10 and sum(report.reasons.values()) == 10
+    assert report.quarantined == 9 and sum(report.reasons.values()) == 9
     df.to_csv(tmp_path / "check.csv")  # the manifest holds only text that can be written anywhere
 
 
@@ -381,14 +390,14 @@ def test_slivers_and_strips_are_quarantined_at_ingest(tmp_path):
     put(src / "malignant" / "fine.png", _strip_png(400, 300))
     assert len((src / "benign" / "strip.png").read_bytes()) < 1000  # a few hundred bytes on disk
     ingest_source(src, tmp_path / "m.parquet", IngestConfig())
-    reason = read_manifest(tmp_path / "m.parquet", SEEDS).set_index("source_path")["reason"]
+    reason = seeds_view(tmp_path / "m.parquet").set_index("source_path")["reason"]
     assert reason[str(src / "benign" / "strip.png")].startswith("image too small: 100000x1")
     assert reason[str(src / "benign" / "tall.png")].startswith("image too elongated: 300x1500 is 5.0 times")
     assert "ingest.min_side (64 px)" in reason[str(src / "benign" / "tiny.png")]
     assert pd.isna(reason[str(src / "malignant" / "fine.png")])
     relaxed = IngestConfig(min_side=1, max_aspect_ratio=200_000)  # the limits are the user's to change
     ingest_source(src, tmp_path / "m2.parquet", relaxed)
-    assert (read_manifest(tmp_path / "m2.parquet", SEEDS)["status"] == "accepted").all()
+    assert (seeds_view(tmp_path / "m2.parquet")["status"] == "accepted").all()
 
 
 def test_every_resize_is_bounded_before_it_allocates():
@@ -419,7 +428,7 @@ def test_every_resize_is_bounded_before_it_allocates():
 )
 def test_a_bad_override_is_refused_before_anything_is_saved(tmp_path, override, message):
     root = tmp_path / "w"
-    assert _cli("config", "--workdir", root, "--config", "smoke", "--set", "generate.per_class=3").exit_code == 0
+    assert _cli("config", "--workdir", root, "--config", "tiny", "--set", "generate.per_class=3").exit_code == 0
     saved = (root / "config.yaml").read_text()
     for command in (["config", "--save"], ["generate", "--save"], ["ingest", tmp_path, "--save"], ["run"]):
         result = _cli(*command, "--workdir", root, "--set", override)
@@ -466,7 +475,7 @@ def test_a_damaged_manifest_is_one_line_naming_the_file(tmp_path, damage):
         assert f"{manifest} cannot be read as a seeds manifest" in result.output.replace("\n", "")
         assert "dermt2im ingest" in result.output
     with pytest.raises(ManifestError, match="the file is damaged"):
-        read_manifest(manifest, SEEDS)
+        seeds_view(manifest)
 
 
 def test_a_manifest_missing_a_column_says_so_not_no_training_images(tmp_path):
@@ -572,9 +581,9 @@ def test_the_start_up_timeout_defaults_to_a_patient_value(tmp_path, monkeypatch)
 
 
 def test_generate_without_a_lora_stops_and_says_how_to_go_on(tmp_path):
-    assert _cli("config", "--workdir", tmp_path / "w", "--config", "smoke").exit_code == 0
+    assert _cli("config", "--workdir", tmp_path / "w", "--config", "tiny").exit_code == 0
     result = _cli("generate", "--workdir", tmp_path / "w")
-    assert result.exit_code == 2 and "no LoRA given and none trained" in result.output
+    assert result.exit_code == 2 and "no LoRA trained for the current config" in result.output
     assert "--base-model-only" in result.output
     assert not (tmp_path / "w" / "manifests").exists()
 
@@ -612,8 +621,8 @@ def test_every_prefect_task_and_flow_keeps_no_result():
     from prefect import Flow, Task
     from prefect.cache_policies import NO_CACHE
 
-    import flows
-    import tasks
+    from dermt2im import flows
+    from dermt2im import tasks
 
     found = 0
     for package in (tasks, flows):
@@ -633,7 +642,7 @@ def test_every_prefect_task_and_flow_keeps_no_result():
 def test_a_planted_pickle_is_never_executed(prefect_harness, tmp_path, monkeypatch):
     from prefect.results import ResultRecord
 
-    from flows.seeds import prepare_seeds
+    from dermt2im.flows.seeds import prepare_seeds
     from tests.prefect_utils import task_states
 
     marker = tmp_path / "PWNED"
@@ -645,7 +654,7 @@ def test_a_planted_pickle_is_never_executed(prefect_harness, tmp_path, monkeypat
 
     root = tmp_path / "w"
     small = ["phantoms.n_seed=6", "phantoms.n_test=2", "phantoms.size=48", "preprocess.size=32"]
-    assert prepare_seeds(str(root), config="smoke", overrides=small, return_state=True).is_completed()
+    assert prepare_seeds(str(root), config="tiny", overrides=small, return_state=True).is_completed()
     storage = Path(os.environ["PREFECT_LOCAL_STORAGE_PATH"])
     written = [p for p in (*storage.rglob("*"), *(root / ".prefect").rglob("storage/*")) if p.is_file()]
     assert written == []  # nothing persisted, so nothing is ever read back

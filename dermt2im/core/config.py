@@ -10,7 +10,7 @@ A config has two kinds of sections:
   cluster to render and validate on). Never hashed.
 
 ``orchestration`` holds the Prefect deployment settings; the domain never reads it, and
-``flows.settings`` validates it (strictly) where it is used.
+``dermt2im.flows.settings`` validates it (strictly) where it is used.
 
 Every model is frozen and strict: an unknown key or a wrong type is an error that names the key and
 the file it came from. ``load_config`` applies ``--set key.path=value`` overrides from the CLI on top
@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
+from dermt2im.core import yamltext
 from dermt2im.core.errors import ConfigError
 from dermt2im.core.runtime import RuntimeConfig, ScaleConfig, StorageConfig, TrackingConfig
 from dermt2im.core.specs import (
@@ -71,9 +72,6 @@ RETIRED_KEYS: dict[str, str] = {
                               "--shard-index/--num-shards",
 }
 
-SPEC_SECTIONS: tuple[str, ...] = ("phantoms", "ingest", "preprocess", "train", "generate", "quality", "validate",
-                                  "fidelity")
-
 
 class FactoryConfig(Strict):
     # YAML key `validate`; the attribute is `validation` because BaseModel.validate exists.
@@ -93,7 +91,7 @@ class FactoryConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     scale: ScaleConfig = ScaleConfig()
     orchestration: dict[str, Any] = Field(
-        default_factory=dict, description="Prefect deployment settings, validated by flows.settings"
+        default_factory=dict, description="Prefect deployment settings, validated by dermt2im.flows.settings"
     )
 
     @field_validator("name")
@@ -154,7 +152,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     keys = [k for k in key.strip().split(".") if k]
     if not keys:
         raise ConfigError(f"override {item!r} has an empty key")
-    return keys, yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return keys, yamltext.load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -181,10 +182,13 @@ def _deep_copy(d: Any) -> Any:
     return d
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str, section: str = "") -> str:
+    """A pydantic ``ValidationError`` as the one message every config error gives: where the values
+    came from, then one line per problem naming its key (``section.key: unknown key``, or the rule
+    it breaks and the value given). The one formatter of the project's settings models."""
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in ([section] if section else []) + list(e["loc"])) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         else:
@@ -200,13 +204,13 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: li
         return FactoryConfig.model_validate(merged)
     except ValidationError as err:
         where = source if not overrides else f"{source} (with overrides {overrides})"
-        raise ConfigError(_format_errors(err, where)) from None
+        raise ConfigError(format_errors(err, where)) from None
 
 
 def load_config(name_or_path: str | Path = "smoke", overrides: list[str] | None = None) -> FactoryConfig:
     path = resolve_config_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yamltext.load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -90,13 +90,3 @@ def atomic_write_bytes(target: str | Path, data: bytes) -> Path:
 def atomic_write_text(target: str | Path, text: str) -> Path:
     return atomic_write_bytes(target, text.encode("utf-8"))
 
-
-def remove_stale_temporaries(folder: str | Path) -> int:
-    """Delete ``.*.tmp`` files left by a killed writer; returns how many were removed."""
-    n = 0
-    folder = Path(folder)
-    if folder.is_dir():
-        for p in folder.rglob(".*.tmp"):
-            p.unlink(missing_ok=True)
-            n += 1
-    return n

@@ -9,11 +9,13 @@ computed here and nowhere else. The scheme (version 2):
 * Parts are content, never locations alone: files by sha256 (``dermt2im.core.fileio``), manifests
   by ``manifest_digest`` (independent of row order and file encoding), configuration by
   ``spec_digest`` (a section's *spec* only, ``dermt2im.core.specs``: runtime settings never enter a
-  key), code by ``code_digest`` / ``source_digest`` (the modules that decide the output).
+  key), code by ``code_digest`` (the stage's own subpackage and every project module it imports,
+  followed automatically by reading the files).
 * Three recipes keep their scheme-1 form because their keys are stored inside outputs:
-  ``preprocess_key`` (in processed PNGs and ``seeds.parquet``), ``render_key`` (in every synthetic
-  PNG and row) and ``seed_for_sample`` (the plan's seeds). Existing processed seeds and synthetic
-  images therefore stay valid.
+  ``preprocess_key`` (in processed PNGs and the processed table), ``render_key`` (in every synthetic
+  PNG and row) and ``seed_for_sample`` (the plan's seeds). The first two hold their stage's code
+  identity since issue 21 (it replaced hand-kept version constants), so every processed seed and
+  synthetic image made before is made once more.
 
 Migration from scheme 1 (workdirs made before 2026-11-29): Prefect's cached task results are no
 longer read at all (they were pickles, and a workdir is shared). On the first run each stage checks
@@ -25,17 +27,16 @@ more under a new comparison run.
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import importlib.metadata as md
-import inspect
 import json
 import os
 import platform
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -73,29 +74,116 @@ def plain(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-# --- code --------------------------------------------------------------------------------------
+# --- code ---------------------------------------------------------------------------------------
+
+PROJECT = "dermt2im"
 
 
-def source_digest(obj: Any) -> str:
-    """Digest of a function's or class's source: editing it changes the keys that include it."""
+def _package_root() -> Path:
+    return Path(__file__).resolve().parent.parent  # the dermt2im package folder
+
+
+def _module_file(module: str, root: Path) -> Path | None:
+    """The source file of ``dermt2im.<...>`` under ``root`` (the package folder), without importing it."""
+    parts = module.split(".")
+    if parts[0] != PROJECT:
+        return None
+    base = root.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _imports_of(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+    """Every module name an import statement of the file at ``path`` names (anywhere in it: lazy
+    imports inside functions count too), relative imports resolved; ``from a import b`` names both
+    ``a`` and ``a.b`` (``b`` may be a module). Memoised per file version."""
+    source = Path(path).read_text(encoding="utf-8")
+    tree = ast.parse(source, filename=path)
+    rel = Path(path)
+    package = [p for p in rel.parent.parts]  # resolved below against the package root
+    out: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from the file's own package upwards
+                base = package[: len(package) - node.level + 1]
+                prefix = ".".join(base[base.index(PROJECT):]) if PROJECT in base else ""
+                module = ".".join(x for x in (prefix, node.module or "") if x)
+            else:
+                module = node.module or ""
+            out.append(module)
+            out += [f"{module}.{alias.name}" for alias in node.names if alias.name != "*"]
+    return tuple(m for m in out if m == PROJECT or m.startswith(PROJECT + "."))
+
+
+def code_files(module: str, root: Path | None = None) -> list[Path]:
+    """The source files that decide what ``module``'s stage makes: its own subpackage
+    (``dermt2im.ingest`` -> every file of ``dermt2im/ingest/``; a stage in a module of its own, such
+    as ``dermt2im.phantoms``, is that file), plus every project module those files import, followed
+    transitively (``core/imaging.py`` through ``ingest/files.py``, ...), plus the ``__init__`` files of
+    the packages on the way (importing a module runs them). Found by reading the files (``ast``), so
+    nothing is imported: a cached run never loads torch to learn its key. ``root`` is the dermt2im
+    package folder (default: the one running)."""
+    root = Path(root) if root is not None else _package_root()
+    parts = module.split(".")
+    own = root.joinpath(*parts[1:2]) if len(parts) > 1 else root
+    start = sorted(own.rglob("*.py")) if own.is_dir() else [p for p in [_module_file(".".join(parts[:2]), root)] if p]
+    if not start:
+        raise ValueError(f"no source files for {module} under {root}")
+    seen: dict[Path, None] = {}
+    todo = list(start)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen[path] = None
+        st = path.stat()
+        for name in _imports_of(str(path), st.st_size, st.st_mtime_ns):
+            names = name.split(".")
+            for depth in range(1, len(names) + 1):  # the packages on the way, then the module itself
+                found = _module_file(".".join(names[:depth]), root)
+                if found is not None and found not in seen:
+                    todo.append(found)
+    return sorted(seen, key=lambda p: p.relative_to(root).as_posix())
+
+
+_DIGESTS: dict[tuple[str, str], tuple[tuple[tuple[Path, int, int], ...], str]] = {}
+
+
+def _versions(paths: Iterable[Path]) -> tuple[tuple[Path, int, int], ...]:
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append((p, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def code_digest(module: str, root: Path | None = None) -> str:
+    """The code identity of a stage: sha256 over the relative path and bytes of every file
+    ``code_files(module)`` lists. Every stage's key holds the digest of its own module's package
+    (``code_digest(__name__)``): editing any of those files re-runs that stage, and no list of
+    modules or version constant is kept by hand. Remembered in this process while none of the files
+    changes (size and modification time): a new import is an edit of a file already listed."""
+    root = Path(root) if root is not None else _package_root()
+    seen = _DIGESTS.get((module, str(root)))
     try:
-        return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
-    except (OSError, TypeError):
-        return getattr(obj, "__qualname__", "?")
-
-
-def code_digest(*modules: ModuleType) -> str:
-    """Digest of the source files of ``modules`` (the code that decides a stage's output)."""
-    return source_files_digest(Path(mod.__file__) for mod in modules)
-
-
-def source_files_digest(paths: Iterable[str | Path]) -> str:
-    """``code_digest`` of modules by their files, without importing them (a cached run need not pay
-    for importing torch): ``importlib.util.find_spec(name).origin``."""
+        if seen is not None and _versions(p for p, _, _ in seen[0]) == seen[0]:
+            return seen[1]
+    except OSError:
+        pass
+    files = code_files(module, root)
     h = hashlib.sha256()
-    for path in paths:
-        h.update(Path(path).read_bytes())
-    return h.hexdigest()
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes())
+        h.update(b"\0")
+    digest = h.hexdigest()
+    _DIGESTS[(module, str(root))] = (_versions(files), digest)
+    return digest
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -120,43 +208,61 @@ def manifest_digest(path: str | Path, kind: Any, columns: list[str] | None = Non
     return h.hexdigest()
 
 
-def tree_listing(root: str | Path, *, skip: Iterable[str] = (), skip_marked: str | None = None) -> list[tuple[str, int, int]]:
+def tree_listing(root: str | Path, *, skip: Iterable[str] = (), skip_marked: str | None = None) -> list[tuple]:
     """(relative path, size, mtime_ns) of every file below ``root``: the cheap change detector that
     make and rsync use (ingest hashes every file itself; this only decides whether to look again).
-    Folders named in ``skip`` (relative POSIX paths), and folders holding a file named
-    ``skip_marked``, are left out."""
+    Symbolic links are followed as ingest follows them (a linked file by its target's size and time;
+    a linked folder walked once, each link listed with where it points). Folders named in ``skip``
+    (relative POSIX paths), and folders holding a file named ``skip_marked``, are left out."""
     root = Path(root)
     skipped = set(skip)
-    out = []
-    for dirpath, dirs, files in os.walk(root):
+    out: list[tuple] = []
+    seen = {os.path.realpath(root)}
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
         rel_dir = Path(dirpath).relative_to(root).as_posix()
-        dirs[:] = [d for d in dirs if (d if rel_dir == "." else f"{rel_dir}/{d}") not in skipped
-                   and not (skip_marked and os.path.isfile(os.path.join(dirpath, d, skip_marked)))]
+        kept = []
+        for d in dirs:
+            full = os.path.join(dirpath, d)
+            if (d if rel_dir == "." else f"{rel_dir}/{d}") in skipped:
+                continue
+            if skip_marked and os.path.isfile(os.path.join(full, skip_marked)):
+                continue
+            if os.path.islink(full):
+                out.append((str(Path(full).relative_to(root)), -1, os.readlink(full)))
+            real = os.path.realpath(full)
+            if real in seen:  # a folder reached twice (a link to it, or a loop): walked once
+                continue
+            seen.add(real)
+            kept.append(d)
+        dirs[:] = kept
         for name in files:
             p = Path(dirpath) / name
             try:
                 st = p.stat()
             except OSError:
+                out.append((str(p.relative_to(root)), -1, os.readlink(p) if p.is_symlink() else ""))
                 continue
             out.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns))
-    return sorted(out)
+    return sorted(out, key=lambda row: tuple(map(str, row)))
 
 
 # --- recipes whose keys live inside outputs (scheme 1, unchanged) --------------------------------
 
 
-def preprocess_key(sample_id: str, spec: Mapping[str, Any], algorithm: str) -> str:
+def preprocess_key(sample_id: str, spec: Mapping[str, Any], code: str) -> str:
     """Key of one processed seed: its content hash, the parameters that change the output, and the
-    algorithm version (stored in the processed PNG and in ``seeds.parquet``)."""
-    return json_digest({"sample_id": sample_id, "params": dict(spec), "algorithm": algorithm})
+    processing's code identity (stored in the processed PNG and in the processed table)."""
+    return json_digest({"sample_id": sample_id, "params": dict(spec), "algorithm": code})
 
 
-def render_key(params: Mapping[str, Any], base_identity: str, lora_sha256: str | None) -> str:
+def render_key(params: Mapping[str, Any], base_identity: str, lora_sha256: str | None, code: str) -> str:
     """Key of one synthetic image: what its pixels depend on, given as ``params`` (the plan row's
-    render columns), the base model's identity and the LoRA's sha256 (stored in the PNG and row)."""
+    render columns), the base model's identity, the LoRA's sha256 and the generation's code identity
+    (``code_digest``); stored in the PNG and row."""
     payload = {c: plain(v) for c, v in params.items()}
     payload["base_model"] = base_identity
     payload["lora_sha256"] = lora_sha256 or ""
+    payload["code"] = code
     return json_digest(payload)
 
 

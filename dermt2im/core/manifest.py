@@ -5,7 +5,23 @@ Writes are atomic (temporary name, then rename). ``upsert`` merges new rows into
 manifest by its key columns without ever duplicating a row. Files are plain Parquet, readable
 by pandas, pyarrow and DuckDB alike. A manifest is a local path or an fsspec URL (``s3://...``).
 
-Many writers at once (scale-out generation): ``dermt2im.core.writers``.
+Every manifest has one writer, the stage named beside its schema below. A stage that adds columns
+to another stage's rows writes a table of its own keyed by the row's id, and readers join
+(``dermt2im.core.views``):
+
+=================================  ===================  =========================================
+manifest                           written by           keyed by
+=================================  ===================  =========================================
+``seeds.parquet``, ``test_sets/``  ingest               ``source_path``
+``processed/<dataset>.parquet``    preprocess           ``source_path`` (of the ingested row)
+``plan.parquet``                   generate             ``sample_key``
+``synthetic.parquet``              generate             ``sample_key`` (the renders)
+``imported.parquet``               import-synthetic     ``sample_key`` (external sets)
+``quality.parquet``                quality              ``sample_key`` (of a render or import)
+``flag_rates.parquet``             quality              ``images``, ``label``
+=================================  ===================  =========================================
+
+Many writers of one stage at once (scale-out generation): ``dermt2im.core.writers``.
 """
 
 from __future__ import annotations
@@ -71,11 +87,6 @@ SEEDS = ManifestSchema(
             _s("reason"),
             _s("duplicate_of"),  # source_path of the accepted copy for byte-identical duplicates
             _s("split"),  # train | val | test, for accepted rows
-            _s("processed_path"),
-            _s("preprocess_key"),  # hash of (sample_id, preprocess params) that produced processed_path
-            pa.field("hair_fraction", pa.float64()),
-            # share of pixels hair removal moved by more than 10 grey levels (the preprocess report's figure)
-            pa.field("hair_changed_fraction", pa.float64()),
             # generator named by the file's metadata ("AUTOMATIC1111, Steps 20, ..."; such rows are
             # quarantined as synthetic); "" when it names none; null in manifests made before
             _s("provenance"),
@@ -84,25 +95,43 @@ SEEDS = ManifestSchema(
             _s("license"),
             _s("license_note"),
             _s("attribution"),
+            # where the file really is when a symbolic link leads there (source_path is the link); null otherwise
+            _s("link_target"),
         ]
     ),
-    optional=("license", "license_note", "attribution"),
+    optional=("link_target", "license", "license_note", "attribution"),
 )
 
-MANIFESTS: dict[str, ManifestSchema] = {SEEDS.name: SEEDS}
+# What preprocess made of each row of a seeds or test-set manifest (dermt2im.preprocess.stage),
+# beside it in processed/<the same name>: the row's id, the bytes it saw, and the outcome.
+PROCESSED = ManifestSchema(
+    name="processed",
+    key=("source_path",),
+    schema=pa.schema(
+        [
+            _s("source_path"),  # the ingested row it belongs to
+            _s("sample_id"),  # the bytes it processed: a row whose file changed since is joined to nothing
+            # processed | failed (a lasting verdict for these bytes and this key) | unreadable (the file
+            # could not be read: a share away, a permission being fixed; the next preprocess tries again)
+            _s("status"),
+            _s("reason"),
+            _s("processed_path"),
+            _s("preprocess_key"),  # hash of (sample_id, preprocess params, code) that produced processed_path
+            pa.field("hair_fraction", pa.float64()),
+            # share of pixels hair removal moved by more than 10 grey levels (the preprocess report's figure)
+            pa.field("hair_changed_fraction", pa.float64()),
+        ]
+    ),
+)
 
-# A seeds row quarantined for a reason that may pass (the file could not be read: a mount away, a
-# permission being fixed) carries this prefix; ingest and preprocess look at such a row again.
-TRANSIENT = "preprocess (transient): "
 
-
-def is_transient(reason: str | None) -> bool:
-    return str(reason or "").startswith(TRANSIENT)
-
-
-def register(schema: ManifestSchema) -> ManifestSchema:
-    MANIFESTS[schema.name] = schema
-    return schema
+def processed_location(manifest: str | Path) -> str | Path:
+    """Where preprocess records what it made of the rows of ``manifest``: ``processed/<name>`` beside it."""
+    if storage.is_remote(manifest):
+        parent, _, name = str(manifest).rstrip("/").rpartition("/")
+        return f"{parent}/processed/{name}"
+    p = storage.local_path(manifest)
+    return p.parent / "processed" / p.name
 
 
 def conform(df: pd.DataFrame, kind: ManifestSchema) -> pa.Table:
@@ -184,7 +213,9 @@ def _damaged(path: str | Path, kind: ManifestSchema, err: BaseException) -> Mani
 
 
 # Which command writes each manifest, for error messages.
-_WRITER = {"seeds": "`dermt2im ingest`", "plan": "`dermt2im generate`", "synthetic": "`dermt2im generate`",
+_WRITER = {"seeds": "`dermt2im ingest`", "processed": "`dermt2im preprocess`", "plan": "`dermt2im generate`",
+           "synthetic": "`dermt2im generate`", "imported": "`dermt2im import-synthetic`",
+           "quality": "`dermt2im quality`", "flag_rates": "`dermt2im quality`",
            "fidelity": "`dermt2im quality`"}
 
 
@@ -300,10 +331,8 @@ def upsert(path: str | Path, rows: pd.DataFrame, kind: ManifestSchema) -> pd.Dat
     return rewrite(path, kind, lambda current: _merge(current, rows, kind))
 
 
-
 # Owned by the generation stage (dermt2im.generate.stage); read by quality, validation and export.
-PLAN = register(
-    ManifestSchema(
+PLAN = ManifestSchema(
         name="plan",
         key=("sample_key",),
         schema=pa.schema(
@@ -324,92 +353,123 @@ PLAN = register(
                 pa.field("shard", pa.int64()),
             ]
         ),
-    )
 )
 
-SYNTHETIC = register(
-    ManifestSchema(
-        name="synthetic",
-        key=("sample_key",),
-        schema=pa.schema(
-            PLAN.schema.remove(PLAN.schema.get_field_index("shard"))
-            .append(pa.field("shard", pa.int64()))
-            .append(_s("path"))  # absolute path of the PNG (W/synthetic/<label>/<sample_key>.png)
-            .append(_s("sha256"))
-            .append(_s("base_model"))  # content identity (dermt2im.diffusion.models.base_model_identity)
-            .append(_s("base_revision"))
-            .append(_s("lora_path"))  # weights file used for this label; null when rendered with the base model
-            .append(_s("lora_sha256"))
-            .append(_s("library_versions"))  # JSON: torch, diffusers, peft, transformers, python
-            .append(_s("status"))  # rendered (not yet assessed) | accepted | rejected
-            .append(_s("reason"))
-            .append(pa.field("sharpness", pa.float64()))
-            .append(pa.field("high_frequency_ratio", pa.float64()))
-            .append(pa.field("lesion_fraction", pa.float64()))
-            .append(_s("phash"))
-            .append(_s("nearest_seed"))  # sample_id of the closest seed image
-            .append(pa.field("nearest_seed_distance", pa.float64()))
-            .append(pa.field("memorised", pa.bool_()))
-            # sha256 of (render parameters, base model identity, LoRA sha256): what the pixels depend on
-            .append(_s("render_key"))
-            .append(_s("dtype"))  # torch dtype the pipeline ran in (fp16 and fp32 give different pixels)
-            .append(_s("device"))  # cpu | cuda (+ device name)
-            .append(pa.field("grey_std", pa.float64()))
-            .append(pa.field("saturated_fraction", pa.float64()))
-            .append(pa.field("lesion_contrast", pa.float64()))
-            .append(_s("duplicate_of"))  # sample_key of the kept image for exact / near duplicates
-            # rendered with the base model alone (--base-model-only): no lesion of a class, never trained on
-            .append(pa.field("base_model_only", pa.bool_()))
-            # "dermt2im" for the factory's own renders (null in older manifests: the same), else the
-            # name given to `dermt2im import-synthetic`; imported rows carry what their metadata said
-            .append(_s("source"))
-            .append(_s("generator"))  # AUTOMATIC1111, ComfyUI, ... (imports)
-            .append(_s("model_hash"))
-            .append(_s("generation_parameters"))  # the metadata text as found
-            # the gate's detectors (dermt2im.quality.checks): comma-separated flags and each score
-            .append(_s("flags"))
-            .append(pa.field("face_score", pa.float64()))
-            .append(pa.field("text_score", pa.float64()))
-            .append(pa.field("ruler_score", pa.float64()))
-            .append(pa.field("ink_score", pa.float64()))
-            .append(pa.field("frame_score", pa.float64()))
-            .append(pa.field("hair_fraction", pa.float64()))
-            .append(pa.field("audit_inliers", pa.int64()))  # SIFT matches verified with the nearest seed
-            .append(_s("audit_method"))  # geometric | global
-            # an imported set's licence as its source states it (dermt2im.ingest.licences); null for renders
-            .append(_s("license"))
-            .append(_s("license_note"))
-            .append(_s("attribution"))
-        ),
-        optional=("base_model_only", "license", "license_note", "attribution"),
-    )
+# The factory's renders, one row per image, with everything needed to render it again. Written by
+# generate only; ``status`` is how the image came in: rendered (imports: or quarantined as bad input).
+_MADE = (
+    PLAN.schema.remove(PLAN.schema.get_field_index("shard"))
+    .append(pa.field("shard", pa.int64()))
+    .append(_s("path"))  # absolute path of the PNG (W/synthetic/<label>/<sample_key>.png)
+    .append(_s("sha256"))
+    .append(_s("base_model"))  # content identity (dermt2im.diffusion.models.base_model_identity)
+    .append(_s("base_revision"))
+    .append(_s("lora_path"))  # weights file used for this label; null when rendered with the base model
+    .append(_s("lora_sha256"))
+    .append(_s("library_versions"))  # JSON: torch, diffusers, peft, transformers, python
+    .append(_s("status"))  # rendered | quarantined (an imported file with bad input: never assessed)
+    .append(_s("reason"))
+    # sha256 of (render parameters, base model identity, LoRA sha256, code): what the pixels depend on
+    .append(_s("render_key"))
+    .append(_s("dtype"))  # torch dtype the pipeline ran in (fp16 and fp32 give different pixels)
+    .append(_s("device"))  # cpu | cuda (+ device name)
+    # rendered with the base model alone (--base-model-only): no lesion of a class, never trained on
+    .append(pa.field("base_model_only", pa.bool_()))
+    # "dermt2im" for the factory's own renders (null in older manifests: the same), else the
+    # name given to `dermt2im import-synthetic`; imported rows carry what their metadata said
+    .append(_s("source"))
+    .append(_s("generator"))  # AUTOMATIC1111, ComfyUI, ... (imports)
+    .append(_s("model_hash"))
+    .append(_s("generation_parameters"))  # the metadata text as found
+    # the size of the batch the image was rendered in and its place there (pixels depend on both,
+    # slightly): generate.pipeline.render_as_recorded renders it again as it was
+    .append(pa.field("batch_size", pa.int64()))
+    .append(pa.field("batch_position", pa.int64()))
+    # an imported set's licence as its source states it (dermt2im.ingest.licences); null for renders
+    .append(_s("license"))
+    .append(_s("license_note"))
+    .append(_s("attribution"))
+)
+
+_MADE_OPTIONAL = ("base_model_only", "batch_size", "batch_position", "license", "license_note", "attribution")
+SYNTHETIC = ManifestSchema(name="synthetic", key=("sample_key",), schema=_MADE,
+                           optional=_MADE_OPTIONAL)
+
+# External synthetic sets (dermt2im.generate.imports): the same columns, written by import-synthetic only.
+IMPORTED = ManifestSchema(name="imported", key=("sample_key",), schema=_MADE,
+                          optional=_MADE_OPTIONAL)
+
+# The quality gate's verdict on each image (dermt2im.quality), keyed by the image's sample_key and
+# holding the sha256 it assessed: a verdict on bytes that have changed since is joined to nothing.
+QUALITY = ManifestSchema(
+    name="quality",
+    key=("sample_key",),
+    schema=pa.schema(
+        [
+            _s("sample_key"),
+            _s("sha256"),
+            _s("status"),  # accepted | rejected
+            _s("reason"),  # why rejected: its first word is the check that failed
+            pa.field("grey_std", pa.float64()),
+            pa.field("saturated_fraction", pa.float64()),
+            pa.field("sharpness", pa.float64()),
+            pa.field("high_frequency_ratio", pa.float64()),
+            pa.field("lesion_fraction", pa.float64()),
+            pa.field("lesion_contrast", pa.float64()),
+            # the gate's detectors (dermt2im.quality.checks): each score, and the comma-separated flags
+            pa.field("face_score", pa.float64()),
+            pa.field("text_score", pa.float64()),
+            pa.field("ruler_score", pa.float64()),
+            pa.field("ink_score", pa.float64()),
+            pa.field("frame_score", pa.float64()),
+            pa.field("hair_fraction", pa.float64()),
+            _s("flags"),
+            _s("phash"),
+            _s("duplicate_of"),  # sample_key of the kept image for exact / near duplicates
+            _s("nearest_seed"),  # sample_id of the closest seed image
+            pa.field("nearest_seed_distance", pa.float64()),
+            pa.field("memorised", pa.bool_()),
+            pa.field("audit_inliers", pa.int64()),  # SIFT matches verified with the nearest seed
+            _s("audit_method"),  # geometric | global
+        ]
+    ),
+)
+
+# The shortcut audit (dermt2im.quality.shortcuts), beside the verdicts: per image set (a synthetic
+# source, or the real seeds) and class, how many images and the rate of each flag among them.
+_FLAGS = ("ruler", "ink", "frame", "hair", "text")
+FLAG_RATES = ManifestSchema(
+    name="flag_rates",
+    key=("images", "label"),
+    schema=pa.schema(
+        [_s("images"), _s("label"), pa.field("n", pa.int64())]
+        + [pa.field(f, pa.float64()) for f in _FLAGS]
+        + [pa.field(f"{f}_n", pa.int64()) for f in _FLAGS]
+        # the flags called out for this set, on the row of the class with the higher rate ("; " between)
+        + [_s("shortcut")]
+    ),
 )
 
 # Owned by the quality gate (dermt2im.quality.stage, computed by dermt2im.fidelity.measures): each assessed
 # image's typicality and skin tone, keyed like the synthetic manifest; the fidelity report and export join it.
-FIDELITY = register(
-    ManifestSchema(
-        name="fidelity",
-        key=("sample_key",),
-        schema=pa.schema(
-            [
-                _s("sample_key"),
-                _s("sha256"),  # the image measured
-                _s("source"),
-                _s("label"),
-                # mean distance to the nearest training seeds in the learned seed embedding
-                pa.field("typicality_distance", pa.float64()),
-                # share of held-out real images at least as far from the seeds (1 typical ... 0 beyond all)
-                pa.field("typicality", pa.float64()),
-                pa.field("atypical", pa.bool_()),
-                pa.field("ita", pa.float64()),  # individual typology angle of the skin around the lesion
-                _s("skin_tone"),  # its category: very light ... dark, or undefined
-                pa.field("skin_fraction", pa.float64()),
-                _s("embedding"),  # which embedding typicality was measured in (name and key)
-            ]
-        ),
-    )
+FIDELITY = ManifestSchema(
+    name="fidelity",
+    key=("sample_key",),
+    schema=pa.schema(
+        [
+            _s("sample_key"),
+            _s("sha256"),  # the image measured
+            _s("source"),
+            _s("label"),
+            # mean distance to the nearest training seeds in the learned seed embedding
+            pa.field("typicality_distance", pa.float64()),
+            # share of held-out real images at least as far from the seeds (1 typical ... 0 beyond all)
+            pa.field("typicality", pa.float64()),
+            pa.field("atypical", pa.bool_()),
+            pa.field("ita", pa.float64()),  # individual typology angle of the skin around the lesion
+            _s("skin_tone"),  # its category: very light ... dark, or undefined
+            pa.field("skin_fraction", pa.float64()),
+            _s("embedding"),  # which embedding typicality was measured in (name and key)
+        ]
+    ),
 )
-
-# Test sets are ingested like seeds, into W/manifests/test_sets/<name>.parquet.
-TEST_SET = SEEDS

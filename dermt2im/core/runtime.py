@@ -7,11 +7,11 @@ cache key: moving a run to another GPU, a bigger batch or a bucket never re-runs
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import BeforeValidator, ConfigDict, Field, field_validator
 
-from dermt2im.core.specs import Strict
+from dermt2im.core.specs import NO_WORDS, YES_WORDS, Strict
 
 Device = Literal["auto", "cuda", "cpu"]
 
@@ -27,7 +27,17 @@ class PreprocessRuntime(Strict):
     workers: int = Field(0, ge=0, description="processes; 0 uses every core")
 
 
-Switch = Literal["auto", "on", "off"]
+def _switch_word(v: Any) -> Any:
+    """A switch as typed: on / off / auto, or true / false / yes / no (a YAML or JSON boolean too)."""
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, str):
+        word = v.strip().lower()
+        return "on" if word in YES_WORDS else "off" if word in NO_WORDS else word
+    return v
+
+
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch_word)]
 
 
 class TrainRuntime(Strict):

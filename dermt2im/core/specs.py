@@ -9,9 +9,9 @@ Each model is frozen and strict: an unknown key or a wrong type is an error nami
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 Label = Literal["benign", "malignant"]
 LABELS: tuple[Label, ...] = ("benign", "malignant")
@@ -23,6 +23,21 @@ SAMPLER_NAMES: tuple[str, ...] = ("euler", "euler_a", "plms", "ddim", "dpmpp_2m"
 def _multiple_of_8(name: str, value: int) -> None:
     if value % 8:
         raise ValueError(f"{name} must be a multiple of 8 (the VAE works on 8 x 8 pixel blocks), got {value}")
+
+
+# What people type for "no" and "yes": a YAML or JSON boolean, or one of these words in any case.
+NO_WORDS = ("no", "off", "false", "n", "0")
+YES_WORDS = ("yes", "on", "true", "y", "1")
+
+
+def _precision_word(v: Any) -> Any:
+    """``false`` / ``off`` / ``no`` (as typed, or as YAML 1.1 reads them) mean no mixed precision."""
+    if v is False or (isinstance(v, str) and v.strip().lower() in NO_WORDS):
+        return "no"
+    return v.strip().lower() if isinstance(v, str) else v
+
+
+Precision = Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(_precision_word)]
 
 
 class Strict(BaseModel):
@@ -88,9 +103,14 @@ class PreprocessConfig(Strict):
 class TrainConfig(Strict):
     base_model: str = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        description="hub id, local diffusers folder, single .safetensors checkpoint, or 'tiny'",
+        description="hub id, local diffusers folder, single .safetensors checkpoint, 'mini' (the miniature SD "
+        "pre-trained on phantoms, shipped with the package) or 'tiny' (random weights, for tests)",
     )
     revision: str | None = None
+    base_config: str | None = Field(
+        None, description="a single-file base_model's configuration: a local folder with the pipeline's config files "
+        "(model_index.json, unet/config.json, ..., tokenizer/), so that nothing is fetched; None: the hub's SD v1.5 "
+        "configs (fetched, or from the Hugging Face cache). Part of the base model's identity, not of the spec digest")
     instance_token: str = "sks"
     instance_prompt: str = "a dermoscopic image of {token} {label} skin lesion"
     class_prompt: str = "a dermoscopic image of {label} skin lesion"
@@ -110,7 +130,7 @@ class TrainConfig(Strict):
     lr_warmup_steps: int = Field(500, ge=0)
     optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"
     adam_weight_decay: float = 1e-2
-    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    mixed_precision: Precision = "fp16"
     max_grad_norm: float = Field(1.0, gt=0)
     snr_gamma: float | None = Field(None, gt=0)
     noise_offset: float = Field(0.0, ge=0)
@@ -228,6 +248,68 @@ class QualityConfig(Strict):
     exclude_memorised: bool = True
 
 
+class Augmentation(Strict):
+    """What each training image of a classifier goes through, drawn per image from the cell's seed.
+    Dermoscopy has no canonical orientation, so flips and quarter turns are always valid."""
+
+    flips: bool = True
+    quarter_turns: bool = True
+    colour_jitter: float = Field(0.1, ge=0, le=1, description="brightness, contrast and saturation: 1 +- this")
+    crop_scale: float = Field(1.0, gt=0, le=1, description="random crop of at least this share of the area, resized "
+                              "back (1: no crop)")
+
+
+class Recipe(Strict):
+    """How one classifier is fine-tuned: AdamW, the learning rate warmed up linearly for
+    ``warmup_epochs``, then held or decayed to zero by ``schedule``, with early stopping on the real
+    validation split (``ValidateConfig.early_stopping_patience``)."""
+
+    learning_rate: float = Field(gt=0)
+    epochs: int = Field(ge=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    weight_decay: float = Field(0.01, ge=0)
+    augmentation: Augmentation = Augmentation()
+
+
+# ViT-B/16 from ImageNet-21k: a small rate with warm-up. Hugging Face's image-classification guide
+# fine-tunes google/vit-base-patch16-224-in21k with AdamW at 5e-5, a linear decay after a warm-up
+# over the first 10% of the steps; ViT's authors fine-tune with cosine decay (Dosovitskiy et al., ICLR
+# 2021, appendix B.1.1). Ten epochs, one of them warm-up; light augmentation (ViT-B/16 at 224 px sees
+# the whole lesion).
+VIT_RECIPE = Recipe(learning_rate=5e-5, epochs=10, warmup_epochs=1.0, schedule="cosine", weight_decay=0.01,
+                    augmentation=Augmentation(colour_jitter=0.1, crop_scale=1.0))
+# MobileNetV2 (ImageNet-1k, BatchNorm): fine-tuned at 1e-4 to 1e-3 with Adam-type optimizers, about
+# ten times ViT's rate (Keras' transfer-learning guide trains its MobileNetV2 head at 1e-4 and
+# torchvision's fine-tuning tutorial a BatchNorm CNN at 1e-3 with SGD); a BatchNorm network also
+# needs steps to re-estimate its statistics on the new data, so more epochs and stronger
+# augmentation (random crops down to 70% of the area, more colour jitter) than ViT.
+MOBILENET_RECIPE = Recipe(learning_rate=5e-4, epochs=20, warmup_epochs=1.0, schedule="cosine", weight_decay=1e-4,
+                          augmentation=Augmentation(colour_jitter=0.2, crop_scale=0.7))
+
+
+class Recipes(Strict):
+    """One recipe per model; a config names only what it changes (``recipes.vit.learning_rate: 1e-4``),
+    the rest is the model's default recipe."""
+
+    vit: Recipe = VIT_RECIPE
+    mobilenet_v2: Recipe = MOBILENET_RECIPE
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_the_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, default in (("vit", VIT_RECIPE), ("mobilenet_v2", MOBILENET_RECIPE)):
+            given = out.get(name)
+            if isinstance(given, dict):
+                base = default.model_dump()
+                augmentation = {**base["augmentation"], **(given.get("augmentation") or {})}
+                out[name] = {**base, **given, "augmentation": augmentation}
+        return out
+
+
 class ValidateConfig(Strict):
     models: tuple[Literal["vit", "mobilenet_v2"], ...] = ("vit", "mobilenet_v2")
     vit_model: str = "google/vit-base-patch16-224-in21k"
@@ -242,15 +324,24 @@ class ValidateConfig(Strict):
     sweep_ratios: tuple[float, ...] = ()
     sweep_settings: tuple[Literal["constant", "additive"], ...] = ("constant", "additive")
     seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = Field(10, ge=1)
+    recipes: Recipes = Field(Recipes(), description="how each classifier is fine-tuned (learning rate, epochs, "
+                             "warm-up, schedule, augmentation)")
+    epochs: int | None = Field(None, ge=1, description="set: every model's epochs (quick runs); None: each recipe's")
     batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(5e-5, gt=0)
+    learning_rate: float | None = Field(None, gt=0, description="set: every model's learning rate (tiny models "
+                                        "trained from scratch); None: each recipe's")
     early_stopping_patience: int = Field(3, ge=1)
     image_size: int = Field(224, ge=16)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    mixed_precision: Precision = "fp16"
     test_sets: dict[str, str] = Field(default_factory=dict, description="name -> SOURCE of an unseen real test set")
     segmentation_samples: int = Field(8, ge=0)
     sam_model: str = "facebook/sam-vit-base"
+
+    def recipe(self, model: str) -> Recipe:
+        """The recipe ``model`` is fine-tuned with: its own, with ``epochs`` / ``learning_rate`` when set."""
+        own: Recipe = getattr(self.recipes, model)
+        changes = {k: v for k, v in (("epochs", self.epochs), ("learning_rate", self.learning_rate)) if v is not None}
+        return own.model_copy(update=changes) if changes else own
 
 
 class FidelityConfig(Strict):

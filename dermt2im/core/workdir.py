@@ -65,14 +65,13 @@ class Workdir:
 
     @property
     def manifests(self) -> Location:
-        """The manifests' folder: W/manifests, or ``storage.manifests`` (a URL stays a ``str``)."""
+        """The manifests' folder: W/manifests, or ``storage.manifests`` (a URL stays a ``str``).
+        Naming it creates nothing: every manifest write makes its folder (``fileio.atomic_path``)."""
         if self.manifest_store is None:
-            return self._dir("manifests")
+            return self.root / "manifests"
         if storage.is_remote(self.manifest_store):
             return self.manifest_store
-        p = storage.resolve(self.manifest_store, self.root)
-        Path(p).mkdir(parents=True, exist_ok=True)
-        return p
+        return storage.resolve(self.manifest_store, self.root)
 
     @property
     def manifests_are_remote(self) -> bool:
@@ -84,10 +83,7 @@ class Workdir:
 
     @property
     def test_sets_folder(self) -> Location:
-        folder = storage.join(self.manifests, "test_sets")
-        if not storage.is_remote(folder):
-            Path(folder).mkdir(parents=True, exist_ok=True)
-        return folder
+        return storage.join(self.manifests, "test_sets")
 
     def test_set_manifest(self, name: str) -> Location:
         return storage.join(self.test_sets_folder, f"{name}.parquet")
@@ -98,7 +94,23 @@ class Workdir:
 
     @property
     def synthetic_manifest(self) -> Location:
+        """The renders (written by generate)."""
         return storage.join(self.manifests, "synthetic.parquet")
+
+    @property
+    def imported_manifest(self) -> Location:
+        """External synthetic sets (written by import-synthetic)."""
+        return storage.join(self.manifests, "imported.parquet")
+
+    @property
+    def quality_manifest(self) -> Location:
+        """The gate's verdict on every render and import (written by quality)."""
+        return storage.join(self.manifests, "quality.parquet")
+
+    @property
+    def flag_rates_manifest(self) -> Location:
+        """The shortcut audit's flag rates per image set and class (written by quality)."""
+        return storage.join(self.manifests, "flag_rates.parquet")
 
     @property
     def fidelity_manifest(self) -> Location:
@@ -162,10 +174,6 @@ class Workdir:
     def mlflow_uri(self) -> str:
         return f"sqlite:///{self.root / 'mlflow.db'}"
 
-    @property
-    def mlflow_artifacts(self) -> Path:
-        return self._dir("mlartifacts")
-
 
 def configure_runtime(workdir: Workdir) -> None:
     """Point Prefect and MLflow at this workdir unless the user set them explicitly.
@@ -201,11 +209,12 @@ def read_snapshot(snapshot: Path) -> dict:
     """A saved ``W/config.yaml`` as a dict; a damaged one is a ``ConfigError`` naming the file."""
     import yaml
 
+    from dermt2im.core import yamltext
     from dermt2im.core.errors import ConfigError
 
     hint = "fix it, or delete it and pass --config to start this workdir's config again"
     try:
-        saved = yaml.safe_load(snapshot.read_text()) or {}
+        saved = yamltext.load(snapshot.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         where = getattr(err, "problem_mark", None)
         at = f" (line {where.line + 1})" if where is not None else ""
@@ -215,48 +224,75 @@ def read_snapshot(snapshot: Path) -> dict:
     return saved
 
 
-def workdir_config(workdir: Workdir, config: str | Path | None = None, overrides: list[str] | None = None, *,
-                   fallback: str = DEFAULTS, check: Callable[[FactoryConfig], object] | None = None):
-    """The factory config for this workdir.
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """The config a command or flow runs with, where it came from, and whether ``W/config.yaml`` changes."""
 
-    An explicit ``config`` (preset name or file) plus ``overrides`` is resolved, validated and saved
-    as ``W/config.yaml`` so that later stages run against the same settings; with no ``config`` the
-    saved snapshot is used (overrides on top), and a fresh workdir gets ``fallback``: the built-in
-    defaults (the paper's settings), or a preset such as ``smoke`` for the phantom demo. ``check``
-    validates sections the domain does not know (orchestration) before anything is saved.
+    cfg: FactoryConfig
+    origin: str  # in words, for the one line every command prints
+    write: bool  # whether W/config.yaml must be (re)written
+    before: dict | None  # the saved config this replaces, if any
+
+
+def _describe(config: str) -> str:
+    if config == DEFAULTS:
+        return "built-in defaults (the paper's settings)"
+    return f"config file {config}" if Path(config).suffix in (".yaml", ".yml") else f"preset {config}"
+
+
+def resolve_config(root: Path, config: str | Path | None, overrides: list[str] | None, *, save: bool = False,
+                   fallback: str = DEFAULTS) -> ResolvedConfig:
+    """The config a command or flow on the workdir at ``root`` runs with; the one resolver of the
+    project (the CLI and the flows both ask it). Nothing is written here. In order:
+
+    1. ``config`` (a preset name or a YAML file), ``overrides`` on top: it becomes the workdir's config;
+    2. the workdir's saved ``W/config.yaml``, ``overrides`` on top: saved only with ``save`` (the CLI's
+       ``--save``; flows always save, since the stages of a flow read the config from there);
+    3. a fresh workdir: ``fallback``, the built-in defaults (the paper's settings) or a preset
+       (``smoke`` for the phantom demo).
     """
-    import logging
-
     from dermt2im.core.config import config_from_dict, load_config
 
-    snapshot = workdir.root / CONFIG_SNAPSHOT
-    if config is None and snapshot.is_file():
-        saved = read_snapshot(snapshot)
+    snapshot = Path(root) / CONFIG_SNAPSHOT
+    saved = read_snapshot(snapshot) if snapshot.is_file() else None
+    sets = f" with --set {' '.join(overrides)}" if overrides else ""
+    if config is None and saved is not None:
         cfg = config_from_dict(saved, str(snapshot), overrides)
-        origin = f"{snapshot}{' with overrides ' + str(overrides) if overrides else ''}"
-        if not overrides and saved == cfg.model_dump(mode="json", by_alias=True):
-            logging.getLogger(__name__).info("config %s: %s", cfg.name, origin)
-            return cfg  # unchanged (a snapshot in an older layout is saved again in the current one)
-    else:
-        chosen = config or fallback
-        cfg = config_from_dict({}, "the built-in defaults", overrides) if chosen == DEFAULTS else load_config(
-            chosen, overrides)
-        origin = "the built-in defaults (the paper's settings)" if chosen == DEFAULTS else str(chosen)
-    if check is not None:
-        check(cfg)
-    logging.getLogger(__name__).info("config %s: %s, saved as %s", cfg.name, origin, snapshot)
-    atomic_write_text(snapshot, cfg.as_yaml())
-    return cfg
+        if overrides and not save:
+            return ResolvedConfig(cfg, f"{snapshot} ({cfg.name}){sets}, for this command only (--save keeps it)",
+                                  False, saved)
+        # unchanged, or a snapshot in an older layout (moved keys), saved again in the current one
+        return ResolvedConfig(cfg, f"{snapshot} ({cfg.name}){sets}",
+                              saved != cfg.model_dump(mode="json", by_alias=True), saved)
+    chosen = str(config or fallback)
+    cfg = config_from_dict({}, _describe(DEFAULTS), overrides) if chosen == DEFAULTS else load_config(chosen, overrides)
+    return ResolvedConfig(cfg, f"{_describe(chosen)}{sets}", True, saved)
+
+
+def save_config(workdir: Workdir, resolved: ResolvedConfig) -> Workdir:
+    """Write ``W/config.yaml`` when the resolved config changes it; the workdir with the manifest and
+    image locations the config names."""
+    if resolved.write:
+        atomic_write_text(workdir.root / CONFIG_SNAPSHOT, resolved.cfg.as_yaml())
+    return workdir.using(resolved.cfg)
 
 
 def open_workdir(root: str | Path, config: str | Path | None = None, overrides: list[str] | None = None, *,
                  fallback: str = DEFAULTS, check: Callable[[FactoryConfig], object] | None = None,
                  ) -> tuple[Workdir, "FactoryConfig"]:
-    """The workdir at ``root`` with its config (``workdir_config``: saved as ``W/config.yaml``), the
-    workdir pointing at the manifest location that config names (``storage.manifests``)."""
+    """The workdir at ``root`` with its config, as a flow opens it (``resolve_config`` with ``save``:
+    saved as ``W/config.yaml``, which every stage of the flow reads), pointing at the manifest
+    location that config names (``storage.manifests``). ``check`` validates sections the domain does
+    not know (orchestration) before anything is saved."""
+    import logging
+
+    resolved = resolve_config(Path(root).expanduser().resolve(), config, overrides, save=True, fallback=fallback)
+    if check is not None:
+        check(resolved.cfg)
     w = Workdir.at(root)
-    cfg = workdir_config(w, config, overrides, fallback=fallback, check=check)
-    return w.using(cfg), cfg
+    logging.getLogger(__name__).info("config %s: %s%s", resolved.cfg.name, resolved.origin,
+                                     f", saved as {w.root / CONFIG_SNAPSHOT}" if resolved.write else "")
+    return save_config(w, resolved), resolved.cfg
 
 
 # --------------------------------------------------------------------------------------------------

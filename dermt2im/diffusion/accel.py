@@ -12,9 +12,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any, Literal
 
 log = logging.getLogger(__name__)
+
+# What torch.compile lowers graphs with: inductor, unless DERMT2IM_COMPILE_BACKEND names another.
+# The CPU rehearsal of the paper preset uses "aot_eager" (dynamo's tracing and AOTAutograd's joint
+# graphs as inductor receives them, without its C++ code generation, minutes per graph on two cores);
+# tests that only count graphs or call a compiled module set "eager".
+BACKEND = os.environ.get("DERMT2IM_COMPILE_BACKEND") or "inductor"
 
 Switch = Literal["auto", "on", "off"]
 
@@ -55,9 +62,31 @@ def enable_tf32(device: str) -> bool:
     return True
 
 
+def compiled_denoiser(unet: Any) -> Any:
+    """``unet`` with its forward compiled, timesteps always reaching the graph as float32.
+
+    The schedulers hand the UNet timesteps of their own dtype (Euler float, PLMS integer) and dynamo
+    guards on it: one graph per dtype, on top of one per batch shape. The UNet turns a timestep into a
+    float embedding at once, so the cast changes nothing in the output. The module stays the
+    UNet itself (its config, dtype and device as before; only ``forward`` is replaced), so a pipeline
+    or a loop uses it exactly as the eager one."""
+    import torch
+
+    log.info("compiling the UNet with torch.compile (the first call takes a while)")
+    inner = torch.compile(unet.forward, fullgraph=False, dynamic=False, backend=BACKEND)
+
+    def forward(sample, timestep, *args, **kwargs):
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor(timestep)
+        return inner(sample, timestep.to(device=sample.device, dtype=torch.float32), *args, **kwargs)
+
+    unet.forward = forward
+    return unet
+
+
 def compiled(module: Any, *, what: str) -> Any:
     """``module`` compiled with inductor (graphs are cached on disk by torch across processes)."""
     import torch
 
     log.info("compiling the %s with torch.compile (the first call takes a while)", what)
-    return torch.compile(module, fullgraph=False, dynamic=False)
+    return torch.compile(module, fullgraph=False, dynamic=False, backend=BACKEND)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dermt2im.core.errors import DermT2imError
-from dermt2im.core.fileio import atomic_write_bytes, atomic_write_text, sha256_file
+from dermt2im.core.fileio import atomic_write_bytes, atomic_write_text
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "dermt2im_lora_kohya.safetensors"
@@ -86,12 +86,6 @@ def read_header(weights: str | Path) -> dict[str, str]:
 def read_dermt2im_metadata(weights: str | Path) -> dict[str, Any]:
     raw = read_header(weights).get(HEADER_KEY)
     return json.loads(raw) if raw else {}
-
-
-def verify_sha256(weights: str | Path, expected: str) -> None:
-    got = sha256_file(weights)
-    if got != expected:
-        raise LoraError(f"{weights}: sha256 {got} does not match the recorded {expected}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,10 +286,6 @@ def save_lora_files(
         }
         paths["kohya"] = save_safetensors(to_kohya(sd, alpha), out_dir / KOHYA_WEIGHTS, _header(kohya_header, metadata))
     return paths
-
-
-def file_digests(paths: Mapping[str, Path]) -> dict[str, str]:
-    return {k: sha256_file(p) for k, p in paths.items()}
 
 
 def write_run_meta(run_dir: str | Path, meta: Mapping[str, Any]) -> Path:

@@ -1,5 +1,7 @@
-"""Base Stable Diffusion models: loading by hub id, local folder or single checkpoint file, and a
-tiny SD built fully offline from config with a fixed seed (tests and the smoke preset).
+"""Base Stable Diffusion models: loading by hub id, local folder or single checkpoint file, the
+miniature SD pre-trained on phantoms that ships with the package (``mini``, the smoke preset's;
+``dermt2im.mini``), and a tiny random-weight SD built fully offline from config with a fixed seed
+(tests of the machinery).
 
 Weights are only ever read from safetensors: hub and folder loads pass ``use_safetensors=True``,
 single files must end in ``.safetensors``. Nothing here unpickles.
@@ -105,13 +107,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def tiny_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+def tiny_vocab_and_merges(vocabulary: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str, int], list[str]]:
     """A CLIP-style byte-level BPE vocabulary: every byte (bare and word-final ``</w>``), the merges
-    learnt by plain BPE training on ``TINY_WORDS`` until each word is one token (ties broken
+    learnt by plain BPE training on ``vocabulary`` until each word is one token (ties broken
     alphabetically, so the result is deterministic), then the two special tokens."""
     alphabet = list(_bytes_to_unicode().values())
     tokens: list[str] = alphabet + [c + "</w>" for c in alphabet]
-    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in TINY_WORDS]
+    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in vocabulary]
     merges: list[str] = []
     while True:
         counts: dict[tuple[str, str], int] = {}
@@ -142,11 +144,12 @@ def _cache_root() -> Path:
     return Path(root) if root else Path(tempfile.gettempdir()) / "dermt2im-cache"
 
 
-def tiny_tokenizer_dir() -> Path:
-    """Write vocab.json / merges.txt for the tiny tokenizer once (atomically) and return the folder."""
+def tiny_tokenizer_dir(vocabulary: tuple[str, ...] = TINY_WORDS) -> Path:
+    """Write vocab.json / merges.txt for a word-level BPE tokenizer of ``vocabulary`` once
+    (atomically, in a folder named by its content) and return the folder."""
     from dermt2im.core.fileio import atomic_write_text
 
-    vocab, merges = tiny_vocab_and_merges()
+    vocab, merges = tiny_vocab_and_merges(vocabulary)
     vocab_text = json.dumps(vocab, ensure_ascii=False, sort_keys=True)
     merges_text = "#version: 0.2\n" + "\n".join(merges) + "\n"
     key = hashlib.sha256((vocab_text + merges_text).encode()).hexdigest()[:16]
@@ -158,10 +161,11 @@ def tiny_tokenizer_dir() -> Path:
     return folder
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer(vocabulary: tuple[str, ...] = TINY_WORDS):
+    """A CLIP tokenizer whose BPE knows each word of ``vocabulary`` as one token."""
     from transformers import CLIPTokenizer
 
-    folder = tiny_tokenizer_dir()
+    folder = tiny_tokenizer_dir(vocabulary)
     try:  # transformers >= 5: tokenizers-backed class, takes the files by name
         return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
     except TypeError:  # transformers 4: slow tokenizer
@@ -279,16 +283,21 @@ _PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
 
 def _kind(base_model: str) -> str:
-    """tiny | file | dir | hub; raises ModelError for local paths that cannot be used."""
+    """tiny | mini | file | dir | hub; raises ModelError for local paths that cannot be used. A
+    ``.safetensors`` file with a miniature model's header is ``mini``."""
+    from dermt2im.mini.weights import MINI, is_mini_file
+
     if base_model == TINY:
         return "tiny"
+    if base_model == MINI:
+        return "mini"
     p = Path(base_model).expanduser()
     if p.suffix.lower() in _PICKLE_SUFFIXES:
         raise ModelError(f"base model {base_model!r}: only .safetensors checkpoints are loaded (never pickles)")
     if p.is_file():
         if p.suffix.lower() != ".safetensors":
             raise ModelError(f"base model file {p} is not a .safetensors checkpoint")
-        return "file"
+        return "mini" if is_mini_file(p) else "file"
     if p.is_dir():
         if not (p / "model_index.json").is_file():
             raise ModelError(f"base model folder {p} has no model_index.json (not a diffusers pipeline folder)")
@@ -300,39 +309,151 @@ def _kind(base_model: str) -> str:
     return "hub"
 
 
-def load_pipeline(base_model: str, revision: str | None = None, *, torch_dtype=None, device: str = "cpu"):
-    """A StableDiffusionPipeline without safety checker, on ``device``, progress bars off."""
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def check_base_config(base_config: str | None) -> Path | None:
+    """``train.base_config``: a local folder with a diffusers pipeline's config files (model_index.json,
+    unet/config.json, ...), used with a single-file checkpoint so that nothing is fetched."""
+    if not base_config:
+        return None
+    folder = Path(base_config).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise ModelError(f"train.base_config {base_config!r} is not a folder with model_index.json: download the base "
+                         f"model's config files into it (huggingface-cli download {SD15_HUB_ID} --include '*.json' "
+                         f"'*.txt' --local-dir {base_config})")
+    return folder.resolve()
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def load_pipeline(base_model: str, revision: str | None = None, *, base_config: str | None = None, torch_dtype=None,
+                  device: str = "cpu"):
+    """A StableDiffusionPipeline without safety checker, on ``device``, progress bars off.
+
+    A single ``.safetensors`` file takes its configuration from ``base_config`` (a local folder) when
+    given, else from the hub (SD v1.5's, fetched or cached). Every failure to find a model is one line
+    (``ModelError``) naming the model, where it was looked for and what to download."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components": the stages report progress
     kind = _kind(base_model)
+    config = check_base_config(base_config)
     common: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
     if torch_dtype is not None:
         common["torch_dtype"] = torch_dtype
-    if kind == "tiny":
-        pipe = build_tiny_pipeline(0)
-        if torch_dtype is not None:
-            pipe.to(dtype=torch_dtype)
-    elif kind == "file":
-        pipe = StableDiffusionPipeline.from_single_file(str(Path(base_model).expanduser()), **common)
-    elif kind == "dir":
-        pipe = StableDiffusionPipeline.from_pretrained(str(Path(base_model).expanduser()), use_safetensors=True, **common)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(base_model, revision=revision, use_safetensors=True, **common)
+    try:
+        if kind == "tiny":
+            pipe = build_tiny_pipeline(0)
+            if torch_dtype is not None:
+                pipe.to(dtype=torch_dtype)
+        elif kind == "mini":
+            pipe = _mini_pipeline(base_model)
+            if torch_dtype is not None:
+                pipe.to(dtype=torch_dtype)
+        elif kind == "file":
+            where = {"config": str(config), "local_files_only": True} if config else {"local_files_only": _offline()}
+            pipe = StableDiffusionPipeline.from_single_file(str(Path(base_model).expanduser()), feature_extractor=None,
+                                                            **where, **common)
+        elif kind == "dir":
+            pipe = StableDiffusionPipeline.from_pretrained(str(Path(base_model).expanduser()), use_safetensors=True,
+                                                           **common)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(base_model, revision=revision, use_safetensors=True, **common)
+    except ModelError:
+        raise
+    except (OSError, ValueError, KeyError) as err:  # huggingface_hub's not-found errors are OSErrors
+        raise ModelError(_not_loadable(base_model, kind, revision, config, err)) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def base_model_identity(base_model: str, revision: str | None = None) -> str:
+def _mini_path(base_model: str) -> Path:
+    from dermt2im.mini.weights import MINI, shipped_path
+
+    return shipped_path() if base_model == MINI else Path(base_model).expanduser()
+
+
+def _mini_pipeline(base_model: str):
+    from dermt2im.mini.weights import MiniModelError, build_pipeline
+
+    try:
+        return build_pipeline(_mini_path(base_model))
+    except MiniModelError as err:
+        raise ModelError(str(err)) from None
+
+
+def _not_loadable(base_model: str, kind: str, revision: str | None, config: Path | None, err: BaseException) -> str:
+    """One line: which model, where it was looked for, what to download."""
+    offline = " with HF_HUB_OFFLINE=1" if _offline() else ""
+    if kind == "file" and config is None:
+        return (f"base model file {base_model}: its configuration (the {SD15_HUB_ID} config files) is not in the "
+                f"Hugging Face cache ({_hub_cache()}){offline}; download it once (huggingface-cli download {SD15_HUB_ID} "
+                f"--include '*.json' '*.txt' --local-dir DIR) and set train.base_config: DIR ({_first_line(err)})")
+    if kind == "file":
+        return (f"base model file {base_model} with the config folder {config} cannot be loaded: {_first_line(err)} "
+                "(the folder must hold the same model's config files: model_index.json, unet/, vae/, text_encoder/, "
+                "tokenizer/, scheduler/)")
+    if kind == "dir":
+        return (f"base model folder {base_model} cannot be loaded: {_first_line(err)} (it needs a diffusers pipeline "
+                f"with safetensors weights: huggingface-cli download {SD15_HUB_ID} --local-dir {base_model})")
+    return (f"base model {base_model} (revision {revision or 'main'}) is not in the Hugging Face cache "
+            f"({_hub_cache()}){offline}: download it once with `huggingface-cli download {base_model}"
+            f"{' --revision ' + revision if revision else ''}`, or set train.base_model to a local folder "
+            f"({_first_line(err)})")
+
+
+def resolved_revision(base_model: str, revision: str | None = None) -> str | None:
+    """The commit a hub model's ``revision`` (a branch, a tag or a sha) stands for, as the local cache
+    knows it (None when the cache does not have it, or for local models)."""
+    if _kind(base_model) != "hub":
+        return None
+    if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(base_model, "model_index.json", revision=revision or "main")
+    except Exception:  # noqa: BLE001 - an unreadable cache: nothing known
+        return None
+    if isinstance(found, str):
+        snapshot = Path(found).parent
+        if snapshot.parent.name == "snapshots":
+            return snapshot.name
+    return None
+
+
+def base_model_identity(base_model: str, revision: str | None = None, base_config: str | None = None) -> str:
     """A stable, content-based identity for keys and manifests (recipes in ``dermt2im.core.identity``):
-    the tiny model's construction, a checkpoint file's sha256, a folder's file listing, a hub id at
-    its revision."""
+    the tiny model's construction, a checkpoint file's sha256 (the miniature model's included; with its config folder's listing when one
+    is given), a folder's file listing, a hub id at its revision."""
     kind = _kind(base_model)
     if kind == "tiny":
         return tiny_identity(0)
+    if kind == "mini":
+        path = _mini_path(base_model)
+        if not path.is_file():
+            raise ModelError(f"miniature model {path} not found (build it with `dermt2im pretrain-mini`)")
+        return identity.file_identity(path)
     if kind == "file":
-        return identity.file_identity(base_model)
+        config = check_base_config(base_config)
+        own = identity.file_identity(base_model)
+        return own if config is None else f"{own}+config:{identity.folder_identity(config)}"
     if kind == "dir":
         return identity.folder_identity(base_model)
     return identity.hub_identity(base_model, revision)

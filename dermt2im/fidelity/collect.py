@@ -29,7 +29,8 @@ import pandas as pd
 from dermt2im.core import identity, storage
 from dermt2im.core.fileio import atomic_path, atomic_write_bytes, sha256_bytes
 from dermt2im.core.imaging import encode_png
-from dermt2im.core.manifest import FIDELITY, SEEDS, SYNTHETIC, manifest_exists, read_manifest
+from dermt2im.core.manifest import FIDELITY, manifest_exists, read_manifest
+from dermt2im.core.views import seeds_view, synthetic_view
 from dermt2im.core.specs import FidelityConfig, GenerateConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.fidelity import memorisation, radiomics
@@ -187,7 +188,7 @@ def test_set_rows(workdir: Workdir) -> dict[str, pd.DataFrame]:
     """Each ingested test set's accepted rows with a processed image."""
     out = {}
     for path in storage.files_in(workdir.test_sets_folder, ".parquet"):
-        df = read_manifest(path, SEEDS)
+        df = seeds_view(path)
         df = df[(df["status"] == "accepted") & df["processed_path"].notna()].drop_duplicates("sample_id")
         if len(df):
             out[Path(str(path)).stem] = df.assign(path=df["processed_path"], sample_key=df["sample_id"])
@@ -235,7 +236,7 @@ def _transformation(prompt: object, transformations: Sequence[str]) -> str | Non
 
 def generation_runs(workdir: Workdir, generate: GenerateConfig) -> list[Run]:
     """The accepted synthetic images, one ``Run`` per (source, base model, LoRA, LoRA scale)."""
-    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    df = synthetic_view(workdir)
     df = df[df["status"] == "accepted"].copy()
     if df.empty:
         return []

@@ -10,7 +10,6 @@ user embeddings' folders and the code. ``dermt2im report`` rebuilds it (a set br
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from collections.abc import Sequence
@@ -22,15 +21,14 @@ import pandas as pd
 from dermt2im.core import identity, storage
 from dermt2im.core.errors import DermT2imError
 from dermt2im.core.fileio import atomic_path, atomic_write_text
-from dermt2im.core.manifest import FIDELITY, SEEDS, SYNTHETIC, manifest_exists
+from dermt2im.core.manifest import FIDELITY, manifest_exists
 from dermt2im.core.runtime import TrackingConfig
 from dermt2im.core.specs import FidelityConfig, GenerateConfig, QualityConfig
+from dermt2im.core.views import seeds_view, synthetic_view
 from dermt2im.core.workdir import Workdir
 from dermt2im.stage import Stamps
 
 log = logging.getLogger(__name__)
-FIDELITY_MODULES = ("bootstrap", "distances", "radiomics", "skin_tone", "memorisation", "typicality", "embeddings",
-                    "measures", "report", "collect", "figures", "text", "tracking", "stage")
 NOISE_DESCRIPTION = "{n} images rendered by the random-weight tiny Stable Diffusion ({steps} steps)"
 
 
@@ -182,9 +180,7 @@ def _summary_text(tab: pd.DataFrame, summary: dict, emb: str) -> str:
 
 
 def _gate_counts(workdir: Workdir) -> dict[str, dict[str, int]]:
-    from dermt2im.core.manifest import read_manifest
-
-    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    df = synthetic_view(workdir)
     if df.empty:
         return {}
     df = df.assign(source=df["source"].fillna("dermt2im"))
@@ -198,10 +194,9 @@ def _gate_counts(workdir: Workdir) -> dict[str, dict[str, int]]:
 
 def _gate_by_skin_tone(workdir: Workdir, known: pd.DataFrame | None) -> list[dict]:
     """The gate's decisions per source and skin-tone category of the assessed images."""
-    from dermt2im.core.manifest import read_manifest
     from dermt2im.fidelity.skin_tone import BIN_NAMES, UNDEFINED
 
-    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    df = synthetic_view(workdir)
     if known is None or df.empty:
         return []
     df = df[df["status"].isin(["accepted", "rejected"])].assign(source=df["source"].fillna("dermt2im"))
@@ -269,28 +264,27 @@ class FidelityStage:
         from dermt2im.fidelity.embeddings import check_model_folder, folder_digest
 
         w = self.workdir
-        synthetic = identity.manifest_digest(w.synthetic_manifest, SYNTHETIC, [
+        synthetic = identity.frame_digest(synthetic_view(w), [
             "sample_key", "sha256", "status", "source", "label", "sampler", "transformation", "prompt", "base_model",
             "lora_sha256", "lora_scale", "width", "height", "memorised"])
         measured = identity.manifest_digest(w.fidelity_manifest, FIDELITY) if manifest_exists(w.fidelity_manifest) else ""
-        seeds = identity.manifest_digest(w.seeds_manifest, SEEDS, ["sample_id", "status", "split", "label",
-                                                                   "processed_path", "preprocess_key"])
-        tests = [(str(p), identity.manifest_digest(p, SEEDS, ["sample_id", "status", "processed_path", "preprocess_key"]))
+        seeds = identity.frame_digest(seeds_view(w.seeds_manifest), ["sample_id", "status", "split", "label",
+                                                                     "processed_path", "preprocess_key"])
+        tests = [(str(p), identity.frame_digest(seeds_view(p), ["sample_id", "status", "processed_path",
+                                                                "preprocess_key"]))
                  for p in storage.files_in(w.test_sets_folder, ".parquet")]
         models = [folder_digest(check_model_folder(p)) for p in self.cfg.embeddings]
-        modules = [importlib.import_module(f"dermt2im.fidelity.{m}") for m in FIDELITY_MODULES]
         return identity.content_key("fidelity", synthetic, measured, seeds, tests, identity.spec_digest(self.cfg),
                                     self.quality.max_typicality_quantile, self.generate.prompt,
                                     list(self.generate.transformations), self.token, models,
-                                    self.tracking is not None, identity.code_digest(*modules))
+                                    self.tracking is not None, identity.code_digest(__name__))
 
-    def finished(self, unit: str) -> dict | None:
+    def finished(self, unit: str, key: str) -> dict | None:
         if not (self.workdir.reports / "fidelity.md").is_file() or not (self.workdir.reports / "fidelity.csv").is_file():
             return None
-        return self.stamps.matching(unit, self.key(unit))
+        return self.stamps.matching(unit, key)
 
-    def run(self, unit: str) -> dict:
-        key = self.key(unit)
+    def run(self, unit: str, key: str) -> dict:
         summary = build(self.workdir, self.cfg, self.quality, self.generate, self.token, self.tracking)
         self.stamps.write(unit, key, json.loads(json.dumps(summary, default=str)))
         return summary

@@ -1,7 +1,8 @@
 """Bring any synthetic set to the factory: ``dermt2im import-synthetic SOURCE --name NAME``.
 
 A folder of generated images (class folders, or a CSV of ``file,label``, like ingest) becomes rows
-of W's synthetic manifest with ``source = NAME`` (the factory's own renders are ``dermt2im``): one
+of W's imported manifest (``imported.parquet``, written by this stage only; the factory's own renders
+are ``synthetic.parquet``, ``source = dermt2im``) with ``source = NAME``: one
 row per file, bad input quarantined with a reason exactly as ingest does (unreadable, truncated,
 not in a class folder, unknown class, byte-identical duplicates, ...), and whatever generation
 parameters the files carry (``dermt2im.ingest.provenance``) parsed into the manifest's columns:
@@ -15,7 +16,6 @@ nothing; a changed file is assessed again; a file gone from the source is quaran
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -27,8 +27,8 @@ import pandas as pd
 
 from dermt2im.core import identity
 from dermt2im.core.errors import DermT2imError
-from dermt2im.core.manifest import SYNTHETIC, read_manifest, upsert
-from dermt2im.core.specs import IngestConfig
+from dermt2im.core.manifest import IMPORTED, read_manifest, upsert
+from dermt2im.core.specs import LABELS, IngestConfig
 from dermt2im.core.workdir import WORKDIR_MARKER, Workdir
 from dermt2im.core.writers import writer_lock
 from dermt2im.ingest.entries import Entry, read_entries, scan_source
@@ -79,6 +79,9 @@ def check_name(name: str) -> str:
                                    "starting with a letter or digit")
     if name == OWN_SOURCE:
         raise SyntheticImportError(f"--name {OWN_SOURCE!r} is the factory's own renders; choose another name")
+    if name in LABELS:  # its rows would be keyed <name>-000001, as the renders of that class are
+        raise SyntheticImportError(f"--name {name!r} is a class, and the factory's renders are keyed by class; "
+                                   "choose another name")
     return name
 
 
@@ -177,21 +180,16 @@ def import_synthetic(workdir: Workdir, source: str | Path, name: str, cfg: Inges
     plan = plan_import(Path(source), layout, cfg)
     if Path(workdir.root).resolve() == plan.root:
         raise SyntheticImportError(f"{plan.root} is the workdir itself")
-    with writer_lock(workdir.synthetic_manifest, workdir.locks):
-        existing = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    with writer_lock(workdir.imported_manifest, workdir.locks):
+        existing = read_manifest(workdir.imported_manifest, IMPORTED)
         rows, report = import_rows(name, plan, cfg, existing)
         if rows:
-            upsert(workdir.synthetic_manifest, pd.DataFrame(rows), SYNTHETIC)
+            upsert(workdir.imported_manifest, pd.DataFrame(rows), IMPORTED)
     return report
 
 
 # --------------------------------------------------------------------------------------------------
 # the stage
-
-IMPORT_MODULES = ("dermt2im.generate.imports", "dermt2im.ingest.entries", "dermt2im.ingest.files",
-                  "dermt2im.ingest.layouts", "dermt2im.ingest.labels", "dermt2im.ingest.rows",
-                  "dermt2im.ingest.provenance", "dermt2im.ingest.licences")
-
 
 class ImportStage:
     """Import one external synthetic set: one unit (its name); done when its stamp holds the key of
@@ -204,6 +202,11 @@ class ImportStage:
         self.workdir, self.cfg, self.source, self.set_name, self.layout = workdir, cfg, Path(source), set_name, layout
         self.stamps = Stamps(workdir.stamps, self.name)
 
+    @classmethod
+    def of(cls, workdir: Workdir, cfg: Any, *, source: str | Path, name: str, layout: str = "auto") -> "ImportStage":
+        """The stage as a factory config sets it up: the set at ``source`` imported as ``name``."""
+        return cls(workdir, cfg.ingest, source, name, layout)
+
     def units(self) -> list[str]:
         check_name(self.set_name)
         return [self.set_name]
@@ -213,19 +216,17 @@ class ImportStage:
 
     def key(self, unit: str) -> str:
         root = self.source if self.source.is_dir() else self.source.parent
-        modules = [importlib.import_module(m) for m in IMPORT_MODULES]
         return identity.content_key("import", str(self.source.resolve()), identity.tree_listing(
             root, skip_marked=WORKDIR_MARKER), unit, self.layout, identity.spec_digest(self.cfg),
-            identity.code_digest(*modules))
+            identity.code_digest(__name__))
 
-    def finished(self, unit: str) -> dict[str, Any] | None:
-        df = read_manifest(self.workdir.synthetic_manifest, SYNTHETIC)
+    def finished(self, unit: str, key: str) -> dict[str, Any] | None:
+        df = read_manifest(self.workdir.imported_manifest, IMPORTED)
         if not (df["source"] == unit).any():
             return None
-        return self.stamps.matching(unit, self.key(unit))
+        return self.stamps.matching(unit, key)
 
-    def run(self, unit: str) -> dict[str, Any]:
-        key = self.key(unit)
+    def run(self, unit: str, key: str) -> dict[str, Any]:
         report = import_synthetic(self.workdir, self.source, unit, self.cfg, self.layout)
         summary = {"name": unit, "source": str(self.source), "layout": report.layout, "total": report.total,
                    "new": report.new, "changed": report.changed, "quarantined": report.quarantined,

@@ -5,17 +5,22 @@ entry in a weights file's header), not from the ``train`` section: the images mu
 the model the LoRA was trained on, whatever the config says now. Rendering with the base model alone
 is allowed only when asked for explicitly (``RenderModel.base_only``): its images are not lesions of
 a class, and their rows carry no LoRA.
+
+Which LoRA: the one given (``--lora``), else the one trained for the current config's ``train``
+section on the current seeds (``resolve_model``), never merely the newest folder in ``W/lora``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dermt2im.core.errors import DermT2imError
 from dermt2im.core.fileio import sha256_file
+from dermt2im.core.specs import TrainConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.diffusion import lora_files as lora_io
 
@@ -42,6 +47,8 @@ class RenderModel:
     identity: str
     token: str
     lora: Path | None
+    base_config: str | None = None  # a single-file base model's local config folder (train.base_config)
+    chosen: str = field(default="", compare=False)  # why this LoRA, in words ("given with --lora", ...)
 
     @classmethod
     def from_lora(cls, lora: str | Path) -> "RenderModel":
@@ -57,17 +64,27 @@ class RenderModel:
                 f"header with {', '.join(missing)}): train it with `dermt2im train`, or use a run folder"
             )
         token = meta.get("instance_token") or (meta.get("config") or {}).get("instance_token") or "sks"
-        return cls(meta["base_model"], meta.get("revision"), meta["base_model_identity"], token, path)
+        # the hub commit training resolved its revision to, where the cache knew it: the same weights
+        revision = meta.get("resolved_revision") or meta.get("revision")
+        return cls(meta["base_model"], revision, meta["base_model_identity"], token, path, meta.get("base_config"))
 
     @classmethod
-    def base_only(cls, base_model: str, revision: str | None = None, token: str = "sks") -> "RenderModel":
-        from dermt2im.diffusion.models import base_model_identity
+    def base_only(cls, base_model: str, revision: str | None = None, token: str = "sks",
+                  base_config: str | None = None) -> "RenderModel":
+        from dermt2im.diffusion.models import base_model_identity, resolved_revision
 
         try:
-            identity = base_model_identity(base_model, revision)
+            identity = base_model_identity(base_model, revision, base_config)
         except ValueError as err:
             raise GenerationError(f"base model: {err}") from None
-        return cls(base_model, revision, identity, token, None)
+        return cls(base_model, resolved_revision(base_model, revision) or revision, identity, token, None, base_config,
+                   "none: the base model alone, as asked")
+
+    def describe(self) -> str:
+        """The LoRA in words, with why it was chosen (what generate prints)."""
+        if self.lora is None:
+            return f"none (the base model {self.base_model} alone)"
+        return f"{self.lora}" + (f" ({self.chosen})" if self.chosen else "")
 
     def for_label(self, label: str) -> LoraChoice:
         """The weights file (and its sha256) to fuse for ``label``."""
@@ -103,39 +120,35 @@ def _sha_cached(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
 
 
-def find_latest_lora(workdir: Workdir) -> Path | None:
-    """The newest finished LoRA run in W/lora (a folder with lora.json or diffusers weights)."""
-    root = workdir.root / "lora"
-    if not root.is_dir():
-        return None
-    runs = []
-    for d in root.iterdir():
-        if not d.is_dir() or d.name.startswith("."):
-            continue
-        marker = d / lora_io.RUN_META if (d / lora_io.RUN_META).is_file() else d / lora_io.DIFFUSERS_WEIGHTS
-        if marker.is_file():
-            runs.append((marker.stat().st_mtime_ns, d.name, d))
-    return max(runs)[2] if runs else None
-
-
-def resolve_model(workdir: Workdir, lora: str | Path | None, *, base_model_only: bool = False,
-                  base_model: str | None = None, revision: str | None = None, token: str = "sks") -> RenderModel:
-    """The model to render with: the LoRA given, else the newest trained in W/lora; with
-    ``base_model_only``, ``base_model`` alone. No LoRA and no explicit request is an error: images
-    from the base model alone are not lesions of a class."""
+def resolve_model(workdir: Workdir, lora: str | Path | None, *, train: TrainConfig,
+                  base_model_only: bool = False) -> RenderModel:
+    """The model to render with, and why (``RenderModel.chosen``): the LoRA given (``--lora``), else
+    the LoRA trained for the current ``train`` section on the workdir's current seeds (the run that
+    training recorded for that train key, ``dermt2im.train.runs``: never merely the newest on disk);
+    with ``base_model_only``, ``train.base_model`` alone. No LoRA and no explicit request is an
+    error: images from the base model alone are not lesions of a class."""
     if base_model_only:
         if lora is not None:
             raise GenerationError("choose either a LoRA or --base-model-only, not both")
-        if not base_model:
+        if not train.base_model:
             raise GenerationError("--base-model-only needs a base model (train.base_model)")
-        log.warning("rendering with the base model %s alone, as asked: its images carry no LoRA", base_model)
-        return RenderModel.base_only(base_model, revision, token)
-    if lora is None:
-        lora = find_latest_lora(workdir)
-        if lora is None:
-            raise GenerationError(
-                f"no LoRA given and none trained in {workdir.root / 'lora'}: run `dermt2im train` first, pass "
-                "--lora RUN_FOLDER, or --base-model-only to render with the base model alone"
-            )
-        log.info("using the newest LoRA run %s", lora)
-    return RenderModel.from_lora(lora)
+        log.warning("rendering with the base model %s alone, as asked: its images carry no LoRA", train.base_model)
+        return RenderModel.base_only(train.base_model, train.revision, train.instance_token, train.base_config)
+    if lora is not None:
+        return dataclasses.replace(RenderModel.from_lora(lora), chosen="given with --lora")
+    from dermt2im.train.runs import current_key, find_trained
+    from dermt2im.train.state import TrainingError
+
+    what_to_do = ("run `dermt2im train` first, pass --lora RUN_FOLDER, or --base-model-only to render with the base "
+                  "model alone")
+    try:
+        key = current_key(workdir, train)
+    except (TrainingError, ValueError, OSError) as err:
+        raise GenerationError(f"no LoRA trained for the current config: its train key needs the training seeds "
+                              f"({err}); {what_to_do}") from None
+    found = find_trained(workdir, train)
+    if found is None:
+        raise GenerationError(f"no LoRA trained for the current config (train key {key[:12]}) in {workdir.lora}: "
+                              f"{what_to_do}")
+    model = RenderModel.from_lora(found.lora_dir)
+    return dataclasses.replace(model, chosen=f"trained for the current config, train key {key[:12]}")

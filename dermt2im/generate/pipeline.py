@@ -120,7 +120,9 @@ def speed_up(pipe, runtime: GenerateRuntime, device: str) -> list[str]:
         pipe.vae.to(memory_format=torch.channels_last)
         done.append("channels_last")
     if accel.wanted(runtime.compile, device):
-        pipe.unet = accel.compiled(pipe.unet, what="UNet")
+        # one graph each per process: every batch is padded to runtime.batch_size (render_batch) and the
+        # UNet sees float32 timesteps whatever the sampler
+        pipe.unet = accel.compiled_denoiser(pipe.unet)
         pipe.vae.decoder = accel.compiled(pipe.vae.decoder, what="VAE decoder")
         done.append("compiled")
     return done
@@ -179,7 +181,8 @@ def prepared_pipeline(model: RenderModel, runtime: GenerateRuntime, lora: LoraCh
 
         # fp32 is every loader's default: passing it would only make diffusers warn about casting
         torch_dtype = None if dtype == torch.float32 else dtype
-        base = load_pipeline(model.base_model, model.revision, torch_dtype=torch_dtype, device=device)
+        base = load_pipeline(model.base_model, model.revision, base_config=model.base_config, torch_dtype=torch_dtype,
+                             device=device)
         base.set_progress_bar_config(disable=True)
         if lora.weights is not None:
             _fuse(base, lora, scale, keep_adapter=False)
@@ -217,10 +220,14 @@ def is_oom(exc: BaseException) -> bool:
         return False
 
 
-def render_batch(pipe, switch: SamplerSwitch, rows: list[dict], prompts: PromptCache | None = None
-                 ) -> list[np.ndarray]:
+def render_batch(pipe, switch: SamplerSwitch, rows: list[dict], prompts: PromptCache | None = None,
+                 pad_to: int | None = None) -> list[np.ndarray]:
     """Render rows that share GROUP_COLUMNS in one pipeline call, one generator per image; with
-    ``prompts``, text embeddings come from that cache."""
+    ``prompts``, text embeddings come from that cache. With ``pad_to``, a short batch is filled up to
+    that many images with copies of its last row (rendered, then dropped), so that every call has one
+    shape: a compiled UNet and VAE then trace one graph per process instead of one per batch size.
+    An image's pixels depend on the batch's size and its position in it (slightly: the kernels block
+    the work by shape), so both are recorded with each image (``batch_size``, ``batch_position``)."""
     import torch
 
     first = rows[0]
@@ -228,6 +235,9 @@ def render_batch(pipe, switch: SamplerSwitch, rows: list[dict], prompts: PromptC
         for c in GROUP_COLUMNS:
             if r[c] != first[c]:
                 raise ValueError(f"rows in one batch must share {c}: {r[c]!r} != {first[c]!r}")
+    n = len(rows)
+    if pad_to is not None and pad_to > n:
+        rows = rows + [rows[-1]] * (pad_to - n)
     switch.use(first["sampler"])
     generators = [torch.Generator("cpu").manual_seed(int(r["seed"])) for r in rows]
     texts = {"prompt": [r["prompt"] for r in rows], "negative_prompt": [r["negative_prompt"] or "" for r in rows]}
@@ -242,5 +252,13 @@ def render_batch(pipe, switch: SamplerSwitch, rows: list[dict], prompts: PromptC
         generator=generators,
         output_type="np",
     )
-    images = np.asarray(out.images)
+    images = np.asarray(out.images)[:n]
     return list((images * 255.0).round().clip(0, 255).astype(np.uint8))
+
+
+def render_as_recorded(pipe, switch: SamplerSwitch, row: dict, prompts: PromptCache | None = None) -> np.ndarray:
+    """One manifest row's image again: rendered at the batch size and position it was made at (the
+    other places hold copies of the row), so that it comes out as the same pixels."""
+    size = int(row.get("batch_size") or 1)
+    position = int(row.get("batch_position") or 0)
+    return render_batch(pipe, switch, [row] * size, prompts)[position]

@@ -58,6 +58,7 @@ def shard_rows(workdir: Workdir, shard: int, plan: pd.DataFrame | None = None) -
 def expected_rows(workdir: Workdir, model: RenderModel, rows: pd.DataFrame) -> list[dict]:
     """The manifest rows the shard's plan rows will have once rendered (without sha256)."""
     versions = identity.library_versions_json()
+    code = identity.code_digest(__name__)
     choices: dict[str, LoraChoice] = {}
     out = []
     for rec in rows.to_dict("records"):
@@ -68,7 +69,8 @@ def expected_rows(workdir: Workdir, model: RenderModel, rows: pd.DataFrame) -> l
                    base_revision=model.revision, lora_path=str(choice.weights) if choice.weights else None,
                    lora_sha256=choice.sha256, library_versions=versions, status="rendered", reason=None,
                    base_model_only=model.lora is None)
-        rec["render_key"] = identity.render_key({c: rec[c] for c in RENDER_COLUMNS}, model.identity, choice.sha256)
+        rec["render_key"] = identity.render_key({c: rec[c] for c in RENDER_COLUMNS}, model.identity, choice.sha256,
+                                                code)
         out.append(rec)
     return out
 
@@ -101,25 +103,42 @@ def shard_state(workdir: Workdir, model: RenderModel, shard: int, *, verify: boo
     return ShardState(todo, adopt, done)
 
 
-def shard_complete(workdir: Workdir, model: RenderModel, shard: int, *,
-                   plan: pd.DataFrame | None = None, recorded: pd.DataFrame | None = None) -> bool:
-    """Every image of the shard is recorded with its current render key *and* its file exists (an
+def _shard_key(workdir: Workdir, render_keys: list[str]) -> str:
+    return identity.content_key("render-shard", render_keys, str(workdir.images), str(workdir.manifests))
+
+
+def expected_key(workdir: Workdir, model: RenderModel, shard: int, plan: pd.DataFrame | None = None) -> str:
+    """The key a shard's output must have: the render key of every image it plans, and where the
+    images and rows go."""
+    return _shard_key(workdir, [r["render_key"] for r in expected_rows(workdir, model, shard_rows(workdir, shard, plan))])
+
+
+def recorded_key(workdir: Workdir, shard: int, plan: pd.DataFrame | None = None,
+                 recorded: pd.DataFrame | None = None) -> str | None:
+    """The key of what is recorded for a shard: the render keys of its rows, when every image it plans
+    is recorded with a sha256 and its file exists where the workdir puts it; None otherwise (an
     unrecorded PNG still needs adopting: not complete).
 
     ``plan`` / ``recorded`` are snapshots of the two manifests, so that one poll over many shards
     reads each once. Records are checked before files: an unfinished shard costs no file lookups,
-    which matters when the images sit in an object store.
-    """
-    expected = expected_rows(workdir, model, shard_rows(workdir, shard, plan))
+    which matters when the images sit in an object store."""
+    rows = shard_rows(workdir, shard, plan)
     recorded = read_manifest(workdir.synthetic_manifest, SYNTHETIC) if recorded is None else recorded
     have = recorded.drop_duplicates("sample_key", keep="last").set_index("sample_key")
-    for rec in expected:
-        key = rec["sample_key"]
-        if key not in have.index or have.at[key, "render_key"] != rec["render_key"]:
-            return False
-        if not isinstance(have.at[key, "sha256"], str):
-            return False
-    return all(storage.is_file(rec["path"]) for rec in expected)
+    keys = []
+    for key in rows["sample_key"]:
+        if key not in have.index or not isinstance(have.at[key, "sha256"], str):
+            return None
+        keys.append(have.at[key, "render_key"])
+    if not all(storage.is_file(workdir.png_path(label, key)) for label, key in zip(rows["label"], rows["sample_key"])):
+        return None
+    return _shard_key(workdir, keys)
+
+
+def shard_complete(workdir: Workdir, model: RenderModel, shard: int, *,
+                   plan: pd.DataFrame | None = None, recorded: pd.DataFrame | None = None) -> bool:
+    """Every image of the shard is recorded with its current render key *and* its file exists."""
+    return recorded_key(workdir, shard, plan, recorded) == expected_key(workdir, model, shard, plan)
 
 
 def shard_missing(workdir: Workdir, model: RenderModel, shard: int) -> int:
@@ -211,30 +230,39 @@ def _render_all(workdir: Workdir, model: RenderModel, runtime: GenerateRuntime, 
                 bar: progress.Task) -> _Recorder:
     """Render ``todo`` batch by batch (halving a batch on CUDA out-of-memory), writing PNGs meanwhile;
     the pipeline is looked up once per LoRA and scale, not per batch."""
+    from dermt2im.diffusion import accel
+    from dermt2im.diffusion.models import resolve_device
+
     recorder = _Recorder(workdir.synthetic_manifest)
-    queue = batches(todo, runtime.batch_size)
+    # (rows, the size the batch is rendered at): compiled, every batch at runtime.batch_size (one shape,
+    # one graph; the padding costs at most a batch per sampler and shard), eager at its own size; the
+    # halves of a batch split after an out-of-memory error at theirs
+    device = str(pipe.device) if pipe is not None else resolve_device(runtime.device)
+    padded = accel.wanted(runtime.compile, device)
+    queue = [(batch, runtime.batch_size if padded else len(batch)) for batch in batches(todo, runtime.batch_size)]
     prep, prep_for = None, None
     with ThreadPoolExecutor(max_workers=runtime.writer_threads, thread_name_prefix="png-writer") as writers:
         try:
             while queue and recorder.error is None:
-                batch = queue.pop(0)
+                batch, size = queue.pop(0)
                 lora = (batch[0]["lora_path"], batch[0]["lora_sha256"], batch[0]["lora_scale"])
                 if lora != prep_for:
                     choice = LoraChoice(Path(lora[0]) if lora[0] else None, lora[1])
                     prep, prep_for = prepared_pipeline(model, runtime, choice, lora[2], pipe=pipe), lora
                 try:
                     with prep.lock:
-                        images = render_batch(prep.pipe, prep.switch, batch, prep.prompts)
+                        images = render_batch(prep.pipe, prep.switch, batch, prep.prompts, pad_to=size)
                 except BaseException as exc:
-                    if is_oom(exc) and len(batch) > 1:
-                        half = len(batch) // 2
-                        log.warning("CUDA out of memory with %d images: retrying as %d + %d", len(batch), half,
+                    if is_oom(exc) and size > 1:
+                        half = max(1, len(batch) // 2)
+                        log.warning("CUDA out of memory with %d images: retrying as %d + %d", size, half,
                                     len(batch) - half)
                         empty_cuda_cache()
-                        queue[:0] = [batch[:half], batch[half:]]
+                        queue[:0] = [(part, len(part)) for part in (batch[:half], batch[half:]) if part]
                         continue
                     raise
-                recorder.pending.append([writers.submit(_encode_and_write, r, img) for r, img in zip(batch, images)])
+                placed = [{**r, "batch_size": size, "batch_position": i} for i, r in enumerate(batch)]
+                recorder.pending.append([writers.submit(_encode_and_write, r, img) for r, img in zip(placed, images)])
                 bar.advance(len(batch))
                 recorder.harvest(max_pending=2)  # bounded memory: at most two batches waiting on the writers
         except BaseException as exc:

@@ -30,11 +30,11 @@ import pandas as pd
 from dermt2im.core import identity
 from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest
 from dermt2im.core.runtime import GenerateRuntime
-from dermt2im.core.specs import LABELS, GenerateConfig
+from dermt2im.core.specs import LABELS, GenerateConfig, TrainConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.core.writers import compact, writer_lock
 from dermt2im.generate import pipeline, shards
-from dermt2im.generate.model import GenerationError, RenderModel
+from dermt2im.generate.model import GenerationError, RenderModel, resolve_model
 from dermt2im.generate.plan import shards_of, update_plan
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,14 @@ class GenerateReport:
     seconds: float
     lora: str | None = None
     shards: tuple[int, ...] = field(default_factory=tuple)
+    lora_text: str = ""  # the LoRA and why it was chosen (``RenderModel.describe``)
 
     def summary(self) -> str:
         rate = f", {self.rendered / self.seconds:.2f} images/s" if self.rendered and self.seconds > 0 else ""
         return (
             f"generate: {self.planned} planned in {len(self.shards)} shard(s), {self.rendered} rendered, "
             f"{self.skipped} already done ({self.seconds:.1f} s{rate})\n"
-            f"  LoRA: {self.lora or 'none (base model alone)'}\n"
+            f"  LoRA: {self.lora_text or self.lora or 'none (base model alone)'}\n"
             f"  plan: {self.plan_path}\n  manifest: {self.manifest_path}"
         )
 
@@ -72,14 +73,38 @@ class GenerateStage:
 
     name = "generate"
     unit_noun = "shards"
+    tags = ("gpu",)  # its task runs count against Prefect's `gpu` concurrency limit
+    scalable = True  # with scale.ray_address its shards render on renderer actors of a Ray cluster
 
-    def __init__(self, workdir: Workdir, spec: GenerateConfig, runtime: GenerateRuntime, model: RenderModel, *,
-                 per_class: int | None = None, shards: Sequence[int] | None = None, pipe: Any = None) -> None:
-        self.workdir, self.spec, self.runtime, self.model = workdir, spec, runtime, model
+    def __init__(self, workdir: Workdir, spec: GenerateConfig, runtime: GenerateRuntime,
+                 model: RenderModel | None = None, *, train: TrainConfig | None = None, lora: str | Path | None = None,
+                 base_model_only: bool = False, per_class: int | None = None, shards: Sequence[int] | None = None,
+                 pipe: Any = None) -> None:
+        self.workdir, self.spec, self.runtime = workdir, spec, runtime
+        self._model, self._choice = model, (train, lora, base_model_only)
         self.per_class, self.only, self.pipe = per_class, list(shards or []), pipe
         self._plan: pd.DataFrame | None = None
         self._planned_elsewhere = False
         self._t0 = time.perf_counter()
+
+    @classmethod
+    def of(cls, workdir: Workdir, cfg: Any, *, lora: str | Path | None = None, base_model_only: bool = False,
+           per_class: int | None = None, shards: Sequence[int] | None = None) -> "GenerateStage":
+        """The stage as a factory config sets it up: it renders with the LoRA trained for ``cfg.train``
+        (looked up when the stage first needs it, so the stage can be built before training runs),
+        or with ``lora`` when given, or with the base model alone when ``base_model_only``."""
+        return cls(workdir, cfg.generate, cfg.runtime.generate, train=cfg.train, lora=lora,
+                   base_model_only=base_model_only, per_class=per_class, shards=shards)
+
+    @property
+    def model(self) -> RenderModel:
+        """What this stage renders with (``model.resolve_model``), resolved once."""
+        if self._model is None:
+            train, lora, base_model_only = self._choice
+            if train is None:
+                raise GenerationError("GenerateStage needs a model or the train section that names its LoRA")
+            self._model = resolve_model(self.workdir, lora, train=train, base_model_only=base_model_only)
+        return self._model
 
     def plan(self) -> pd.DataFrame:
         """Make or extend the plan (once per stage object), under the plan's writer lock; a copy
@@ -101,6 +126,7 @@ class GenerateStage:
                 "_planned_elsewhere": self._planned_elsewhere or self._plan is not None}
 
     def units(self) -> list[int]:
+        log.info("generate: LoRA %s", self.model.describe())
         planned = shards_of(self.plan())
         chosen = planned if not self.only else sorted({int(s) for s in self.only})
         unknown = sorted(set(chosen) - set(planned))
@@ -112,12 +138,13 @@ class GenerateStage:
         return f"render shard {shard} ({LABELS[shard % len(LABELS)]})"
 
     def key(self, shard: int) -> str:
-        expected = shards.expected_rows(self.workdir, self.model, shards.shard_rows(self.workdir, shard, self.plan()))
-        return identity.content_key("render-shard", [r["render_key"] for r in expected], str(self.workdir.images),
-                                    str(self.workdir.manifests))
+        """The shard's key: the render key of every image it plans (parameters, base model, LoRA, code)
+        and where the images and rows go."""
+        return shards.expected_key(self.workdir, self.model, shard, self.plan())
 
-    def finished(self, shard: int) -> dict[str, Any] | None:
-        if not shards.shard_complete(self.workdir, self.model, shard, plan=self.plan()):
+    def finished(self, shard: int, key: str) -> dict[str, Any] | None:
+        """Done when what is recorded (every planned image with its sha256 and file) has ``key``."""
+        if shards.recorded_key(self.workdir, shard, self.plan()) != key:
             return None
         return {"shard": int(shard), "rendered": 0, "images": int((self.plan()["shard"] == shard).sum())}
 
@@ -130,7 +157,7 @@ class GenerateStage:
             pipeline.prepared_pipeline(self.model, self.runtime, self.model.for_label(first["label"]),
                                        first["lora_scale"], pipe=self.pipe)
 
-    def run(self, shard: int) -> dict[str, Any]:
+    def run(self, shard: int, key: str) -> dict[str, Any]:
         recorded = shards.render_shard(self.workdir, self.runtime, self.model, shard, pipe=self.pipe)
         if self.workdir.manifests_are_remote:  # keep the appended parts few, so every read stays cheap
             self.fold_parts()
@@ -149,22 +176,10 @@ class GenerateStage:
         report = GenerateReport(self.workdir.plan_manifest, self.workdir.synthetic_manifest, planned, rendered,
                                 planned - rendered, time.perf_counter() - self._t0,
                                 str(self.model.lora) if self.model.lora else None,
-                                tuple(int(r["shard"]) for r in results))
+                                tuple(int(r["shard"]) for r in results), self.model.describe())
         return {"plan": str(report.plan_path), "planned": planned, "rendered": rendered, "shards": list(report.shards),
-                "lora": report.lora, "synthetic": str(report.manifest_path), "text": report.summary()}
+                "lora": report.lora, "lora_chosen": self.model.chosen, "synthetic": str(report.manifest_path),
+                "text": report.summary()}
 
 
-def generate(workdir: Workdir, spec: GenerateConfig, runtime: GenerateRuntime, model: RenderModel, *,
-             per_class: int | None = None, shards: Sequence[int] | None = None, pipe: Any = None) -> GenerateReport:
-    """Plan (create or extend), then render every shard (or the given ones) that is not complete."""
-    from dermt2im.runners.sequential import run_stage
-
-    t0 = time.perf_counter()
-    stage = GenerateStage(workdir, spec, runtime, model, per_class=per_class, shards=shards, pipe=pipe)
-    done = run_stage(stage).closing
-    return GenerateReport(workdir.plan_manifest, workdir.synthetic_manifest, done["planned"], done["rendered"],
-                          done["planned"] - done["rendered"], time.perf_counter() - t0, done["lora"],
-                          tuple(done["shards"]))
-
-
-__all__ = ["GenerateReport", "GenerateStage", "GenerationError", "RenderModel", "generate", "pipeline", "shard_order"]
+__all__ = ["GenerateReport", "GenerateStage", "GenerationError", "RenderModel", "pipeline", "shard_order"]

@@ -65,31 +65,48 @@ def _is_utf8(path: str) -> bool:
         return False
 
 
-def _symlink_problem(path: str, root: str) -> str | None:
-    """Why a symbolic link cannot be an input (broken, a loop, or leading out of the source)."""
+def _symlink_problem(path: str) -> str | None:
+    """Why a symbolic link cannot be followed: it is broken, or it loops. A link that leads out of
+    the source is followed, as the file's owner would open it (the row records the target too)."""
     try:
-        target = os.path.realpath(path, strict=True)
+        os.path.realpath(path, strict=True)
     except OSError as err:
         return (f"symbolic link loop: {_printable(os.readlink(path))}" if getattr(err, "errno", None) == errno.ELOOP
                 else f"broken symbolic link: points to {_printable(os.readlink(path))}, which does not exist")
-    if not _within(root, target):
-        return f"symbolic link points outside the source folder (to {_printable(target)}): not followed"
     return None
+
+
+def link_target(path: str, root: str) -> str | None:
+    """Where ``path`` (under the source ``root``) really is when a symbolic link below the root leads
+    there (the file is a link, or a linked folder holds it); None for a plain file or a broken link."""
+    if not os.path.lexists(path):
+        return None
+    real = os.path.realpath(path)
+    plain = os.path.join(os.path.realpath(root), os.path.relpath(path, root)) if _within(root, path) else path
+    return _printable(real) if real != os.path.normpath(plain) else None
 
 
 def scan_source(root: Path, extensions: Iterable[str], skip: Iterable[str] = ()) -> Scan:
     """Every file under ``root`` (folders are walked by hand so that none is passed over silently):
     images with a known extension to read, and the reason for everything else. ``skip``: paths
     that are no inputs (the layout's own metadata CSV). Factory workdirs (folders holding the
-    workdir marker) are never entered."""
+    workdir marker) are never entered.
+
+    Symbolic links are followed as the file's owner would open them, inside the source or out of it
+    (a class folder of links into one image pool is a common layout): a linked file is read through
+    its link and keeps the link's path as its key; a linked folder outside the source is walked
+    under the link's path; a linked folder inside it is walked once, as itself. Broken links and
+    loops (a link to itself, a folder link leading back to a folder already walked) are refused."""
     exts = {e.lower() for e in extensions}
     base = os.path.normpath(str(root))
+    real_base = os.path.realpath(base)
     skipped = {os.path.normpath(str(s)) for s in skip}
     images: list[str] = []
     refused: dict[str, str] = {}
-    stack = [base]
+    stack: list[tuple[str, tuple[str, ...]]] = [(base, ())]  # a folder, and the real folders above it
     while stack:
-        folder = stack.pop()
+        folder, above = stack.pop()
+        above = (*above, os.path.realpath(folder))
         try:
             with os.scandir(folder) as it:
                 found = sorted(it, key=lambda e: e.name)
@@ -105,15 +122,21 @@ def scan_source(root: Path, extensions: Iterable[str], skip: Iterable[str] = ())
                                              "e.g. with convmv, and ingest again")
                 continue
             if entry.is_symlink():
-                problem = _symlink_problem(path, base)
+                problem = _symlink_problem(path)
                 if problem is not None:
                     refused[path] = problem
                     continue
                 if os.path.isdir(path):
-                    continue  # a link to a folder inside the source: that folder is walked as itself
+                    target = os.path.realpath(path)
+                    if _within(real_base, target):
+                        continue  # a link to a folder inside the source: that folder is walked as itself
+                    if any(_within(target, real) for real in above):
+                        refused[path] = (f"symbolic link loop: {_printable(os.readlink(path))} leads back to a "
+                                         "folder it is in")
+                        continue
             if entry.is_dir():
                 if not is_workdir(path):  # a factory workdir below the source: its images are never real seeds
-                    stack.append(path)
+                    stack.append((path, above))
             elif os.path.splitext(entry.name)[1].lower() in exts:
                 images.append(path)
             else:

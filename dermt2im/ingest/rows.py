@@ -1,6 +1,7 @@
 """Rows of the seeds manifest: one per input, with its label, file facts and status, merged with
 what the manifest already holds (re-running on the same source changes nothing; a grown source adds
-only its new files; rows keep their split and what preprocessing wrote into them)."""
+only its new files; rows keep their split). What preprocessing makes of a row is preprocess's own
+table (``dermt2im.core.manifest.PROCESSED``), never written here."""
 
 from __future__ import annotations
 
@@ -8,16 +9,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dermt2im.core.manifest import is_transient
 from dermt2im.core.specs import IngestConfig
-from dermt2im.ingest.entries import Entry, _within
+from dermt2im.ingest.entries import Entry, _within, link_target
 from dermt2im.ingest.files import FileFacts, examine_files
 from dermt2im.ingest.labels import resolve_label
 from dermt2im.ingest.layouts import LayoutPlan, _shown
 from dermt2im.ingest.licences import UNSTATED, Licence, resolve
 
 ACCEPTED, QUARANTINED = "accepted", "quarantined"
-PREPROCESS_COLUMNS: tuple[str, ...] = ("processed_path", "preprocess_key", "hair_fraction", "hair_changed_fraction")
 GONE_REASON = "file not found: no longer in the source"
 
 
@@ -44,12 +43,9 @@ def _row(
         "reason": problem,
         "duplicate_of": None,
         "split": None,
-        "processed_path": None,
-        "preprocess_key": None,
-        "hair_fraction": None,
-        "hair_changed_fraction": None,
         "provenance": facts.provenance if facts else None,
         **licence.row(),
+        "link_target": link_target(entry.path, str(plan.root)) if entry.readable else None,
     }
 
 
@@ -134,12 +130,6 @@ def build_rows(plan: LayoutPlan, entries: Sequence[Entry], label_map: Mapping[st
 def _carry_over(old: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """The fresh row for a key the manifest already has, keeping what must not change."""
     row = dict(new)
-    if old["sample_id"] and old["sample_id"] == new["sample_id"]:
-        for col in PREPROCESS_COLUMNS:  # same bytes: preprocessing is still valid
-            row[col] = old[col]
-        reason = str(old["reason"] or "")
-        if old["status"] == QUARANTINED and reason.startswith("preprocess") and not is_transient(reason):
-            return _quarantine(row, old["reason"])  # preprocess decided this; ingest cannot undo it
     if row["status"] == ACCEPTED and old["status"] == ACCEPTED and old["split"]:
         row["split"] = old["split"]
     return row

@@ -11,11 +11,10 @@ Patient metadata (age, sex, site) in the CSVs is never read into the manifest.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from dermt2im.core.identity import code_digest, content_key, spec_digest, tree_l
 from dermt2im.core.manifest import (
     SEEDS,
     conform,
-    is_transient,
     manifest_exists,
     read_manifest,
     write_manifest,
@@ -65,7 +63,6 @@ class IngestReport:
     reasons: dict[str, int]  # quarantine reason category -> count
     labels: dict[str, int] = field(default_factory=dict)  # accepted rows per label
     splits: dict[str, int] = field(default_factory=dict)  # accepted rows per split
-    reconsidered: int = 0  # rows preprocess had quarantined for an I/O error, inputs again
 
     def summary(self) -> str:
         def counts(d: Mapping[str, int]) -> str:
@@ -81,9 +78,6 @@ class IngestReport:
         if self.reasons:
             top = sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
             lines.append("quarantine reasons: " + counts(dict(top[:6])) + (" …" if len(top) > 6 else ""))
-        if self.reconsidered:
-            lines.append(f"reconsidered: {self.reconsidered} row(s) that preprocess had quarantined for an I/O error "
-                         "(the next preprocess tries them again)")
         return "\n".join(lines)
 
 
@@ -152,24 +146,11 @@ def ingest_source(
         frame = pd.DataFrame(rows, columns=SEEDS.columns)
         if not (storage.exists(manifest_path) and conform(frame, SEEDS).equals(before)):
             write_manifest(frame, manifest_path, SEEDS)
-    reconsidered = _reconsidered(existing, rows)
-    if reconsidered:
-        log.info("ingest: %d row(s) that preprocess had quarantined for an I/O error are inputs again", reconsidered)
-    return replace(_report(plan, manifest_path, rows, new), reconsidered=reconsidered)
-
-
-def _reconsidered(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]]) -> int:
-    """Rows that preprocess had quarantined for a transient reason and that are inputs again."""
-    was = {r["source_path"] for r in before if r["status"] != ACCEPTED and is_transient(r["reason"])}
-    return sum(1 for r in after if r["source_path"] in was and not is_transient(r["reason"]))
+    return _report(plan, manifest_path, rows, new)
 
 
 # --------------------------------------------------------------------------------------------------
 # the stage
-
-INGEST_MODULES = ("labels", "layouts", "entries", "files", "rows", "splits", "stage", "isic_formats", "provenance",
-                  "licences")
-
 
 @dataclass(frozen=True)
 class Dataset:
@@ -202,6 +183,11 @@ class IngestStage:
         self.cfg, self.datasets = cfg, list(datasets)
         self.stamps, self.locks = Stamps(workdir.stamps, self.name), workdir.locks
 
+    @classmethod
+    def of(cls, workdir: Any, cfg: Any, *, datasets: Sequence[Dataset]) -> "IngestStage":
+        """The stage as a factory config sets it up, for ``datasets`` (``seed_datasets``)."""
+        return cls(cfg.ingest, datasets, workdir)
+
     def units(self) -> list[Dataset]:
         return self.datasets
 
@@ -211,18 +197,15 @@ class IngestStage:
     def key(self, d: Dataset) -> str:
         source = Path(d.source)
         root = source if source.is_dir() else source.parent
-        modules = [importlib.import_module(f"dermt2im.ingest.{m}") for m in INGEST_MODULES]
         return content_key("ingest", tree_listing(root, skip_marked=WORKDIR_MARKER), spec_digest(self.cfg), d.layout,
-                           d.split, d.manifest,
-                           code_digest(*modules))
+                           d.split, d.manifest, code_digest(__name__))
 
-    def finished(self, d: Dataset) -> dict[str, Any] | None:
+    def finished(self, d: Dataset, key: str) -> dict[str, Any] | None:
         if not manifest_exists(d.manifest):
             return None
-        return self.stamps.matching(d.unit_id, self.key(d))
+        return self.stamps.matching(d.unit_id, key)
 
-    def run(self, d: Dataset) -> dict[str, Any]:
-        key = self.key(d)
+    def run(self, d: Dataset, key: str) -> dict[str, Any]:
         report = ingest_source(Path(d.source), d.manifest, self.cfg, layout=d.layout, split=d.split, lock_dir=self.locks)
         summary = ingest_summary(report)
         self.stamps.write(d.unit_id, key, summary)

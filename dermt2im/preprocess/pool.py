@@ -19,7 +19,6 @@ from dermt2im.core import progress
 from dermt2im.core.errors import DecodeError
 from dermt2im.core.fileio import atomic_write_bytes, sha256_bytes
 from dermt2im.core.imaging import encode_png
-from dermt2im.core.manifest import TRANSIENT, is_transient
 from dermt2im.core.specs import PreprocessConfig
 from dermt2im.preprocess.resize import preprocess_with_change
 
@@ -29,6 +28,13 @@ PNG_COMPRESS_LEVEL = 1  # zlib 1 vs 6 at 512 px: 5x faster to encode, files ~18%
 TEXT_KEY = "dermt2im.preprocess_key"
 TEXT_HAIR = "dermt2im.hair_fraction"
 TEXT_CHANGED = "dermt2im.hair_changed_fraction"
+# A failure that may pass (the file could not be read: a share away, a permission being fixed) carries
+# this prefix; preprocess records it as ``unreadable`` and tries the row again next time.
+TRANSIENT = "preprocess (transient): "
+
+
+def is_transient(reason: str | None) -> bool:
+    return str(reason or "").startswith(TRANSIENT)
 
 
 @dataclass(frozen=True)

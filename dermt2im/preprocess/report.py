@@ -1,4 +1,6 @@
-"""What hair removal did, per class: ``W/reports/preprocess.md`` and ``preprocess.json``.
+"""What hair removal did, per class: ``W/reports/preprocess-<dataset>.md`` and ``.json``, one pair
+per dataset (the seeds, each test set), each written whole from its manifest: reports are for
+people, and none is read back.
 
 No preprocessing step may change one class more than the other: a class-dependent change is a
 shortcut a classifier learns. Two figures per dataset and class:
@@ -27,7 +29,7 @@ import pandas as pd
 
 from dermt2im.core import storage
 from dermt2im.core.fileio import atomic_write_text
-from dermt2im.core.manifest import SEEDS, read_manifest
+from dermt2im.core.views import seeds_view
 from dermt2im.core.specs import LABELS, PreprocessConfig
 
 CHECK_IMAGES = 6
@@ -91,30 +93,31 @@ def _db(v: float | None) -> str:
     return "" if v is None else f"{v:.1f}"
 
 
+def report_path(reports: Path, dataset: str, suffix: str = ".md") -> Path:
+    """``W/reports/preprocess-<dataset><suffix>``."""
+    return Path(reports) / f"preprocess-{dataset}{suffix}"
+
+
 def write_preprocess_report(reports: Path, manifests: Mapping[str, Path | str], cfg: PreprocessConfig) -> dict[str, Any]:
-    """preprocess.json and preprocess.md for every dataset; returns the figures."""
-    figures = {name: class_figures(read_manifest(m, SEEDS), cfg) for name, m in manifests.items()}
-    reports = Path(reports)
-    reports.mkdir(parents=True, exist_ok=True)
-    previous = {}
-    try:  # a report for other datasets (the seeds, another test set) is kept
-        previous = json.loads((reports / "preprocess.json").read_text()).get("datasets", {})
-    except (OSError, ValueError):
-        pass
-    datasets = {**previous, **figures}
-    atomic_write_text(reports / "preprocess.json", json.dumps({"config": cfg.model_dump(mode="json"),
-                                                               "datasets": datasets}, indent=2))
-    md = ["# Preprocessing: hair removal per class", "",
+    """``preprocess-<dataset>.json`` and ``.md`` for every dataset; returns the figures."""
+    figures = {name: class_figures(seeds_view(m), cfg) for name, m in manifests.items()}
+    for name, per_class in figures.items():
+        _write_dataset(reports, name, per_class, cfg)
+    return figures
+
+
+def _write_dataset(reports: Path, name: str, per_class: dict[str, Any], cfg: PreprocessConfig) -> None:
+    atomic_write_text(report_path(reports, name, ".json"), json.dumps(
+        {"config": cfg.model_dump(mode="json"), "dataset": name, "classes": per_class}, indent=2))
+    md = [f"# Preprocessing of {name}: hair removal per class", "",
           "No preprocessing step may change one class more than the other. *Changed*: share of an image's pixels "
           "that hair removal moved by more than 10 grey levels (on hair-free images it should be near 0 in both "
           f"classes). *Drawn-hair gain*: 12 hairs drawn on up to {CHECK_IMAGES} of the class's processed images and "
           "removed again, PSNR(restored) - PSNR(with hair), in dB.", "",
           "| dataset | class | images | with hair found | changed: median | p90 | max | drawn-hair gain: median | min |",
           "|---|---|---|---|---|---|---|---|---|"]
-    for name, per_class in datasets.items():
-        for label, f in per_class.items():
-            md.append(f"| {name} | {label} | {f['images']} | {f['with_hair']} | {_pct(f['changed']['median'])} | "
-                      f"{_pct(f['changed']['p90'])} | {_pct(f['changed']['max'])} | "
-                      f"{_db(f['drawn_hair_gain_db']['median'])} | {_db(f['drawn_hair_gain_db']['min'])} |")
-    atomic_write_text(reports / "preprocess.md", "\n".join(md) + "\n")
-    return figures
+    for label, f in per_class.items():
+        md.append(f"| {name} | {label} | {f['images']} | {f['with_hair']} | {_pct(f['changed']['median'])} | "
+                  f"{_pct(f['changed']['p90'])} | {_pct(f['changed']['max'])} | "
+                  f"{_db(f['drawn_hair_gain_db']['median'])} | {_db(f['drawn_hair_gain_db']['min'])} |")
+    atomic_write_text(report_path(reports, name), "\n".join(md) + "\n")

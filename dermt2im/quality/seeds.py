@@ -11,7 +11,6 @@ its hair (the processed image has none left).
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ import pandas as pd
 
 from dermt2im.core import identity, storage
 from dermt2im.core.fileio import atomic_write_text
-from dermt2im.core.manifest import SEEDS, read_manifest
+from dermt2im.core.views import seeds_view
 from dermt2im.core.specs import QualityConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.quality.audit import SeedIndex, build_index, merge_indexes
@@ -30,7 +29,6 @@ from dermt2im.quality.checks import detector_scores, image_metrics
 from dermt2im.quality.images import load_rgb, workers
 
 log = logging.getLogger(__name__)
-MEASURE_MODULES = ("checks", "detectors", "rulers", "text")
 
 
 @dataclass(frozen=True)
@@ -44,10 +42,8 @@ class Seeds:
 
 
 def _measures_key(q: QualityConfig) -> str:
-    modules = [importlib.import_module(f"dermt2im.quality.{m}") for m in MEASURE_MODULES]
-    modules.append(importlib.import_module("dermt2im.preprocess.hair"))
     # the ruler threshold decides which labels beside a ruler are not text
-    return identity.content_key("seed-measures", identity.code_digest(*modules), q.max_ruler_score)
+    return identity.content_key("seed-measures", identity.code_digest(__name__), q.max_ruler_score)
 
 
 def _cache_path(workdir: Workdir) -> Path:
@@ -65,7 +61,7 @@ def _read_cache(path: Path, key: str) -> dict[str, dict[str, float]]:
 
 def accepted_seeds(workdir: Workdir) -> pd.DataFrame:
     """Accepted seed rows whose processed image exists."""
-    df = read_manifest(workdir.seeds_manifest, SEEDS)
+    df = seeds_view(workdir.seeds_manifest)
     df = df[(df["status"] == "accepted") & df["processed_path"].notna()].drop_duplicates("sample_id")
     present = [storage.is_file(storage.resolve(p, workdir.root)) for p in df["processed_path"]]
     for sid, p, ok in zip(df["sample_id"], df["processed_path"], present):

@@ -1,30 +1,42 @@
-"""The automatic quality gate and the memorisation audit over the synthetic manifest.
+"""The automatic quality gate and the memorisation audit over the synthetic images.
 
 The paper discarded images "with noisy artifacts" by hand; here every image, rendered by the factory
-or imported (``dermt2im.generate.imports``), is measured and scanned by the detectors (``checks``),
-compared with the seeds (``audit``) and with the other images of its source (``dedupe``), and the
-flags of the accepted ones are audited per class (``shortcuts``). A rejected image keeps its file;
-its manifest row gets ``status = rejected`` and a ``reason`` whose first word is the check that
-failed. Cuts left empty in the config are calibrated on the workdir's real seeds (``calibrate``,
-``seeds``); ``report`` and ``figures`` write what people look at.
+(``synthetic.parquet``) or imported (``imported.parquet``, ``dermt2im.generate.imports``), is
+measured and scanned by the detectors (``checks``), compared with the seeds (``audit``) and with the
+other images of its source (``dedupe``), and the flags of the accepted ones are audited per class
+(``shortcuts``). A rejected image keeps its file. Cuts left empty in the config are calibrated on the
+workdir's real seeds (``calibrate``, ``seeds``); ``report`` and ``figures`` write what people look at
+(``W/reports``; nothing reads them back).
 
-``QualityStage`` is the stage: one unit, the whole synthetic set.
+What the gate decides is written by this stage alone, into tables of its own keyed by the image's
+``sample_key`` (it never writes the renders' or the imports' manifests): ``quality.parquet``, one
+verdict per image with the ``sha256`` it judged (``status`` accepted / rejected, a ``reason`` whose
+first word is the check that failed, every measure, score and flag, the audit's nearest seed), and
+``flag_rates.parquet`` beside it (the shortcut audit). Readers join the verdicts to the images
+(``dermt2im.core.views.synthetic_view``); a verdict on bytes re-rendered since joins nothing.
+
+``QualityStage`` is the stage: one unit, the whole synthetic set. A gate that runs per shard while
+rendering goes on fits without a second writer: it appends its verdicts as parts of
+``quality.parquet`` (``core.writers.append_rows``, no lock, no read), which readers merge at once and
+this stage's ``close`` folds in; the stage's run over the whole set (duplicates across shards, the
+shortcut audit and its balancing) then replaces them.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from dermt2im.core import identity, storage
-from dermt2im.core.manifest import FIDELITY, SEEDS, SYNTHETIC, manifest_exists, read_manifest, rewrite, write_manifest
+from dermt2im.core.manifest import FIDELITY, FLAG_RATES, QUALITY, manifest_exists, read_manifest, rewrite, write_manifest
 from dermt2im.core.specs import ATYPICAL, QualityConfig
+from dermt2im.core.views import made_synthetic, seeds_view
 from dermt2im.core.workdir import Workdir
-from dermt2im.core.writers import writer_lock
+from dermt2im.core.writers import compact, writer_lock
 from dermt2im.quality.calibrate import cut_table, resolve_cuts, seed_rejections
 from dermt2im.quality.checks import SCORE_COLUMNS, flags_of, reason_code
 from dermt2im.quality.dedupe import mark_duplicates, phash_hex
@@ -32,14 +44,13 @@ from dermt2im.quality.figures import OWN, write_audit, write_grids
 from dermt2im.quality.images import measure_image, workers
 from dermt2im.quality.report import QualityReport, write_quality_reports
 from dermt2im.quality.seeds import Seeds, load_seeds
-from dermt2im.quality.shortcuts import audit_shortcuts
+from dermt2im.quality.shortcuts import Shortcut, audit_shortcuts
 from dermt2im.stage import Stamps
 
 log = logging.getLogger(__name__)
 MEASURE_COLUMNS = ["grey_std", "saturated_fraction", "sharpness", "high_frequency_ratio", "lesion_fraction",
                    "lesion_contrast", *SCORE_COLUMNS.values()]
-QUALITY_COLUMNS = ["status", "reason", *MEASURE_COLUMNS, "flags", "phash", "duplicate_of", "nearest_seed",
-                   "nearest_seed_distance", "memorised", "audit_inliers", "audit_method"]
+QUALITY_COLUMNS = [c for c in QUALITY.columns if c not in ("sample_key", "sha256")]  # what a verdict holds
 QUARANTINED = "quarantined"  # imported files with bad input: never assessed, never used
 
 
@@ -116,14 +127,15 @@ def _apply_typicality(workdir: Workdir, out: pd.DataFrame, measured: list[dict],
 
 def assess(workdir: Workdir, q: QualityConfig) -> QualityReport:
     """Gate and audit every rendered or imported image; write status / reason / scores and the reports."""
-    df = with_sources(read_manifest(workdir.synthetic_manifest, SYNTHETIC))
+    df = with_sources(made_synthetic(workdir))
     seeds = load_seeds(workdir, q) if len(df) else None
     resolved = resolve_cuts(q, seeds.measures if seeds is not None else {})
     gate = {"cuts": cut_table(resolved), "seeds": len(seeds.rows) if seeds is not None else 0,
             "seed_checks": seed_rejections(seeds.rows.to_dict("records"), resolved.config) if seeds is not None else {}}
     todo = df[df["status"] != QUARANTINED].reset_index(drop=True)
     if todo.empty:
-        log.warning("no synthetic images to assess in %s", workdir.synthetic_manifest)
+        log.warning("no synthetic images to assess in %s or %s", workdir.synthetic_manifest, workdir.imported_manifest)
+        _save(workdir, todo.assign(**{c: None for c in QUALITY.columns if c not in todo.columns}), [], [])
         files = write_quality_reports(workdir, df, resolved.config, gate)
         return QualityReport(0, 0, {}, 0, workdir.reports, files, quarantined=len(df))
     if seeds.index.size == 0:
@@ -143,7 +155,7 @@ def assess(workdir: Workdir, q: QualityConfig) -> QualityReport:
     out["reason"] = reasons
     out["status"] = ["rejected" if r else "accepted" for r in reasons]
     out["memorised"] = out["memorised"].astype("boolean")
-    _save(workdir, out)
+    _save(workdir, out, gate["rates"], shortcuts)
     write_manifest(fidelity_rows, workdir.fidelity_manifest, FIDELITY)
     whole = pd.concat([out, df[df["status"] == QUARANTINED]], ignore_index=True)
     files = write_quality_reports(workdir, whole, resolved.config, gate)
@@ -165,31 +177,25 @@ def _seed_flags(seeds: Seeds, q: QualityConfig) -> list[str]:
     return [",".join(flags_of(r, q)) for r in seeds.rows.to_dict("records")]
 
 
-def _save(workdir: Workdir, assessed: pd.DataFrame) -> None:
-    """Write the quality columns back, under the manifest's writer lock, for rows whose image is
-    unchanged (a shard re-rendered meanwhile keeps its fresh 'rendered' row; on an object store a
-    part appended after this read is kept and still wins)."""
-    by_key = assessed.set_index("sample_key")
-
-    def with_quality(current: pd.DataFrame) -> pd.DataFrame:
-        current = current.copy()
-        for i, key in enumerate(current["sample_key"]):
-            if key in by_key.index and by_key.at[key, "sha256"] == current.at[i, "sha256"]:
-                for c in QUALITY_COLUMNS:
-                    current.at[i, c] = by_key.at[key, c]
-        return current
-
-    with writer_lock(workdir.synthetic_manifest, workdir.locks):
-        rewrite(workdir.synthetic_manifest, SYNTHETIC, with_quality)
+def _save(workdir: Workdir, assessed: pd.DataFrame, rates: list[dict], shortcuts: list[Shortcut]) -> None:
+    """The gate's tables, written by this stage only: ``quality.parquet``, one verdict per image (its
+    ``sample_key`` and the ``sha256`` it assessed: a verdict on bytes re-rendered since is joined to
+    nothing), replacing the whole table and any parts appended to it; and ``flag_rates.parquet``
+    beside it, the shortcut audit (each called-out flag's sentence on the row of its higher class)."""
+    verdicts = assessed[list(QUALITY.columns)].copy()
+    with writer_lock(workdir.quality_manifest, workdir.locks):
+        rewrite(workdir.quality_manifest, QUALITY, lambda _current: verdicts)
+    called: dict[tuple[str, str], list[str]] = {}
+    for s in shortcuts:
+        called.setdefault((s.source, s.higher), []).append(s.sentence())
+    table = pd.DataFrame(rates, columns=FLAG_RATES.columns)
+    table["shortcut"] = ["; ".join(called.get((str(i), str(lab)), [])) or None
+                         for i, lab in zip(table["images"], table["label"])]
+    write_manifest(table, workdir.flag_rates_manifest, FLAG_RATES)
 
 
 # --------------------------------------------------------------------------------------------------
 # the stage
-
-QUALITY_MODULES = ("checks", "detectors", "rulers", "text", "calibrate", "seeds", "shortcuts", "dedupe", "audit",
-                   "report", "figures", "images", "stage")
-FIDELITY_MODULES = ("measures", "embeddings", "typicality", "skin_tone", "distances")  # what the gate records
-
 
 def report_summary(report: QualityReport) -> dict:
     return {"accepted": report.accepted, "rejected": report.rejected, "reasons": report.reasons,
@@ -211,6 +217,11 @@ class QualityStage:
         self.workdir, self.spec = workdir, spec
         self.stamps = Stamps(workdir.stamps, self.name)
 
+    @classmethod
+    def of(cls, workdir: Workdir, cfg: Any) -> "QualityStage":
+        """The stage as a factory config sets it up."""
+        return cls(workdir, cfg.quality)
+
     def units(self) -> list[str]:
         return [self.UNIT]
 
@@ -219,28 +230,35 @@ class QualityStage:
 
     def key(self, unit: str) -> str:
         w = self.workdir
-        images = identity.manifest_digest(w.synthetic_manifest, SYNTHETIC,
-                                          ["sample_key", "sha256", "render_key", "source"])
-        seeds = identity.manifest_digest(w.seeds_manifest, SEEDS, ["source_path", "sample_id", "status", "split", "label",
-                                                                   "processed_path", "preprocess_key", "hair_fraction"])
-        modules = [importlib.import_module(f"dermt2im.quality.{m}") for m in QUALITY_MODULES]
-        modules.append(importlib.import_module("dermt2im.preprocess.hair"))
-        modules += [importlib.import_module(f"dermt2im.fidelity.{m}") for m in FIDELITY_MODULES]
+        made = made_synthetic(w)
+        images = identity.frame_digest(made, ["sample_key", "sha256", "render_key", "source", "status"])
+        seeds = identity.frame_digest(seeds_view(w.seeds_manifest), ["source_path", "sample_id", "status", "split", "label",
+                                                                     "processed_path", "preprocess_key", "hair_fraction"])
         return identity.content_key("assess", images, seeds, identity.spec_digest(self.spec),
-                                    identity.code_digest(*modules))
+                                    identity.code_digest(__name__))
 
-    def finished(self, unit: str) -> dict | None:
-        df = read_manifest(self.workdir.synthetic_manifest, SYNTHETIC)
-        if (df["status"] == "rendered").any() or not (self.workdir.reports / "quality.json").is_file():
+    def finished(self, unit: str, key: str) -> dict | None:
+        """Done when the stamp holds ``key`` and every image still has its verdict on its bytes."""
+        w = self.workdir
+        if not (w.reports / "quality.md").is_file() or not storage.is_file(w.flag_rates_manifest):
             return None
-        if (df["status"] != QUARANTINED).any() and not manifest_exists(self.workdir.fidelity_manifest):
+        made = made_synthetic(w)
+        made = made[made["status"] != QUARANTINED]
+        verdicts = read_manifest(w.quality_manifest, QUALITY)
+        judged = set(zip(verdicts["sample_key"], verdicts["sha256"]))
+        if not all(pair in judged for pair in zip(made["sample_key"], made["sha256"])):
             return None
-        return self.stamps.matching(unit, self.key(unit))
+        if len(made) and not manifest_exists(w.fidelity_manifest):
+            return None
+        return self.stamps.matching(unit, key)
 
-    def run(self, unit: str) -> dict:
+    def run(self, unit: str, key: str) -> dict:
         summary = report_summary(assess(self.workdir, self.spec))
-        self.stamps.write(unit, self.key(unit), summary)
+        self.stamps.write(unit, key, summary)
         return summary
 
     def close(self, results) -> dict:
+        # Verdicts appended as parts of quality.parquet (on an object store, or by a gate run per
+        # shard while rendering goes on) are folded in here, by this stage, the table's one writer.
+        compact(self.workdir.quality_manifest, QUALITY, self.workdir.locks)
         return results[0]

@@ -36,6 +36,7 @@ class Partition:
         check_partition(index, count)
         self.stage, self.index, self.count = stage, index, count
         self.name = stage.name
+        self.tags = getattr(stage, "tags", ())  # a partition is a runner's choice, not a placement on Ray
 
     def units(self) -> list[Any]:
         return [u for u in self.stage.units() if int(u) % self.count == self.index]
@@ -46,11 +47,11 @@ class Partition:
     def key(self, unit: Any) -> str:
         return self.stage.key(unit)
 
-    def finished(self, unit: Any) -> Summary | None:
-        return self.stage.finished(unit)
+    def finished(self, unit: Any, key: str) -> Summary | None:
+        return self.stage.finished(unit, key)
 
-    def run(self, unit: Any) -> Summary:
-        return self.stage.run(unit)
+    def run(self, unit: Any, key: str) -> Summary:
+        return self.stage.run(unit, key)
 
     def close(self, results: Sequence[Summary]) -> Summary:
         return self.stage.close(results)

@@ -17,7 +17,8 @@ skips recorded images, adopts PNGs written before the crash and records rows by 
 Ray's own API rather than prefect-ray's ``RayTaskRunner``: that runner ships each Prefect task to
 a fresh Ray worker process, which cannot keep a loaded pipeline between shards, so every shard
 would pay the model load (the cost this module exists to pay once). Prefect still shows one task
-run per unit: ``tasks.stage.run_stage`` submits them on threads that wait for the cluster.
+run per unit: the runner core (``dermt2im.runners.core``) submits them on threads that wait for the
+cluster.
 
 Ray is imported only here, and only when a stage has work left: with everything up to date no
 Ray process is started or contacted.
@@ -146,7 +147,7 @@ class RemoteStage:
     """``stage`` whose ``run(unit)`` executes on the cluster (``execute``); its other methods run
     here, one caller at a time, while any number of units are out on the cluster."""
 
-    def __init__(self, stage: Stage, execute: Callable[[Any], Summary], pool: Any = None) -> None:
+    def __init__(self, stage: Stage, execute: Callable[[Any, str], Summary], pool: Any = None) -> None:
         self.stage, self.execute, self.pool = stage, execute, pool
         self.name = stage.name
         self._lock = threading.Lock()
@@ -163,12 +164,12 @@ class RemoteStage:
         with self._lock:
             return self.stage.key(unit)
 
-    def finished(self, unit: Any) -> Summary | None:
+    def finished(self, unit: Any, key: str) -> Summary | None:
         with self._lock:
-            return self.stage.finished(unit)
+            return self.stage.finished(unit, key)
 
-    def run(self, unit: Any) -> Summary:
-        return self.execute(unit)
+    def run(self, unit: Any, key: str) -> Summary:
+        return self.execute(unit, key)
 
     def close(self, results: Sequence[Summary]) -> Summary:
         with self._lock:
@@ -179,8 +180,9 @@ class RemoteStage:
 def on_ray(stage: Stage, scale: ScaleConfig) -> Iterator[Placed]:
     """``stage`` placed on the Ray cluster at ``scale.ray_address`` for the block: workers started
     (and stopped afterwards) only when some unit is not finished."""
-    units = list(stage.units())
-    todo = [u for u in units if stage.finished(u) is None]
+    from dermt2im.runners.core import survey
+
+    todo = [u for u in survey(stage) if not u.cached]
     if not todo:
         log.info("%s: every unit is up to date; Ray not needed", stage.name)
         yield Placed(stage)

@@ -69,10 +69,10 @@ class UnitWorker:
     def ready(self) -> dict[str, Any]:
         return {**whoami(), "load_seconds": self.load_seconds}
 
-    def run(self, unit: Any) -> Summary:
+    def run(self, unit: Any, key: str) -> Summary:
         self.unit = unit
         try:
-            summary = self.stage.run(unit)
+            summary = self.stage.run(unit, key)
         finally:
             self.unit = None
         self.done += 1
@@ -88,9 +88,9 @@ RemoteUnitWorker = ray.remote(concurrency_groups={STATUS: 1})(UnitWorker)
 
 
 @ray.remote
-def run_unit_task(stage: Stage, unit: Any) -> Summary:
+def run_unit_task(stage: Stage, unit: Any, key: str) -> Summary:
     _worker_logging()
-    return {**stage.run(unit), "worker": whoami()}
+    return {**stage.run(unit, key), "worker": whoami()}
 
 
 def result(ref: Any) -> Any:
@@ -171,14 +171,14 @@ class WorkerPool:
                 del self.handles[slot]
                 log.warning("%s: worker %d died for good and no replacement is left", self.stage.name, slot)
 
-    def run(self, unit: Any) -> Summary:
+    def run(self, unit: Any, key: str) -> Summary:
         """Run ``unit`` on a free worker, on another one if its worker dies for good."""
         failures: list[str] = []
         for attempt in range(1, self.scale.shard_attempts + 1):
             with self._lease() as slot:
                 handle = self.handles[slot]
                 try:
-                    return result(handle.run.remote(unit))
+                    return result(handle.run.remote(unit, key))
                 except ActorDiedError as err:
                     failures.append(f"worker died ({err.__class__.__name__})")
                     self._replace(slot, handle)
@@ -213,6 +213,6 @@ class RemoteTasks:
                          "max_retries": scale.task_retries, "retry_exceptions": False,
                          "runtime_env": {"env_vars": env}}
 
-    def run(self, unit: Any) -> Summary:
+    def run(self, unit: Any, key: str) -> Summary:
         name = self.stage.describe(unit)
-        return result(run_unit_task.options(name=name, **self._options).remote(self._stage_ref, unit))
+        return result(run_unit_task.options(name=name, **self._options).remote(self._stage_ref, unit, key))

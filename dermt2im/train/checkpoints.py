@@ -28,24 +28,46 @@ def _trainable(ctx: TrainContext) -> dict[str, Any]:
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An optimizer's state dict as (tensors for safetensors, everything else for JSON).
+
+    Tensors are found at any depth: bitsandbytes' 8-bit AdamW nests its per-parameter state
+    (``state1``, ``state2``, ``absmax1``, ``qmap1``, ...) in a dict of its own. A tensor's key is its
+    path, ``<param id>/<key>[/<key>...]``; the JSON keeps the same nesting without the tensors."""
     import torch
 
-    tensors, small = {}, {"param_groups": state["param_groups"], "state": {}}
-    for pid, entries in state["state"].items():
-        small["state"][str(pid)] = {}
-        for k, v in entries.items():
+    tensors: dict[str, Any] = {}
+
+    def split(value: dict, path: str) -> dict:
+        kept = {}
+        for k, v in value.items():
+            if "/" in str(k):
+                raise TrainingError(f"optimizer state key {k!r} contains '/': cannot be checkpointed")
             if isinstance(v, torch.Tensor):
-                tensors[f"{pid}/{k}"] = v.detach().contiguous().cpu()
+                # a copy of its own: bitsandbytes shares one quantisation map (qmap) between parameters,
+                # and safetensors refuses tensors that share memory
+                tensors[f"{path}/{k}"] = v.detach().cpu().clone().contiguous()
+            elif isinstance(v, dict):
+                kept[str(k)] = split(v, f"{path}/{k}")
             else:
-                small["state"][str(pid)][k] = v
+                kept[str(k)] = v
+        return kept
+
+    small = {"param_groups": state["param_groups"],
+             "state": {str(pid): split(entries, str(pid)) for pid, entries in state["state"].items()}}
     return tensors, small
 
 
 def _unflatten_optimizer(tensors: dict[str, Any], small: dict[str, Any]) -> dict:
-    state: dict[int, dict] = {int(pid): dict(v) for pid, v in small["state"].items()}
+    """The state dict ``_flatten_optimizer`` split, whole again (nested tensors back in place)."""
+    import copy
+
+    state: dict[int, dict] = {int(pid): copy.deepcopy(v) for pid, v in small["state"].items()}
     for key, t in tensors.items():
-        pid, k = key.split("/", 1)
-        state.setdefault(int(pid), {})[k] = t
+        pid, *parents, leaf = key.split("/")
+        node = state.setdefault(int(pid), {})
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = t
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in small["param_groups"]]
     return {"state": state, "param_groups": groups}
 

@@ -11,15 +11,11 @@ from pathlib import Path
 
 from dermt2im.core import identity
 from dermt2im.core.fileio import sha256_file
-from dermt2im.core.manifest import SEEDS, read_manifest
+from dermt2im.core.views import seeds_view
 from dermt2im.core.runtime import TrainRuntime
 from dermt2im.core.specs import LABELS, TrainConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.train.state import TrainingError
-
-# Bump when a change to the trainer changes what a given config trains (keys include it).
-TRAINER_VERSION = 1
-
 
 @dataclass(frozen=True)
 class TrainingImage:
@@ -31,7 +27,7 @@ class TrainingImage:
 
 def training_images(workdir: Workdir) -> dict[str, list[TrainingImage]]:
     """Accepted, train-split rows with a processed image, by label, in sample_id order."""
-    df = read_manifest(workdir.seeds_manifest, SEEDS)
+    df = seeds_view(workdir.seeds_manifest)
     df = df[(df["status"] == "accepted") & (df["split"] == "train") & df["processed_path"].notna()]
     out: dict[str, list[TrainingImage]] = {label: [] for label in LABELS}
     for row in df.sort_values(["label", "sample_id", "processed_path"]).itertuples(index=False):
@@ -49,7 +45,7 @@ def check_inputs(workdir: Workdir) -> dict[str, list[TrainingImage]]:
         counts = ", ".join(f"{k}: {len(v)}" for k, v in images.items())
         raise TrainingError(
             f"no training images for class {' and '.join(repr(e) for e in empty)} "
-            f"(accepted, split=train, processed_path set in {workdir.seeds_manifest}; found {counts}). "
+            f"(accepted, split=train and preprocessed, in {workdir.seeds_manifest}; found {counts}). "
             "Run ingest and preprocess first, or add seed images of that class."
         )
     missing = [str(i.path) for items in images.values() for i in items if not i.path.is_file()]
@@ -69,13 +65,16 @@ def seeds_digest(images: dict[str, list[TrainingImage]]) -> str:
     return identity.content_key("train-seeds", rows)
 
 
+def trainer_code() -> str:
+    """The trainer's code identity: ``dermt2im/train/`` and every project module it imports."""
+    return identity.code_digest(__name__)
+
+
 def train_key(seeds: str, spec: TrainConfig, base_identity: str) -> str:
-    """The LoRA run's key: the training images, the ``train`` spec, the base model and the trainer."""
-    return identity.content_key("train", TRAINER_VERSION, seeds, identity.spec_digest(spec), base_identity)
-
-
-def default_run_id(key: str) -> str:
-    return key[:12]
+    """The LoRA run's key: the training images, the ``train`` spec, the base model and the trainer's code."""
+    # base_config enters through base_identity (the checkpoint with its config folder)
+    return identity.content_key("train", trainer_code(), seeds, identity.spec_digest(spec, exclude={"base_config"}),
+                                base_identity)
 
 
 def _placeholders(template: str) -> set[str]:

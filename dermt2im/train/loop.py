@@ -50,18 +50,29 @@ def _accelerator(device: str, mixed_precision: str):
 
 
 def _choose_optimizer(train: TrainConfig, device: str, warnings: list[str]) -> str:
-    if device.startswith("cuda") and train.optimizer in ("auto", "adamw8bit"):
-        try:
-            import bitsandbytes  # noqa: F401
+    """``adamw8bit`` where asked (bitsandbytes 0.50 runs 8-bit AdamW on CUDA and on a CPU) or where
+    ``auto`` meets CUDA; torch AdamW otherwise. Nothing asked for is swapped silently: a bitsandbytes
+    that cannot step on ``device`` (missing, or a build without its kernels) is a warning naming why."""
+    if train.optimizer == "adamw" or (train.optimizer == "auto" and not device.startswith("cuda")):
+        return "adamw"
+    try:
+        _probe_adamw8bit(device)
+        return "adamw8bit"
+    except Exception as err:  # noqa: BLE001 - whatever bitsandbytes raises, the run must say it
+        if train.optimizer == "adamw8bit":
+            warnings.append(f"adamw8bit requested but bitsandbytes is unusable on {device} ({err}); using torch AdamW")
+        return "adamw"
 
-            return "adamw8bit"
-        except Exception as err:  # missing or broken CUDA build
-            if train.optimizer == "adamw8bit":
-                warnings.append(f"adamw8bit requested but bitsandbytes is unusable ({err}); using torch AdamW")
-            return "adamw"
-    if train.optimizer == "adamw8bit":
-        warnings.append(f"adamw8bit requested but device is {device}; 8-bit AdamW needs CUDA, using torch AdamW")
-    return "adamw"
+
+def _probe_adamw8bit(device: str) -> None:
+    """One 8-bit AdamW step on a parameter big enough to get 8-bit state (bitsandbytes keeps 32-bit
+    state below 4096 elements), so that an unusable build fails here, before any model loads."""
+    import bitsandbytes as bnb
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(4096, device=device))
+    p.grad = torch.ones_like(p)
+    bnb.optim.AdamW8bit([p], lr=1e-3).step()
 
 
 def _make_optimizer(name: str, groups: list[dict], train: TrainConfig, device: str = "cpu"):
@@ -181,7 +192,7 @@ def _mse_per_example(ctx: TrainContext, latents, noise, ts, cond):
     sched = ctx.noise_scheduler
     noisy = sched.add_noise(latents, noise, ts)
     with ctx.accelerator.autocast():
-        pred = (ctx.unet or ctx.pipe.unet)(noisy.to(ctx.weight_dtype), ts, cond.to(ctx.weight_dtype)).sample
+        pred = ctx.denoiser(noisy.to(ctx.weight_dtype), ts, cond.to(ctx.weight_dtype)).sample
     if sched.config.prediction_type == "v_prediction":
         target = sched.get_velocity(latents, noise, ts)
     else:

@@ -1,16 +1,12 @@
-"""A finished training: the LoRA files of each sub-run with their preview images, the run's
-``lora.json``, and recognising a finished run for the same key (so it is never trained twice)."""
+"""A finished training: the LoRA files of each sub-run with their preview images (the run's
+``lora.json`` is written by ``stage``; recognising a finished run is ``runs``)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dermt2im.core.fileio import sha256_file
 from dermt2im.diffusion import lora_files as lora_io
 from dermt2im.train.data import _save_png
 from dermt2im.train.inputs import instance_prompt
@@ -19,25 +15,6 @@ from dermt2im.train.outputs import _tensor_digest
 from dermt2im.train.state import VALIDATION, LoraRun, TrainContext, TrainingError
 
 LOG = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    run_id: str
-    lora_dir: Path
-    weights: dict[str, Path]  # {"all": p} or {"benign": p, "malignant": p}
-    sha256: dict[str, str]
-    steps: int
-    final_loss: float
-    optimizer: str
-    device: str
-    cached: bool = False
-    kohya: dict[str, Path] = field(default_factory=dict)
-    cache_key: str = ""
-
-    @property
-    def lora_json(self) -> Path:
-        return self.lora_dir / lora_io.RUN_META
 
 
 def _validation_images(ctx: TrainContext, labels: list[str]) -> list[Path]:
@@ -94,44 +71,3 @@ def _finish_one(ctx: TrainContext, run: LoraRun, labels: list[str]) -> dict[str,
         raise TrainingError(str(err)) from None
     validation = _validation_images(ctx, labels)
     return {"paths": paths, "meta": meta, "validation": validation}
-
-
-def _cached_result(lora_dir: Path, key: str) -> TrainResult | None:
-    meta_path = lora_dir / lora_io.RUN_META
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("cache_key") != key:
-        raise TrainingError(
-            f"{lora_dir} already holds a LoRA trained from other inputs (cache key {meta.get('cache_key', '?')[:12]}); "
-            "choose another run_id or delete the folder"
-        )
-    weights = {k: lora_dir / v for k, v in meta["weights"].items()}
-    kohya = {k: lora_dir / v for k, v in meta.get("kohya", {}).items()}
-    for k, p in weights.items():
-        if not p.is_file() or sha256_file(p) != meta["sha256"][k]:
-            LOG.warning("cached LoRA %s is missing or changed: training again", p)
-            return None
-    return TrainResult(
-        run_id=meta["run_id"],
-        lora_dir=lora_dir,
-        weights=weights,
-        sha256=dict(meta["sha256"]),
-        steps=int(meta["steps"]),
-        final_loss=float(meta["final_loss"]),
-        optimizer=meta["optimizer"],
-        device=meta["device"],
-        cached=True,
-        kohya=kohya,
-        cache_key=key,
-    )
-
-
-def result_summary(result: TrainResult) -> dict[str, Any]:
-    """A small JSON-able dict of a result (paths as strings), for tasks and the CLI."""
-    d = dataclasses.asdict(result)
-    d["lora_dir"] = str(result.lora_dir)
-    d["lora_json"] = str(result.lora_json)
-    d["weights"] = {k: str(v) for k, v in result.weights.items()}
-    d["kohya"] = {k: str(v) for k, v in result.kohya.items()}
-    return d

@@ -4,7 +4,7 @@ The steps of diffusers' ``examples/dreambooth/train_dreambooth_lora.py`` as smal
 typed config (paper, Table II): instance prompts per class; one LoRA for both classes (class in the
 prompt) or one per class; optional prior preservation with class images from the base model; PEFT
 LoRA on the UNet attention projections (optionally the text encoder); frozen VAE and text encoder;
-DDPM noise; 8-bit AdamW on CUDA, torch AdamW on CPU; accelerate mixed precision on CUDA with LoRA
+DDPM noise; 8-bit AdamW (bitsandbytes, on CUDA and on a CPU) or torch AdamW; accelerate mixed precision on CUDA with LoRA
 parameters kept in fp32; gradient checkpointing; constant-with-warmup; clipping; min-SNR weighting
 and offset noise.
 
@@ -36,16 +36,15 @@ from dermt2im.core.tracking import open_tracker
 from dermt2im.core.workdir import Workdir
 from dermt2im.diffusion import lora_files as lora_io
 from dermt2im.train.inputs import (
-    TRAINER_VERSION,
     TrainingImage,
     check_config,
     check_inputs,
-    default_run_id,
     git_revision,
     instance_prompt,
     planned_steps,
     seeds_digest,
     train_key,
+    trainer_code,
 )
 from dermt2im.train.loop import (
     _accelerator,
@@ -54,11 +53,15 @@ from dermt2im.train.loop import (
     _train_one,
 )
 from dermt2im.train.outputs import _final_loss, _flat_params, _write_loss_curve
-from dermt2im.train.results import (
+from dermt2im.train.results import _finish_one
+from dermt2im.train.runs import (
     TrainResult,
-    _cached_result,
-    _finish_one,
+    base_identity,
+    current_key,
+    default_run_id,
+    record_run,
     result_summary,
+    trained_for,
 )
 from dermt2im.train.state import VALIDATION, Preview, TrainContext, TrainingError
 
@@ -89,7 +92,7 @@ def plan_training(workdir: Workdir, spec: TrainConfig, runtime: TrainRuntime, ru
 
     warnings = check_config(spec, runtime)
     images = check_inputs(workdir)
-    base_id = _base_identity(spec)
+    base_id = base_identity(spec)
     seeds = seeds_digest(images)
     key = train_key(seeds, spec, base_id)
     run_id = run_id or default_run_id(key)
@@ -103,8 +106,9 @@ def plan_training(workdir: Workdir, spec: TrainConfig, runtime: TrainRuntime, ru
     optimizer = _choose_optimizer(spec, device, warnings)
     groups = [(label, [label]) for label in LABELS] if spec.lora_per_class else [("all", list(LABELS))]
     header_meta = {
-        "run_id": run_id, "cache_key": key, "trainer_version": TRAINER_VERSION,
+        "run_id": run_id, "cache_key": key, "trainer_code": trainer_code(),
         "base_model": spec.base_model, "revision": spec.revision, "base_model_identity": base_id,
+        "base_config": spec.base_config, "resolved_revision": _resolved_revision(spec),
         "instance_token": spec.instance_token, "seeds_digest": seeds, "config": spec.model_dump(mode="json"),
         "seed": spec.seed, "git_revision": git_revision(), "library_versions": identity.library_versions(),
         "training_images": {label: len(images[label]) for label in LABELS},
@@ -114,26 +118,29 @@ def plan_training(workdir: Workdir, spec: TrainConfig, runtime: TrainRuntime, ru
 
 
 def _mixed_precision(asked: str, device: str, warnings: list[str]) -> str:
-    """The precision training runs in: as asked on CUDA; on a CPU, bf16 only where it is native
-    (elsewhere oneDNN emulates it, slower than fp32) and never fp16 (no fast fp16 kernels there)."""
+    """The precision training runs in: as asked on CUDA. On a CPU, half precision only where it is
+    native (AVX512-BF16, AMX; elsewhere oneDNN emulates it, slower than fp32), and as bf16: a CPU has
+    no fast fp16 kernels, and accelerate runs fp16 on a CPU without autocast or a grad scaler. So
+    fp16 asked on such a CPU trains in bf16 autocast, the nearest it has, and says so."""
     if device.startswith("cuda") or asked == "no":
         return asked
     from dermt2im.diffusion.accel import native_bf16_cpu
 
-    if asked == "bf16" and native_bf16_cpu():
+    if native_bf16_cpu():
+        if asked == "fp16":
+            warnings.append(f"mixed_precision fp16 needs CUDA; training in bf16 autocast on {device} (native bf16)")
         return "bf16"
     needs = "CUDA" if asked == "fp16" else "CUDA or a CPU with native bf16 (AVX512-BF16, AMX)"
     warnings.append(f"mixed_precision {asked} needs {needs}; training in fp32 on {device}")
     return "no"
 
 
-def _base_identity(spec: TrainConfig) -> str:
-    from dermt2im.diffusion.models import base_model_identity
+def _resolved_revision(spec: TrainConfig) -> str | None:
+    """The hub commit ``train.revision`` stands for, as the local cache knows it (generation then loads
+    exactly that commit; None for local models or an uncached one)."""
+    from dermt2im.diffusion.models import resolved_revision
 
-    try:
-        return base_model_identity(spec.base_model, spec.revision)
-    except ValueError as err:
-        raise TrainingError(f"train.base_model: {err}") from None
+    return resolved_revision(spec.base_model, spec.revision)
 
 
 def load_models(plan: TrainingPlan, spec: TrainConfig, runtime: TrainRuntime, preview: Preview) -> TrainContext:
@@ -147,7 +154,7 @@ def load_models(plan: TrainingPlan, spec: TrainConfig, runtime: TrainRuntime, pr
 
     accelerator = _accelerator(plan.device, plan.mixed_precision)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.mixed_precision, torch.float32)
-    pipe = load_pipeline(spec.base_model, spec.revision, device="cpu")
+    pipe = load_pipeline(spec.base_model, spec.revision, base_config=spec.base_config, device="cpu")
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -286,9 +293,10 @@ def train_lora(
 
     plan = plan_training(workdir, spec, runtime, run_id)
     if not force:
-        cached = _cached_result(plan.lora_dir, plan.key)
+        cached = trained_for(workdir.lora, plan.key, run_id)
         if cached is not None:
-            LOG.info("LoRA for these inputs already trained: %s", plan.lora_dir)
+            LOG.info("LoRA for these inputs already trained: %s", cached.lora_dir)
+            record_run(workdir.lora, plan.key, cached.run_id)
             return cached
     elif (plan.lora_dir / lora_io.RUN_META).is_file():
         (plan.lora_dir / lora_io.RUN_META).unlink()
@@ -313,6 +321,7 @@ def train_lora(
         ctx.tracker.finish(ctx.tracker_run, "FAILED")
         raise
     ctx.tracker.finish(ctx.tracker_run)
+    record_run(workdir.lora, plan.key, plan.run_id)
     return TrainResult(
         run_id=plan.run_id, lora_dir=plan.lora_dir, weights={n: f["paths"]["diffusers"] for n, f in finished.items()},
         sha256=meta["sha256"], steps=meta["steps"], final_loss=meta["final_loss"], optimizer=plan.optimizer,
@@ -321,25 +330,17 @@ def train_lora(
     )
 
 
-def find_trained(workdir: Workdir, spec: TrainConfig, run_id: str | None = None) -> TrainResult | None:
-    """The finished, intact LoRA for these inputs, if there is one (no model is loaded)."""
-    try:
-        images = check_inputs(workdir)
-        key = train_key(seeds_digest(images), spec, _base_identity(spec))
-        return _cached_result(workdir.lora / (run_id or default_run_id(key)), key)
-    except (TrainingError, ValueError, OSError, KeyError):
-        return None
-
-
 # --------------------------------------------------------------------------------------------------
 # the stage
 
 
 class TrainStage:
-    """Train: one unit, the LoRA run of these inputs; done when ``W/lora/<run_id>/lora.json`` holds the
-    unit's key and every weights file matches its sha256."""
+    """Train: one unit, the LoRA run of these inputs; done when the run folder recorded for the unit's
+    key (``runs``: ``W/lora/runs.json``, or ``--run-id``'s folder) holds a ``lora.json`` of that key
+    and every weights file matches its sha256."""
 
     name = "train"
+    tags = ("gpu",)  # its task runs count against Prefect's `gpu` concurrency limit
 
     def __init__(self, workdir: Workdir, spec: TrainConfig, runtime: TrainRuntime, *, tracking: TrackingConfig,
                  preview: Preview = Preview(), resume: str | None = "latest", run_id: str | None = None,
@@ -348,9 +349,10 @@ class TrainStage:
         self.preview, self.resume, self.run_id, self.progress = preview, resume, run_id, progress
 
     @classmethod
-    def of(cls, workdir: Workdir, cfg: Any, **kw: Any) -> "TrainStage":
+    def of(cls, workdir: Workdir, cfg: Any, *, resume: str | None = "latest", run_id: str | None = None) -> "TrainStage":
         """The stage as a factory config (``dermt2im.core.config.FactoryConfig``) sets it up."""
-        return cls(workdir, cfg.train, cfg.runtime.train, tracking=cfg.tracking, preview=Preview.of(cfg.generate), **kw)
+        return cls(workdir, cfg.train, cfg.runtime.train, tracking=cfg.tracking, preview=Preview.of(cfg.generate),
+                   resume=resume, run_id=run_id)
 
     def units(self) -> list[str]:
         return ["lora"]
@@ -359,13 +361,16 @@ class TrainStage:
         return f"train LoRA on {self.spec.base_model}"
 
     def key(self, unit: str) -> str:
-        return train_key(seeds_digest(check_inputs(self.workdir)), self.spec, _base_identity(self.spec))
+        return current_key(self.workdir, self.spec)
 
-    def finished(self, unit: str) -> dict[str, Any] | None:
-        found = find_trained(self.workdir, self.spec, self.run_id)
+    def finished(self, unit: str, key: str) -> dict[str, Any] | None:
+        try:
+            found = trained_for(self.workdir.lora, key, self.run_id)
+        except TrainingError:
+            return None  # the folder named holds another run: run() says so
         return result_summary(found) if found is not None else None
 
-    def run(self, unit: str) -> dict[str, Any]:
+    def run(self, unit: str, key: str) -> dict[str, Any]:
         result = train_lora(self.workdir, self.spec, self.runtime, tracking=self.tracking, preview=self.preview,
                             resume=self.resume, run_id=self.run_id, progress=self.progress)
         return result_summary(result)

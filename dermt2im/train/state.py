@@ -61,6 +61,12 @@ class TrainContext:
     tracker_run: str | None = None
     metrics_buffer: list[tuple[str, float, int]] = field(default_factory=list)
 
+    @property
+    def denoiser(self) -> Any:
+        """The UNet the loop calls. Never ``unet or pipe.unet``: a compiled module's truth value asks
+        for its ``len()``, which the UNet refuses (TypeError at the first step of every CUDA run)."""
+        return self.unet if self.unet is not None else self.pipe.unet
+
 
 @dataclass
 class TrainingData:

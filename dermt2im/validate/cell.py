@@ -1,6 +1,6 @@
 """One cell of a comparison: fine-tune one model on one regime's mixture at one seed, test it on
 every test set (``fit_and_test``, no tracking), and record it as a child run of the comparison
-(``run_cell``), or read a finished child run back (``reuse_cell``).
+(``run_cell``).
 
 The decision threshold is 0.5; nothing is tuned on a test set.
 """
@@ -72,6 +72,7 @@ class CellOutcome:
     tables: dict[str, pd.DataFrame]  # set -> per-image predictions
     model: Any
     processor: Any
+    agreement: pd.DataFrame | None = None  # a baseline's predictions of the synthetic images (agreement)
 
 
 def fit_and_test(cell: Cell, inputs: ValidationInputs, spec: ValidateConfig, device: Any, batch_size: int,
@@ -88,7 +89,7 @@ def fit_and_test(cell: Cell, inputs: ValidationInputs, spec: ValidateConfig, dev
     val_y = images.labels_to_tensor(inputs.real_val["label"])
     t0 = time.time()
     fit = classify.fit(model, processor, train_x, train_y, val_x, val_y, spec, cell.seed, device=device,
-                       batch_size=batch_size, on_epoch=on_epoch)
+                       batch_size=batch_size, on_epoch=on_epoch, recipe=spec.recipe(cell.model))
     fit_summary = {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
                    "stopped_early": float(fit.stopped_early), "train_seconds": time.time() - t0}
     out = CellOutcome(fit_summary, {}, {}, {}, {}, model, processor)
@@ -104,7 +105,17 @@ def fit_and_test(cell: Cell, inputs: ValidationInputs, spec: ValidateConfig, dev
         out.per_set[name] = (y, prob, m)
         out.tables[name] = pd.DataFrame({"key": ts.rows["key"].astype(str), "path": ts.rows["path"], "label": y,
                                          "prob": prob, "pred": (prob >= THRESHOLD).astype(int)})
+    if predicts_synthetic(cell, inputs):
+        from dermt2im.validate.agreement import predict_synthetic
+
+        out.agreement = predict_synthetic(model, processor, inputs.synthetic, batch_size=max(batch_size, 32),
+                                          device=device, amp_dtype=amp)
     return out
+
+
+def predicts_synthetic(cell: Cell, inputs: ValidationInputs) -> bool:
+    """A classifier trained on real images only predicts every usable synthetic image (class agreement)."""
+    return not cell.mixture.regime.needs_synthetic and not inputs.synthetic.empty
 
 
 def share_reached(cell: Cell) -> bool:
@@ -142,12 +153,20 @@ def _cell_params(tags: dict[str, str], cell: Cell, inputs: ValidationInputs, spe
         **{k: tags[k] for k in CELL_TAGS}, "model_name": model_name(cell.model, spec), "n_train": len(mixture.items),
         "n_real_available": mixture.n_real_available, "target_synthetic": mixture.target_synthetic,
         "actual_synthetic_ratio": f"{mixture.actual_ratio:.4f}", "n_val": len(inputs.real_val),
-        "epochs": spec.epochs, "batch_size": batch_size, "learning_rate": spec.learning_rate,
+        **_recipe_params(spec.recipe(cell.model)), "batch_size": batch_size,
         "early_stopping_patience": spec.early_stopping_patience, "image_size": spec.image_size,
         "mixed_precision": spec.mixed_precision if device.type == "cuda" else "no", "device": device.type,
         "threshold": THRESHOLD, "test_sets": ",".join(sorted(inputs.test_sets)),
         "mixture_digest": mixture.digest()[:16], "mixture_notes": "; ".join(mixture.notes) or "none",
     }
+
+
+def _recipe_params(recipe: Any) -> dict[str, Any]:
+    aug = recipe.augmentation
+    return {"epochs": recipe.epochs, "learning_rate": recipe.learning_rate, "warmup_epochs": recipe.warmup_epochs,
+            "schedule": recipe.schedule, "weight_decay": recipe.weight_decay,
+            "augmentation": f"flips={aug.flips}, quarter_turns={aug.quarter_turns}, colour_jitter={aug.colour_jitter:g}, "
+                            f"crop_scale={aug.crop_scale:g}"}
 
 
 def _datasets(cell: Cell, inputs: ValidationInputs, seeds_manifest: str) -> list[DatasetRef]:
@@ -174,6 +193,13 @@ def _log_outcome(tracker: Tracker, run: str, cell: Cell, outcome: CellOutcome, l
             tracker.log_figure(run, confusion_figure(m, title=f"{cell.name} on {name}"), f"confusion_{name}.png")
             tracker.log_figure(run, roc_figure(y, prob, title=f"{cell.name} on {name}"), f"roc_{name}.png")
         tracker.log_folder(run, pred_dir, "predictions")
+        if outcome.agreement is not None:
+            from dermt2im.validate.agreement import ARTIFACT, FILE
+
+            agree_dir = Path(tmp) / ARTIFACT
+            agree_dir.mkdir()
+            outcome.agreement.to_csv(agree_dir / FILE, index=False)
+            tracker.log_folder(run, agree_dir, ARTIFACT)
         if log_model:
             model_dir = save_model(outcome.model.cpu(), outcome.processor, Path(tmp) / "model")
             tracker.log_folder(run, model_dir, "model")
@@ -196,7 +222,8 @@ def run_cell(tracker: Tracker, plan: ValidationPlan, cell: Cell, key: str, spec:
             log.warning("%s: %s", cell.name, describe_cell(cell))
         tracker.log_params(run, _cell_params(tags, cell, plan.inputs, spec, device, bs))
         tracker.log_datasets(run, _datasets(cell, plan.inputs, seeds_manifest))
-        with progress.task(f"fit {cell.model} {cell.regime} seed {cell.seed}", total=spec.epochs, unit="epochs") as bar:
+        with progress.task(f"fit {cell.model} {cell.regime} seed {cell.seed}", total=spec.recipe(cell.model).epochs,
+                           unit="epochs") as bar:
             def on_epoch(epoch: int, row: dict[str, float]) -> None:
                 tracker.log_metrics(run, row, step=epoch)
                 bar.update(epoch, note=", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("val_")))
@@ -217,28 +244,3 @@ def run_cell(tracker: Tracker, plan: ValidationPlan, cell: Cell, key: str, spec:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return CellResult(run, cell.model, cell.regime, cell.seed, outcome.metrics, outcome.predictions)
-
-
-def reuse_cell(tracker: Tracker, plan: ValidationPlan, cell: Cell, key: str) -> CellResult | None:
-    """The finished child run of this cell (same key, same parent), read back; None when there is none."""
-    runs = tracker.runs(
-        f"tags.mlflow.parentRunId = '{plan.parent_run_id}' and tags.`{TAG_CELL_KEY}` = '{key}' "
-        "and attributes.status = 'FINISHED'", order_by=["attributes.end_time DESC"], limit=1)
-    if not runs:
-        return None
-    run = runs[0]
-    predictions = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = tracker.download(run.run_id, "predictions", tmp)
-        except Exception:  # noqa: BLE001 - an incomplete old run is simply trained again
-            return None
-        for name in plan.inputs.test_sets:
-            f = local / f"{name}.csv"
-            if not f.is_file():
-                return None
-            df = pd.read_csv(f, dtype={"key": str})
-            predictions[name] = tuple(zip(df["key"], df["label"].astype(int), df["prob"].astype(float)))
-    metrics = {k: v for k, v in run.metrics.items() if k.startswith("test.")}
-    log.info("cell %s: reusing finished run %s", cell.name, run.run_id)
-    return CellResult(run.run_id, cell.model, cell.regime, cell.seed, metrics, predictions, reused=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dermt2im.core.specs import ValidateConfig
+from dermt2im.core.specs import Recipe, ValidateConfig
 from dermt2im.validate.images import augment, normalise
 from dermt2im.validate.metrics import binary_metrics
 from dermt2im.validate.models import ModelUnavailable
@@ -90,6 +90,8 @@ class _Trainer:
     loss_fn: torch.nn.Module
     optimiser: torch.optim.Optimizer
     scaler: object
+    schedule: object  # torch.optim.lr_scheduler.LambdaLR, stepped once per optimiser step
+    augmentation: object  # dermt2im.core.specs.Augmentation
 
     def epoch(self, train_x: torch.Tensor, train_y: torch.Tensor, batch_size: int, epoch: int) -> float:
         """One pass over the shuffled, augmented training images; the mean training loss."""
@@ -101,7 +103,9 @@ class _Trainer:
             idx = order[start : start + batch_size]
             if len(idx) < 2 and n >= 2:  # BatchNorm cannot train on a single image
                 continue
-            x = normalise(augment(train_x[idx], self.generator), self.processor).to(self.device)
+            a = self.augmentation
+            x = normalise(augment(train_x[idx], self.generator, a.colour_jitter, flips=a.flips,
+                                  quarter_turns=a.quarter_turns, crop_scale=a.crop_scale), self.processor).to(self.device)
             y = train_y[idx].to(self.device)
             self.optimiser.zero_grad(set_to_none=True)
             loss = self.loss_fn(_logits(self.model, x, self.amp), y)
@@ -114,6 +118,7 @@ class _Trainer:
             else:
                 loss.backward()
                 self.optimiser.step()
+            self.schedule.step()
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
         return total / max(seen, 1)
@@ -128,7 +133,31 @@ class _Trainer:
                 "val_balanced_accuracy": m["balanced_accuracy"], "val_accuracy": m["accuracy"]}
 
 
-def _trainer(model, processor, train_y: torch.Tensor, cfg: ValidateConfig, seed: int, device: torch.device) -> _Trainer:
+def learning_rate_factor(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
+    """The multiplier of the recipe's learning rate at optimiser step ``s`` (0-based): a linear warm-up
+    over ``warmup_epochs``, then constant, or a linear or cosine decay to zero at the last step."""
+    warmup = int(round(recipe.warmup_epochs * steps_per_epoch))
+    total = max(recipe.epochs * steps_per_epoch, warmup + 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if recipe.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if recipe.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch of ``n`` images (a last batch of one image is skipped: BatchNorm)."""
+    full, rest = divmod(n, batch_size)
+    return max(1, full + (1 if rest >= 2 or (rest == 1 and n < 2) else 0))
+
+
+def _trainer(model, processor, train_y: torch.Tensor, cfg: ValidateConfig, seed: int, device: torch.device,
+             recipe: Recipe, batch_size: int) -> _Trainer:
     amp = _amp_dtype(cfg, device)
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
@@ -137,10 +166,12 @@ def _trainer(model, processor, train_y: torch.Tensor, cfg: ValidateConfig, seed:
     model.to(device)
     counts = torch.bincount(train_y, minlength=2).float()
     weights = torch.where(counts > 0, counts.sum() / (2 * counts.clamp(min=1)), torch.zeros_like(counts))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, learning_rate_factor(recipe, steps_per_epoch(len(train_y), batch_size)))
     return _Trainer(model, processor, device, amp, torch.Generator().manual_seed(seed),
-                    torch.nn.CrossEntropyLoss(weight=weights.to(device)),
-                    torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01),
-                    torch.amp.GradScaler("cuda") if amp == torch.float16 else None)
+                    torch.nn.CrossEntropyLoss(weight=weights.to(device)), optimiser,
+                    torch.amp.GradScaler("cuda") if amp == torch.float16 else None, schedule, recipe.augmentation)
 
 
 def fit(
@@ -156,18 +187,21 @@ def fit(
     device: torch.device | None = None,
     batch_size: int | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    recipe: Recipe | None = None,
 ) -> FitResult:
-    """Fine-tune ``model`` in place; on return it holds the best epoch's weights."""
-    trainer = _trainer(model, processor, train_y, cfg, seed, device or resolve_device("auto"))
+    """Fine-tune ``model`` in place with ``recipe`` (default: the first configured model's); on
+    return it holds the best epoch's weights."""
+    recipe = recipe or cfg.recipe(cfg.models[0])
     batch_size = batch_size or cfg.batch_size
+    trainer = _trainer(model, processor, train_y, cfg, seed, device or resolve_device("auto"), recipe, batch_size)
     result = FitResult(batch_size=batch_size)
     best_key: tuple[float, float] | None = None
     best_state = None
     since_best = 0
     has_val = len(val_x) > 0
     if not has_val:
-        log.warning("no validation images: training all %d epochs without early stopping", cfg.epochs)
-    for epoch in range(1, cfg.epochs + 1):
+        log.warning("no validation images: training all %d epochs without early stopping", recipe.epochs)
+    for epoch in range(1, recipe.epochs + 1):
         row = {"train_loss": trainer.epoch(train_x, train_y, batch_size, epoch)}
         if has_val:
             row.update(trainer.evaluate(val_x, val_y, batch_size))
@@ -185,7 +219,7 @@ def fit(
         else:
             since_best += 1
             if has_val and since_best >= cfg.early_stopping_patience:
-                result.stopped_early = epoch < cfg.epochs
+                result.stopped_early = epoch < recipe.epochs
                 break
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -98,21 +98,32 @@ def normalise(x: torch.Tensor, processor) -> torch.Tensor:
     return x
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, jitter: float = 0.1) -> torch.Tensor:
-    """Random flips, 90 degree rotations (square images) and a small colour jitter, per image.
+def augment(x: torch.Tensor, generator: torch.Generator, jitter: float = 0.1, *, flips: bool = True,
+            quarter_turns: bool = True, crop_scale: float = 1.0) -> torch.Tensor:
+    """Random flips, 90 degree rotations (square images), a random crop of at least ``crop_scale`` of
+    the area resized back, and a small colour jitter, per image (``dermt2im.core.specs.Augmentation``).
 
     ``x``: N x 3 x H x W uint8; returns float in 0..255. Dermoscopy has no canonical orientation,
     so every flip / rotation is a valid image of the same lesion."""
+    import torch.nn.functional as F
+
     out = x.float()
     n = out.shape[0]
-    r = torch.rand((n, 6), generator=generator)
+    r = torch.rand((n, 9), generator=generator)
     for i in range(n):
         img = out[i]
-        if r[i, 0] < 0.5:
+        if crop_scale < 1.0:
+            h, w = img.shape[-2:]
+            side = (crop_scale + (1 - crop_scale) * float(r[i, 6])) ** 0.5
+            ch, cw = max(1, round(h * side)), max(1, round(w * side))
+            top, left = int(r[i, 7] * (h - ch + 1)), int(r[i, 8] * (w - cw + 1))
+            img = F.interpolate(img[None, :, top:top + ch, left:left + cw], size=(h, w), mode="bilinear",
+                                align_corners=False)[0]
+        if flips and r[i, 0] < 0.5:
             img = img.flip(-1)
-        if r[i, 1] < 0.5:
+        if flips and r[i, 1] < 0.5:
             img = img.flip(-2)
-        if img.shape[-1] == img.shape[-2]:
+        if quarter_turns and img.shape[-1] == img.shape[-2]:
             img = torch.rot90(img, int(r[i, 2] * 4) % 4, dims=(-2, -1))
         brightness = 1.0 + jitter * (2 * r[i, 3] - 1)
         contrast = 1.0 + jitter * (2 * r[i, 4] - 1)

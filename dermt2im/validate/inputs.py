@@ -18,7 +18,8 @@ import pandas as pd
 
 from dermt2im.core import identity, storage
 from dermt2im.core.errors import DermT2imError, ManifestError
-from dermt2im.core.manifest import SEEDS, SYNTHETIC, manifest_exists, read_manifest
+from dermt2im.core.manifest import manifest_exists
+from dermt2im.core.views import seeds_view, synthetic_view
 from dermt2im.core.specs import LABELS
 from dermt2im.core.tracking import metric_key
 from dermt2im.core.workdir import Workdir
@@ -59,11 +60,14 @@ def _with_keys(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _test_rows(path: str | Path) -> pd.DataFrame:
+def _read_test_set(path: str | Path) -> pd.DataFrame:
     try:
-        df = read_manifest(path, SEEDS)
+        return seeds_view(path)
     except ManifestError as err:
         raise ValidationError(f"test set manifest {path}: {err}") from err
+
+
+def _test_rows(df: pd.DataFrame) -> pd.DataFrame:
     df = df[(df["status"] == "accepted") & df["label"].isin(LABELS)]
     rows = pd.DataFrame(
         {
@@ -117,13 +121,14 @@ def _test_sets(workdir: Workdir, seeds: pd.DataFrame, test_sets: dict[str, str |
             raise ValidationError(f"two test sets map to the same name {safe!r}")
         if not manifest_exists(path):
             raise ValidationError(f"test set {name!r}: manifest {path} not found")
-        rows = _test_rows(path)
+        view = _read_test_set(path)
+        rows = _test_rows(view)
         if rows.empty:
             if explicit:
                 raise ValidationError(f"test set {name!r} ({path}) has no accepted, labelled images")
             log.warning("test set %s (%s) has no accepted, labelled images: skipped", name, path)
             continue
-        sets[safe] = TestSet(safe, str(path), rows, identity.manifest_digest(path, SEEDS))
+        sets[safe] = TestSet(safe, str(path), rows, identity.frame_digest(view, list(view.columns)))
     if not explicit:
         own = _with_keys(rg.real_rows(seeds, "test"))
         if not own.empty and SEEDS_TEST not in sets:
@@ -141,22 +146,21 @@ def load_inputs(workdir: Workdir, test_sets: dict[str, str | Path] | None = None
     workdir's test_sets folder plus the seeds' own test split."""
     if not manifest_exists(workdir.seeds_manifest):
         raise ValidationError(f"no seeds manifest at {workdir.seeds_manifest}: run `dermt2im ingest` first")
-    seeds = read_manifest(workdir.seeds_manifest, SEEDS)
+    seeds = seeds_view(workdir.seeds_manifest)
     real_train = _with_keys(rg.real_rows(seeds, "train"))
     real_val = _with_keys(rg.real_rows(seeds, "val"))
     if real_train.empty:
         raise ValidationError("the seeds manifest has no accepted, labelled images in the 'train' split")
-    synthetic_all = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    synthetic_all = synthetic_view(workdir)
     synthetic, note = _usable_synthetic(synthetic_all, workdir)
-    have_synthetic = manifest_exists(workdir.synthetic_manifest)
     inputs = ValidationInputs(
         real_train=real_train,
         real_val=real_val,
         synthetic=synthetic,
         synthetic_note=note,
         test_sets=_test_sets(workdir, seeds, test_sets),
-        seeds_digest=identity.manifest_digest(workdir.seeds_manifest, SEEDS),
-        synthetic_digest=identity.manifest_digest(workdir.synthetic_manifest, SYNTHETIC) if have_synthetic else "none",
+        seeds_digest=identity.frame_digest(seeds, list(seeds.columns)),
+        synthetic_digest=identity.frame_digest(synthetic_all, list(synthetic_all.columns)) if len(synthetic_all) else "none",
         synthetic_sources=tuple(sorted(set(rg.synthetic_sources(synthetic_all)))),
     )
     check_no_leakage(inputs)

@@ -99,10 +99,6 @@ class McNemar:
     c: int
     p_value: float
 
-    @property
-    def n_discordant(self) -> int:
-        return self.b + self.c
-
 
 def mcnemar_exact(b: int, c: int) -> McNemar:
     """Two-sided exact McNemar p-value: the binomial test of min(b, c) in b + c trials at 1/2."""

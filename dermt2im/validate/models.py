@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from dermt2im.core.errors import DermT2imError
 from dermt2im.core.specs import LABELS, ValidateConfig
 
@@ -40,6 +38,8 @@ def tiny_model(kind: str, image_size: int, seed: int):
         ViTConfig,
         ViTForImageClassification,
     )
+
+    import torch
 
     torch.manual_seed(seed)
     if kind == "vit":
@@ -86,6 +86,8 @@ def pretrained_model(kind: str, name: str, seed: int):
     cls = {"vit": ViTForImageClassification, "mobilenet_v2": MobileNetV2ForImageClassification}.get(kind)
     if cls is None:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
+    import torch
+
     torch.manual_seed(seed)
     try:
         model = cls.from_pretrained(
@@ -98,12 +100,26 @@ def pretrained_model(kind: str, name: str, seed: int):
         )
         processor = AutoImageProcessor.from_pretrained(name)
     except (OSError, ValueError, EnvironmentError) as err:
-        raise ModelUnavailable(
-            f"cannot load {kind} model {name!r}: {err}. Offline? Download it once with network access "
-            "(huggingface-cli download), point validate.vit_model / validate.mobilenet_model at a local "
-            "folder, or set validate.tiny=true for the offline test models."
-        ) from err
+        raise ModelUnavailable(_not_loadable(kind, name, err)) from err
     return model, processor
+
+
+def _not_loadable(kind: str, name: str, err: BaseException) -> str:
+    """One line: which model, where it was looked for, what to download."""
+    from huggingface_hub import constants
+
+    key = "validate.vit_model" if kind == "vit" else "validate.mobilenet_model"
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return (f"{kind} model folder {name} cannot be loaded: {first} (it needs config.json, safetensors weights and "
+                f"preprocessor_config.json, as `huggingface-cli download <id> --local-dir {name}` writes them)")
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        return (f"{kind} model folder {name} not found: set {key} to a folder that holds the model (`huggingface-cli "
+                f"download <id> --local-dir DIR`) or to a hub id")
+    offline = " with HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else ""
+    return (f"{kind} model {name!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}){offline}: download it "
+            f"once with `huggingface-cli download {name}`, or set {key} to a local folder ({first})")
 
 
 def model_name(kind: str, cfg: ValidateConfig) -> str:

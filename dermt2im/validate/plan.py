@@ -1,10 +1,10 @@
-"""A comparison, planned: its cells (model x regime x seed, each with its training mixture), its
-content key, and its MLflow parent run (resumed when an identical comparison ran before, so that
-finished cells are read back instead of trained again)."""
+"""A comparison, planned: its cells (model x regime x seed, each with its training mixture) and its
+content key (``plan_comparison``, from the manifests alone: no tracking store is opened), then its
+MLflow parent run (``open_parent_run``: resumed when an identical comparison ran before, so that
+its cells go on under the same parent)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,8 +28,6 @@ TAG_KEY = "dermt2im.comparison_key"
 TAG_CELL_KEY = "dermt2im.cell_key"
 TAG_SKIPPED = "dermt2im.skipped"
 TAG_DESCRIPTION = "dermt2im.description"
-# The modules that decide what a cell computes: changing them invalidates earlier results.
-CELL_MODULES = ("classify", "models", "images", "metrics", "regimes", "cell", "plan", "inputs")
 
 
 @dataclass(frozen=True)
@@ -51,6 +49,17 @@ class Cell:
 
 
 @dataclass(frozen=True, eq=False)
+class Comparison:
+    """What a comparison trains and tests, decided from the manifests alone."""
+
+    comparison_key: str
+    inputs: ValidationInputs
+    cells: tuple[Cell, ...]
+    mixtures: tuple[rg.Mixture, ...]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
 class ValidationPlan:
     parent_run_id: str
     experiment: str
@@ -63,8 +72,9 @@ class ValidationPlan:
 
 
 def code_digest() -> str:
-    """The cell modules' source digest, read from their files: importing them would load torch."""
-    return identity.source_files_digest(importlib.util.find_spec(f"dermt2im.validate.{m}").origin for m in CELL_MODULES)
+    """The validation's code identity (``dermt2im/validate/`` and every project module it imports),
+    read from the files: importing them would load torch."""
+    return identity.code_digest(__name__)
 
 
 def plan_mixtures(inputs: ValidationInputs, spec: ValidateConfig) -> tuple[list[rg.Mixture], dict[str, str]]:
@@ -117,12 +127,16 @@ def comparison_key(spec: ValidateConfig, inputs: ValidationInputs) -> str:
     )
 
 
-def cell_key(spec: ValidateConfig, inputs: ValidationInputs, cell: Cell) -> str:
-    """Content key of one cell: training rows, validation rows, test sets, spec, model, regime, seed."""
+def cell_key(spec: ValidateConfig, inputs: ValidationInputs, cell: Cell, comparison: str = "", store: str = "") -> str:
+    """Content key of one cell: training rows, validation rows, test sets, spec, model, regime, seed,
+    code, and the comparison it belongs to and the tracking store its runs go to (a cell is recorded
+    as a child run of its comparison's parent run there)."""
     from dermt2im.validate.models import model_name
 
     synthetic_paths = {path for path, _label, source in cell.mixture.items if source == rg.SYNTHETIC}
     used = inputs.synthetic[inputs.synthetic["path"].isin(synthetic_paths)] if synthetic_paths else None
+    if not cell.mixture.regime.needs_synthetic and len(inputs.synthetic):
+        used = inputs.synthetic  # a real-only cell predicts every synthetic image (class agreement)
     return identity.content_key(
         "cell",
         cell.mixture.digest(),
@@ -135,6 +149,8 @@ def cell_key(spec: ValidateConfig, inputs: ValidationInputs, cell: Cell) -> str:
         cell.regime,
         cell.seed,
         code_digest(),
+        comparison,
+        store,
     )
 
 
@@ -167,7 +183,9 @@ def _open_parent(tracker: Tracker, spec: ValidateConfig, inputs: ValidationInput
     tracker.log_params(parent, {
         "models": ",".join(spec.models), "regimes": ",".join(r[0] for r in regimes_run),
         "seeds": ",".join(map(str, spec.seeds)), "test_sets": ",".join(sorted(inputs.test_sets)),
-        "synthetic_ratio": spec.synthetic_ratio, "tiny": spec.tiny, "epochs": spec.epochs, "threshold": THRESHOLD,
+        "synthetic_ratio": spec.synthetic_ratio, "tiny": spec.tiny, "threshold": THRESHOLD,
+        "epochs": ",".join(f"{m}:{spec.recipe(m).epochs}" for m in spec.models),
+        "learning_rate": ",".join(f"{m}:{spec.recipe(m).learning_rate:g}" for m in spec.models),
         "n_real_train": len(inputs.real_train), "n_real_val": len(inputs.real_val),
         "n_synthetic_usable": len(inputs.synthetic), "validate_config_digest": identity.spec_digest(spec),
     })
@@ -183,28 +201,31 @@ def _open_parent(tracker: Tracker, spec: ValidateConfig, inputs: ValidationInput
 def log_quality(tracker: Tracker, parent: str, workdir: Workdir) -> None:
     """The quality gate's shortcut audit on the comparison's parent run: each flag's rate per class and
     image set (metrics ``flag_rate.<set>.<class>.<flag>``), the flags called out (a tag), and the
-    quality reports as artifacts, so a shortcut shows next to the results it may inflate."""
-    import json
+    quality reports, grids and audit figures as artifacts, so a shortcut shows next to the results it
+    may inflate and the images next to the classifiers trained on them. Read from the quality stage's
+    ``flag_rates.parquet`` (the reports are for people, never inputs)."""
+    from dermt2im.core.manifest import FLAG_RATES, read_manifest
 
-    report = workdir.reports / "quality.json"
-    try:
-        quality = json.loads(report.read_text())
-    except (OSError, ValueError):
+    rates = read_manifest(workdir.flag_rates_manifest, FLAG_RATES)
+    if rates.empty:
         return
     points = [(metric_key("flag_rate", r["images"], r["label"], flag), float(r[flag]), 0)
-              for r in quality.get("flag_rates", []) if r.get("n") for flag in FLAG_NAMES if flag in r]
+              for r in rates.to_dict("records") if r["n"] for flag in FLAG_NAMES]
     tracker.log_points(parent, points)
-    tracker.set_tags(parent, {"dermt2im.shortcuts": "; ".join(quality.get("shortcuts", [])) or "none"})
+    called = [s for s in rates["shortcut"].dropna() if s]
+    tracker.set_tags(parent, {"dermt2im.shortcuts": "; ".join(called) or "none"})
     for name in ("quality.json", "quality.md"):
         if (workdir.reports / name).is_file():
             tracker.log_file(parent, workdir.reports / name, "quality")
+    # what the images look like, next to what classifiers made of them: class x sampler grids, audit pairs
+    for sub in ("grids", "audit"):
+        for png in sorted((workdir.reports / sub).glob("*.png")):
+            tracker.log_file(parent, png, f"quality/{sub}")
 
 
-def prepare(workdir: Workdir, spec: ValidateConfig, tracker: Tracker,
-            test_sets: dict[str, str | Path] | None = None, *, resume: bool = True) -> ValidationPlan:
-    """Load and check the inputs, build the mixtures and open (or resume) the parent run."""
-    import json
-
+def plan_comparison(workdir: Workdir, spec: ValidateConfig,
+                    test_sets: dict[str, str | Path] | None = None) -> Comparison:
+    """Load and check the inputs and build the cells and the comparison's key (no tracking store)."""
     if not spec.models:
         raise ValidationError("validate.models is empty")
     if not spec.seeds:
@@ -212,9 +233,18 @@ def prepare(workdir: Workdir, spec: ValidateConfig, tracker: Tracker,
     inputs = load_inputs(workdir, test_sets)
     mixtures, skipped = plan_mixtures(inputs, spec)
     cells = tuple(Cell(model, m) for model in spec.models for m in mixtures)
-    key = comparison_key(spec, inputs)
-    parent, resumed = _open_parent(tracker, spec, inputs, mixtures, skipped, key, resume)
+    return Comparison(comparison_key(spec, inputs), inputs, cells, tuple(mixtures), skipped)
+
+
+def open_parent_run(workdir: Workdir, spec: ValidateConfig, tracker: Tracker, comparison: Comparison, *,
+                    resume: bool = True) -> ValidationPlan:
+    """The comparison's MLflow parent run, opened (or resumed by key): what its cells run under."""
+    import json
+
+    parent, resumed = _open_parent(tracker, spec, comparison.inputs, list(comparison.mixtures), comparison.skipped,
+                                   comparison.comparison_key, resume)
     if not resumed:
         log_quality(tracker, parent, workdir)
-    tracker.set_tags(parent, {TAG_SKIPPED: json.dumps(skipped, sort_keys=True)})
-    return ValidationPlan(parent, tracker.experiment, tracker.experiment_id, key, inputs, cells, skipped, resumed)
+    tracker.set_tags(parent, {TAG_SKIPPED: json.dumps(comparison.skipped, sort_keys=True)})
+    return ValidationPlan(parent, tracker.experiment, tracker.experiment_id, comparison.comparison_key,
+                          comparison.inputs, comparison.cells, comparison.skipped, resumed)

@@ -178,7 +178,8 @@ def usable_synthetic(synthetic: pd.DataFrame) -> pd.DataFrame:
 
     ``sha256`` lets cache keys see a re-rendered image: synthetic paths are names, not content."""
     if synthetic is None or synthetic.empty:
-        return pd.DataFrame(columns=[*ITEM_COLUMNS, "sha256", "synthetic_source"])
+        return pd.DataFrame(columns=[*ITEM_COLUMNS, "sha256", "synthetic_source", "sample_key", "sampler",
+                                     "transformation"])
     df = synthetic
     ok = (df["status"] == "accepted") & ~df["memorised"].map(_is_true) & df["label"].isin(LABELS)
     if "base_model_only" in df.columns:  # the base model alone draws no lesion of a class
@@ -188,6 +189,8 @@ def usable_synthetic(synthetic: pd.DataFrame) -> pd.DataFrame:
     out["sha256"] = df.loc[ok, "sha256"].values if "sha256" in df.columns else None
     out["source"] = SYNTHETIC
     out["synthetic_source"] = synthetic_sources(df)[ok].values
+    for column in ("sample_key", "sampler", "transformation"):  # what the class agreement is reported by
+        out[column] = df.loc[ok, column].values if column in df.columns else None
     return out.drop_duplicates("path").reset_index(drop=True)
 
 

@@ -10,6 +10,14 @@ best predicted IoU the report takes the area fraction and the border irregularit
 synthetic images of each class, with the same statistics of the Otsu blob as a model-free
 reference. Output: W/reports/segmentation.csv (one row per image) and segmentation.md.
 
+The same masks answer a simpler question for *every* usable synthetic image and every real seed
+(``lesion_census``): does the image contain one plausible lesion? The Otsu dark regions that do not
+touch the image border are counted (those of at least ``MIN_LESION_AREA`` of the image), and an
+image holds one plausible lesion when exactly one is found and it covers between ``MIN_LESION_AREA``
+and ``MAX_LESION_AREA`` of the image; where SAM ran, its mask must agree (one component in that
+range). Shares per source and class, with 95 % Wilson intervals, open segmentation.md; one row per
+image in W/reports/lesions.csv.
+
 A SAM model that cannot be loaded (offline, no cached weights) gives a report with a clear message
 instead of an exception.
 """
@@ -18,9 +26,9 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -29,7 +37,8 @@ import pandas as pd
 from dermt2im.core import identity, storage
 from dermt2im.core.errors import DermT2imError
 from dermt2im.core.fileio import atomic_path, atomic_write_text
-from dermt2im.core.manifest import SEEDS, SYNTHETIC, manifest_exists, read_manifest
+from dermt2im.core.manifest import manifest_exists
+from dermt2im.core.views import seeds_view, synthetic_view
 from dermt2im.core.specs import LABELS, ValidateConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.stage import Stamps
@@ -37,6 +46,8 @@ from dermt2im.validate.regimes import real_rows, usable_synthetic
 
 log = logging.getLogger(__name__)
 TINY_SAM_SIZE = 64
+MIN_LESION_AREA = 0.01  # of the image: smaller dark specks are pores, noise or hair ends
+MAX_LESION_AREA = 0.8
 
 
 class SegmentationUnavailable(DermT2imError, RuntimeError):
@@ -107,6 +118,90 @@ def lesion_prompt(rgb: np.ndarray) -> tuple[tuple[float, float], tuple[float, fl
     m = 0.05 * max(h, w)
     box = (max(0.0, xs.min() - m), max(0.0, ys.min() - m), min(w - 1.0, xs.max() + m), min(h - 1.0, ys.max() + m))
     return point, box, blob
+
+
+def dark_regions(rgb: np.ndarray) -> list[np.ndarray]:
+    """The dark regions of ``lesion_prompt``'s Otsu split that do not touch the image border and cover
+    at least ``MIN_LESION_AREA`` of it, largest first."""
+    h, w = rgb.shape[:2]
+    grey = cv2.cvtColor(np.ascontiguousarray(rgb[..., :3]), cv2.COLOR_RGB2GRAY)
+    blur = cv2.GaussianBlur(grey, (0, 0), max(1.0, min(h, w) / 64))
+    _, dark = cv2.threshold(blur, 0, 1, cv2.THRESH_BINARY_INV + cv2.THRESH_OTSU)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(dark.astype(np.uint8), connectivity=8)
+    regions = []
+    for k in range(1, n):
+        x, y, bw, bh, area = stats[k]
+        if x == 0 or y == 0 or x + bw >= w or y + bh >= h or area < MIN_LESION_AREA * h * w:
+            continue
+        regions.append((int(area), lab == k))
+    return [m for _, m in sorted(regions, key=lambda r: -r[0])]
+
+
+def one_plausible_lesion(regions: list[np.ndarray]) -> bool:
+    return len(regions) == 1 and MIN_LESION_AREA <= float(regions[0].mean()) <= MAX_LESION_AREA
+
+
+def sam_agrees(mask: np.ndarray) -> bool:
+    """A SAM mask that is one lesion-sized component."""
+    n, _, stats, _ = cv2.connectedComponentsWithStats(np.asarray(mask, np.uint8), connectivity=8)
+    big = [a for a in stats[1:, cv2.CC_STAT_AREA] if a >= MIN_LESION_AREA * mask.size]
+    return len(big) == 1 and MIN_LESION_AREA <= float(np.asarray(mask, bool).mean()) <= MAX_LESION_AREA
+
+
+def census_row(rgb: np.ndarray) -> dict[str, float | int | bool]:
+    regions = dark_regions(rgb)
+    main = mask_stats(regions[0]) if regions else {"area_fraction": 0.0, "irregularity": float("nan")}
+    return {"lesions": len(regions), "lesion_area_fraction": main["area_fraction"],
+            "lesion_irregularity": main["irregularity"], "one_plausible_lesion": one_plausible_lesion(regions)}
+
+
+def census_images(workdir: Workdir) -> pd.DataFrame:
+    """Every usable synthetic image and every accepted real seed (path, label, source)."""
+    return sample_images(workdir, None)
+
+
+def lesion_census(images: pd.DataFrame, sam: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per image: its dark regions (``census_row``) and, where SAM segmented it, whether SAM's
+    mask agrees; ``one_plausible_lesion`` needs both where both exist."""
+    from dermt2im.core.imaging import decode_image
+
+    rows = []
+    for r in images.itertuples(index=False):
+        rgb = decode_image(storage.read_bytes(r.path)).rgb
+        rows.append({"path": r.path, "label": r.label, "source": r.source, **census_row(rgb)})
+    table = pd.DataFrame(rows, columns=["path", "label", "source", "lesions", "lesion_area_fraction",
+                                        "lesion_irregularity", "one_plausible_lesion"])
+    if sam is not None and len(sam) and "sam_one_lesion" in sam:
+        table = table.merge(sam[["path", "sam_one_lesion"]], on="path", how="left")
+        agreed = table["sam_one_lesion"].map(lambda v: True if pd.isna(v) else bool(v))
+        table["one_plausible_lesion"] = table["one_plausible_lesion"].astype(bool) & agreed
+    return table
+
+
+def census_summary(census: pd.DataFrame) -> pd.DataFrame:
+    """Per source and class: images, how many hold one plausible lesion, the share and its Wilson interval."""
+    from dermt2im.validate.agreement import wilson
+
+    rows = []
+    for (source, label), g in census.groupby(["source", "label"], sort=True):
+        k, n = int(g["one_plausible_lesion"].sum()), len(g)
+        low, high = wilson(k, n)
+        rows.append({"source": source, "label": label, "images": n, "one_lesion": k, "share": k / n,
+                     "ci_low": low, "ci_high": high, "median_lesions": float(g["lesions"].median())})
+    return pd.DataFrame(rows)
+
+
+def _census_md(summary: pd.DataFrame) -> list[str]:
+    lines = ["## One plausible lesion?", "",
+             f"Every usable synthetic image and every accepted real seed: the dark regions of the Otsu split that do "
+             f"not touch the border and cover at least {MIN_LESION_AREA:.0%} of the image; one plausible lesion = "
+             f"exactly one, covering {MIN_LESION_AREA:.0%}-{MAX_LESION_AREA:.0%} (and, for the images SAM segmented "
+             "below, a SAM mask of one such component). 95% Wilson intervals.", "",
+             "| Source | Class | Images | One plausible lesion | Share (95% CI) | Median regions |", "|---|---|---|---|---|---|"]
+    for _, r in summary.iterrows():
+        lines.append(f"| {r['source']} | {r['label']} | {r['images']} | {r['one_lesion']} | {r['share']:.0%} "
+                     f"[{r['ci_low']:.0%}, {r['ci_high']:.0%}] | {r['median_lesions']:g} |")
+    return lines + [""]
 
 
 # --- SAM --------------------------------------------------------------------------------------
@@ -189,15 +284,16 @@ def segment(model, processor, rgb: np.ndarray, point, box) -> tuple[np.ndarray, 
 # --- the check --------------------------------------------------------------------------------
 
 
-def sample_images(workdir: Workdir, spec: ValidateConfig, seed: int = 0) -> pd.DataFrame:
-    """Up to ``segmentation_samples`` real (accepted seeds) and synthetic (usable) images per class."""
-    k = spec.segmentation_samples
+def sample_images(workdir: Workdir, spec: ValidateConfig | None, seed: int = 0) -> pd.DataFrame:
+    """Up to ``segmentation_samples`` real (accepted seeds) and synthetic (usable) images per class;
+    every one with ``spec`` None."""
+    k = None if spec is None else spec.segmentation_samples
     frames = []
     if manifest_exists(workdir.seeds_manifest):
-        seeds = read_manifest(workdir.seeds_manifest, SEEDS)
+        seeds = seeds_view(workdir.seeds_manifest)
         real = pd.concat([real_rows(seeds, s) for s in ("train", "val", "test")], ignore_index=True)
         frames.append(real[["path", "label", "source"]])
-    syn = usable_synthetic(read_manifest(workdir.synthetic_manifest, SYNTHETIC))
+    syn = usable_synthetic(synthetic_view(workdir))
     if len(syn):
         syn["path"] = [p if storage.is_remote(p) or Path(p).is_absolute() else str(workdir.root / p)
                      for p in syn["path"]]  # image-store URLs as they are
@@ -205,6 +301,8 @@ def sample_images(workdir: Workdir, spec: ValidateConfig, seed: int = 0) -> pd.D
     if not frames:
         return pd.DataFrame(columns=["path", "label", "source"])
     df = pd.concat(frames, ignore_index=True)
+    if k is None:
+        return df.sort_values(["source", "label", "path"]).reset_index(drop=True)[["path", "label", "source"]]
     rng = np.random.default_rng(seed)
     picked = []
     for (_source, _label), g in df.sort_values("path").groupby(["source", "label"], sort=True):
@@ -272,17 +370,27 @@ def segmentation_check(workdir: Workdir, spec: ValidateConfig, *, model=None, pr
         rows.append({"path": r.path, "label": r.label, "source": r.source, "point_x": point[0], "point_y": point[1],
                      "sam_area_fraction": sam["area_fraction"], "sam_irregularity": sam["irregularity"],
                      "sam_score": score, "otsu_area_fraction": otsu["area_fraction"],
-                     "otsu_irregularity": otsu["irregularity"]})
+                     "otsu_irregularity": otsu["irregularity"], "sam_one_lesion": sam_agrees(mask)})
     table = pd.DataFrame(rows)
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
+    # a tiny random SAM's masks mean nothing: the census then rests on the Otsu regions alone
+    census = lesion_census(census_images(workdir), None if spec.tiny else table)
+    census_csv = reports / "lesions.csv"
+    with atomic_path(census_csv) as tmp:
+        census.to_csv(tmp, index=False)
     name = "tiny SAM" if spec.tiny else spec.sam_model
-    atomic_write_text(md_path, _summary_md(table, name, spec.tiny))
+    summary_md = _summary_md(table, name, spec.tiny)
+    head, _, rest = summary_md.partition("\n\n")
+    atomic_write_text(md_path, "\n".join([head, "", *_census_md(census_summary(census)), rest]))
     n_syn = int((table["source"] == "synthetic").sum())
     msg = f"{len(table)} images segmented ({len(table) - n_syn} real, {n_syn} synthetic)"
     if n_syn == 0:
         msg += "; no usable synthetic images to compare with"
-    return SegmentationReport("ok", msg, {"md": md_path, "csv": csv_path}, table)
+    syn = census[census["source"] == "synthetic"]
+    if len(syn):
+        msg += f"; {int(syn['one_plausible_lesion'].sum())} of {len(syn)} synthetic images hold one plausible lesion"
+    return SegmentationReport("ok", msg, {"md": md_path, "csv": csv_path, "lesions": census_csv}, table)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,6 +408,11 @@ class SegmentationStage:
         self.workdir, self.spec = workdir, spec
         self.stamps = Stamps(workdir.stamps, self.name)
 
+    @classmethod
+    def of(cls, workdir: Workdir, cfg: Any) -> "SegmentationStage":
+        """The stage as a factory config sets it up."""
+        return cls(workdir, cfg.validation)
+
     def units(self) -> list[str]:
         return [self.UNIT] if self.spec.segmentation_samples > 0 else []
 
@@ -307,21 +420,21 @@ class SegmentationStage:
         return "segmentation check (SAM), real vs synthetic"
 
     def key(self, unit: str) -> str:
-        images = sample_images(self.workdir, self.spec)
+        images = census_images(self.workdir)  # the SAM sample is drawn from these
         files = [(p, storage.version_token(p)) for p in (sorted(images["path"]) if not images.empty else [])]
         s = self.spec
         return identity.content_key("segmentation", files, s.tiny, s.sam_model, s.segmentation_samples, s.image_size,
-                                    identity.code_digest(sys.modules[__name__]))
+                                    identity.code_digest(__name__))
 
-    def finished(self, unit: str) -> dict | None:
+    def finished(self, unit: str, key: str) -> dict | None:
         if not (self.workdir.reports / "segmentation.md").is_file():
             return None
-        return self.stamps.matching(unit, self.key(unit))
+        return self.stamps.matching(unit, key)
 
-    def run(self, unit: str) -> dict:
+    def run(self, unit: str, key: str) -> dict:
         report = segmentation_check(self.workdir, self.spec)
         summary = {"status": report.status, "message": report.message, **{k: str(v) for k, v in report.paths.items()}}
-        self.stamps.write(unit, self.key(unit), summary)
+        self.stamps.write(unit, key, summary)
         return summary
 
     def close(self, results) -> dict:

@@ -9,7 +9,9 @@ and synthetic training images the cells actually held and the synthetic share th
 to the configured one. Its numbers are means over seeds with a 95 % percentile bootstrap
 interval over the test images (``bootstrap``). A regime other than the baseline also gets the
 paired bootstrap interval of its balanced-accuracy difference to the baseline and the exact
-McNemar test (baseline vs that regime, same seed, same test images), one per seed. The verdict
+McNemar test (baseline vs that regime, same seed, same test images), one per seed. Its companion,
+``class_agreement.md`` / ``.csv`` (also appended to ``table_iv.md``), says how many synthetic images
+the baseline classifiers predict as their intended class (``agreement``). The verdict
 follows from those two: a regime *beats* the baseline when the interval of the difference lies
 above zero and McNemar's p < 0.05 in every seed; otherwise the report says plainly that it does
 not, or that the gain is not established, and why.
@@ -33,6 +35,7 @@ from dermt2im.core.runtime import TrackingConfig
 from dermt2im.core.tracking import RunRecord, Tracker, metric_key, open_tracker
 from dermt2im.core.workdir import Workdir
 from dermt2im.fidelity.tracking import fidelity_lines
+from dermt2im.validate import agreement as ag
 from dermt2im.validate.bootstrap import paired_difference, seed_mean_interval
 from dermt2im.validate.figures import MODEL_ORDER, _regime_order, fig10
 from dermt2im.validate.metrics import METRICS, THRESHOLD, binary_metrics, mcnemar_from_predictions
@@ -104,6 +107,27 @@ def predictions_frame(tracker: Tracker, runs: Sequence[RunRecord]) -> pd.DataFra
     if not frames:
         raise ReportError("the comparison's child runs hold no predictions")
     return pd.concat(frames, ignore_index=True)
+
+
+def agreement_frame(tracker: Tracker, runs: Sequence[RunRecord]) -> pd.DataFrame:
+    """The baseline cells' predictions of the synthetic images (``agreement/synthetic.csv``), one row
+    per (cell run, image), with the cell's model and seed; empty when no cell made any."""
+    from dermt2im.validate.agreement import ARTIFACT, FILE
+
+    frames = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in runs:
+            if r.tags.get("regime") != "baseline":
+                continue
+            try:
+                folder = tracker.download(r.run_id, ARTIFACT, Path(tmp) / r.run_id)
+            except Exception:  # noqa: BLE001 - no synthetic images were usable when the cell ran
+                continue
+            if (folder / FILE).is_file():
+                df = pd.read_csv(folder / FILE, dtype={"key": str, "sampler": str, "transformation": str},
+                                 keep_default_na=False)
+                frames.append(df.assign(model=r.tags.get("model"), seed=int(r.tags.get("seed", -1))))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 # --- the table --------------------------------------------------------------------------------
@@ -223,12 +247,18 @@ def build_report(workdir: Workdir, tracking: TrackingConfig, *, parent_run_id: s
     if not cells:
         raise ReportError(f"comparison {pid} has no finished child runs")
     skipped = json.loads(parent.tags.get("dermt2im.skipped", "{}") or "{}")
-    table = table_iv(predictions_frame(tracker, cells))
+    predictions = predictions_frame(tracker, cells)
+    table = table_iv(predictions)
     lines = verdicts(table)
     head = headline(table, lines, "hybrid", skipped)
     lines += fidelity_lines(tracker, table)  # next to each verdict, the fidelity of the set it trained on
     experiment = tracker.experiment_name(parent.experiment_id)
+    agreement = ag.agreement_table(agreement_frame(tracker, cells))
+    reference = ag.reference_rows(predictions[predictions["regime"] == "baseline"])
+    agreement_md = ag.markdown(agreement, reference)
+    lines += ag.headline(agreement)
     md = markdown(table, lines, head, parent_run_id=pid, experiment=experiment, skipped=skipped)
+    md = md.rstrip("\n") + "\n\n" + agreement_md
     reports = workdir.reports
     csv, figure = reports / "table_iv.csv", reports / "fig10.png"
     unchanged = csv.is_file() and figure.is_file() and csv.read_text() == table.to_csv(index=False)
@@ -237,13 +267,17 @@ def build_report(workdir: Workdir, tracking: TrackingConfig, *, parent_run_id: s
         "table_csv": csv,
         "fig10": figure if unchanged else fig10(table, figure),  # a cached re-run does not redraw it
         "verdict": atomic_write_text(reports / "verdict.txt", "\n".join([head, *lines]) + "\n"),
+        "agreement_md": atomic_write_text(reports / "class_agreement.md", agreement_md),
+        "agreement_csv": reports / "class_agreement.csv",
     }
+    with atomic_path(paths["agreement_csv"]) as tmp:
+        pd.concat([agreement, reference], ignore_index=True).to_csv(tmp, index=False)
     if not unchanged:
         with atomic_path(csv) as tmp:
             table.to_csv(tmp, index=False)
     for p in paths.values():
         tracker.log_file(pid, p, "report")
-    tracker.log_metrics(pid, _headline_metrics(table))
+    tracker.log_metrics(pid, {**_headline_metrics(table), **ag.metrics(agreement)})
     intro = parent.tags.get("dermt2im.description", "")
     tracker.set_description(pid, "\n\n".join(s for s in (intro, f"**Result.** {head}", *lines) if s))
     return paths

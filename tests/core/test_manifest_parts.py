@@ -159,7 +159,7 @@ def test_appenders_and_a_compactor_on_a_local_s3_endpoint(s3_bucket):  # noqa: F
 
 
 def test_storage_manifests_moves_every_manifest_of_a_workdir(tmp_path, memory_root):
-    cfg = load_config("smoke", [f"storage.manifests={memory_root}/run-1/"])
+    cfg = load_config("tiny", [f"storage.manifests={memory_root}/run-1/"])
     assert cfg.storage.manifests == f"{memory_root}/run-1"
     w = Workdir.of(tmp_path / "w", cfg)
     assert w.manifests_are_remote
@@ -167,9 +167,9 @@ def test_storage_manifests_moves_every_manifest_of_a_workdir(tmp_path, memory_ro
     assert w.synthetic_manifest == f"{memory_root}/run-1/synthetic.parquet"
     assert w.test_set_manifest("isic") == f"{memory_root}/run-1/test_sets/isic.parquet"
     assert not (tmp_path / "w" / "manifests").exists()
-    local = Workdir.of(tmp_path / "w", load_config("smoke", ["storage.manifests=shared/m"]))
+    local = Workdir.of(tmp_path / "w", load_config("tiny", ["storage.manifests=shared/m"]))
     assert local.plan_manifest == tmp_path / "w" / "shared" / "m" / "plan.parquet"
-    assert Workdir.of(tmp_path / "w", load_config("smoke", ["storage.manifests="])).manifest_store is None
+    assert Workdir.of(tmp_path / "w", load_config("tiny", ["storage.manifests="])).manifest_store is None
     assert Workdir.at(tmp_path / "w").plan_manifest == tmp_path / "w" / "manifests" / "plan.parquet"
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from dermt2im.core.fileio import sha256_file
 from dermt2im.diffusion import lora_files as lora_io
 from dermt2im.diffusion.models import build_tiny_components, build_tiny_pipeline
 
@@ -171,7 +172,7 @@ def test_files_are_byte_reproducible(tmp_path):
     shas = set()
     for i in range(4):
         paths = lora_io.save_lora_files(tmp_path / str(i), sds, rank=4, alpha=4.0, metadata=meta)
-        shas.add((lora_io.sha256_file(paths["diffusers"]), lora_io.sha256_file(paths["kohya"])))
+        shas.add((sha256_file(paths["diffusers"]), sha256_file(paths["kohya"])))
     assert len(shas) == 1
     from safetensors.torch import load_file
 

@@ -107,3 +107,97 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(models.ModelError, match="CUDA"):
             models.resolve_device("cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# models from anywhere, offline
+
+
+@pytest.fixture(scope="module")
+def narrow_sd15(tmp_path_factory):
+    """SD v1.5's architecture at narrow widths (random weights) as the hub lays it out, its config
+    files alone (what train.base_config names), and the same weights as one LDM-format file."""
+    from dermt2im.diffusion import architectures
+    from tests.diffusion.ldm_checkpoint import write_single_file
+
+    root = tmp_path_factory.mktemp("sd15")
+    folder = architectures.write_sd15_folder(root / "sd15", width="narrow")
+    config = architectures.config_folder_of(folder, root / "sd15-config")
+    single = write_single_file(folder, root / "sd15-narrow.safetensors")
+    return folder, config, single
+
+
+def test_a_single_file_with_a_local_config_folder_loads_offline(narrow_sd15, monkeypatch):
+    """Without train.base_config, diffusers fetched SD v1.5's configs from the hub (and offline the
+    error named neither the repository nor the need)."""
+    import torch
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder, config, single = narrow_sd15
+    assert not list(config.rglob("*.safetensors")), "the config folder holds no weights"
+    pipe = models.load_pipeline(str(single), base_config=str(config))
+    ref = models.load_pipeline(str(folder))
+    for name in ("unet", "vae", "text_encoder"):
+        got, want = getattr(pipe, name).state_dict(), getattr(ref, name).state_dict()
+        assert got.keys() == want.keys(), name
+        assert all(torch.equal(got[k].float(), want[k].float().reshape(got[k].shape)) for k in got), name
+    assert pipe.tokenizer("a benign lesion").input_ids == ref.tokenizer("a benign lesion").input_ids
+    # the identity covers the config folder too: another config is another model
+    with_config = models.base_model_identity(str(single), None, str(config))
+    assert with_config.startswith(models.base_model_identity(str(single))) and "+config:dir:" in with_config
+
+
+def test_a_single_file_without_its_config_offline_is_one_line_saying_what_to_download(narrow_sd15, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(narrow_sd15[0].parent / "empty-hub-cache"))
+    with pytest.raises(models.ModelError) as err:
+        models.load_pipeline(str(narrow_sd15[2]))
+    message = str(err.value)
+    assert "\n" not in message and str(narrow_sd15[2]) in message and "empty-hub-cache" in message
+    assert "train.base_config" in message and "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in message
+    with pytest.raises(models.ModelError, match="not a folder with model_index.json"):
+        models.load_pipeline(str(narrow_sd15[2]), base_config=str(narrow_sd15[0].parent))
+
+
+def test_a_hub_id_that_is_not_cached_offline_is_one_line(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(models.ModelError) as err:
+        models.load_pipeline("someone/not-downloaded", "v2")
+    message = str(err.value)
+    assert "\n" not in message and "someone/not-downloaded (revision v2)" in message
+    assert str(tmp_path / "hub") in message and "huggingface-cli download someone/not-downloaded --revision v2" in message
+
+
+def test_the_revision_is_resolved_to_the_commit_the_cache_holds(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--owner--model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    (repo / "snapshots" / sha / "model_index.json").write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert models.resolved_revision("owner/model", "main") == sha
+    assert models.resolved_revision("owner/model", None) == sha
+    assert models.resolved_revision("owner/other", "main") is None  # not cached: nothing claimed
+    assert models.resolved_revision("tiny") is None
+
+
+def test_a_validation_model_that_is_not_cached_offline_is_one_line(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from dermt2im.validate.models import ModelUnavailable, pretrained_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelUnavailable) as err:
+        pretrained_model("vit", "google/vit-base-patch16-224-in21k", 0)
+    message = str(err.value)
+    assert "\n" not in message and "huggingface-cli download google/vit-base-patch16-224-in21k" in message
+    assert "validate.vit_model" in message and str(tmp_path / "hub") in message

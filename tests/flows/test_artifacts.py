@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from dermt2im.core.runtime import TrackingConfig
-from tasks.artifacts import THUMBNAIL_SIDE, artifact_key, embedded_image, mlflow_link
+from dermt2im.tasks.artifacts import THUMBNAIL_SIDE, artifact_key, embedded_image, mlflow_link
 
 
 def test_images_are_embedded_as_small_thumbnails(tmp_path):

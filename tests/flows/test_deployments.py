@@ -35,8 +35,10 @@ def _flow_name(entrypoint: str) -> str:
     """The @flow(name=...) of an entrypoint, read from source (tests/test_docker_files.py checks more)."""
     import ast
 
-    path, func = entrypoint.split(":")
-    tree = ast.parse((ROOT / path).read_text())
+    from tests.test_docker_files import entrypoint_file
+
+    func = entrypoint.rsplit(".", 1)[1]
+    tree = ast.parse(entrypoint_file(entrypoint).read_text())
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == func:
             for dec in node.decorator_list:
@@ -49,8 +51,10 @@ def _flow_name(entrypoint: str) -> str:
 
 
 def _require_entrypoints() -> None:
-    missing = sorted({d["entrypoint"].split(":")[0] for d in _spec()["deployments"]
-                      if not (ROOT / d["entrypoint"].split(":")[0]).is_file()})
+    import importlib.util
+
+    missing = sorted({d["entrypoint"] for d in _spec()["deployments"]
+                      if importlib.util.find_spec(d["entrypoint"].rsplit(".", 1)[0]) is None})
     if missing:
         pytest.fail("prefect.yaml names flow modules that do not exist yet: " + ", ".join(missing)
                     + " (prefect deploy imports every entrypoint)")
@@ -108,12 +112,13 @@ def _check_every_deployment_is_registered_on_its_pool(got: dict, log: str) -> No
 
 
 def _check_gpu_stages_run_on_cuda_and_the_rest_on_cpu(got: dict) -> None:
-    from flows.settings import OrchestrationSettings
+    from dermt2im.flows.settings import OrchestrationSettings
 
     pools = {name: d.work_pool_name for name, d in got.items()}
     orch = OrchestrationSettings()  # the factory reaches the GPU stages by these names
     assert pools[orch.train_deployment] == "cuda" and orch.train_deployment == "train/train-cuda"
     assert pools[orch.generate_deployment] == "cuda" and orch.generate_deployment == "generate/generate-cuda"
+    assert pools[orch.validate_deployment] == "cuda" and orch.validate_deployment == "validate/validate-cuda"
     for name in ("derm-t2im-factory/factory-cpu", "derm-t2im-factory/factory-smoke", "validate/validate-cpu",
                  "regenerate/regenerate-weekly", "prepare-seeds/seeds-cpu"):
         assert pools[name] == "cpu", name
@@ -160,7 +165,7 @@ def _check_a_worker_runs_a_deployment(api_url: str, tmp_path: Path) -> None:
         state = client.read_flow_run(run.id).state
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert state is not None and state.is_completed(), f"{state}\n{log}"
-    # The worker ran in tmp_path: only the pull step's cd makes `flows/seeds.py` resolvable.
+    # The worker ran in tmp_path and imported dermt2im.flows.seeds from the installed package.
     assert Workdir.at(work).seeds_manifest.is_file()
 
 

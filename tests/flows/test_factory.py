@@ -3,9 +3,11 @@
 import mlflow
 import pytest
 
+from dermt2im.core.views import seeds_view
 from dermt2im.core.manifest import PLAN, SEEDS, SYNTHETIC, read_manifest
+from dermt2im.core.views import synthetic_view
 from dermt2im.core.workdir import Workdir
-from flows.factory import factory
+from dermt2im.flows.factory import factory
 from tests.prefect_utils import subflow_graph, task_run_names, task_states
 from tests.core.test_storage import s3_bucket  # noqa: F401  (fixture)
 
@@ -31,16 +33,16 @@ def _ran(states: dict[str, list[str]], names: set[str]) -> dict[str, set[str]]:
 
 def test_factory_end_to_end_then_cache_then_partial_reruns(prefect_harness, workdir):
     root = str(workdir.root)
-    first = factory(root, config="smoke", overrides=SMALL, return_state=True)
+    first = factory(root, config="tiny", overrides=SMALL, return_state=True)
     out = first.result()
     w = Workdir.at(root)
 
     # every stage wrote what the next one reads
-    seeds = read_manifest(w.seeds_manifest, SEEDS)
+    seeds = seeds_view(w.seeds_manifest)
     assert len(seeds) == 16 and seeds.loc[seeds["status"] == "accepted", "processed_path"].notna().all()
     assert set(out["seeds"]["test_sets"]) == {"phantom-isic", "phantom-ham"}
     assert (w.lora / out["lora"]["run_id"] / "pytorch_lora_weights.safetensors").is_file()
-    synthetic = read_manifest(w.synthetic_manifest, SYNTHETIC)
+    synthetic = synthetic_view(w)
     assert len(synthetic) == len(read_manifest(w.plan_manifest, PLAN)) == 8
     assert set(synthetic["status"]) <= {"accepted", "rejected"} and synthetic["sha256"].notna().all()
     assert (w.reports / "table_iv.md").is_file() and "hybrid" in (w.reports / "table_iv.md").read_text()
@@ -74,6 +76,37 @@ def test_factory_end_to_end_then_cache_then_partial_reruns(prefect_harness, work
     assert "Completed" in states["validate"], states
     assert tr.result()["lora"]["run_id"] != out["lora"]["run_id"]
 
+    # `dermt2im run` on the finished workdir decides that nothing needs doing without torch, Prefect
+    # (no server), MLflow or Ray: each import would fail in this process
+    done = _run_without_heavy_imports(root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "is up to date for this config: nothing to do (no server started)" in done.stdout
+    assert f"Table IV: {w.reports / 'table_iv.md'}" in done.stdout and "mlflow ui --backend-store-uri" in done.stdout
+    assert "starting Prefect" not in done.stdout + done.stderr
+    # ... and that something does, once a setting changes (it then needs Prefect: the import fails here)
+    changed = _run_without_heavy_imports(root, "--set", "generate.guidance_scale=4.0")
+    assert changed.returncode != 0 and "to do, from the generate stage on: render shard 0" in changed.stdout
+    assert "prefect imported" in changed.stderr
+
+
+def _run_without_heavy_imports(root: str, *args: str):
+    """`dermt2im run --workdir root` in a process where importing torch, prefect, mlflow, diffusers,
+    transformers or ray raises (stand-in packages first on the path)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    shim = Path(tempfile.mkdtemp(prefix="no-heavy-imports-"))
+    for name in ("torch", "prefect", "mlflow", "diffusers", "transformers", "ray"):
+        (shim / name).mkdir()
+        (shim / name / "__init__.py").write_text(f"raise ImportError('{name} imported')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])}
+    exe = Path(sys.executable).with_name("dermt2im")
+    return subprocess.run([str(exe), "run", "--workdir", root, *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
 
 def test_factory_with_manifests_and_images_on_a_local_s3_endpoint(prefect_harness, workdir, s3_bucket):
     """storage.manifests and storage.images on S3 (moto): every manifest lives there, the
@@ -83,16 +116,16 @@ def test_factory_with_manifests_and_images_on_a_local_s3_endpoint(prefect_harnes
 
     root = str(workdir.root)
     where = [f"storage.manifests={s3_bucket}/run/manifests", f"storage.images={s3_bucket}/run/images"]
-    first = factory(root, config="smoke", overrides=SMALL + where, return_state=True)
+    first = factory(root, config="tiny", overrides=SMALL + where, return_state=True)
     first.result()
     assert all(s == {"Completed"} for s in _ran(task_states(first), COMPUTE).values()), task_states(first)
 
     w = Workdir.at(root, f"{s3_bucket}/run/manifests")
-    seeds = read_manifest(w.seeds_manifest, SEEDS)
+    seeds = seeds_view(w.seeds_manifest)
     assert len(seeds) == 16 and seeds.loc[seeds["status"] == "accepted", "processed_path"].notna().all()
     names = {str(p).rsplit("/", 1)[-1] for p in storage.files_in(w.test_sets_folder, ".parquet")}
     assert names == {"phantom-isic.parquet", "phantom-ham.parquet"}
-    synthetic = read_manifest(w.synthetic_manifest, SYNTHETIC)
+    synthetic = synthetic_view(w)
     assert len(synthetic) == len(read_manifest(w.plan_manifest, PLAN)) == 8
     assert set(synthetic["status"]) <= {"accepted", "rejected"} and pending_parts(w.synthetic_manifest) == []
     assert all(p.startswith(f"{s3_bucket}/run/images/") and storage.is_file(p) for p in synthetic["path"])
@@ -127,6 +160,13 @@ def _check_what_the_prefect_ui_shows(state, w):
     assert md.count("Table IV") == 1 and "| vit | phantom-ham | hybrid<br>" in md and "mlflow ui --backend-store-uri" in md
     assert md.count("](data:image/") == 1 and (w.reports / "grids" / "overview.png").is_file()
     assert "file://" not in md and len(md) < 4_000_000
+    assert "## Class agreement" in md and "Class agreement (vit baseline classifiers on the synthetic images)" in md
+    # MLflow's comparison run holds the images beside the classifiers trained on them
+    from dermt2im.core.tracking import sqlite_artifact_root
+
+    parent = mlflow.search_runs(experiment_names=["derm-t2im"], filter_string="tags.`dermt2im.kind` = 'comparison'")
+    root = sqlite_artifact_root(mlflow.get_tracking_uri())
+    assert list(root.glob(f"*/{parent['run_id'].iloc[0]}/artifacts/quality/grids/overview.png")), parent["run_id"]
     for key in ("ingest-seeds", "ingest-phantom-ham", "preprocess-seeds", "preprocess-phantom-isic",
                 "generate-grid-overview", "table-iv", "fidelity", "fidelity-table"):
         assert key in latest, sorted(latest)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 
 from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest
+from dermt2im.core.views import synthetic_view
 from dermt2im.core.workdir import Workdir
-from flows.factory import factory
+from dermt2im.flows.factory import factory
 from tests.flows.test_factory import SMALL
 from tests.prefect_utils import task_runs, task_states
 
@@ -34,14 +35,14 @@ def test_the_factory_renders_and_validates_on_ray_one_task_run_per_unit(prefect_
     monkeypatch.setattr(cell, "fit_and_test", not_here)
 
     root = str(workdir.root)
-    state = factory(root, config="smoke", overrides=ON_RAY + [f"scale.ray_address={ray_cluster}"], return_state=True)
+    state = factory(root, config="tiny", overrides=ON_RAY + [f"scale.ray_address={ray_cluster}"], return_state=True)
     out = state.result()
     states = task_states(state)
     assert all(set(states[s]) == {"Completed"} for s in ("generate", "validate", "quality")), states
 
     w = Workdir.at(root)
     plan = read_manifest(w.plan_manifest, PLAN)
-    synthetic = read_manifest(w.synthetic_manifest, SYNTHETIC)
+    synthetic = synthetic_view(w)
     assert len(synthetic) == len(plan) == 8 and synthetic["sha256"].notna().all()
     assert out["synthetic"]["rendered"] == 8 and (w.reports / "table_iv.md").is_file()
 

@@ -42,28 +42,13 @@ TINY = [
 
 def _prepare_workdir(root: Path) -> int:
     """Seeds, a LoRA and a first plan, through the sequential runner (what regeneration extends)."""
+    from dermt2im import pipelines
     from dermt2im.core.workdir import open_workdir
-    from dermt2im.generate.model import resolve_model
     from dermt2im.generate.plan import planned_per_class
-    from dermt2im.generate.stage import GenerateStage
-    from dermt2im.ingest.stage import IngestStage, seed_datasets
-    from dermt2im.phantoms import PhantomStage
-    from dermt2im.preprocess.stage import PreprocessStage
-    from dermt2im.quality.stage import QualityStage
-    from dermt2im.runners.sequential import run_stage
-    from dermt2im.stage import Stamps
-    from dermt2im.train.stage import TrainStage
+    from dermt2im.runners.sequential import run_pipeline
 
-    w, cfg = open_workdir(root, "smoke", TINY)
-    sets = run_stage(PhantomStage(cfg.phantoms, w.data, Stamps(w.stamps, "phantoms"))).closing
-    datasets = seed_datasets(w, sets.pop("seeds"), sets)
-    run_stage(IngestStage(cfg.ingest, datasets, w))
-    run_stage(PreprocessStage(cfg.preprocess, {d.name: d.manifest for d in datasets}, w.processed))
-    run_stage(TrainStage.of(w, cfg))
-    model = resolve_model(w, None, base_model=cfg.train.base_model, revision=cfg.train.revision,
-                          token=cfg.train.instance_token)
-    run_stage(GenerateStage(w, cfg.generate, cfg.runtime.generate, model))
-    run_stage(QualityStage(w, cfg.quality))
+    w, cfg = open_workdir(root, "tiny", TINY)
+    run_pipeline([*pipelines.seeds(w, cfg), *pipelines.train(w, cfg), *pipelines.generate(w, cfg)])
     return planned_per_class(w.plan_manifest)
 
 

@@ -2,8 +2,9 @@
 
 import pytest
 
+from dermt2im.core.views import seeds_view
 from dermt2im.core.manifest import SEEDS, read_manifest
-from flows.seeds import prepare_seeds
+from dermt2im.flows.seeds import prepare_seeds
 from tests.prefect_utils import task_states
 
 pytestmark = pytest.mark.slow
@@ -11,13 +12,13 @@ SMALL = ["phantoms.n_seed=8", "phantoms.n_test=4", "phantoms.size=48", "preproce
 
 
 def test_flow_prepares_seeds_and_test_sets_then_serves_cache(prefect_harness, workdir):
-    state = prepare_seeds(str(workdir.root), config="smoke", overrides=SMALL, return_state=True)
+    state = prepare_seeds(str(workdir.root), config="tiny", overrides=SMALL, return_state=True)
     out = state.result()
-    seeds = read_manifest(out["seeds"], SEEDS)
+    seeds = seeds_view(out["seeds"])
     assert len(seeds) == 8 and seeds["processed_path"].notna().all()
     assert set(out["test_sets"]) == {"phantom-isic", "phantom-ham"}
     for manifest in out["test_sets"].values():
-        t = read_manifest(manifest, SEEDS)
+        t = seeds_view(manifest)
         assert len(t) == 4 and set(t["split"]) == {"test"}
         assert not set(t["lesion_id"]) & set(seeds["lesion_id"])  # unseen lesions
     first = task_states(state)
@@ -30,13 +31,13 @@ def test_flow_prepares_seeds_and_test_sets_then_serves_cache(prefect_harness, wo
 
 
 def test_changed_preprocess_config_reruns_only_preprocess(prefect_harness, workdir):
-    prepare_seeds(str(workdir.root), config="smoke", overrides=SMALL)
-    state = prepare_seeds(str(workdir.root), config="smoke", overrides=SMALL[:-1] + ["preprocess.size=24"],
+    prepare_seeds(str(workdir.root), config="tiny", overrides=SMALL)
+    state = prepare_seeds(str(workdir.root), config="tiny", overrides=SMALL[:-1] + ["preprocess.size=24"],
                           return_state=True)
     states = task_states(state)
     assert set(states["ingest"]) == {"Cached"}
     assert "Completed" in states["preprocess"]
     from PIL import Image
 
-    seeds = read_manifest(state.result()["seeds"], SEEDS)
+    seeds = seeds_view(state.result()["seeds"])
     assert Image.open(seeds["processed_path"].iloc[0]).size == (24, 24)

@@ -6,7 +6,6 @@ from dermt2im.generate import shards
 from dermt2im.generate.model import RenderModel
 from dermt2im.generate.plan import update_plan
 from dermt2im.generate.stage import GenerateReport, GenerateStage
-from dermt2im.generate.stage import generate as run_generate
 
 
 def base_model(cfg) -> RenderModel:
@@ -39,9 +38,16 @@ def stage(workdir, cfg, model: RenderModel | None = None, **kw) -> GenerateStage
 
 
 def generate(workdir, cfg, *, lora=None, base_model_only: bool = False, **kw) -> GenerateReport:
-    from dermt2im.generate.model import resolve_model
+    """Plan, then render every shard (or the given ones) that is not complete, in this process."""
+    import time
+
+    from dermt2im.runners.sequential import run_stage
 
     w = workdir.using(cfg)
-    model = resolve_model(w, lora, base_model_only=base_model_only, base_model=cfg.train.base_model,
-                          revision=cfg.train.revision, token=cfg.train.instance_token)
-    return run_generate(w, cfg.generate, cfg.runtime.generate, model, **kw)
+    t0 = time.perf_counter()
+    render = GenerateStage(w, cfg.generate, cfg.runtime.generate, train=cfg.train, lora=lora,
+                           base_model_only=base_model_only, **kw)
+    done = run_stage(render).closing
+    return GenerateReport(w.plan_manifest, w.synthetic_manifest, done["planned"], done["rendered"],
+                          done["planned"] - done["rendered"], time.perf_counter() - t0, done["lora"],
+                          tuple(done["shards"]), render.model.describe())

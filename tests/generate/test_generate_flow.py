@@ -5,7 +5,8 @@ import os
 import pytest
 
 from dermt2im.core.manifest import SYNTHETIC, read_manifest
-from flows.generate import generate
+from dermt2im.core.views import synthetic_view
+from dermt2im.flows.generate import generate
 from tests.quality.gate_config import FULL_GATE
 from tests.prefect_utils import task_states
 
@@ -22,10 +23,10 @@ SMALL = FULL_GATE + [
 
 
 def test_generate_flow_renders_assesses_publishes_then_serves_cache(prefect_harness, workdir):
-    state = generate(str(workdir.root), config="smoke", overrides=SMALL, base_model_only=True, return_state=True)
+    state = generate(str(workdir.root), config="tiny", overrides=SMALL, base_model_only=True, return_state=True)
     out = state.result()
     assert out["planned"] == 4 and out["shards"] == [0, 1] and out["rendered"] == 4 and out["lora"] is None
-    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    df = synthetic_view(workdir)
     assert len(df) == 4 and df["sample_key"].is_unique and df["status"].isin(["accepted", "rejected"]).all()
     # the untrained tiny model draws noise, and the gate says so
     assert out["reasons"].get("noise", 0) == out["rejected"] == 4
@@ -46,6 +47,6 @@ def test_generate_flow_renders_assesses_publishes_then_serves_cache(prefect_harn
     states = task_states(third)
     assert third.result()["rendered"] == 1
     assert sorted(states["generate"]) == ["Cached", "Completed"]
-    final = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    final = synthetic_view(workdir)
     assert len(final) == 4 and set(final["sample_key"]) == set(df["sample_key"])
     assert final["status"].isin(["accepted", "rejected"]).all()  # the re-rendered image was assessed

@@ -36,7 +36,7 @@ TINY = [
 
 
 def tiny_cfg(*extra: str):
-    return load_config("smoke", TINY + list(extra))
+    return load_config("tiny", TINY + list(extra))
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +292,7 @@ def _make_lora(folder):
                            metadata=meta)["diffusers"]
 
 
-def test_generate_uses_the_newest_lora_fused_and_records_it(workdir, tmp_path):
+def test_generate_fuses_the_lora_given_and_records_it(workdir, tmp_path):
     cfg = tiny_cfg("generate.per_class=2", "generate.shard_size=2")
     base = generate(workdir, cfg, base_model_only=True)  # the base model alone, asked for explicitly
     assert base.lora is None and base.planned == base.rendered == 4
@@ -303,8 +303,11 @@ def test_generate_uses_the_newest_lora_fused_and_records_it(workdir, tmp_path):
     assert usable_synthetic(base_df.assign(status="accepted", memorised=False).reset_index()).empty
 
     weights = _make_lora(workdir.root / "lora" / "run-1")
-    report = generate(workdir, cfg)  # the LoRA changes every render key: all rendered again
+    with pytest.raises(GenerationError, match="no LoRA trained for the current config"):
+        generate(workdir, cfg)  # a folder in W/lora that training did not record for this config is not used
+    report = generate(workdir, cfg, lora=weights.parent)  # the LoRA changes every render key: all rendered again
     assert report.lora == str(weights.parent.resolve()) and report.rendered == 4 and report.skipped == 0
+    assert "given with --lora" in report.summary()
     df = read_manifest(workdir.synthetic_manifest, SYNTHETIC).set_index("sample_key").sort_index()
     assert (df["lora_sha256"] == sha256_file(weights)).all() and (df["lora_path"] == str(weights.resolve())).all()
     assert (df["sha256"] != base_df["sha256"]).all()
@@ -314,7 +317,7 @@ def test_generate_uses_the_newest_lora_fused_and_records_it(workdir, tmp_path):
     assert prep.lora_sha256 == sha256_file(weights)  # one cached pipeline, LoRA fused
     assert "Lora hashes" in json.dumps(_png_text(df["path"].iloc[0]))
 
-    again = generate(workdir, cfg)
+    again = generate(workdir, cfg, lora=weights.parent)
     assert again.rendered == 0 and again.skipped == 4
     assert "4 planned" in again.summary() and "0 rendered" in again.summary()
     pipeline.clear_pipeline_cache()
@@ -329,7 +332,7 @@ def _png_text(path):
 
 def test_generate_rejects_unknown_shards_and_missing_lora(workdir):
     cfg = tiny_cfg()
-    with pytest.raises(GenerationError, match="no LoRA given and none trained"):
+    with pytest.raises(GenerationError, match="no LoRA trained for the current config: its train key needs the training seeds .no training images"):
         generate(workdir, cfg)  # images of the base model alone are not lesions of a class: only when asked
     with pytest.raises(GenerationError, match="not in the plan"):
         generate(workdir, cfg, shards=[99], base_model_only=True)

@@ -11,6 +11,7 @@ import torch
 from dermt2im.core import storage
 from dermt2im.core.fileio import sha256_bytes
 from dermt2im.core.manifest import SYNTHETIC, read_manifest
+from dermt2im.core.views import synthetic_view
 from dermt2im.diffusion.models import build_tiny_pipeline
 from dermt2im.export import export_imagefolder
 from dermt2im.quality.images import load_rgb
@@ -86,7 +87,7 @@ def test_render_assess_export_and_load_from_a_memory_store(workdir, tmp_path, pi
     render(workdir, cfg, 0, pipe=pipe)  # records the adopted one
     seed_workdir(workdir, n_seeds=2)
     assess(workdir, cfg.quality)
-    assessed = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    assessed = synthetic_view(workdir)
     assert set(assessed["status"]) <= {"accepted", "rejected"} and len(assessed) == 6
     assert not assessed["reason"].fillna("").str.startswith(("missing", "unreadable")).any()
     assert assessed["nearest_seed_distance"].notna().all()  # audited: the pixels were read

@@ -16,12 +16,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from dermt2im.core.manifest import SYNTHETIC, read_manifest
 from dermt2im.core.specs import IngestConfig
+from dermt2im.core.views import synthetic_view
 from dermt2im.generate.imports import ImportStage, SyntheticImportError, import_synthetic
 from dermt2im.quality.stage import QualityStage
 from dermt2im.runners.sequential import run_stage
 from dermt2im.validate.inputs import ValidationError, load_inputs
 from dermt2im.validate.plan import plan_mixtures
-from tests.quality.gate_config import smoke_with_full_gate
+from tests.quality.gate_config import tiny_with_full_gate
 from tests.validate.validate_fixtures import make_validation_data, render, run_validation, tiny_config
 
 PARAMETERS = ("a dermoscopic image of a {label} skin lesion\nNegative prompt: text, watermark, ruler\n"
@@ -58,14 +59,14 @@ def external(tmp_path, workdir):
 
 def test_an_external_set_is_imported_with_its_parameters_gated_and_audited(external, workdir):
     data, src, seed_row = external
-    cfg = smoke_with_full_gate()
+    cfg = tiny_with_full_gate()
     stage = ImportStage(workdir, cfg.ingest, src, "ext")
     first = run_stage(stage).closing
     assert (first["total"], first["new"], first["quarantined"]) == (13, 13, 2)
     assert run_stage(stage).cached == 1  # the same files: nothing to do
     report = run_stage(QualityStage(workdir, cfg.quality)).closing
 
-    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    df = synthetic_view(workdir)
     ext = df[df["source"] == "ext"]
     ext = ext.set_index(ext["path"].map(lambda p: os.path.relpath(p, src)))
     good = ext.loc[[f"{label}/{i:05d}.png" for label in ("benign", "malignant") for i in range(5)]]
@@ -95,10 +96,10 @@ def test_an_external_set_is_imported_with_its_parameters_gated_and_audited(exter
 
 def test_validation_restricted_to_a_source_uses_exactly_its_images(external, workdir, tmp_path):
     _, src, _ = external
-    cfg = smoke_with_full_gate()
+    cfg = tiny_with_full_gate()
     import_synthetic(workdir, src, "ext", cfg.ingest)
     run_stage(QualityStage(workdir, cfg.quality))
-    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    df = synthetic_view(workdir)
     usable_ext = set(df.loc[(df["source"] == "ext") & (df["status"] == "accepted"), "path"])
     assert len(usable_ext) == 10
 
@@ -139,18 +140,18 @@ def test_import_refuses_a_bad_name_or_a_real_dataset_layout(tmp_path, workdir):
 
 def test_reimport_keeps_verdicts_and_a_changed_or_gone_file_is_seen(external, workdir):
     _, src, _ = external
-    cfg = smoke_with_full_gate()
+    cfg = tiny_with_full_gate()
     import_synthetic(workdir, src, "ext", cfg.ingest)
     run_stage(QualityStage(workdir, cfg.quality))
-    before = read_manifest(workdir.synthetic_manifest, SYNTHETIC).set_index("path")
+    before = synthetic_view(workdir).set_index("path")
     assert import_synthetic(workdir, src, "ext", cfg.ingest).new == 0
-    pd.testing.assert_frame_equal(read_manifest(workdir.synthetic_manifest, SYNTHETIC).set_index("path"), before)
+    pd.testing.assert_frame_equal(synthetic_view(workdir).set_index("path"), before)
     changed, gone = src / "malignant" / "00001.png", src / "malignant" / "00002.png"
     changed.write_bytes(a1111_png(render("malignant", np.random.default_rng(77), 32, "isic", "drawn"),
                                   "malignant", 40, 1))
     gone.unlink()
     report = import_synthetic(workdir, src, "ext", cfg.ingest)
-    after = read_manifest(workdir.synthetic_manifest, SYNTHETIC).set_index("path")
+    after = synthetic_view(workdir).set_index("path")
     assert report.changed == 1 and after.loc[str(changed), "status"] == "rendered"
     assert after.loc[str(changed), "sample_key"] == before.loc[str(changed), "sample_key"]
     assert after.loc[str(gone), "status"] == "quarantined" and after.loc[str(gone), "reason"].startswith("file not found")

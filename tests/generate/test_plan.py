@@ -97,4 +97,5 @@ def test_smoke_and_paper_presets_plan():
     plan = build_plan(paper, token="sks", per_class=300)
     assert set(plan["sampler"]) == {"euler", "euler_a", "plms"} and plan["steps"].between(20, 26).all()
     smoke = build_plan(load_config("smoke").generate, token="sks")
-    assert len(smoke) == 16
+    assert len(smoke) == 80 and smoke["prompt"].str.contains("sks malignant skin lesion").sum() == 40
+    assert set(smoke["transformation"]) == set(load_config("smoke").generate.transformations)

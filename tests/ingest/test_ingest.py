@@ -586,21 +586,27 @@ def test_new_copies_of_existing_images_on_reingest(tmp_path):
 
 
 def test_reingest_keeps_preprocess_results_unless_the_file_changed(tmp_path):
+    """Ingest never writes preprocess's table; readers join the two by row id, and a row whose bytes
+    changed is joined to nothing preprocess made of the old bytes."""
+    from dermt2im.core.manifest import PROCESSED, processed_location, write_manifest
+    from dermt2im.core.views import seeds_view
+
     src, manifest = tmp_path / "src", tmp_path / "seeds.parquet"
     class_folders(src, per_class=3)
     _, df = run(src, manifest)
-    done = df.copy()
-    done["processed_path"] = "/processed/" + done["sample_id"] + ".png"
-    done["preprocess_key"] = "k1"
-    done["hair_fraction"] = 0.25
+    done = pd.DataFrame({"source_path": df["source_path"], "sample_id": df["sample_id"], "status": "processed",
+                         "processed_path": "/processed/" + df["sample_id"] + ".png", "preprocess_key": "k1",
+                         "hair_fraction": 0.25})
     failed = done.index[done["source_path"].str.endswith("benign-1.jpg")][0]
     done.loc[failed, ["status", "reason", "processed_path", "preprocess_key"]] = [
-        "quarantined", "preprocess: image processing failed", None, None]
-    upsert(manifest, done, SEEDS)
+        "failed", "preprocess: image processing failed", None, "k1"]
+    write_manifest(done, processed_location(manifest), PROCESSED)
+    before = read_manifest(processed_location(manifest), PROCESSED)
     put(src / "malignant" / "malignant-0.jpg", jpeg(4242))  # changed bytes: old preprocessing is stale
 
-    _, again = run(src, manifest)
-    rows = by_rel(again, src)
+    run(src, manifest)
+    assert read_manifest(processed_location(manifest), PROCESSED).equals(before)  # ingest writes only its own
+    rows = by_rel(seeds_view(manifest), src)
     kept = rows.loc["benign/benign-0.jpg"]
     assert kept["processed_path"].startswith("/processed/") and kept["preprocess_key"] == "k1"
     assert kept["hair_fraction"] == 0.25
@@ -728,3 +734,44 @@ def test_real_dermoscopy_images_ingest_cleanly(real_ingest, real_dermoscopy):
     expected = labels.set_index("sha256")[["width", "height"]]  # sample_id is the sha256 of the file bytes
     got = df.set_index("sample_id")[["width", "height"]]
     pd.testing.assert_frame_equal(got.loc[expected.index], expected, check_names=False, check_dtype=False)
+
+
+def test_a_class_folder_of_links_into_one_image_pool_ingests(tmp_path):
+    """Links are followed as the file's owner would open them, inside the source or out of it; each row
+    keeps the link as its path and records its target; loops are still refused; a change to a linked
+    file outside the source re-runs ingest."""
+    from dermt2im.ingest.stage import Dataset, IngestStage
+    from dermt2im.runners.sequential import run_stage
+
+    pool = tmp_path / "pool"
+    for i in range(6):
+        put(pool / f"img{i}.jpg", jpeg(40 + i))
+    put(tmp_path / "more" / "extra.jpg", jpeg(60))
+    src = tmp_path / "dataset"
+    (src / "benign").mkdir(parents=True)
+    (src / "malignant").mkdir(parents=True)
+    for i in range(3):
+        (src / "benign" / f"b{i}.jpg").symlink_to(pool / f"img{i}.jpg")
+        (src / "malignant" / f"m{i}.jpg").symlink_to(pool / f"img{i + 3}.jpg")
+    (src / "malignant" / "more").symlink_to(tmp_path / "more")  # a linked folder outside the source
+    (tmp_path / "more" / "back").symlink_to(tmp_path / "more")  # a loop through the linked folder
+    (src / "benign" / "self.jpg").symlink_to(src / "benign" / "self.jpg")  # a loop on itself
+
+    report, df = run(src, tmp_path / "seeds.parquet")
+    rows = by_rel(df, src)
+    linked = [f"benign/b{i}.jpg" for i in range(3)] + [f"malignant/m{i}.jpg" for i in range(3)]
+    assert (rows.loc[linked, "status"] == "accepted").all(), rows[["status", "reason"]]
+    assert rows.loc["benign/b1.jpg", "link_target"] == str((pool / "img1.jpg").resolve())
+    assert rows.loc["malignant/more/extra.jpg", ["status", "label", "link_target"]].tolist() == [
+        "accepted", "malignant", str((tmp_path / "more" / "extra.jpg").resolve())]
+    assert rows.loc["benign/self.jpg", "reason"].startswith("symbolic link loop")
+    assert rows.loc["malignant/more/back", "reason"].startswith("symbolic link loop")
+    assert report.accepted == 7 and report.labels == {"benign": 3, "malignant": 4}
+
+    stage = IngestStage(CFG, [Dataset("seeds", str(src), str(tmp_path / "stage.parquet"))],
+                        type("W", (), {"stamps": tmp_path / "stamps", "locks": tmp_path / "locks"})())
+    assert run_stage(stage).ran == 1 and run_stage(stage).ran == 0  # up to date
+    put(pool / "img4.jpg", jpeg(99))  # the pool changes under a link
+    assert run_stage(stage).ran == 1
+    put(tmp_path / "more" / "extra2.jpg", jpeg(98))  # a file appears in a linked folder
+    assert run_stage(stage).ran == 1

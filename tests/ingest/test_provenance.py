@@ -116,7 +116,7 @@ def test_a_workdir_inside_the_source_is_skipped(tmp_path):
     put(w.root / "data" / "seeds" / "malignant" / "ph.png", png_with(pixels(8)))
     stage = IngestStage(IngestConfig(min_side=8), [Dataset("seeds", str(src), str(w.seeds_manifest))], w)
     key = stage.key(stage.units()[0])
-    stage.run(stage.units()[0])
+    stage.run(stage.units()[0], key)
     df = read_manifest(w.seeds_manifest, SEEDS)
     assert len(df) == 4 and not df["source_path"].str.contains("dermt2im-work").any()
     put(w.synthetic / "malignant" / "malignant-000001.png", png_with(pixels(9)))  # the workdir grows
@@ -152,17 +152,17 @@ def test_reingest_reads_provenance_of_rows_made_before_it_existed(tmp_path):
 
 def test_validation_refuses_a_real_image_byte_identical_to_a_synthetic_one(workdir):
     """The last line of defence: a generated file that reached a real split by any route stops validation."""
-    from dermt2im.core.manifest import SEEDS, SYNTHETIC, write_manifest
     from dermt2im.validate.inputs import ValidationError, load_inputs
+    from tests.manifests import write_seeds, write_synthetic
     from tests.validate.validate_fixtures import make_validation_data
 
     data = make_validation_data(workdir, n_train=4, n_val=2, n_test=2, n_synthetic=2, n_external=2)
     seeds = data.seeds.copy()
     seeds.loc[seeds["split"] == "test", "sample_id"] = data.synthetic["sha256"].iloc[0]
-    write_manifest(seeds.drop_duplicates("source_path"), workdir.seeds_manifest, SEEDS)
+    write_seeds(workdir.seeds_manifest, seeds.drop_duplicates("source_path"))
     with pytest.raises(ValidationError, match="byte-identical to synthetic image benign-000000"):
         load_inputs(workdir)
-    write_manifest(data.synthetic.iloc[1:], workdir.synthetic_manifest, SYNTHETIC)
+    write_synthetic(workdir, data.synthetic.iloc[1:])
     load_inputs(workdir)  # once the synthetic row is gone, nothing is refused
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dermt2im.core.views import seeds_view
 from dermt2im.core.manifest import SEEDS, read_manifest
 from dermt2im.core.specs import PreprocessConfig
 from dermt2im.phantoms import draw_hairs, make_phantoms, render_phantom
@@ -126,14 +127,14 @@ def test_the_preprocess_report_states_both_figures_per_class(tmp_path):
     ingest_source(tmp_path / "src", manifest, IngestConfig())
     closing = run_stage(PreprocessStage(PreprocessConfig(size=64), {"seeds": manifest}, tmp_path / "processed",
                                         workers=1, reports=tmp_path / "reports")).closing
-    figures = json.loads((tmp_path / "reports" / "preprocess.json").read_text())["datasets"]["seeds"]
-    df = read_manifest(manifest, SEEDS)
+    figures = json.loads((tmp_path / "reports" / "preprocess-seeds.json").read_text())["classes"]
+    df = seeds_view(manifest)
     for label in ("benign", "malignant"):
         f = figures[label]
         mine = df[(df["label"] == label) & (df["status"] == "accepted")]
         assert f["images"] == len(mine) and f["changed"]["median"] == pytest.approx(mine["hair_changed_fraction"].median())
         assert f["drawn_hair_gain_db"]["images"] == min(6, len(mine)) and f["drawn_hair_gain_db"]["median"] > 3
-    md = (tmp_path / "reports" / "preprocess.md").read_text()
+    md = (tmp_path / "reports" / "preprocess-seeds.md").read_text()
     assert "| seeds | benign |" in md and "| seeds | malignant |" in md
     assert "drawn-hair gain median" in closing["seeds"]["hair_text"]
 

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from dermt2im.core.views import seeds_view
 from dermt2im.core.fileio import sha256_file
 from dermt2im.core.imaging import encode_png
-from dermt2im.core.manifest import SEEDS, read_manifest, write_manifest
+from dermt2im.core.manifest import SEEDS, processed_location, read_manifest, write_manifest
 from dermt2im.core.specs import PreprocessConfig
 from dermt2im.phantoms import draw_hairs, make_phantoms, render_phantom
 from dermt2im.preprocess import pool as pp
@@ -173,7 +174,7 @@ def _seed_manifest(folder: Path, manifest: Path, extra: list[dict] | None = None
                      "reason": None, "duplicate_of": None, "split": "train"})
     rows += extra or []
     write_manifest(pd.DataFrame(rows), manifest, SEEDS)
-    return read_manifest(manifest, SEEDS)
+    return seeds_view(manifest)
 
 
 @pytest.fixture
@@ -196,7 +197,7 @@ def test_preprocess_manifest_fills_columns_with_every_core(seeds, tmp_path, monk
     started = []
     real_pool = pp.ProcessPoolExecutor
     monkeypatch.setattr(pp, "ProcessPoolExecutor", lambda n, **kw: started.append(n) or real_pool(n, **kw))
-    before = read_manifest(seeds, SEEDS)
+    before = seeds_view(seeds)
     out = tmp_path / "processed"
     cfg = PreprocessConfig(size=32)
     report = preprocess_manifest(seeds, out, cfg, workers=2)
@@ -204,7 +205,7 @@ def test_preprocess_manifest_fills_columns_with_every_core(seeds, tmp_path, monk
     assert (report.processed, report.cached, report.failed) == (6, 0, 0)
     assert started == [2]
     assert "6 processed" in report.summary()
-    after = read_manifest(seeds, SEEDS)
+    after = seeds_view(seeds)
     pd.testing.assert_frame_equal(after.drop(columns=FILLED), before.drop(columns=FILLED))
     done = after[after["status"] == "accepted"]
     for _, row in done.iterrows():
@@ -221,7 +222,7 @@ def test_second_run_does_no_work_and_a_changed_parameter_reprocesses(seeds, tmp_
     out = tmp_path / "processed"
     cfg = PreprocessConfig(size=32)
     preprocess_manifest(seeds, out, cfg)
-    first = read_manifest(seeds, SEEDS)
+    first = seeds_view(seeds)
     files = list(first["processed_path"].dropna())
     stamps = _mtimes([*files, str(seeds)])
 
@@ -237,31 +238,29 @@ def test_second_run_does_no_work_and_a_changed_parameter_reprocesses(seeds, tmp_
 
     changed = preprocess_manifest(seeds, out, PreprocessConfig(size=32, hair_threshold=30), workers=1)
     assert (changed.processed, changed.cached) == (6, 0)
-    second = read_manifest(seeds, SEEDS)
+    second = seeds_view(seeds)
     accepted = second["status"] == "accepted"
     assert not set(second.loc[accepted, "processed_path"]) & set(files)
     assert (second.loc[accepted, "preprocess_key"] != first.loc[accepted, "preprocess_key"]).all()
 
 
-def test_finished_files_are_adopted_after_a_lost_manifest_update(seeds, tmp_path, monkeypatch):
+def test_finished_files_are_adopted_after_a_lost_record(seeds, tmp_path, monkeypatch):
     out = tmp_path / "processed"
     cfg = PreprocessConfig(size=32)
     preprocess_manifest(seeds, out, cfg)
-    done = read_manifest(seeds, SEEDS)
-    blank = done.copy()
-    blank[FILLED] = None
-    write_manifest(blank, seeds, SEEDS)  # as if the run was killed before it updated the manifest
+    done = seeds_view(seeds)
+    processed_location(seeds).unlink()  # as if the run was killed before it recorded what it made
     monkeypatch.setattr(pp, "_process_job", lambda *a, **k: pytest.fail("an image was processed again"))
     report = preprocess_manifest(seeds, out, cfg)
     assert (report.processed, report.cached) == (0, 6)
-    pd.testing.assert_frame_equal(read_manifest(seeds, SEEDS), done)
+    pd.testing.assert_frame_equal(seeds_view(seeds), done)
 
 
 def test_a_missing_processed_file_is_made_again(seeds, tmp_path):
     out = tmp_path / "processed"
     cfg = PreprocessConfig(size=32)
     preprocess_manifest(seeds, out, cfg)
-    victim = Path(read_manifest(seeds, SEEDS)["processed_path"].dropna().iloc[0])
+    victim = Path(seeds_view(seeds)["processed_path"].dropna().iloc[0])
     victim.unlink()
     report = preprocess_manifest(seeds, out, cfg)
     assert (report.processed, report.cached) == (1, 5) and victim.is_file()
@@ -291,7 +290,7 @@ def test_bad_accepted_files_are_quarantined_with_a_reason(tmp_path, monkeypatch)
     _seed_manifest(folder, manifest, extra)
     report = preprocess_manifest(manifest, tmp_path / "out", PreprocessConfig(size=32), workers=2)
     assert (report.processed, report.failed) == (4, 5)
-    df = read_manifest(manifest, SEEDS).set_index("source_path")
+    df = seeds_view(manifest).set_index("source_path")
     reasons = {name: df.loc[str(tmp_path / name), "reason"] for name in names}
     assert all(df.loc[str(tmp_path / name), "status"] == "quarantined" for name in names)
     assert all(pd.isna(df.loc[str(tmp_path / name), "processed_path"]) for name in names)
@@ -320,7 +319,7 @@ def test_duplicates_sharing_a_sample_id_are_processed_once(tmp_path, monkeypatch
     original.unlink()  # one copy is enough: it is the same content
     report = preprocess_manifest(manifest, tmp_path / "out", PreprocessConfig(size=32), workers=1)
     assert (report.processed, report.failed) == (3, 0) and len(calls) == 2
-    df = read_manifest(manifest, SEEDS).set_index("source_path")
+    df = seeds_view(manifest).set_index("source_path")
     assert df.loc[str(copy), "processed_path"] == df.loc[str(original), "processed_path"]
 
 
@@ -355,7 +354,7 @@ def test_real_hairy_images_get_larger_hair_fractions(real_dermoscopy, tmp_path):
     write_manifest(pd.DataFrame(rows), manifest, SEEDS)
     report = preprocess_manifest(manifest, tmp_path / "out", PreprocessConfig(size=512), workers=2)
     assert (report.processed, report.failed) == (12, 0)
-    df = read_manifest(manifest, SEEDS)
+    df = seeds_view(manifest)
     for path in df["processed_path"]:
         assert np.asarray(Image.open(path)).shape == (512, 512, 3)
     fraction = df.set_index("source_path")["hair_fraction"]

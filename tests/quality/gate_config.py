@@ -1,4 +1,4 @@
-"""The smoke preset relaxes two quality checks for its noise-drawing tiny model; gate tests need all of them."""
+"""The tiny preset relaxes two quality checks for its noise-drawing random-weight model; gate tests need all of them."""
 
 from dermt2im.core.config import FactoryConfig, load_config
 
@@ -6,5 +6,5 @@ from dermt2im.core.config import FactoryConfig, load_config
 FULL_GATE = ["quality.max_high_frequency_ratio=null", "quality.min_lesion_contrast=null"]
 
 
-def smoke_with_full_gate(overrides: list[str] | None = None) -> FactoryConfig:
-    return load_config("smoke", FULL_GATE + list(overrides or []))
+def tiny_with_full_gate(overrides: list[str] | None = None) -> FactoryConfig:
+    return load_config("tiny", FULL_GATE + list(overrides or []))

@@ -13,12 +13,14 @@ from dermt2im.core.fileio import atomic_write_bytes, sha256_bytes
 from dermt2im.core.imaging import encode_png
 from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
 from dermt2im.core.specs import QualityConfig
+from dermt2im.core.views import synthetic_view
 from dermt2im.phantoms import render_phantom
 from dermt2im.quality.audit import embed
 from dermt2im.quality.checks import check_image, reason_code
 from dermt2im.quality.dedupe import hamming_matrix, phash
 from dermt2im.quality.stage import assess
-from tests.quality.gate_config import smoke_with_full_gate
+from tests.quality.gate_config import tiny_with_full_gate
+from tests.manifests import write_seeds
 
 Q = QualityConfig()
 
@@ -133,7 +135,7 @@ def seed_workdir(workdir, n_seeds: int = 4, size: int = 96) -> list[tuple[str, n
         rows.append({"sample_id": sid, "source_path": f"/seeds/{i}.png", "label": label, "status": "accepted",
                      "split": "train", "processed_path": str(path)})
         seeds.append((sid, rgb))
-    write_manifest(pd.DataFrame(rows), workdir.seeds_manifest, SEEDS)
+    write_seeds(workdir.seeds_manifest, rows)
     return seeds
 
 
@@ -168,8 +170,8 @@ def test_assess_gates_dedupes_audits_and_reports(workdir):
     images["benign-000014"] = altered_copy(seeds[0][1])  # a memorised seed: resized, flipped, JPEG
     synthetic_workdir(workdir, images, sampler="mixed")
 
-    report = assess(workdir, smoke_with_full_gate().quality)
-    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC).set_index("sample_key")
+    report = assess(workdir, tiny_with_full_gate().quality)
+    df = synthetic_view(workdir).set_index("sample_key")
     assert report.accepted == 8 and report.rejected == 5 and report.memorised == 1
     assert report.reasons == {"noise": 1, "blur": 1, "duplicate": 1, "near-duplicate": 1, "memorised": 1}
     assert set(df.loc[list(good), "status"]) == {"accepted"}
@@ -197,23 +199,23 @@ def test_assess_gates_dedupes_audits_and_reports(workdir):
     assert "memorisation audit: 1 near-copies" in report.summary()
 
     # re-assessing is stable
-    again = assess(workdir, smoke_with_full_gate().quality)
+    again = assess(workdir, tiny_with_full_gate().quality)
     assert (again.accepted, again.rejected, again.reasons) == (report.accepted, report.rejected, report.reasons)
 
 
 def test_memorised_images_can_be_kept_when_configured(workdir):
     seeds = seed_workdir(workdir, n_seeds=2)
     synthetic_workdir(workdir, {"benign-000000": altered_copy(seeds[1][1]), "benign-000001": phantom("benign", 77)})
-    cfg = smoke_with_full_gate(["quality.exclude_memorised=false"])
+    cfg = tiny_with_full_gate(["quality.exclude_memorised=false"])
     report = assess(workdir, cfg.quality)
-    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC).set_index("sample_key")
+    df = synthetic_view(workdir).set_index("sample_key")
     assert report.memorised == 1 and report.accepted == 2
     assert bool(df.loc["benign-000000", "memorised"]) and df.loc["benign-000000", "status"] == "accepted"
 
 
 def test_assess_without_seeds_or_images(workdir):
-    empty = assess(workdir, smoke_with_full_gate().quality)
+    empty = assess(workdir, tiny_with_full_gate().quality)
     assert (empty.accepted, empty.rejected) == (0, 0)
     synthetic_workdir(workdir, {"benign-000000": phantom()})
-    report = assess(workdir, smoke_with_full_gate().quality)
+    report = assess(workdir, tiny_with_full_gate().quality)
     assert report.accepted == 1 and report.seeds_compared == 0 and "no seed images" in report.summary()

@@ -11,13 +11,15 @@ import pytest
 
 from dermt2im.core.fileio import atomic_write_bytes, sha256_bytes
 from dermt2im.core.imaging import encode_png
-from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
+from dermt2im.core.manifest import FLAG_RATES, SYNTHETIC, read_manifest, write_manifest
+from dermt2im.core.views import synthetic_view
 from dermt2im.core.specs import QualityConfig
 from dermt2im.phantoms import render_phantom
 from dermt2im.quality.shortcuts import REAL, audit_shortcuts, balance, find_shortcuts, rate_table
 from dermt2im.quality.stage import assess
 from tests.quality import artefacts
 from tests.quality.test_quality import synthetic_workdir
+from tests.manifests import write_seeds
 
 
 def frame(label: str, n: int, flagged: int, start: int = 0) -> pd.DataFrame:
@@ -66,7 +68,7 @@ def seeded(workdir):
         path = atomic_write_bytes(workdir.processed / f"{sid}.png", data)
         rows.append({"sample_id": sid, "source_path": f"/seeds/{i}.png", "label": label, "status": "accepted",
                      "split": "train", "processed_path": str(path), "preprocess_key": "k", "hair_fraction": 0.0})
-    write_manifest(pd.DataFrame(rows), workdir.seeds_manifest, SEEDS)
+    write_seeds(workdir.seeds_manifest, rows)
     return workdir
 
 
@@ -80,6 +82,11 @@ def test_assess_calibrates_on_the_seeds_and_audits_a_ruler_shortcut(seeded):
     report = assess(seeded, QualityConfig())
     assert report.accepted == 16 and report.seeds_compared == 24
     assert any("ruler flag is on 100% of accepted malignant" in s for s in report.shortcuts), report.shortcuts
+    # the rates beside the verdicts, in the quality stage's own table (what validation and the UI read)
+    rates = read_manifest(seeded.flag_rates_manifest, FLAG_RATES).set_index(["images", "label"])
+    assert rates.loc[("dermt2im", "malignant"), "ruler"] == 1.0 and rates.loc[("dermt2im", "benign"), "ruler"] == 0.0
+    assert "ruler flag is on 100%" in rates.loc[("dermt2im", "malignant"), "shortcut"]
+    assert pd.isna(rates.loc[("dermt2im", "benign"), "shortcut"]) and ("real seeds", "benign") in rates.index
     quality = json.loads((seeded.reports / "quality.json").read_text())
     origins = {c["field"]: c["origin"] for c in quality["cuts"]}
     assert origins["min_sharpness"].startswith("calibrated on 24 seeds"), origins
@@ -87,7 +94,7 @@ def test_assess_calibrates_on_the_seeds_and_audits_a_ruler_shortcut(seeded):
     assert "ruler" in (seeded.reports / "quality.md").read_text().split("## Shortcut audit")[1]
 
     balanced = assess(seeded, QualityConfig(balance_flags=True))
-    df = read_manifest(seeded.synthetic_manifest, SYNTHETIC).set_index("sample_key")
+    df = synthetic_view(seeded).set_index("sample_key")
     rejected = df[df["status"] == "rejected"]
     assert balanced.reasons == {"shortcut": 8} and set(rejected["label"]) == {"malignant"}
     assert rejected["reason"].str.startswith("shortcut: ruler flag on 100% of accepted malignant").all()

@@ -72,7 +72,7 @@ def test_a_renderer_killed_mid_shard_is_restarted_and_the_plan_completes_exactly
             forward.append(name)
     monkeypatch.setenv("DERMT2IM_TEST_WRITE_DELAY", "0.8")  # only the Ray workers load tests/slow_writes
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([SLOW_WRITES, str(ROOT)]))
-    w, cfg = open_workdir(tmp_path / "work", "smoke", overrides + [f"scale.forward_env={forward}"])
+    w, cfg = open_workdir(tmp_path / "work", "tiny", overrides + [f"scale.forward_env={forward}"])
     stage = generate_stage(w, cfg)
     plan = stage.plan()
     shards = sorted(plan["shard"].unique().tolist())
@@ -122,7 +122,7 @@ def test_a_renderer_killed_mid_shard_is_restarted_and_the_plan_completes_exactly
     assert df["sha256"].notna().all() and (df["status"] == "rendered").all()
     assert all(p == str(w.png_path(lb, k)) and sha256_bytes(storage.read_bytes(p)) == h
                for p, lb, k, h in zip(df["path"], df["label"], df["sample_key"], df["sha256"]))
-    assert all(stage.finished(s) is not None for s in shards)
+    assert all(stage.finished(s, stage.key(s)) is not None for s in shards)
     if where == "s3":
         fs, prefix = storage.to_fs(f"{bucket}/images")
         assert len(fs.find(prefix)) == len(plan)  # no stray or half-written object
@@ -152,13 +152,13 @@ class _Flaky:
     def key(self, unit) -> str:
         return str(unit)
 
-    def finished(self, unit):
+    def finished(self, unit, key):
         return None
 
     def warm(self) -> None:
         Path(self.folder, f"warm-{os.getpid()}").touch()
 
-    def run(self, unit):
+    def run(self, unit, key):
         once = Path(self.folder, f"died-{unit}")
         if unit == 3 or (unit == 1 and not once.exists()):
             once.write_text(str(os.getpid()))
@@ -187,20 +187,20 @@ def test_the_pool_replaces_a_worker_ray_gave_up_on_and_caps_the_attempts(ray_clu
             pool = placed.stage.pool
             first = {s["pid"] for s in pool.status()}
             assert warmups() == 2 and placed.concurrency == len(first) == 2
-            assert placed.stage.run(0)["pid"] in first
+            assert placed.stage.run(0, str(0))["pid"] in first
             # dies once and Ray does not restart it (actor_restarts=0): the unit goes to another worker,
             # and a new worker (a third warm-up) takes the dead one's place
-            again = placed.stage.run(1)
+            again = placed.stage.run(1, str(1))
             died = int((tmp_path / "died-1").read_text())
             now = {s["pid"] for s in pool.status()}  # answers once the new worker has warmed up
             assert again["pid"] != died and died not in now and len(now - first) == 1 and warmups() == 3
             # an error of the unit itself is not retried anywhere: it arrives as itself
             with pytest.raises(ValueError, match="unit 2 has bad input"):
-                placed.stage.run(2)
+                placed.stage.run(2, str(2))
             assert {s["pid"] for s in pool.status()} == now
             # dies every time: given up after shard_attempts, each death replaced while replacements last
             with pytest.raises(ClusterError, match=r"unit 3: given up after 2 attempt\(s\): worker died"):
-                placed.stage.run(3)
+                placed.stage.run(3, str(3))
             assert len(pool.status()) == len(pool) == 2 and warmups() == 5
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])

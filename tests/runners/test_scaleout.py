@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from dermt2im.core.views import synthetic_view
 from tests.core.test_storage import s3_bucket  # noqa: F401  (fixture)
 from tests.flows.prefect_server import prefect_cli
 from tests.flows.prefect_server import prefect_server as serve
@@ -126,7 +127,7 @@ def test_the_generate_flow_fans_out_to_worker_runs_one_partition_each(prefect_se
         with temporary_settings({PREFECT_API_URL: url}):
             with get_client(sync_client=True) as client:
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            flow.from_source(source=str(ROOT), entrypoint="flows/generate_worker.py:generate_worker").deploy(
+            flow.from_source(source=str(ROOT), entrypoint="dermt2im.flows.generate_worker.generate_worker").deploy(
                 name=name, work_pool_name=pool, build=False, push=False, print_next_steps=False,
                 parameters={"workdir": str(w.root), "base_model_only": True})
             for i in (1, 2):
@@ -140,8 +141,8 @@ def test_the_generate_flow_fans_out_to_worker_runs_one_partition_each(prefect_se
             # client of this test process bound to this module's server after it stops.
             env = _base_env(tmp_path / "parent-home")
             env.update(PREFECT_API_URL=url, **bucket_env)
-            script = ("import json, sys; from flows.generate import generate; "
-                      "out = generate(sys.argv[1], config='smoke', overrides=json.loads(sys.argv[2]), base_model_only=True); "
+            script = ("import json, sys; from dermt2im.flows.generate import generate; "
+                      "out = generate(sys.argv[1], config='tiny', overrides=json.loads(sys.argv[2]), base_model_only=True); "
                       "print('RESULT ' + json.dumps({k: out[k] for k in ('planned', 'rendered')}))")
             parent = subprocess.run([sys.executable, "-c", script, str(w.root), json.dumps(overrides)], cwd=ROOT,
                                     env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -158,7 +159,7 @@ def test_the_generate_flow_fans_out_to_worker_runs_one_partition_each(prefect_se
     assert sorted((r.parameters["shard_index"], r.parameters["num_shards"]) for r in runs) == [(0, 2), (1, 2)]
     assert all(r.state is not None and r.state.is_completed() for r in runs), diagnostics
     plan = read_manifest(w.plan_manifest, PLAN)
-    df = read_manifest(w.synthetic_manifest, SYNTHETIC)
+    df = synthetic_view(w)
     assert len(df) == len(plan) == 8 and df["sample_key"].is_unique and df["status"].isin(["accepted", "rejected"]).all()
     fs, prefix = storage.to_fs(f"{s3_bucket}/images")
     assert len(fs.find(prefix)) == 8 and all(p.startswith(f"{s3_bucket}/images/") for p in df["path"])
@@ -181,14 +182,12 @@ def test_partition_workers_on_s3_one_killed_mid_shard_and_started_again(tmp_path
     from dermt2im.core import storage
     from dermt2im.core.fileio import sha256_bytes
     from dermt2im.core.manifest import PLAN, SYNTHETIC, pending_parts, read_manifest
-    from dermt2im.core.workdir import Workdir, workdir_config
+    from dermt2im.core.workdir import open_workdir
     from dermt2im.quality.stage import assess
 
     manifests, images = f"{s3_bucket}/run/manifests", f"{s3_bucket}/run/images"
     root = tmp_path / "work"
-    cfg = workdir_config(Workdir.at(root), "smoke",
-                         OVERRIDES + [f"storage.manifests={manifests}", f"storage.images={images}"])
-    w = Workdir.of(root, cfg)
+    w, cfg = open_workdir(root, "tiny", OVERRIDES + [f"storage.manifests={manifests}", f"storage.images={images}"])
     import fsspec
 
     s3 = fsspec.config.conf["s3"]  # the test endpoint (fixture): handed to the workers through fsspec's env config
@@ -244,8 +243,8 @@ def test_partition_workers_on_s3_one_killed_mid_shard_and_started_again(tmp_path
     assert 0 < rendered_again < int((plan["shard"] % 2 == 0).sum()), diagnostics()
     assert "worker 1 of 2:" in (logs / "w1.log").read_text()
     appended = read_manifest(w.synthetic_manifest, SYNTHETIC)
-    report = assess(w, cfg.quality)  # what `dermt2im quality` runs next: gates the images and folds the parts in
-    df = read_manifest(w.synthetic_manifest, SYNTHETIC)
+    report = assess(w, cfg.quality)  # what `dermt2im quality` runs next (the workers folded their parts as they ended)
+    df = synthetic_view(w)
     assert pending_parts(w.synthetic_manifest) == [] and storage.is_file(w.synthetic_manifest)
     assert report.accepted + report.rejected == len(plan) and df["status"].isin(["accepted", "rejected"]).all()
     assert df[["sample_key", "sha256"]].equals(appended[["sample_key", "sha256"]])

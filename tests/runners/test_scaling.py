@@ -45,10 +45,10 @@ class _Numbers:
     def key(self, u):
         return str(u)
 
-    def finished(self, u):
+    def finished(self, u, key):
         return {"u": u, "cached": True} if u == 0 else None
 
-    def run(self, u):
+    def run(self, u, key):
         self.started.append(u)
         self.threads.add(threading.current_thread().name)
         time.sleep(self.delay(u))
@@ -61,7 +61,7 @@ class _Numbers:
 
 
 def test_partitions_hold_every_shard_once_and_keep_them_when_the_plan_grows(tmp_path):
-    cfg = load_config("smoke", ["generate.per_class=6", "generate.shard_size=2"])
+    cfg = load_config("tiny", ["generate.per_class=6", "generate.shard_size=2"])
     plan = update_plan(tmp_path / "plan.parquet", cfg.generate, token="sks")
 
     class Shards(_Numbers):
@@ -72,7 +72,7 @@ def test_partitions_hold_every_shard_once_and_keep_them_when_the_plan_grows(tmp_
     parts = [Partition(Shards(0), i, 4).units() for i in range(4)]
     assert sorted(sum(parts, [])) == shards and all(parts)
     assert all(s % 4 == i for i, part in enumerate(parts) for s in part)
-    bigger = load_config("smoke", ["generate.per_class=10", "generate.shard_size=2"])
+    bigger = load_config("tiny", ["generate.per_class=10", "generate.shard_size=2"])
     plan = update_plan(tmp_path / "plan.parquet", bigger.generate, token="sks")  # extended, never renumbered
     grown = [Partition(Shards(0), i, 4).units() for i in range(4)]
     assert all(set(before) <= set(after) for before, after in zip(parts, grown))
@@ -127,20 +127,20 @@ def test_renderers_are_placed_one_per_gpu_or_one_per_cpu_node():
 
 
 def test_scale_settings_are_checked_and_never_change_a_key():
-    a, b = load_config("smoke"), load_config("smoke", ["scale.ray_address=ray://head:10001", "scale.gpus_per_cell=0.5"])
+    a, b = load_config("tiny"), load_config("tiny", ["scale.ray_address=ray://head:10001", "scale.gpus_per_cell=0.5"])
     assert (a.generate, a.validation) == (b.generate, b.validation) and b.scale.gpus_per_cell == 0.5
     from dermt2im.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="scale.ray_address.*not local, auto, host:port or ray://host:port"):
-        load_config("smoke", ["scale.ray_address=http://head:8265"])
-    from flows.settings import orchestration
+        load_config("tiny", ["scale.ray_address=http://head:8265"])
+    from dermt2im.flows.settings import orchestration
 
     with pytest.raises(ConfigError, match="parallel_workers and scale.ray_address are both set"):
-        orchestration(load_config("smoke", ["scale.ray_address=auto", "orchestration.parallel_workers=2"]))
+        orchestration(load_config("tiny", ["scale.ray_address=auto", "orchestration.parallel_workers=2"]))
 
 
 def test_a_saved_config_with_lease_settings_still_loads(caplog):
-    cfg = load_config("smoke", ["runtime.generate.lease_seconds=30"])
+    cfg = load_config("tiny", ["runtime.generate.lease_seconds=30"])
     assert "lease_seconds" not in cfg.runtime.generate.model_dump()
     assert "runtime.generate.lease_seconds is no longer used" in caplog.text
 
@@ -149,11 +149,11 @@ _NO_RAY = """
 import json, sys
 from typer.testing import CliRunner
 from dermt2im.cli import app
-import flows.factory, flows.generate, flows.validate, flows.generate_worker  # noqa: F401
+import dermt2im.flows.factory, dermt2im.flows.generate, dermt2im.flows.validate, dermt2im.flows.generate_worker  # noqa: F401
 work, small = sys.argv[1], json.loads(sys.argv[2])
 sets = [a for o in small for a in ("--set", o)]
 run = lambda *args: CliRunner().invoke(app, [*args, "--workdir", work, "--base-model-only"])
-saved = CliRunner().invoke(app, ["config", "--workdir", work, "--config", "smoke", *sets, "--save"])
+saved = CliRunner().invoke(app, ["config", "--workdir", work, "--config", "tiny", *sets, "--save"])
 assert saved.exit_code == 0, saved.output
 first = run("generate")
 again = run("generate", "--set", "scale.ray_address=127.0.0.1:9")  # all done: the address is never tried

@@ -6,9 +6,10 @@ import pytest
 import torch
 import yaml
 
+from dermt2im.core.fileio import sha256_file
 from dermt2im.diffusion import lora_files as lora_io
-from flows.train import train
-from tasks.retries import is_transient
+from dermt2im.flows.train import train
+from dermt2im.tasks.retries import is_transient
 from tests.prefect_utils import task_states
 from tests.train.train_fixtures import TINY_TRAIN, TINY_TRAIN_RUNTIME, make_seed_manifest
 
@@ -26,7 +27,7 @@ def test_train_flow_trains_then_serves_cache_and_redoes_a_deleted_lora(prefect_h
     assert task_states(state)["train"] == ["Completed"]
     assert not out["cached"] and out["steps"] == 4
     weights = out["weights"]["all"]
-    assert lora_io.sha256_file(weights) == out["sha256"]["all"]
+    assert sha256_file(weights) == out["sha256"]["all"]
     assert set(out) >= {"run_id", "lora_dir", "lora_json", "weights", "kohya", "sha256", "cache_key"}
 
     again = train(str(workdir.root), return_state=True)  # the workdir's saved config

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from dermt2im.core.config import config_from_dict
+from dermt2im.core.fileio import sha256_file
 from dermt2im.core.workdir import Workdir
 from dermt2im.diffusion import lora_files as lora_io
 from dermt2im.diffusion import models
@@ -19,7 +20,7 @@ from dermt2im.train import loop as train_loop
 from dermt2im.train import state as training
 from dermt2im.train.checkpoints import latest_checkpoint
 from dermt2im.train.inputs import seeds_digest, training_images
-from dermt2im.train.stage import find_trained
+from dermt2im.train.runs import find_trained
 from tests.train.train_fixtures import TINY_TRAIN, make_seed_manifest, tiny_config, train
 
 pytestmark = pytest.mark.slow
@@ -86,8 +87,8 @@ def test_outputs_and_metadata(trained):
     assert d == w.lora / r.run_id and r.run_id == r.cache_key[:12]
     meta = json.loads((d / lora_io.RUN_META).read_text())
     assert meta["layout"] == "shared" and meta["weights"] == {"all": lora_io.DIFFUSERS_WEIGHTS}
-    assert meta["sha256"]["all"] == r.sha256["all"] == lora_io.sha256_file(r.weights["all"])
-    assert meta["kohya_sha256"]["all"] == lora_io.sha256_file(d / lora_io.KOHYA_WEIGHTS)
+    assert meta["sha256"]["all"] == r.sha256["all"] == sha256_file(r.weights["all"])
+    assert meta["kohya_sha256"]["all"] == sha256_file(d / lora_io.KOHYA_WEIGHTS)
     assert meta["base_model_identity"] == models.base_model_identity("tiny")
     assert meta["seeds_digest"] == seeds_digest(training_images(w))
     assert meta["config"]["rank"] == 4 and meta["seed"] == TINY_TRAIN.get("seed", 42)
@@ -245,6 +246,53 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(reference, d
     assert any("step-000008 is damaged: resumed from step-000004" in n for n in note)
 
 
+@pytest.mark.parametrize("compile_unet", [False, True], ids=["eager", "compiled"])
+def test_adamw8bit_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, compile_unet):
+    """8-bit AdamW nests its state (state1 / state2 / absmax / qmap) in a dict of its own; resuming
+    crashed with "'list' object has no attribute 'to'". Rank 64 gives the tiny UNet's LoRA matrices
+    4096 elements, where bitsandbytes switches from 32-bit to 8-bit state. With the UNet compiled
+    (dynamo, eager backend: the same module calls without inductor's codegen) the loop called
+    ``(ctx.unet or ctx.pipe.unet)`` and torch raised "UNet2DConditionModel does not support len()"."""
+    from dermt2im.diffusion import accel
+
+    monkeypatch.setattr(accel, "BACKEND", "eager")
+    w = Workdir.at(tmp_path / "work")
+    make_seed_manifest(w, n_per_class=2, extra_val=False)
+    cfg = tiny_config(optimizer="adamw8bit", rank=64, alpha=64.0, max_steps=6, checkpoint_every=2,
+                      validation_images_per_class=0, compile="on" if compile_unet else "off")
+    whole = train(w, cfg, run_id="whole")
+    assert whole.optimizer == "adamw8bit"
+
+    def kill_at_5(step, total, loss):
+        if step == 5:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(w, cfg, run_id="cut", progress=kill_at_5)
+    ckpt = latest_checkpoint(w.lora / "cut" / training.CHECKPOINTS)
+    assert ckpt.name == "step-000004"
+    nested = [k for k in _tensors(ckpt / "optimizer.safetensors") if k.count("/") > 1]
+    assert any(k.endswith("/state1") for k in nested), "8-bit state is nested and saved as tensors"
+    resumed = train(w, cfg, run_id="cut", resume="latest")
+    _assert_same_weights(whole.weights["all"], resumed.weights["all"])
+    assert _losses(resumed.lora_dir) == _losses(whole.lora_dir)
+
+
+def test_optimizer_state_round_trips_through_a_checkpoint_whole():
+    """Nested tensors into safetensors, everything else into JSON, and back to the same state dict."""
+    from dermt2im.train.checkpoints import _flatten_optimizer, _unflatten_optimizer
+
+    state = {"state": {0: {"step": 3, "q": {"state1": torch.arange(4, dtype=torch.uint8), "absmax1": torch.ones(2),
+                                          "deeper": {"x": torch.zeros(1)}}, "exp_avg": torch.ones(3)}},
+             "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "t_alpha": None, "params": [0]}]}
+    tensors, small = _flatten_optimizer(state)
+    assert set(tensors) == {"0/q/state1", "0/q/absmax1", "0/q/deeper/x", "0/exp_avg"}
+    back = _unflatten_optimizer(tensors, json.loads(json.dumps(small)))
+    assert back["state"][0]["step"] == 3 and back["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(back["state"][0]["q"]["state1"], state["state"][0]["q"]["state1"])
+    assert torch.equal(back["state"][0]["q"]["deeper"]["x"], torch.zeros(1))
+
+
 def test_resume_refuses_a_checkpoint_of_other_inputs(reference):
     w, cfg, ref = reference
     with pytest.raises(training.TrainingError, match="different training"):
@@ -379,8 +427,11 @@ def test_prior_preservation_text_encoder_snr_offset_noise(workdir):
                       mixed_precision="fp16", gradient_checkpointing=True, validation_images_per_class=0)
     r = train(workdir, cfg)
     meta = json.loads(r.lora_json.read_text())
-    assert r.optimizer == "adamw" and meta["mixed_precision"] == "no"
-    assert any("adamw8bit requested" in x for x in meta["warnings"])
+    # bitsandbytes 0.50 runs 8-bit AdamW on a CPU: asked for, it is used, not swapped for torch AdamW
+    assert r.optimizer == "adamw8bit" and not any("adamw8bit" in x for x in meta["warnings"])
+    from dermt2im.diffusion.accel import native_bf16_cpu
+
+    assert meta["mixed_precision"] == ("bf16" if native_bf16_cpu() else "no")
     assert any("mixed_precision fp16 needs CUDA" in x for x in meta["warnings"])
     assert len(list((r.lora_dir / training.CLASS_IMAGES / "benign").glob("*.png"))) == 2
     keys = _tensors(r.weights["all"]).keys()
@@ -401,4 +452,7 @@ def test_bf16_mixed_precision_on_a_cpu_only_where_bf16_is_native(monkeypatch):
         warnings: list[str] = []
         assert _mixed_precision("bf16", "cpu", warnings) == expected
         assert bool(warnings) is (not native)
-    assert _mixed_precision("fp16", "cpu", []) == "no" and _mixed_precision("fp16", "cuda", []) == "fp16"
+        warnings = []
+        assert _mixed_precision("fp16", "cpu", warnings) == expected  # the nearest half precision the CPU has
+        assert "fp16 needs CUDA" in warnings[0]
+    assert _mixed_precision("fp16", "cuda", []) == "fp16" and _mixed_precision("no", "cpu", []) == "no"

@@ -11,7 +11,7 @@ import pandas as pd
 from PIL import Image
 
 from dermt2im.core.config import config_from_dict
-from dermt2im.core.manifest import SEEDS, upsert
+from tests.manifests import write_seeds
 
 # Fast, CPU-only training settings on the tiny model.
 TINY_TRAIN = {
@@ -31,8 +31,10 @@ TINY_TRAIN_RUNTIME = {"gradient_checkpointing": False, "checkpoint_every": 4, "c
 
 def tiny_config(**train):
     """A factory config with the tiny training settings; ``train`` may set spec or runtime keys."""
-    runtime = {**TINY_TRAIN_RUNTIME, **{k: v for k, v in train.items() if k in TINY_TRAIN_RUNTIME}}
-    spec = {**TINY_TRAIN, **{k: v for k, v in train.items() if k not in TINY_TRAIN_RUNTIME}}
+    from dermt2im.core.runtime import TrainRuntime
+
+    runtime = {**TINY_TRAIN_RUNTIME, **{k: v for k, v in train.items() if k in TrainRuntime.model_fields}}
+    spec = {**TINY_TRAIN, **{k: v for k, v in train.items() if k not in TrainRuntime.model_fields}}
     return config_from_dict({"name": "test", "train": spec, "runtime": {"train": runtime}})
 
 
@@ -96,4 +98,4 @@ def make_seed_manifest(
                     "height": size,
                 }
             )
-    return upsert(workdir.seeds_manifest, pd.DataFrame(rows), SEEDS)
+    return write_seeds(workdir.seeds_manifest, rows)

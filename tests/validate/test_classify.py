@@ -1,10 +1,9 @@
 """The tiny classifiers learn the fixture lesions well above chance, deterministically per seed."""
 
-import pandas as pd
 import pytest
 import torch
 
-from dermt2im.core.manifest import SEEDS, read_manifest
+from dermt2im.core.views import seeds_view
 from dermt2im.validate import classify
 from dermt2im.validate import images as classify_images
 from dermt2im.validate import models as classify_models
@@ -20,8 +19,8 @@ def data(tmp_path_factory):
     w = Workdir.at(tmp_path_factory.mktemp("classify"))
     fx = make_validation_data(w, n_train=16, n_val=4, n_test=2, n_synthetic=0, extra_rejected=0,
                               extra_memorised=0, n_external=8)
-    seeds = read_manifest(w.seeds_manifest, SEEDS)
-    return real_rows(seeds, "train"), real_rows(seeds, "val"), pd.read_parquet(fx.test_sets["phantom-isic"])
+    seeds = seeds_view(w.seeds_manifest)
+    return real_rows(seeds, "train"), real_rows(seeds, "val"), seeds_view(fx.test_sets["phantom-isic"])
 
 
 def _train(kind, data, seed=0, **over):
@@ -92,5 +91,58 @@ def test_augmentation_keeps_shape_and_range():
 
 def test_missing_pretrained_model_gives_a_clear_message():
     cfg = tiny_config(tiny=False, vit_model="/nonexistent/vit-model").validation
-    with pytest.raises(classify_models.ModelUnavailable, match="cannot load vit model '/nonexistent/vit-model'.*validate.tiny"):
+    with pytest.raises(classify_models.ModelUnavailable, match="vit model folder /nonexistent/vit-model not found: "
+                       "set validate.vit_model"):
         classify_models.build_classifier("vit", cfg, 0)
+
+
+def test_each_model_has_its_own_recipe_and_quick_runs_can_override_both():
+    """One setting for two models under-trained the BatchNorm CNN (AdamW at 5e-5 suits ViT-B/16)."""
+    from dermt2im.core.config import load_config
+
+    paper = load_config("paper").validation
+    vit, mobilenet = paper.recipe("vit"), paper.recipe("mobilenet_v2")
+    assert vit.learning_rate == 5e-5 and vit.warmup_epochs > 0
+    assert 1e-4 <= mobilenet.learning_rate <= 1e-3 and mobilenet.learning_rate >= 5 * vit.learning_rate
+    assert mobilenet.augmentation.crop_scale < vit.augmentation.crop_scale
+    quick = load_config("paper", ["validate.epochs=2", "validate.recipes.mobilenet_v2.learning_rate=1e-3"]).validation
+    assert quick.recipe("vit").epochs == quick.recipe("mobilenet_v2").epochs == 2
+    assert quick.recipe("mobilenet_v2").learning_rate == 1e-3 and quick.recipe("vit").learning_rate == 5e-5
+
+
+def test_the_learning_rate_warms_up_then_follows_its_schedule():
+    from dermt2im.core.specs import Recipe
+
+    cosine = classify.learning_rate_factor(Recipe(learning_rate=1e-3, epochs=4, warmup_epochs=1, schedule="cosine"), 10)
+    assert [round(cosine(s), 3) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear warm-up over epoch 1
+    assert cosine(10) == pytest.approx(1.0) and cosine(25) == pytest.approx(0.5) and cosine(39) < 0.01
+    linear = classify.learning_rate_factor(Recipe(learning_rate=1e-3, epochs=2, schedule="linear"), 10)
+    assert linear(0) == 1.0 and linear(10) == pytest.approx(0.5)
+    constant = classify.learning_rate_factor(Recipe(learning_rate=1e-3, epochs=2, schedule="constant"), 10)
+    assert constant(0) == constant(19) == 1.0
+
+
+def test_fit_uses_the_models_recipe(monkeypatch):
+    """The optimiser is built with the recipe's rate and decay, and the rate moves per step."""
+    from dermt2im.core.config import config_from_dict
+
+    cfg = config_from_dict({"validate": {"tiny": True, "image_size": 16, "batch_size": 4, "models": ["mobilenet_v2"],
+                                         "recipes": {"mobilenet_v2": {"learning_rate": 2e-3, "epochs": 2,
+                                                                      "warmup_epochs": 1, "weight_decay": 0.5}}}})
+    spec = cfg.validation
+    model, processor = classify_models.build_classifier("mobilenet_v2", spec, 0)
+    seen: list[tuple[float, float]] = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        seen.append((self.param_groups[0]["lr"], self.param_groups[0]["weight_decay"]))
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    x = torch.randint(0, 255, (8, 3, 16, 16), dtype=torch.uint8)
+    y = torch.tensor([0, 1] * 4)
+    fit = classify.fit(model, processor, x, y, x[:0], y[:0], spec, 0, device=torch.device("cpu"),
+                       recipe=spec.recipe("mobilenet_v2"))
+    assert fit.epochs_run == 2 and len(seen) == 4
+    assert [round(lr, 6) for lr, _ in seen[:2]] == [0.001, 0.002] and seen[0][1] == 0.5  # warm-up over epoch 1
+    assert seen[-1][0] < seen[2][0]  # then the cosine decay

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermt2im.validate.segmentation import lesion_prompt, mask_stats, segmentation_check
+from dermt2im.validate.segmentation import census_row, lesion_prompt, mask_stats, sam_agrees, segmentation_check
 from tests.validate.validate_fixtures import make_validation_data, tiny_config
 
 
@@ -51,6 +51,35 @@ def test_tiny_sam_reports_real_and_synthetic_side_by_side(workdir):
             > table.groupby("label")["otsu_area_fraction"].mean()["benign"])
     md = report.paths["md"].read_text()
     assert "| malignant | synthetic | 2 |" in md and "Tiny random SAM" in md
+    # the lesion census covers every usable synthetic image and every real seed, not the SAM sample
+    census = pd.read_csv(report.paths["lesions"])
+    assert census.groupby(["source", "label"]).size().to_dict() == {
+        ("real", "benign"): 5, ("real", "malignant"): 5, ("synthetic", "benign"): 3, ("synthetic", "malignant"): 3}
+    assert census["one_plausible_lesion"].mean() >= 0.75  # phantoms: one lesion each
+    assert "## One plausible lesion?" in md and "| synthetic | benign | 3 |" in md
+    assert "synthetic images hold one plausible lesion" in report.message
+
+
+def _skin(size=64):
+    rgb = np.full((size, size, 3), 200, np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size]
+    rgb[np.hypot(xx - 31.5, yy - 31.5) > 36] = 5  # the dermatoscope's dark ring
+    return rgb
+
+
+def test_one_plausible_lesion_counts_dark_regions_clear_of_the_border():
+    one = _skin()
+    one[_disc(r=9)] = 80
+    assert census_row(one)["one_plausible_lesion"] and census_row(one)["lesions"] == 1
+    two = one.copy()
+    two[_disc(r=6, cx=48, cy=14)] = 80
+    assert census_row(two)["lesions"] == 2 and not census_row(two)["one_plausible_lesion"]
+    assert census_row(_skin())["lesions"] == 0 and not census_row(_skin())["one_plausible_lesion"]
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert not census_row(noise)["one_plausible_lesion"]
+    assert sam_agrees(_disc(r=9)) and not sam_agrees(_disc(r=9) | _disc(r=6, cx=50, cy=12))
+    assert not sam_agrees(np.ones((64, 64), bool))  # the whole image is no lesion
 
 
 def test_an_unavailable_sam_model_gives_a_message_not_a_crash(workdir):

@@ -1,6 +1,7 @@
 """validate(): model x regime x seed in MLflow child runs, leakage and no-synthetic guards, the flow."""
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -8,7 +9,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from dermt2im.core.manifest import SEEDS, SYNTHETIC, read_manifest, write_manifest
+from dermt2im.core.views import seeds_view
+from dermt2im.core.manifest import SEEDS, read_manifest, write_manifest
 from dermt2im.core.tracking import sqlite_artifact_root
 from dermt2im.validate.cell import CELL_TAGS
 from dermt2im.validate.inputs import ValidationError
@@ -77,6 +79,22 @@ def test_validate_logs_a_comparison_with_identical_child_runs(workdir):
         row = table[(table["regime"] == r.data.tags["regime"]) & (table["test_set"] == "phantom-ham")].iloc[0]
         assert row["balanced_accuracy_mean"] == r.data.metrics["test.phantom-ham.balanced_accuracy"]
 
+    # class agreement: the baseline (real-only) classifier predicted every usable synthetic image, once
+    root = sqlite_artifact_root(mlflow.get_tracking_uri())
+    agree = pd.read_csv(next(root.glob(f"*/{baseline.info.run_id}/artifacts/agreement/synthetic.csv")))
+    assert len(agree) == 24 and set(agree["label"]) == {"benign", "malignant"}  # 12 usable per class
+    assert set(agree["sampler"]) == {"euler"} and not list(root.glob(f"*/{hybrid.info.run_id}/artifacts/agreement"))
+    companion = pd.read_csv(workdir.reports / "class_agreement.csv")
+    overall = companion[(companion["by"] == "all") & (companion["label"] == "both classes")].iloc[0]
+    predicted = (agree["pred"] == agree["label"]).groupby(agree["label"]).mean().mean()
+    assert overall["share"] == pytest.approx(predicted) and overall["ci_low"] <= overall["share"] <= overall["ci_high"]
+    assert overall["share"] >= 0.75  # the fixture's synthetic images are drawn like its seeds
+    assert set(companion.loc[companion["by"] == "real test", "group"]) == {"phantom-isic", "phantom-ham", "seeds-test"}
+    assert parent.data.metrics["class_agreement.vit.both"] == pytest.approx(overall["share"])
+    assert {"class_agreement.vit.malignant_ci_low", "class_agreement.vit.benign_ci_high"} <= set(parent.data.metrics)
+    assert "## Class agreement" in (workdir.reports / "table_iv.md").read_text()
+    assert "Class agreement (vit baseline classifiers" in (workdir.reports / "verdict.txt").read_text()
+
     # the same comparison again: the parent is resumed and finished cells are read back, not retrained
     again = validate(workdir, cfg)
     assert again.parent_run_id == report.parent_run_id and again.reused == 2
@@ -85,7 +103,7 @@ def test_validate_logs_a_comparison_with_identical_child_runs(workdir):
 
 def test_a_lesion_in_training_and_test_data_is_refused(workdir):
     fx = make_validation_data(workdir, n_synthetic=2)
-    seeds = read_manifest(workdir.seeds_manifest, SEEDS)
+    seeds = seeds_view(workdir.seeds_manifest)
     leaked = seeds[seeds["split"] == "train"]["lesion_id"].iloc[3]
     path = fx.test_sets["phantom-ham"]
     test = read_manifest(path, SEEDS)
@@ -97,7 +115,7 @@ def test_a_lesion_in_training_and_test_data_is_refused(workdir):
 
 def test_the_same_image_in_val_and_test_is_refused(workdir):
     fx = make_validation_data(workdir, n_synthetic=2)
-    seeds = read_manifest(workdir.seeds_manifest, SEEDS)
+    seeds = seeds_view(workdir.seeds_manifest)
     val_row = seeds[seeds["split"] == "val"].iloc[0]
     test = read_manifest(fx.test_sets["phantom-isic"], SEEDS)
     test.loc[0, "sample_id"] = val_row["sample_id"]
@@ -124,8 +142,7 @@ def test_no_accepted_synthetic_images_runs_the_baseline_and_says_why(workdir):
 
 def test_only_synthetic_regimes_without_synthetic_images_is_a_clear_error(workdir):
     make_validation_data(workdir, n_synthetic=2)
-    syn = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
-    write_manifest(syn.assign(status=None), workdir.synthetic_manifest, SYNTHETIC)  # gate not run yet
+    Path(workdir.quality_manifest).unlink()  # the gate has not run yet: no verdicts
     cfg = tiny_config("validation-onlysyn", regimes=["hybrid", "synthetic_only"])
     with pytest.raises(ValidationError, match="nothing to validate.*not yet through the quality gate.*include 'baseline'"):
         validate(workdir, cfg)
@@ -137,14 +154,14 @@ def test_missing_seeds_is_a_clear_error(workdir):
 
 
 def test_validate_flow_runs_cells_as_cached_tasks(prefect_harness, workdir):
-    from flows.validate import validate as validate_flow
+    from dermt2im.flows.validate import validate as validate_flow
     from tests.prefect_utils import task_states
 
     make_validation_data(workdir, n_train=8, n_val=2, n_test=2, n_synthetic=8, n_external=4)
     overrides = ["validate.models=[vit]", "validate.regimes=[baseline, hybrid]", "validate.seeds=[0]",
                  "validate.epochs=1", "validate.segmentation_samples=0", "tracking.experiment=validation-flow",
                  "validate.learning_rate=0.003"]
-    state = validate_flow(str(workdir.root), "smoke", overrides, log_model=False, return_state=True)
+    state = validate_flow(str(workdir.root), "tiny", overrides, log_model=False, return_state=True)
     out = state.result()
     assert out["runs"] == 2 and out["skipped"] == {}
     assert (workdir.reports / "table_iv.md").is_file() and out["report"]["fig10"].endswith("fig10.png")
@@ -158,7 +175,7 @@ def test_validate_flow_runs_cells_as_cached_tasks(prefect_harness, workdir):
         artifact = client.read_latest_artifacts()
     assert any(a.key == "table-iv" for a in artifact)
 
-    again = validate_flow(str(workdir.root), "smoke", overrides, log_model=False, return_state=True)
+    again = validate_flow(str(workdir.root), "tiny", overrides, log_model=False, return_state=True)
     assert again.result()["parent_run_id"] == out["parent_run_id"]
     assert set(task_states(again)["validate"]) == {"Cached"}
     children = _children(MlflowClient(), out["parent_run_id"])
@@ -169,5 +186,5 @@ def test_validate_flow_runs_cells_as_cached_tasks(prefect_harness, workdir):
 def test_an_unavailable_pretrained_model_is_a_clear_error(workdir):
     make_validation_data(workdir, n_train=2, n_val=1, n_test=1, n_synthetic=2, n_external=1)
     cfg = tiny_config("validation-offline", tiny=False, vit_model="/nonexistent/vit", regimes=["baseline"])
-    with pytest.raises(ValidationError, match="cannot load vit model '/nonexistent/vit'"):
+    with pytest.raises(ValidationError, match="vit model folder /nonexistent/vit not found: set validate.vit_model"):
         validate(workdir, cfg)

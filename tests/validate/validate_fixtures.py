@@ -16,9 +16,9 @@ import pandas as pd
 
 from dermt2im.core.config import FactoryConfig, config_from_dict
 from dermt2im.core.imaging import encode_png
-from dermt2im.core.manifest import SEEDS, SYNTHETIC, write_manifest
 from dermt2im.core.specs import LABELS
 from dermt2im.core.workdir import Workdir
+from tests.manifests import write_seeds, write_synthetic
 
 STYLE_CAST = {"isic": (1.0, 0.97, 0.98), "ham": (1.08, 0.9, 0.7)}
 
@@ -107,8 +107,7 @@ def make_validation_data(
                                   "lesion_id": lesion, "width": size, "height": size, "mode": "RGB",
                                   "exif_rotated": False, "status": "accepted", "split": split,
                                   "processed_path": path, "preprocess_key": "fixture", "hair_fraction": 0.0})
-    seeds = pd.DataFrame(seed_rows)
-    write_manifest(seeds, workdir.seeds_manifest, SEEDS)
+    seeds = write_seeds(workdir.seeds_manifest, seed_rows)
 
     syn_rows = []
     for label in LABELS:
@@ -125,8 +124,7 @@ def make_validation_data(
             syn_rows.append({"sample_key": key, "label": label, "index": j, "prompt": f"{label} lesion",
                              "sampler": "euler", "steps": 4, "seed": j, "width": size, "height": size, "shard": 0,
                              "path": path, "sha256": sha, "status": status, "reason": reason, "memorised": memorised})
-    synthetic = pd.DataFrame(syn_rows)
-    write_manifest(synthetic, workdir.synthetic_manifest, SYNTHETIC)
+    synthetic = write_synthetic(workdir, syn_rows)
 
     test_sets = {}
     for s, style in enumerate(styles):
@@ -139,7 +137,9 @@ def make_validation_data(
                 rows.append({"sample_id": sha, "source_path": path, "source_root": str(root), "dataset": "fixture",
                              "label": label, "lesion_id": lesion, "status": "accepted", "split": "test",
                              "processed_path": path, "width": size, "height": size})
-        test_sets[f"phantom-{style}"] = write_manifest(pd.DataFrame(rows), workdir.test_set_manifest(f"phantom-{style}"), SEEDS)
+        manifest = workdir.test_set_manifest(f"phantom-{style}")
+        write_seeds(manifest, rows)
+        test_sets[f"phantom-{style}"] = manifest
     return FixtureData(workdir, seeds, synthetic, test_sets)
 
 
@@ -165,9 +165,12 @@ def tiny_config(experiment: str = "test-validation", **validate: object) -> Fact
 
 
 def run_validation(workdir, cfg, **kw):
-    """``validate`` with the validate spec, runtime and tracking of a factory config."""
-    from dermt2im.validate.stage import validate
+    """The validate stage of a factory config, run in this process; its report."""
+    from dermt2im.runners.sequential import run_stage
+    from dermt2im.validate.stage import ValidateStage
 
-    return validate(workdir, cfg.validation, cfg.runtime.validation, cfg.tracking, **kw)
+    stage = ValidateStage(workdir, cfg.validation, cfg.runtime.validation, cfg.tracking, **kw)
+    run_stage(stage)
+    return stage.report
 
 
