@@ -15,7 +15,7 @@ from dermt2im.core.workdir import Workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("PhantomStage", "IngestStage", "PreprocessStage", "TrainStage", "GenerateStage", "QualityStage",
-          "ImportStage", "ValidateStage", "SegmentationStage")
+          "ImportStage", "FidelityStage", "ValidateStage", "SegmentationStage")
 WRITES = {"write_manifest": 2, "upsert": 2, "rewrite": 1, "record_rows": 2, "append_rows": 2, "compact": 1}
 
 
@@ -44,7 +44,7 @@ def test_every_stage_is_constructed_in_exactly_one_place_outside_tests():
 
 def test_every_manifest_kind_has_one_writing_stage():
     kinds = {name for name, value in vars(mf).items() if isinstance(value, mf.ManifestSchema)}
-    assert kinds == {"SEEDS", "PROCESSED", "PLAN", "SYNTHETIC", "IMPORTED", "QUALITY", "FLAG_RATES"}
+    assert kinds == {"SEEDS", "PROCESSED", "PLAN", "SYNTHETIC", "IMPORTED", "QUALITY", "FLAG_RATES", "FIDELITY"}
     writers: dict[str, set[str]] = {kind: set() for kind in kinds}
     for path in _sources():
         rel = path.relative_to(ROOT)
@@ -60,7 +60,8 @@ def test_every_manifest_kind_has_one_writing_stage():
                                   else rel.as_posix())
     expected = {"SEEDS": {"dermt2im/ingest"}, "PROCESSED": {"dermt2im/preprocess"}, "PLAN": {"dermt2im/generate"},
                 "SYNTHETIC": {"dermt2im/generate"}, "IMPORTED": {"dermt2im/generate"},
-                "QUALITY": {"dermt2im/quality"}, "FLAG_RATES": {"dermt2im/quality"}}
+                "QUALITY": {"dermt2im/quality"}, "FLAG_RATES": {"dermt2im/quality"},
+                "FIDELITY": {"dermt2im/quality"}}
     assert writers == expected
     # generate's subpackage writes two kinds through two stages: renders (GenerateStage) and imports (ImportStage)
     imports = (ROOT / "dermt2im" / "generate" / "imports.py").read_text()
@@ -72,9 +73,11 @@ def test_the_factory_is_its_pipelines_in_the_papers_order_and_building_it_runs_n
     cfg = load_config("smoke")
     stages = pipelines.factory(w, cfg)
     assert [s.name for s in stages] == ["phantoms", "ingest", "preprocess", "train", "generate", "quality",
-                                        "validate", "segmentation"]
+                                        "fidelity", "validate", "segmentation"]
     assert [s.name for s in pipelines.seeds(w, cfg, source=tmp_path / "src")] == ["ingest", "preprocess"]
     assert [s.name for s in pipelines.generate(w, cfg, gated=False)] == ["generate"]
+    assert [s.name for s in pipelines.generate(w, cfg)] == ["generate", "quality", "fidelity"]
+    assert [s.name for s in pipelines.fidelity(w, cfg)] == ["fidelity"]
     assert [s.name for s in pipelines.validate(w, cfg, test_sets={"ham": tmp_path / "ham"})] == [
         "ingest", "preprocess", "validate", "segmentation"]
     assert [p.name for p in w.root.rglob("*") if p.is_file()] == [".dermt2im-workdir"]  # no file made

@@ -19,6 +19,7 @@ manifest                           written by           keyed by
 ``imported.parquet``               import-synthetic     ``sample_key`` (external sets)
 ``quality.parquet``                quality              ``sample_key`` (of a render or import)
 ``flag_rates.parquet``             quality              ``images``, ``label``
+``fidelity.parquet``               quality              ``sample_key`` (typicality, skin tone)
 =================================  ===================  =========================================
 
 Many writers of one stage at once (scale-out generation): ``dermt2im.core.writers``.

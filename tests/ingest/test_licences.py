@@ -110,12 +110,12 @@ def test_the_real_isic_fixture_is_cc0_from_its_license_note_column(real_dermosco
 
 
 def test_an_imported_synthetic_set_carries_its_own_licence(tmp_path, workdir):
-    from dermt2im.core.manifest import SYNTHETIC
+    from dermt2im.core.manifest import IMPORTED
     from dermt2im.generate.imports import import_synthetic
 
     src = class_folders(tmp_path / "sd-out", per_class=2)
     (src / "LICENSE").write_text("CC BY 4.0 - made by the Example Lab")
     report = import_synthetic(workdir, src, "ext", CFG)
-    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    df = read_manifest(workdir.imported_manifest, IMPORTED)  # import-synthetic's own table
     assert report.quarantined == 0 and len(df) == 4
     assert (df["license"] == "CC-BY-4.0").all() and df["license_note"].str.startswith("LICENSE: CC BY 4.0").all()
