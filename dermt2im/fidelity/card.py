@@ -63,6 +63,9 @@ def base_model_licence(base_model: str, configured: str | None = None) -> BaseMo
     if str(base_model or "").startswith("tiny@") or (configured == "tiny"):
         return BaseModelLicence("apache-2.0", "Apache-2.0 (derm-t2im's own tiny model, random weights, built from "
                                 "config)", how="the tiny test model")
+    if _is_mini(configured):
+        return BaseModelLicence("apache-2.0", "Apache-2.0 (derm-t2im's own miniature Stable Diffusion, pre-trained "
+                                "from random weights on the project's phantoms)", how="the miniature model")
     if _SD1.search(text):
         return BaseModelLicence(OPENRAIL, "CreativeML OpenRAIL-M", OPENRAIL_LINK, OPENRAIL_RESTRICTIONS,
                                 "Stable Diffusion 1.x, by its name")
@@ -73,6 +76,15 @@ def base_model_licence(base_model: str, configured: str | None = None) -> BaseMo
         if found:
             return found
     return BaseModelLicence(UNKNOWN, "unknown (check the base model's own licence)", how="not recognised")
+
+
+def _is_mini(configured: str | None) -> bool:
+    """``train.base_model: mini``, or a file ``dermt2im pretrain-mini`` made (its header says so)."""
+    from dermt2im.mini.weights import MINI, is_mini_file
+
+    if not configured:
+        return False
+    return configured == MINI or (str(configured).lower().endswith(".safetensors") and is_mini_file(configured))
 
 
 def _folder_model_licence(folder: Path) -> BaseModelLicence | None:
@@ -102,7 +114,7 @@ class CardInputs:
     assessed: pd.DataFrame  # every assessed synthetic row (status, reason, memorised, source)
     seeds: pd.DataFrame  # the accepted seeds (license, license_note, attribution, label, dataset)
     fidelity: pd.DataFrame | None  # the fidelity table (reports/fidelity.csv), or None
-    base_model: str | None  # train.base_model of the config (hub id, folder, file, tiny)
+    base_model: str | None  # train.base_model of the config (hub id, folder, file, tiny, mini)
     include_rejected: bool = False
 
 

@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 
 from dermt2im.core.imaging import encode_png
-from dermt2im.core.manifest import SEEDS, SYNTHETIC, write_manifest
 from dermt2im.core.specs import LABELS, GenerateConfig
 from dermt2im.core.workdir import Workdir
 from dermt2im.fidelity.skin_tone import requested_skin_type
 from dermt2im.phantoms import render_phantom
+from tests.manifests import write_seeds, write_synthetic
 
 SIZE = 64
 TRANSFORMATIONS = ("", ", on fair skin, Fitzpatrick type I", ", on medium skin, Fitzpatrick type III",
@@ -84,8 +84,7 @@ def synthetic_rows(root: Path, n: int, source: str = "dermt2im", tag: int = 7) -
 def fidelity_workdir(workdir: Workdir, *, n_synthetic: int = 32) -> Workdir:
     """Seeds (24 train, 6 val, 6 test), a 'ham' test set of 12 and ``n_synthetic`` degraded renders."""
     root = workdir.data / "fixture"
-    write_manifest(seed_rows(root / "seeds", {"train": 24, "val": 6, "test": 6}), workdir.seeds_manifest, SEEDS)
-    test = seed_rows(root / "test-ham", {"test": 12}, style="ham", tag=3)
-    write_manifest(test, workdir.test_set_manifest("phantom-ham"), SEEDS)
-    write_manifest(synthetic_rows(root / "synthetic", n_synthetic), workdir.synthetic_manifest, SYNTHETIC)
+    write_seeds(workdir.seeds_manifest, seed_rows(root / "seeds", {"train": 24, "val": 6, "test": 6}))
+    write_seeds(workdir.test_set_manifest("phantom-ham"), seed_rows(root / "test-ham", {"test": 12}, style="ham", tag=3))
+    write_synthetic(workdir, synthetic_rows(root / "synthetic", n_synthetic))
     return workdir

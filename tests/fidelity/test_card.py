@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -29,7 +30,7 @@ def made(tmp_path_factory):
     w = fidelity_workdir(Workdir.at(tmp_path_factory.mktemp("card") / "w"), n_synthetic=16)
     assess(w, QualityConfig())
     stage = FidelityStage(w, FidelityConfig(bootstrap=0, frd=False, noise_images=4), QualityConfig(), GenerateConfig())
-    return w, stage.run(stage.UNIT)["csv"]
+    return w, stage.run(stage.UNIT, stage.key(stage.UNIT))["csv"]
 
 
 def front_matter(readme: str) -> dict:
@@ -113,7 +114,7 @@ def test_an_imported_set_carries_its_own_provenance_and_licence(made, tmp_path):
         Image.fromarray(phantom(label, [5, i])).save(src / label / f"{i}.png")
     (src / "LICENSE").write_text("Creative Commons Attribution-NonCommercial 4.0 International")
     runner = CliRunner()
-    common = ["--workdir", str(w.root), "--config", "smoke", "--set", "fidelity.frd=false",
+    common = ["--workdir", str(w.root), "--config", "tiny", "--set", "fidelity.frd=false",
               "--set", "fidelity.noise_images=4", "--set", "fidelity.bootstrap=0"]
     r = runner.invoke(app, ["import-synthetic", str(src), "--name", "ext", *common])
     assert r.exit_code == 0, r.output
@@ -122,7 +123,7 @@ def test_an_imported_set_carries_its_own_provenance_and_licence(made, tmp_path):
     readme = (tmp_path / "out" / "README.md").read_text()
     meta = pd.read_csv(tmp_path / "out" / "metadata.csv")
     assert "dataset card:" in r.output and set(meta["source"]) == {"dermt2im", "ext"}
-    assert front_matter(readme)["license"] == ["cc0-1.0", "apache-2.0", "cc-by-nc-4.0"]  # smoke: the tiny model
+    assert front_matter(readme)["license"] == ["cc0-1.0", "apache-2.0", "cc-by-nc-4.0"]  # tiny: the tiny model
     assert "### Imported set `ext`" in readme and "CC-BY-NC-4.0 8 image(s)" in readme
     assert "`ext` (imported)" in readme and "Its terms are its own" in readme
     assert (meta.loc[meta["source"] == "ext", "license"] == "CC-BY-NC-4.0").all()
@@ -140,3 +141,18 @@ def test_base_model_licences(tmp_path):
     (folder / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n# a model\n")
     assert base_model_licence("dir:xyz", str(folder)).hf_id == "cc-by-nc-4.0"
     assert base_model_licence("dir:xyz", str(tmp_path / "nowhere")).hf_id == "unknown"
+
+
+def test_the_miniature_model_is_the_projects_own(tmp_path):
+    """``train.base_model: mini`` (the smoke preset's), or a file pretrain-mini made, is Apache-2.0: the
+    project's own weights, pre-trained from random ones on phantoms; another safetensors file is not."""
+    from safetensors.numpy import save_file
+
+    from dermt2im.mini.weights import shipped_path
+
+    for configured in ("mini", str(shipped_path())):
+        lic = base_model_licence("file:abc", configured)
+        assert lic.hf_id == "apache-2.0" and "miniature" in lic.name and not lic.restrictions, configured
+    other = tmp_path / "model.safetensors"
+    save_file({"w": np.zeros(2, "float32")}, str(other))
+    assert base_model_licence("file:abc", str(other)).hf_id == "unknown"

@@ -12,6 +12,7 @@ import pytest
 
 from dermt2im.core.manifest import FIDELITY, SYNTHETIC, read_manifest, upsert
 from dermt2im.core.specs import QualityConfig
+from dermt2im.core.views import synthetic_view
 from dermt2im.quality.stage import QualityStage, assess
 from tests.fidelity.fidelity_fixtures import SIZE, _write, fidelity_workdir
 
@@ -44,8 +45,9 @@ def gated(tmp_path_factory):
 def test_the_gate_records_typicality_and_skin_tone_per_image(gated):
     w, _ = gated
     measured = read_manifest(w.fidelity_manifest, FIDELITY).set_index("sample_key")
-    syn = read_manifest(w.synthetic_manifest, SYNTHETIC).set_index("sample_key")
+    syn = synthetic_view(w).set_index("sample_key")
     assert set(measured.index) == set(syn.index)  # every assessed image, keyed like the synthetic manifest
+    assert set(syn.index) == set(read_manifest(w.synthetic_manifest, SYNTHETIC)["sample_key"])  # the renders
     assert (measured["sha256"] == syn.loc[measured.index, "sha256"]).all()
     assert measured["embedding"].str.startswith("seed-cnn (").all()
     assert measured["typicality"].between(0, 1).all() and measured["ita"].notna().sum() >= 16
@@ -55,7 +57,7 @@ def test_the_gate_records_typicality_and_skin_tone_per_image(gated):
 def test_a_face_and_noise_are_atypical_and_flagged(gated):
     w, _ = gated
     measured = read_manifest(w.fidelity_manifest, FIDELITY).set_index("sample_key")
-    syn = read_manifest(w.synthetic_manifest, SYNTHETIC).set_index("sample_key")
+    syn = synthetic_view(w).set_index("sample_key")
     odd = ["benign-90000", "benign-90001"]
     assert measured.loc[odd, "atypical"].all() and (measured.loc[odd, "typicality"] == 0).all()
     assert all("atypical" in str(syn.at[k, "flags"]) for k in odd)
@@ -72,7 +74,7 @@ def test_a_face_and_noise_are_atypical_and_flagged(gated):
 def test_atypical_rejects_when_reject_flags_names_it(gated):
     w, _ = gated
     assess(w, QualityConfig(max_high_frequency_ratio=1.0, reject_flags=("face", "text", "atypical")))
-    syn = read_manifest(w.synthetic_manifest, SYNTHETIC).set_index("sample_key")
+    syn = synthetic_view(w).set_index("sample_key")
     assert syn.at["benign-90000", "status"] == "rejected"
     assert syn.at["benign-90000", "reason"].startswith("atypical: farther from the training seeds")
 

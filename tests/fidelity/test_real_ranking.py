@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 
 from dermt2im.core.imaging import encode_png
-from dermt2im.core.manifest import SEEDS, SYNTHETIC, write_manifest
 from dermt2im.core.specs import FidelityConfig, GenerateConfig, QualityConfig
 from dermt2im.fidelity.stage import FidelityStage
+from tests.manifests import write_seeds, write_synthetic
 from tests.real_images import real_images
 
 pytestmark = pytest.mark.realdata
@@ -45,7 +45,7 @@ def test_real_images_rank_below_a_degraded_set_below_noise(real_dermoscopy, work
         seeds.append({"sample_id": sha, "source_path": path, "source_root": "real", "dataset": "isic",
                       "label": labels["label"][i], "status": "accepted", "split": "train" if k < 70 else "test",
                       "processed_path": path, "preprocess_key": f"real-{sha[:12]}", "license": "CC0-1.0"})
-    write_manifest(pd.DataFrame(seeds), workdir.seeds_manifest, SEEDS)
+    write_seeds(workdir.seeds_manifest, seeds)
     rng = np.random.default_rng(1)
     made = []
     for j, i in enumerate(order[100:]):
@@ -53,10 +53,11 @@ def test_real_images_rank_below_a_degraded_set_below_noise(real_dermoscopy, work
         made.append({"sample_key": f"{labels['label'][i]}-{j:06d}", "label": labels["label"][i], "index": j,
                      "prompt": "a dermoscopic image", "sampler": "euler", "width": SIZE, "height": SIZE, "shard": 0,
                      "path": path, "sha256": sha, "source": "dermt2im", "status": "accepted"})
-    write_manifest(pd.DataFrame(made), workdir.synthetic_manifest, SYNTHETIC)
+    write_synthetic(workdir, made)  # accepted: a verdict in the gate's table
 
     cfg = FidelityConfig(bootstrap=30, frd_filters=("Original",), noise_images=12, strata=("label",))
-    out = FidelityStage(workdir, cfg, QualityConfig(), GenerateConfig()).run("report")
+    stage = FidelityStage(workdir, cfg, QualityConfig(), GenerateConfig())
+    out = stage.run(stage.UNIT, stage.key(stage.UNIT))
     tab = pd.read_csv(out["csv"], keep_default_na=False, na_values=[""])
     every = tab[tab["stratum"] == "all"].set_index("kind")
     assert (every.loc["floor", "n"], every.loc["synthetic", "n"]) == (30, 30)

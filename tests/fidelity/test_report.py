@@ -34,7 +34,7 @@ def made(tmp_path_factory):
         w = fidelity_workdir(Workdir.at(root / "w"))
         assess(w, QualityConfig())
         stage = FidelityStage(w, CFG, QualityConfig(), GenerateConfig(), "sks", TrackingConfig())
-        summary = stage.run(stage.UNIT)
+        summary = stage.run(stage.UNIT, stage.key(stage.UNIT))
         tab = pd.read_csv(summary["csv"], keep_default_na=False, na_values=[""])
         yield w, stage, summary, tab
 
@@ -153,7 +153,7 @@ def test_the_report_is_cached_and_dermt2im_report_adds_an_imported_set(made, tmp
     from dermt2im.cli import app
 
     w, stage, summary, _ = made
-    assert stage.finished(stage.UNIT) is not None  # nothing changed: up to date
+    assert stage.finished(stage.UNIT, stage.key(stage.UNIT)) is not None  # nothing changed: up to date
     src = tmp_path / "ext"
     for i in range(16):
         label = ("benign", "malignant")[i % 2]
@@ -164,7 +164,7 @@ def test_the_report_is_cached_and_dermt2im_report_adds_an_imported_set(made, tmp
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{w.root.parent / 'mlflow.db'}")
         runner = CliRunner()
-        common = ["--workdir", str(w.root), "--config", "smoke", "--set", "fidelity.bootstrap=60",
+        common = ["--workdir", str(w.root), "--config", "tiny", "--set", "fidelity.bootstrap=60",
                   "--set", "fidelity.noise_images=12"]
         r = runner.invoke(app, ["import-synthetic", str(src), "--name", "ext", *common])
         assert r.exit_code == 0, r.output
@@ -186,6 +186,6 @@ def row_of(tab: pd.DataFrame, name: str) -> pd.Series:
 
 def test_without_seeds_there_is_no_report_and_it_says_why(workdir):
     stage = FidelityStage(workdir, CFG, QualityConfig(), GenerateConfig())
-    out = stage.run(stage.UNIT)
+    out = stage.run(stage.UNIT, stage.key(stage.UNIT))
     assert "needs accepted, preprocessed training seeds" in out["skipped"]
     assert "no fidelity report" in (workdir.reports / "fidelity.md").read_text()
