@@ -47,6 +47,8 @@ def test_the_wheel_holds_flows_and_tasks_inside_dermt2im_and_nothing_else_at_the
         assert init.relative_to(ROOT).as_posix() in names, f"{init.parent.name} is missing from the wheel"
     for preset in sorted(ROOT.glob("dermt2im/presets/*.yaml")):
         assert preset.relative_to(ROOT).as_posix() in names
+    # the miniature Stable Diffusion the smoke preset (so `make demo` after `pip install`) renders with
+    assert "dermt2im/mini/mini-sd.safetensors" in names
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["dermt2im"]
 

@@ -100,7 +100,8 @@ def test_an_unknown_seed_licence_leaves_the_terms_open(made, tmp_path):
     assert "**terms open**: some seed licences are unknown" in readme and "1 seed image(s) have no licence" in readme
 
 
-def test_an_imported_set_carries_its_own_provenance_and_licence(made, tmp_path):
+def test_an_imported_set_carries_its_own_provenance_and_licence(made, tmp_path, mlflow_uri):
+    """(``mlflow_uri``: the fidelity report the import makes logs its runs to a store of this test's own.)"""
     from PIL import Image
     from typer.testing import CliRunner
 

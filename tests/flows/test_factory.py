@@ -31,7 +31,8 @@ def _ran(states: dict[str, list[str]], names: set[str]) -> dict[str, set[str]]:
     return {n: set(states.get(n, [])) for n in names}
 
 
-def test_factory_end_to_end_then_cache_then_partial_reruns(prefect_harness, workdir):
+def test_factory_end_to_end_then_cache_then_partial_reruns(prefect_harness, workdir, mlflow_uri):
+    """(``mlflow_uri``: a store of this test's own, so that the runs counted are the factory's.)"""
     root = str(workdir.root)
     first = factory(root, config="tiny", overrides=SMALL, return_state=True)
     out = first.result()
