@@ -12,6 +12,14 @@ Image measures, on the grey image (long side at most ``WORK_SIZE``):
   ``min_lesion_fraction`` / more than ``max_lesion_fraction`` of the image, or it is darker than
   the skin around it by less than ``min_lesion_contrast`` grey levels.
 
+The grey std and the lesion's contrast are taken at a common brightness for images darker than
+mid-grey (``brightness_gain``): darker skin gives proportionally smaller differences in grey levels
+for the same picture, and a gate calibrated on light seeds would otherwise call a lesion on dark skin
+blank or absent (13 of 24 Fitzpatrick type VI phantoms were "blank" before). A blank or black image
+stays blank (its differences are scaled, not created; the gain is capped). The blur cut stays in
+grey levels: it is lenient (a quarter of the seeds' 1st percentile), and scaling a blurred dark
+image's Laplacian would let it through.
+
 The cuts of ``blank``, ``noise``, ``blur`` and the lesion contrast come from the accepted seeds when
 the config leaves them empty (``calibrate``); ``FALLBACK_CUTS`` when there are too few seeds.
 
@@ -37,6 +45,8 @@ from dermt2im.quality.rulers import detect_rulers
 from dermt2im.quality.text import text_score
 
 WORK_SIZE = 256
+MID_GREY = 128.0
+MAX_BRIGHTNESS_GAIN = 3.0  # images darker than MID_GREY / 3 are measured at a third of mid-grey at most
 HF_CUTOFF = 0.25  # cycles / pixel: half the Nyquist frequency
 # The calibrated cuts when the config leaves them empty and there are too few seeds to calibrate on.
 FALLBACK_CUTS = {"min_std": 8.0, "max_high_frequency_ratio": 0.35, "min_sharpness": 5.0, "min_lesion_contrast": 10.0}
@@ -134,17 +144,26 @@ def _is_ring(mask: np.ndarray) -> bool:
     return int((lab == lab[cy, cx]).sum()) > int(mask.sum())
 
 
+def brightness_gain(grey: np.ndarray) -> float:
+    """The factor that brings an image darker than mid-grey to mid-grey (its median grey level),
+    1 for brighter images, at most ``MAX_BRIGHTNESS_GAIN``: contrast scales with brightness, so the
+    same lesion on darker skin differs from its skin by fewer grey levels."""
+    median = float(np.median(grey))
+    return float(min(MAX_BRIGHTNESS_GAIN, max(1.0, MID_GREY / max(median, 1.0))))
+
+
 def image_metrics(rgb: np.ndarray) -> dict[str, float]:
     grey_full = to_grey(rgb)
     grey = _work(grey_full)
     _, fraction, contrast = lesion_region(grey)
+    gain = brightness_gain(grey_full)
     return {
-        "grey_std": float(grey_full.std()),
+        "grey_std": float(grey_full.std()) * gain,
         "saturated_fraction": float(((grey_full <= 2) | (grey_full >= 253)).mean()),
         "high_frequency_ratio": high_frequency_ratio(grey),
         "sharpness": sharpness(grey),
         "lesion_fraction": fraction,
-        "lesion_contrast": contrast,
+        "lesion_contrast": contrast * gain,
     }
 
 
