@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +113,7 @@ class Extractors:
         caches = {e.name: FeatureCache(folder, identity.content_key("embedding-features", e.identity)) for e in embeddings}
         if cfg.frd:
             key = identity.content_key("radiomics", cfg.frd_size, list(cfg.frd_filters),
-                                       identity.code_digest(radiomics))
+                                       identity.code_digest(radiomics.__name__))
             caches[RADIOMICS] = FeatureCache(folder, key)
         return cls(embeddings, caches, cfg.frd_size, tuple(cfg.frd_filters), seed_reference, calibration)
 
@@ -267,7 +266,7 @@ def noise_images(workdir: Workdir, n: int, size: tuple[int, int], prompt: str, t
     width, height = size
     prompts = [prompt.format(token=token, label=LABELS[i % 2], transformation="") for i in range(n)]
     key = identity.content_key("noise-ceiling", n, width, height, prompts, NOISE_STEPS, NOISE_GUIDANCE, tiny_identity(0),
-                               identity.code_digest(sys.modules[__name__]))
+                               identity.code_digest(__name__))
     folder = workdir.fidelity / "noise" / key[:16]
     paths = [folder / f"noise-{i:04d}.png" for i in range(n)]
     if not all(p.is_file() for p in paths):

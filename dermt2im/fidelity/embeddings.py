@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,7 +182,7 @@ def _embed_with(state: dict) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
 def seed_embedding_key(train: Sequence[tuple[str, str, str]]) -> str:
     """Key of the seed embedding for training seeds given as (sample id, preprocess key, label)."""
     return identity.content_key("seed-embedding", sorted(train), IMAGE_SIZE, CHANNELS, STEPS, BATCH, LEARNING_RATE,
-                                SEED, identity.code_digest(sys.modules[__name__]))
+                                SEED, identity.code_digest(__name__))
 
 
 def seed_embedding(folder: Path, train: Sequence[tuple[str, str, str]],
