@@ -210,17 +210,17 @@ class _Recorder:
             self.recorded, self.written = self.recorded + self.written, []
 
 
-def _where(runtime: GenerateRuntime, pipe) -> tuple[str, str]:
+def _where(runtime: GenerateRuntime, model: RenderModel, pipe) -> tuple[str, str]:
     """(dtype, device) the images are rendered in, as recorded in their rows."""
     import torch
 
-    from dermt2im.diffusion.models import resolve_device
+    from dermt2im.diffusion.models import resolve_device, unet_width
 
     if pipe is not None:
         dtype, device = dtype_name(pipe.dtype), str(pipe.device)
     else:
         device = resolve_device(runtime.device)
-        dtype = dtype_name(resolve_dtype(runtime.dtype, device))
+        dtype = dtype_name(resolve_dtype(runtime.dtype, device, unet_width(model.base_model, model.base_config)))
     if device.startswith("cuda") and torch.cuda.is_available():
         device = f"{device} ({torch.cuda.get_device_name()})"
     return dtype, device
@@ -290,7 +290,7 @@ def render_shard(workdir: Workdir, runtime: GenerateRuntime, model: RenderModel,
     if not state.todo:
         log.info("shard %d: nothing to render (%d done)", shard, state.done + len(state.adopt))
         return adopted
-    dtype, device = _where(runtime, pipe)
+    dtype, device = _where(runtime, model, pipe)
     for r in state.todo:
         r.update(dtype=dtype, device=device)
     t0 = time.perf_counter()
