@@ -173,16 +173,21 @@ def generate(
         "more than planned extends the plan, fewer keeps it")] = None,
     shard: Annotated[list[int] | None, typer.Option(help="render only these shards (repeatable)")] = None,
     base_model_only: Annotated[bool, typer.Option("--base-model-only", help="render with train.base_model alone, no LoRA")] = False,
+    report: Annotated[bool, typer.Option("--report", help="then the fidelity report too (else: `dermt2im report`)")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     save: SaveOpt = False,
 ) -> None:
-    """Plan, render (Euler / Euler a / PLMS ...), then quality-gate and audit synthetic lesions."""
+    """Plan, render (Euler / Euler a / PLMS ...), then quality-gate and audit synthetic lesions (measured
+    while rendering goes on). The fidelity report (FRD, KID, PRDC with intervals, MLflow) is `dermt2im
+    report`, or --report here."""
     w, cfg = _session(workdir, config, overrides, save)
     from dermt2im import pipelines
 
-    _run(pipelines.generate(w, cfg, lora=lora, base_model_only=base_model_only, per_class=per_class, shards=shard),
-         cfg.scale)
+    _run(pipelines.generate(w, cfg, lora=lora, base_model_only=base_model_only, per_class=per_class, shards=shard,
+                            report=report), cfg.scale)
+    if not report:
+        _echo("fidelity report: `dermt2im report` (or `dermt2im generate --report`)")
 
 
 @command()

@@ -17,7 +17,8 @@ The pipelines:
 
 ``seeds``      (phantoms, when there is no SOURCE) -> ingest -> preprocess, for the seeds and every test set
 ``train``      the LoRA(s) of the config
-``generate``   plan and render shards -> quality gate and memorisation audit -> fidelity report
+``generate``   plan and render shards -> quality gate and memorisation audit (measuring while rendering)
+               -> fidelity report
 ``imported``   an external synthetic set -> the same gate, audit and report
 ``validate``   (ingest -> preprocess of test sets named now) -> classifier cells -> the SAM check
 ``factory``    all of them in the paper's order (Fig. 1)
@@ -88,19 +89,26 @@ def fidelity(workdir: Workdir, cfg: Any) -> list[Stage]:
     return [FidelityStage.of(workdir, cfg)]
 
 
-def gate(workdir: Workdir, cfg: Any) -> list[Stage]:
-    """The quality gate and memorisation audit over every synthetic image of the workdir, then the
-    fidelity report of the sets it passed."""
-    return [QualityStage.of(workdir, cfg), *fidelity(workdir, cfg)]
+def gate(workdir: Workdir, cfg: Any, *, report: bool = True) -> list[Stage]:
+    """The quality gate and memorisation audit over every synthetic image of the workdir, then (with
+    ``report``) the fidelity report of the sets it passed."""
+    return [QualityStage.of(workdir, cfg), *(fidelity(workdir, cfg) if report else [])]
 
 
 def generate(workdir: Workdir, cfg: Any, *, lora: str | Path | None = None, base_model_only: bool = False,
-             per_class: int | None = None, shards: Sequence[int] | None = None, gated: bool = True) -> list[Stage]:
+             per_class: int | None = None, shards: Sequence[int] | None = None, gated: bool = True,
+             report: bool = True) -> list[Stage]:
     """Plan (or extend the plan) and render the shards with the LoRA the config names (or ``lora``),
-    then gate and audit; ``gated=False`` for scale-out workers, whose shards are gated once all are in."""
+    then gate and audit, then (with ``report``) the fidelity report; ``gated=False`` for scale-out
+    workers, whose shards are gated once all are in. The gate measures each batch of images while
+    the next renders (``QualityStage.rendered``): when it runs, only its whole-set steps are left."""
     render = GenerateStage.of(workdir, cfg, lora=lora, base_model_only=base_model_only, per_class=per_class,
                               shards=shards)
-    return [render, *gate(workdir, cfg)] if gated else [render]
+    if not gated:
+        return [render]
+    judged = gate(workdir, cfg, report=report)
+    render.listen(judged[0])
+    return [render, *judged]
 
 
 def imported(workdir: Workdir, cfg: Any, *, source: str | Path, name: str, layout: str = "auto") -> list[Stage]:

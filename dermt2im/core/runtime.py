@@ -63,6 +63,12 @@ class GenerateRuntime(Strict):
     writer_threads: int = Field(2, ge=1)
 
 
+class QualityRuntime(Strict):
+    workers: int = Field(0, ge=0, description="processes measuring images for the gate; 0: one per core but one")
+    while_rendering: bool = Field(True, description="measure each batch of images for the gate as soon as it is "
+                                  "written, while the next renders (a pipeline, not a phase after it)")
+
+
 class ValidateRuntime(Strict):
     device: Device = "auto"
 
@@ -74,6 +80,7 @@ class RuntimeConfig(Strict):
     preprocess: PreprocessRuntime = PreprocessRuntime()
     train: TrainRuntime = TrainRuntime()
     generate: GenerateRuntime = GenerateRuntime()
+    quality: QualityRuntime = QualityRuntime()
     validation: ValidateRuntime = Field(ValidateRuntime(), alias="validate")
 
 

@@ -123,6 +123,11 @@ class Workdir:
         return self._dir("fidelity")
 
     @property
+    def quality(self) -> Path:
+        """The quality gate's own caches: each image's measures, the seeds' audit index."""
+        return self._dir("quality")
+
+    @property
     def locks(self) -> Path:
         """Lock files for manifests on object stores (``writers.writer_lock``): every worker shares
         this workdir (its config and LoRA weights live here too), so its POSIX locks cover them all."""

@@ -341,6 +341,29 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
+def unet_width(base_model: str, base_config: str | None = None) -> int | None:
+    """Channels of the widest UNet block of ``base_model``, read without loading it: the tiny and
+    miniature models' from their configs, a diffusers folder's from ``unet/config.json`` (or a
+    single file's ``base_config`` folder); None when not known (a hub id, a file without one)."""
+    import json
+
+    try:
+        kind = _kind(base_model)
+    except ModelError:
+        return None
+    if kind == "tiny":
+        return max(TINY_UNET_CONFIG["block_out_channels"])
+    if kind == "mini":
+        from dermt2im.mini.recipe import UNET_CONFIG
+
+        return max(UNET_CONFIG["block_out_channels"])
+    folder = Path(base_model).expanduser() if kind == "dir" else Path(base_config).expanduser() if base_config else None
+    try:
+        return max(json.loads((folder / "unet" / "config.json").read_text())["block_out_channels"]) if folder else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_pipeline(base_model: str, revision: str | None = None, *, base_config: str | None = None, torch_dtype=None,
                   device: str = "cpu"):
     """A StableDiffusionPipeline without safety checker, on ``device``, progress bars off.

@@ -96,12 +96,18 @@ def _network():
     return SeedNet()
 
 
+def seed_input(rgb: np.ndarray) -> np.ndarray:
+    """What the seed embedding sees of an image: its RGB at ``IMAGE_SIZE`` x ``IMAGE_SIZE`` (uint8).
+    The embedding of a seed input is that of its image (OpenCV copies an image already at the size),
+    so the gate keeps this small array instead of reading the image again (``quality.measures``)."""
+    return cv2.resize(np.ascontiguousarray(rgb[..., :3]), (IMAGE_SIZE, IMAGE_SIZE),
+                      interpolation=cv2.INTER_AREA if min(rgb.shape[:2]) > IMAGE_SIZE else cv2.INTER_LINEAR)
+
+
 def _tensor(images: Sequence[np.ndarray]):
     import torch
 
-    batch = np.stack([cv2.resize(np.ascontiguousarray(im[..., :3]), (IMAGE_SIZE, IMAGE_SIZE),
-                                 interpolation=cv2.INTER_AREA if min(im.shape[:2]) > IMAGE_SIZE else cv2.INTER_LINEAR)
-                      for im in images]).astype(np.float32) / 255.0 - 0.5
+    batch = np.stack([seed_input(im) for im in images]).astype(np.float32) / 255.0 - 0.5
     return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
 
 
@@ -185,6 +191,11 @@ def seed_embedding_key(train: Sequence[tuple[str, str, str]]) -> str:
                                 SEED, identity.code_digest(__name__))
 
 
+def seed_embedding_folder(folder: Path, train: Sequence[tuple[str, str, str]]) -> Path:
+    """Where the seed embedding of these training seeds is kept (``seed_embedding``)."""
+    return Path(folder) / f"{SEED_EMBEDDING}-{seed_embedding_key(train)[:16]}"
+
+
 def seed_embedding(folder: Path, train: Sequence[tuple[str, str, str]],
                    load: Callable[[str], np.ndarray]) -> Embedding:
     """The seed embedding for these training seeds ((sample id, preprocess key, label); ``load(sample
@@ -193,7 +204,7 @@ def seed_embedding(folder: Path, train: Sequence[tuple[str, str, str]],
     from safetensors.torch import load_file, save_file
 
     key = seed_embedding_key(train)
-    where = Path(folder) / f"{SEED_EMBEDDING}-{key[:16]}"
+    where = seed_embedding_folder(folder, train)
     weights, meta = where / "model.safetensors", where / "meta.json"
     if weights.is_file() and meta.is_file():
         state = load_file(str(weights))

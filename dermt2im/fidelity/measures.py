@@ -13,7 +13,7 @@ no cut: typicality is then left empty, with the reason in the summary.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,11 +45,22 @@ def load_image(workdir: Workdir, path: str):
     return load_rgb(storage.resolve(path, workdir.root))
 
 
+def _embedding_rows(train: pd.DataFrame) -> list[tuple[str, str, str]]:
+    return list(zip(train["sample_id"], train["preprocess_key"], train["label"]))
+
+
+def embedding_kept(workdir: Workdir, train: pd.DataFrame) -> bool:
+    """Whether the seed embedding of these training seeds is fitted and kept already."""
+    from dermt2im.fidelity.embeddings import seed_embedding_folder
+
+    return (seed_embedding_folder(workdir.fidelity / "embeddings", _embedding_rows(train)) / "model.safetensors").is_file()
+
+
 def learned_embedding(workdir: Workdir, train: pd.DataFrame) -> Embedding:
     """The seed embedding of these training seeds (fitted once, then read from W/fidelity/embeddings)."""
     paths = dict(zip(train["sample_id"], train["processed_path"]))
-    rows = list(zip(train["sample_id"], train["preprocess_key"], train["label"]))
-    return seed_embedding(workdir.fidelity / "embeddings", rows, lambda sid: load_image(workdir, paths[sid]))
+    return seed_embedding(workdir.fidelity / "embeddings", _embedding_rows(train),
+                          lambda sid: load_image(workdir, paths[sid]))
 
 
 def batches(workdir: Workdir, paths: list[str]) -> Iterator[list[np.ndarray]]:
@@ -93,19 +104,28 @@ def typicality_cut(workdir: Workdir, quantile: float) -> tuple[Embedding | None,
     return embedding, TypicalityCut(embedding.label, calibrate(reference, held_emb, quantile=quantile), len(held))
 
 
-def image_measures(workdir: Workdir, rows: pd.DataFrame, quantile: float) -> tuple[pd.DataFrame, TypicalityCut]:
-    """The fidelity manifest's rows for ``rows`` (sample_key, sha256, source, label, path) and the cut."""
+def image_measures(workdir: Workdir, rows: pd.DataFrame, quantile: float,
+                   measured: Sequence[dict] | None = None) -> tuple[pd.DataFrame, TypicalityCut]:
+    """The fidelity manifest's rows for ``rows`` (sample_key, sha256, source, label, path) and the cut.
+    ``measured``, one per row, may hold what the gate measured already (``skin_tone``, a ``SkinTone``,
+    and ``seed_input``, what the seed embedding sees: ``embeddings.seed_input``); the images are then
+    not read again."""
     embedding, cut = typicality_cut(workdir, quantile)
     paths = rows["path"].tolist()
     ita, tone, fraction, distance = [], [], [], []
-    for images in batches(workdir, paths):
-        for rgb in images:
-            t = skin_tone(rgb)
+    for start in range(0, len(paths), BATCH):
+        known = list(measured[start:start + BATCH]) if measured is not None else []
+        if known and all("skin_tone" in m and "seed_input" in m for m in known):
+            tones, inputs = [m["skin_tone"] for m in known], [m["seed_input"] for m in known]
+        else:
+            inputs = [load_image(workdir, p) for p in paths[start:start + BATCH]]
+            tones = [skin_tone(rgb) for rgb in inputs]
+        for t in tones:
             ita.append(t.ita)
             tone.append(t.category)
             fraction.append(t.skin_fraction)
         if cut.calibration is not None:
-            distance.extend(cut.calibration.distances(embedding.embed(images)).tolist())
+            distance.extend(cut.calibration.distances(embedding.embed(inputs)).tolist())
     out = pd.DataFrame({"sample_key": rows["sample_key"].tolist(), "sha256": rows["sha256"].tolist(),
                         "source": rows["source"].tolist(), "label": rows["label"].tolist(),
                         "ita": ita, "skin_tone": tone, "skin_fraction": fraction,

@@ -77,15 +77,16 @@ _CACHE_LOCK = threading.Lock()
 _PASSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipelines passed in -> their state
 
 
-def resolve_dtype(pref: str, device: str):
-    """``runtime.generate.dtype`` on ``device``: auto is fp16 on CUDA, bf16 on a CPU with native bf16,
-    else fp32 (``dermt2im.diffusion.accel``)."""
+def resolve_dtype(pref: str, device: str, unet_width: int | None = None):
+    """``runtime.generate.dtype`` on ``device``: auto is fp16 on CUDA, bf16 on a CPU with native bf16
+    for a wide UNet (``unet_width``: its widest block, ``models.unet_width``), else fp32
+    (``dermt2im.diffusion.accel.half_dtype``)."""
     import torch
 
     if pref == "auto":
         from dermt2im.diffusion.accel import half_dtype
 
-        return half_dtype(device) or torch.float32
+        return half_dtype(device, unet_width) or torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[pref]
 
 
@@ -163,10 +164,10 @@ def prepared_pipeline(model: RenderModel, runtime: GenerateRuntime, lora: LoraCh
     if pipe is not None:
         return _given_pipeline(pipe, lora, scale)
 
-    from dermt2im.diffusion.models import load_pipeline, resolve_device
+    from dermt2im.diffusion.models import load_pipeline, resolve_device, unet_width
 
     device = resolve_device(runtime.device)
-    dtype = resolve_dtype(runtime.dtype, device)
+    dtype = resolve_dtype(runtime.dtype, device, unet_width(model.base_model, model.base_config))
     key = (model.identity, model.revision, device, str(dtype), *_lora_state(lora.sha256, scale))
     with _CACHE_LOCK:
         if key in _CACHE:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,8 +189,8 @@ class _Recorder:
     what did succeed is recorded before the error is raised; a run killed before recording leaves PNGs
     that carry their render key, and the next run adopts them without rendering (``shard_state``)."""
 
-    def __init__(self, manifest: Path | str) -> None:
-        self.manifest = manifest
+    def __init__(self, manifest: Path | str, on_written: Callable[[list[dict]], None] | None = None) -> None:
+        self.manifest, self.on_written = manifest, on_written
         self.pending: list[list[Future]] = []
         self.written: list[dict] = []
         self.recorded: list[dict] = []
@@ -198,11 +199,15 @@ class _Recorder:
     def harvest(self, max_pending: int) -> None:
         """Collect finished batches in order; wait while more than ``max_pending`` are in flight."""
         while self.pending and (len(self.pending) > max_pending or all(f.done() for f in self.pending[0])):
+            batch = []
             for f in self.pending.pop(0):
                 try:
-                    self.written.append(f.result())
+                    batch.append(f.result())
                 except BaseException as exc:  # noqa: BLE001 - re-raised after recording the rest
                     self.error = self.error or exc
+            self.written += batch
+            if batch and self.on_written is not None:
+                self.on_written(batch)
 
     def record(self) -> None:
         if self.written:
@@ -210,30 +215,30 @@ class _Recorder:
             self.recorded, self.written = self.recorded + self.written, []
 
 
-def _where(runtime: GenerateRuntime, pipe) -> tuple[str, str]:
+def _where(runtime: GenerateRuntime, model: RenderModel, pipe) -> tuple[str, str]:
     """(dtype, device) the images are rendered in, as recorded in their rows."""
     import torch
 
-    from dermt2im.diffusion.models import resolve_device
+    from dermt2im.diffusion.models import resolve_device, unet_width
 
     if pipe is not None:
         dtype, device = dtype_name(pipe.dtype), str(pipe.device)
     else:
         device = resolve_device(runtime.device)
-        dtype = dtype_name(resolve_dtype(runtime.dtype, device))
+        dtype = dtype_name(resolve_dtype(runtime.dtype, device, unet_width(model.base_model, model.base_config)))
     if device.startswith("cuda") and torch.cuda.is_available():
         device = f"{device} ({torch.cuda.get_device_name()})"
     return dtype, device
 
 
 def _render_all(workdir: Workdir, model: RenderModel, runtime: GenerateRuntime, todo: list[dict], pipe,
-                bar: progress.Task) -> _Recorder:
+                bar: progress.Task, on_written: Callable[[list[dict]], None] | None = None) -> _Recorder:
     """Render ``todo`` batch by batch (halving a batch on CUDA out-of-memory), writing PNGs meanwhile;
     the pipeline is looked up once per LoRA and scale, not per batch."""
     from dermt2im.diffusion import accel
     from dermt2im.diffusion.models import resolve_device
 
-    recorder = _Recorder(workdir.synthetic_manifest)
+    recorder = _Recorder(workdir.synthetic_manifest, on_written)
     # (rows, the size the batch is rendered at): compiled, every batch at runtime.batch_size (one shape,
     # one graph; the padding costs at most a batch per sampler and shard), eager at its own size; the
     # halves of a batch split after an out-of-memory error at theirs
@@ -274,9 +279,10 @@ def _render_all(workdir: Workdir, model: RenderModel, runtime: GenerateRuntime, 
 
 
 def render_shard(workdir: Workdir, runtime: GenerateRuntime, model: RenderModel, shard: int, *,
-                 pipe=None) -> list[dict]:
+                 pipe=None, on_written: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Render the shard's missing images with ``model``; returns the manifest rows recorded by this
-    call. ``pipe`` optionally supplies the base pipeline (tests, benchmarks)."""
+    call. ``pipe`` optionally supplies the base pipeline (tests, benchmarks); ``on_written(rows)`` is
+    told of each batch as soon as its PNGs are written (and of PNGs adopted from an interrupted run)."""
     rows = shard_rows(workdir, shard)
     removed = remove_own_temporaries(workdir, rows)
     if removed:
@@ -287,15 +293,17 @@ def render_shard(workdir: Workdir, runtime: GenerateRuntime, model: RenderModel,
         record_rows(workdir.synthetic_manifest, pd.DataFrame(state.adopt), SYNTHETIC)
         adopted = list(state.adopt)
         log.info("shard %d: recorded %d image(s) written before an interruption", shard, len(state.adopt))
+        if on_written is not None:
+            on_written(adopted)
     if not state.todo:
         log.info("shard %d: nothing to render (%d done)", shard, state.done + len(state.adopt))
         return adopted
-    dtype, device = _where(runtime, pipe)
+    dtype, device = _where(runtime, model, pipe)
     for r in state.todo:
         r.update(dtype=dtype, device=device)
     t0 = time.perf_counter()
     with progress.task(f"render shard {shard}", total=len(state.todo), unit="images") as bar:
-        recorder = _render_all(workdir, model, runtime, state.todo, pipe, bar)
+        recorder = _render_all(workdir, model, runtime, state.todo, pipe, bar, on_written)
     if recorder.error is not None:
         log.error("shard %d interrupted after %d image(s): %s", shard, len(recorder.recorded), recorder.error)
         raise recorder.error

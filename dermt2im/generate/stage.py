@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 
@@ -62,6 +62,14 @@ class GenerateReport:
         )
 
 
+class RenderListener(Protocol):
+    """What a stage after rendering may want to know while it goes on (``GenerateStage.listen``)."""
+
+    def rendering(self) -> None: ...  # this process is about to render
+
+    def rendered(self, rows: Sequence[dict]) -> None: ...  # these images are written (rows with sample_key, path)
+
+
 def shard_order(shard_ids: Sequence[int]) -> list[int]:
     """Shards one class after the other (shard ids interleave the classes, see ``plan.shard_of``)."""
     return sorted(shard_ids, key=lambda s: (s % len(LABELS), s))
@@ -85,6 +93,7 @@ class GenerateStage:
         self.per_class, self.only, self.pipe = per_class, list(shards or []), pipe
         self._plan: pd.DataFrame | None = None
         self._planned_elsewhere = False
+        self.listeners: list[RenderListener] = []
         self._t0 = time.perf_counter()
 
     @classmethod
@@ -122,7 +131,8 @@ class GenerateStage:
     def __getstate__(self) -> dict[str, Any]:
         # A copy sent to another process (a Ray renderer) reads the plan this stage made rather than
         # carrying it, and loads a pipeline of its own.
-        return {**self.__dict__, "_plan": None, "pipe": None,
+        # Listeners stay here too: a renderer elsewhere leaves the measuring to the gate.
+        return {**self.__dict__, "_plan": None, "pipe": None, "listeners": [],
                 "_planned_elsewhere": self._planned_elsewhere or self._plan is not None}
 
     def units(self) -> list[int]:
@@ -157,8 +167,20 @@ class GenerateStage:
             pipeline.prepared_pipeline(self.model, self.runtime, self.model.for_label(first["label"]),
                                        first["lora_scale"], pipe=self.pipe)
 
+    def listen(self, listener: "RenderListener") -> None:
+        """Tell ``listener`` when this process starts rendering and of each batch as soon as it is
+        written (the quality gate measures them meanwhile: ``pipelines.generate``)."""
+        self.listeners.append(listener)
+
+    def _written(self, rows: list[dict]) -> None:
+        for listener in self.listeners:
+            listener.rendered(rows)
+
     def run(self, shard: int, key: str) -> dict[str, Any]:
-        recorded = shards.render_shard(self.workdir, self.runtime, self.model, shard, pipe=self.pipe)
+        for listener in self.listeners:
+            listener.rendering()
+        recorded = shards.render_shard(self.workdir, self.runtime, self.model, shard, pipe=self.pipe,
+                                       on_written=self._written if self.listeners else None)
         if self.workdir.manifests_are_remote:  # keep the appended parts few, so every read stays cheap
             self.fold_parts()
         return {"shard": int(shard), "rendered": len(recorded), "images": int((self.plan()["shard"] == shard).sum())}

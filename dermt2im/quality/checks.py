@@ -28,7 +28,8 @@ each setting a *flag* when its score passes its threshold: ``face``, ``text``, `
 ``frame``, ``hair``. A flag rejects when ``quality.reject_flags`` names it (faces and text by
 default); the others are recorded and their per-class rates audited (``shortcuts``).
 
-``gate_image`` runs everything; a rejection's reason starts with the check's name.
+``gate_image`` runs everything: ``gate_measures`` (the costly part, independent of the calibrated
+cuts), then ``judge``; a rejection's reason starts with the check's name.
 """
 
 from __future__ import annotations
@@ -259,16 +260,29 @@ class Verdict:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def gate_image(rgb: np.ndarray, cfg: QualityConfig) -> Verdict:
-    """The whole gate on one image: image measures first (a broken image), then the flags that reject."""
+def gate_measures(rgb: np.ndarray, cfg: QualityConfig) -> dict[str, float]:
+    """Every image measure and detector score of one image: what costs time. They depend on no
+    calibrated cut (only ``max_ruler_score``, see ``detector_scores``), so they can be measured while
+    rendering goes on and judged once the cuts are known (``judge``)."""
     metrics = image_metrics(rgb)
     metrics.update(detector_scores(rgb, cfg))
+    return metrics
+
+
+def judge(metrics: dict[str, float], cfg: QualityConfig) -> Verdict:
+    """The gate's decision on measured ``metrics`` with the cuts of ``cfg``: image measures first (a
+    broken image), then the flags that reject."""
     flags = flags_of(metrics, cfg)
     reason = measure_reason(metrics, cfg)
     if reason is None:
         rejecting = [f for f in flags if f in cfg.reject_flags]
         reason = flag_reason(rejecting[0], metrics, cfg) if rejecting else None
     return Verdict(reason, flags, metrics)
+
+
+def gate_image(rgb: np.ndarray, cfg: QualityConfig) -> Verdict:
+    """The whole gate on one image: ``judge(gate_measures(rgb, cfg), cfg)``."""
+    return judge(gate_measures(rgb, cfg), cfg)
 
 
 def reason_code(reason: str | None) -> str | None:

@@ -25,7 +25,7 @@ shortcut audit and its balancing) then replaces them.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +33,17 @@ import pandas as pd
 
 from dermt2im.core import identity, storage
 from dermt2im.core.manifest import FIDELITY, FLAG_RATES, QUALITY, manifest_exists, read_manifest, rewrite, write_manifest
+from dermt2im.core.runtime import QualityRuntime
 from dermt2im.core.specs import ATYPICAL, QualityConfig
 from dermt2im.core.views import made_synthetic, seeds_view
 from dermt2im.core.workdir import Workdir
 from dermt2im.core.writers import compact, writer_lock
 from dermt2im.quality.calibrate import cut_table, resolve_cuts, seed_rejections
-from dermt2im.quality.checks import SCORE_COLUMNS, flags_of, reason_code
+from dermt2im.quality.checks import SCORE_COLUMNS, flags_of, judge, reason_code
 from dermt2im.quality.dedupe import mark_duplicates, phash_hex
 from dermt2im.quality.figures import OWN, write_audit, write_grids
-from dermt2im.quality.images import measure_image, workers
+from dermt2im.quality.measures import MeasureCache, audit_key, measures_key
+from dermt2im.quality.pool import MeasurePool, measure_here
 from dermt2im.quality.report import QualityReport, write_quality_reports
 from dermt2im.quality.seeds import Seeds, load_seeds
 from dermt2im.quality.shortcuts import Shortcut, audit_shortcuts
@@ -59,21 +61,46 @@ def with_sources(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(source=df["source"].fillna(OWN)) if len(df) else df
 
 
-def measure_all(workdir: Workdir, df: pd.DataFrame, q: QualityConfig, seeds: Seeds) -> tuple[pd.DataFrame, list[dict]]:
-    """Every image gated and audited (in threads): the frame with the quality columns filled, and the
-    measures (small thumbnails and hashes; never the full pixels)."""
+def measure_all(workdir: Workdir, df: pd.DataFrame, q: QualityConfig, seeds: Seeds,
+                pool: MeasurePool | None = None) -> tuple[pd.DataFrame, list[dict]]:
+    """Every image gated and audited: the frame with the quality columns filled, and the measures
+    (small thumbnails and hashes; never the full pixels). Measures kept in the cache for these bytes
+    are read (``measures``: made while rendering, or by an earlier run); the rest are measured now, in
+    ``pool``'s processes or, without one, in threads here. The verdicts come from the measures and the
+    cuts of ``q`` alone (``checks.judge``)."""
+    cache = MeasureCache(workdir.quality / "measures")
+    keys = (measures_key(q), audit_key(seeds.key, q))
+    found = cache.lookup(df, *keys)
     paths = [storage.resolve(p, workdir.root) if isinstance(p, str) else Path("/nonexistent") for p in df["path"]]
-    with ThreadPoolExecutor(workers()) as pool:
-        measured = list(pool.map(lambda p: measure_image(p, q, seeds.index), paths))
+    todo = [i for i in range(len(df)) if "audit" not in found.get(i, {})]
+    items = [(str(df.at[i, "sample_key"]), paths[i], found.get(i)) for i in todo]
+    if pool is not None:
+        fresh = pool.measure(items, seeds.key, seeds.index)
+    else:
+        fresh = measure_here(workdir, q, seeds.key, seeds.index, items)
+    found.update(zip(todo, fresh))
+    if todo:
+        log.info("quality gate: %d of %d image(s) measured now, %d measured before", len(todo), len(df),
+                 len(df) - len(todo))
+    measured = [found[i] for i in range(len(df))]
     out = df.copy()
     for c in QUALITY_COLUMNS:
         out[c] = None
     for i, m in enumerate(measured):
+        if "metrics" in m:
+            verdict = judge(m["metrics"], q)
+            m["reason"], m["flags"] = verdict.reason, verdict.flags
+        else:  # missing or unreadable: its reason says which
+            m["metrics"], m["flags"] = {}, []
         for k, v in m["metrics"].items():
             out.at[i, k] = v
         out.at[i, "flags"] = ",".join(m["flags"])
         if "phash" in m:
             out.at[i, "phash"] = phash_hex(m["phash"])
+    kept = {(k, m["sha256"]) for k, m in zip(df["sample_key"], measured) if "sha256" in m}
+    folded = cache.fold(kept, keys[0])
+    if folded:
+        log.debug("folded %d part(s) into the measure cache", folded)
     return out, measured
 
 
@@ -114,7 +141,8 @@ def _apply_typicality(workdir: Workdir, out: pd.DataFrame, measured: list[dict],
     from dermt2im.fidelity.measures import image_measures
 
     readable = [i for i, m in enumerate(measured) if "thumb" in m]
-    rows, cut = image_measures(workdir, out.iloc[readable], q.max_typicality_quantile)
+    rows, cut = image_measures(workdir, out.iloc[readable], q.max_typicality_quantile,
+                               [measured[i] for i in readable])
     for i, atypical, typicality in zip(readable, rows["atypical"], rows["typicality"]):
         if atypical is None or pd.isna(atypical) or not atypical:
             continue
@@ -125,8 +153,9 @@ def _apply_typicality(workdir: Workdir, out: pd.DataFrame, measured: list[dict],
     return rows, cut.summary()
 
 
-def assess(workdir: Workdir, q: QualityConfig) -> QualityReport:
-    """Gate and audit every rendered or imported image; write status / reason / scores and the reports."""
+def assess(workdir: Workdir, q: QualityConfig, pool: MeasurePool | None = None) -> QualityReport:
+    """Gate and audit every rendered or imported image; write status / reason / scores and the reports.
+    ``pool`` measures the images not measured yet (see ``measure_all``)."""
     df = with_sources(made_synthetic(workdir))
     seeds = load_seeds(workdir, q) if len(df) else None
     resolved = resolve_cuts(q, seeds.measures if seeds is not None else {})
@@ -141,7 +170,7 @@ def assess(workdir: Workdir, q: QualityConfig) -> QualityReport:
     if seeds.index.size == 0:
         log.warning("memorisation audit skipped: no accepted seed images with a processed image in %s",
                     workdir.seeds_manifest)
-    out, measured = measure_all(workdir, todo, resolved.config, seeds)
+    out, measured = measure_all(workdir, todo, resolved.config, seeds, pool)
     reasons: list[str | None] = [m["reason"] for m in measured]
     audit_rows = _apply_audit(out, measured, reasons, seeds, q)
     _apply_duplicates(out, measured, reasons, q)
@@ -208,19 +237,49 @@ def report_summary(report: QualityReport) -> dict:
 class QualityStage:
     """The quality gate and memorisation audit: one unit, the whole synthetic set; done when its
     stamp holds the current key (images, seeds, ``quality`` spec, code), the reports exist and no
-    image waits for assessment."""
+    image waits for assessment.
+
+    It also listens to the renderer of its pipeline (``pipelines.generate``): ``rendering`` starts
+    its measuring processes (``pool``) and makes the seeds ready, ``rendered`` hands them each batch
+    of images as soon as it is written, so that by the time the gate runs the per-image work is done
+    and only the whole-set steps are left (``runtime.quality``: how many processes, and whether to)."""
 
     name = "quality"
     UNIT = "synthetic"
 
-    def __init__(self, workdir: Workdir, spec: QualityConfig) -> None:
+    def __init__(self, workdir: Workdir, spec: QualityConfig, runtime: QualityRuntime | None = None) -> None:
         self.workdir, self.spec = workdir, spec
+        self.runtime = runtime or QualityRuntime()
         self.stamps = Stamps(workdir.stamps, self.name)
+        self.pool = MeasurePool(workdir, spec, self.runtime.workers)
 
     @classmethod
     def of(cls, workdir: Workdir, cfg: Any) -> "QualityStage":
         """The stage as a factory config sets it up."""
-        return cls(workdir, cfg.quality)
+        return cls(workdir, cfg.quality, cfg.runtime.quality)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # processes are not sent anywhere: a copy starts its own when it measures
+        return {**self.__dict__, "pool": MeasurePool(self.workdir, self.spec, self.runtime.workers)}
+
+    # --- listening to the renderer ---
+
+    def rendering(self) -> None:
+        """Rendering starts in this process: start measuring processes, and make the seeds ready."""
+        if self.runtime.while_rendering:
+            self.pool.start()
+
+    def rendered(self, rows: Sequence[dict]) -> None:
+        """These images are written (rows with ``sample_key`` and ``path``): measure them meanwhile.
+        Never fails the renderer: whatever is not measured now is measured when the gate runs."""
+        if not self.runtime.while_rendering:
+            return
+        try:
+            self.pool.soon([(str(r["sample_key"]), storage.resolve(r["path"], self.workdir.root), None) for r in rows])
+        except Exception as err:  # noqa: BLE001 - measured later instead
+            log.warning("could not hand %d image(s) to the gate's measuring processes: %s", len(rows), err)
+
+    # --- the stage ---
 
     def units(self) -> list[str]:
         return [self.UNIT]
@@ -253,11 +312,16 @@ class QualityStage:
         return self.stamps.matching(unit, key)
 
     def run(self, unit: str, key: str) -> dict:
-        summary = report_summary(assess(self.workdir, self.spec))
+        try:
+            self.pool.wait()
+            summary = report_summary(assess(self.workdir, self.spec, self.pool))
+        finally:
+            self.pool.shutdown()
         self.stamps.write(unit, key, summary)
         return summary
 
     def close(self, results) -> dict:
+        self.pool.shutdown()  # also when the gate was up to date and the renderer had started it
         # Verdicts appended as parts of quality.parquet (on an object store, or by a gate run per
         # shard while rendering goes on) are folded in here, by this stage, the table's one writer.
         compact(self.workdir.quality_manifest, QUALITY, self.workdir.locks)

@@ -104,6 +104,21 @@ def test_auto_dtype_is_fp16_on_cuda_and_bf16_only_on_cpus_with_native_bf16(monke
     assert pipeline.resolve_dtype("fp32", "cuda") == torch.float32
 
 
+def test_auto_dtype_keeps_narrow_unets_in_fp32_on_a_cpu(monkeypatch, tmp_path):
+    from dermt2im.diffusion.models import build_tiny_pipeline, unet_width
+
+    monkeypatch.setattr(accel, "native_bf16_cpu", lambda: True)
+    folder = tmp_path / "model"
+    build_tiny_pipeline(0).save_pretrained(folder, safe_serialization=True)
+    assert unet_width("tiny") == unet_width(str(folder)) == 64 and unet_width("mini") == 128
+    assert unet_width("some/hub-model") is None  # not known: taken as wide
+    for narrow in ("tiny", "mini", str(folder)):
+        assert pipeline.resolve_dtype("auto", "cpu", unet_width(narrow)) == torch.float32
+        assert pipeline.resolve_dtype("auto", "cuda", unet_width(narrow)) == torch.float16
+    assert pipeline.resolve_dtype("auto", "cpu", 1280) == pipeline.resolve_dtype("auto", "cpu", None) == torch.bfloat16
+    assert pipeline.resolve_dtype("bf16", "cpu", 64) == torch.bfloat16  # asked for: kept
+
+
 def test_compile_and_nhwc_are_on_for_cuda_only_unless_asked():
     assert accel.wanted("auto", "cuda") and accel.wanted("auto", "cuda:1")
     assert not accel.wanted("auto", "cpu") and accel.wanted("on", "cpu") and not accel.wanted("off", "cuda")

@@ -1,0 +1,173 @@
+"""The gate's image measures in worker processes, spread over the host's cores: while rendering goes
+on (``MeasurePool.soon``, each batch as soon as its PNGs are written) and for what is left when the
+gate runs (``MeasurePool.measure``).
+
+The workers are a ``concurrent.futures.ProcessPoolExecutor`` started with ``spawn`` (the renderer's
+process holds torch's threads, which a fork would copy mid-flight) at the first call, so a pipeline
+that never measures starts none. Each worker reads the seed index once (``seeds.seed_index``: kept
+in the workdir, built by the first process that needs it while the others wait), runs OpenCV on one
+thread (the processes are the parallelism), measures its images (``measures.measure_file``) and
+writes them as one part of the measure cache before it returns. The first task of a pool makes the
+seeds ready (``seeds.load_seeds``: their measures for the calibrated cuts and their index), so that
+work overlaps rendering too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from dermt2im.core.specs import QualityConfig
+from dermt2im.core.workdir import Workdir
+from dermt2im.quality.measures import Measured, MeasureCache, audit_key, measure_file, measures_key, to_row
+
+log = logging.getLogger(__name__)
+Item = tuple[str, str | Path, Measured | None]  # sample key, image location, measures of its bytes already known
+SMALL = 8  # fewer images than this are measured in this process when no worker is running yet
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """One worker per core but one: the renderer (or the gate's own whole-set steps) keeps a core."""
+    return max(1, cores() - 1)
+
+
+def measure_items(workdir: Workdir, q: QualityConfig, index_key: str, index, items: Sequence[Item]) -> list[Measured]:
+    """Measure ``items`` here and keep what was measured as a part of the cache."""
+    found = [measure_file(path, q, index, have) for _, path, have in items]
+    keys = (measures_key(q), audit_key(index_key, q))
+    MeasureCache(workdir.quality / "measures").append(
+        [to_row(key, m, keys) for (key, _, _), m in zip(items, found) if "reason" not in m])
+    return found
+
+
+# --- in the worker processes ----------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _start(workdir: Workdir, q: QualityConfig) -> None:
+    # One thread per worker for every library: the workers are the parallelism, and OpenMP threads
+    # that outnumber the free cores spin against each other (the seed embedding's fit took 150 s
+    # instead of a few on two busy cores). torch is imported later, and reads this then.
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    import cv2
+
+    cv2.setNumThreads(1)
+    _WORKER.update(workdir=workdir, q=q, index=None)
+
+
+def _seed_index() -> tuple[str, Any]:
+    if _WORKER["index"] is None:
+        from dermt2im.quality.seeds import seed_index
+
+        _WORKER["index"] = seed_index(_WORKER["workdir"])
+    return _WORKER["index"]
+
+
+def _prepare_seeds() -> int:
+    """The seeds' measures and index, and the typicality embedding learned from them, made and kept."""
+    from dermt2im.fidelity.measures import embedding_kept, learned_embedding, seed_rows
+    from dermt2im.quality.seeds import load_seeds
+
+    workdir = _WORKER["workdir"]
+    seeds = load_seeds(workdir, _WORKER["q"])
+    _WORKER["index"] = (seeds.key, seeds.index)
+    train, _ = seed_rows(workdir)
+    if len(train) >= 2 and not embedding_kept(workdir, train):
+        learned_embedding(workdir, train)
+    return seeds.index.size
+
+
+def _measure(items: Sequence[Item], keep: bool) -> list[Measured] | int:
+    key, index = _seed_index()
+    found = measure_items(_WORKER["workdir"], _WORKER["q"], key, index, items)
+    return found if keep else len(found)
+
+
+# --- in the process that renders or gates ---------------------------------------------------------
+
+
+class MeasurePool:
+    """``workers`` processes measuring images for the gate of ``workdir`` (see the module docstring)."""
+
+    def __init__(self, workdir: Workdir, q: QualityConfig, workers: int = 0) -> None:
+        self.workdir, self.q = workdir, q
+        self.workers = workers or default_workers()
+        self._executor: ProcessPoolExecutor | None = None
+        self._background: list[Future] = []
+        self._lock = threading.Lock()
+
+    @property
+    def started(self) -> bool:
+        return self._executor is not None
+
+    def start(self) -> ProcessPoolExecutor:
+        """Start the workers (if not yet) with the seeds as their first task."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                     initializer=_start, initargs=(self.workdir, self.q))
+                self._background.append(self._executor.submit(_prepare_seeds))
+            return self._executor
+
+    def _chunks(self, items: Sequence[Item], at_most: int) -> list[Sequence[Item]]:
+        size = max(1, min(at_most, math.ceil(len(items) / self.workers)))
+        return [items[i:i + size] for i in range(0, len(items), size)]
+
+    def soon(self, items: Sequence[Item]) -> None:
+        """Measure these images in the background; what they give is read from the cache later."""
+        if not items:
+            return
+        pool = self.start()
+        # small tasks spread one batch over the workers; at least 2 images each, to keep the parts few
+        for chunk in self._chunks(items, at_most=max(2, math.ceil(len(items) / self.workers))):
+            self._background.append(pool.submit(_measure, list(chunk), False))
+
+    def wait(self) -> None:
+        """Wait for the background tasks; one that failed is logged (its images are measured again)."""
+        done, _ = wait(self._background)
+        for future in done:
+            if future.exception() is not None:
+                log.warning("measuring images while rendering failed (%s); they are measured now",
+                            future.exception())
+        self._background = []
+
+    def measure(self, items: Sequence[Item], index_key: str, index) -> list[Measured]:
+        """Measure ``items`` now, in the workers (in this process, in threads, when they are few and
+        no worker runs); in the items' order."""
+        if not items:
+            return []
+        if not self.started and len(items) < SMALL:
+            return measure_here(self.workdir, self.q, index_key, index, items)
+        pool = self.start()
+        futures = [pool.submit(_measure, list(chunk), True) for chunk in self._chunks(items, at_most=16)]
+        return [m for f in futures for m in f.result()]
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
+            self._background = []
+
+
+def measure_here(workdir: Workdir, q: QualityConfig, index_key: str, index, items: Sequence[Item]) -> list[Measured]:
+    """``items`` measured in this process, in threads (OpenCV and onnxruntime release the GIL)."""
+    from dermt2im.quality.images import workers
+
+    n = workers()
+    size = max(1, math.ceil(len(items) / n))
+    chunks = [items[i:i + size] for i in range(0, len(items), size)]
+    with ThreadPoolExecutor(n) as threads:
+        return [m for part in threads.map(lambda c: measure_items(workdir, q, index_key, index, c), chunks) for m in part]

@@ -1,0 +1,150 @@
+"""The gate measures images while rendering goes on, in worker processes, and keeps the measures: the
+verdicts are the ones measuring after rendering gives, measures are read back instead of measured
+again, and measured again when the bytes (or, for the audit, the seeds) change."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+from pandas.testing import assert_frame_equal
+
+from dermt2im import pipelines
+from dermt2im.core.config import load_config
+from dermt2im.core.fileio import atomic_write_bytes, sha256_bytes
+from dermt2im.core.imaging import encode_png
+from dermt2im.core.manifest import FIDELITY, FLAG_RATES, QUALITY, SYNTHETIC, read_manifest, write_manifest
+from dermt2im.core.views import synthetic_view
+from dermt2im.core.workdir import Workdir
+from dermt2im.quality import measures
+from dermt2im.quality.measures import MeasureCache
+from dermt2im.quality.stage import QualityStage, assess
+from dermt2im.runners.sequential import run_pipeline
+from tests.quality.gate_config import tiny_with_full_gate
+from tests.quality.test_quality import altered_copy, bad_images, phantom, seed_workdir, synthetic_workdir
+
+RENDER = ["generate.per_class=4", "generate.shard_size=2", "generate.steps_min=2", "generate.steps_max=2",
+          "generate.width=64", "generate.height=64", "runtime.generate.batch_size=2", "runtime.quality.workers=1"]
+
+
+def _table(path, kind) -> pd.DataFrame:
+    return read_manifest(path, kind).sort_values(list(kind.key)).reset_index(drop=True)
+
+
+def test_gating_while_rendering_gives_the_verdicts_of_gating_after(tmp_path):
+    cfg = load_config("tiny", RENDER)
+    while_rendering, after = (Workdir.at(tmp_path / name).using(cfg) for name in ("while", "after"))
+    for w in (while_rendering, after):
+        seed_workdir(w, n_seeds=4)
+
+    # measured in a worker process as each batch is written, then judged on the whole set
+    stages = pipelines.generate(while_rendering, cfg, base_model_only=True, report=False)
+    assert [s.name for s in stages] == ["generate", "quality"]
+    gate = stages[1]
+    cached_before_the_gate = []
+    run = gate.run
+
+    def counting_run(unit, key):
+        gate.pool.wait()
+        rows, _ = MeasureCache(while_rendering.quality / "measures").read()
+        cached_before_the_gate.append(len(rows))
+        return run(unit, key)
+
+    gate.run = counting_run
+    run_pipeline(stages)
+    assert not gate.pool.started  # its processes are gone once the gate has run
+
+    # rendered alone, then measured and judged here, in threads, as before there was a pipeline
+    run_pipeline(pipelines.generate(after, cfg, base_model_only=True, gated=False))
+    assess(after, cfg.quality)
+
+    renders = [_table(w.synthetic_manifest, SYNTHETIC) for w in (while_rendering, after)]
+    assert len(renders[0]) == 8 and renders[0]["sha256"].tolist() == renders[1]["sha256"].tolist()
+    assert cached_before_the_gate == [8]  # every image measured while rendering, before the gate ran
+    for kind, path in ((QUALITY, "quality_manifest"), (FIDELITY, "fidelity_manifest"),
+                       (FLAG_RATES, "flag_rates_manifest")):
+        assert_frame_equal(_table(getattr(while_rendering, path), kind), _table(getattr(after, path), kind))
+    verdicts = _table(while_rendering.quality_manifest, QUALITY)
+    assert verdicts["nearest_seed"].notna().all() and verdicts["sharpness"].notna().all()
+
+
+def test_the_gate_reads_kept_measures_and_measures_again_what_changed(workdir, monkeypatch):
+    seeds = seed_workdir(workdir)
+    bad = bad_images()
+    images = {f"benign-{i:06d}": phantom("benign", 10 + i) for i in range(3)}
+    images.update({f"malignant-{i:06d}": phantom("malignant", 20 + i) for i in range(3)})
+    images["benign-000010"] = bad["noise"]
+    images["malignant-000011"] = bad["blur"]
+    images["benign-000012"] = images["benign-000001"].copy()  # identical pixels: a duplicate
+    images["benign-000014"] = altered_copy(seeds[0][1])  # a near-copy of a seed
+    synthetic_workdir(workdir, images)
+    q = tiny_with_full_gate().quality
+    calls = {"measure": 0, "audit": 0}
+    measure, measure_audit = measures.measure, measures.measure_audit
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(measures, "measure", counted("measure", measure))
+    monkeypatch.setattr(measures, "measure_audit", counted("audit", measure_audit))
+
+    first = assess(workdir, q)
+    verdicts = _table(workdir.quality_manifest, QUALITY)
+    assert calls["measure"] == len(images) and first.reasons == {"noise": 1, "blur": 1, "duplicate": 1, "memorised": 1}
+
+    calls.update(measure=0, audit=0)
+    again = assess(workdir, q)
+    assert calls == {"measure": 0, "audit": 0}  # read back, nothing measured
+    assert (again.accepted, again.rejected, again.reasons) == (first.accepted, first.rejected, first.reasons)
+    assert_frame_equal(_table(workdir.quality_manifest, QUALITY), verdicts)
+
+    # new bytes for one image: that one is measured again, and judged on what it shows now
+    data = encode_png(bad["blur"], {"dermt2im": "{}"})
+    atomic_write_bytes(workdir.synthetic / "benign" / "benign-000002.png", data)
+    df = read_manifest(workdir.synthetic_manifest, SYNTHETIC)
+    df.loc[df["sample_key"] == "benign-000002", "sha256"] = sha256_bytes(data)
+    write_manifest(df, workdir.synthetic_manifest, SYNTHETIC)
+    calls.update(measure=0, audit=0)
+    changed = assess(workdir, q)
+    assert calls == {"measure": 1, "audit": 1}
+    assert changed.reasons["blur"] == 2
+    assert synthetic_view(workdir).set_index("sample_key").at["benign-000002", "reason"].startswith("blur")
+
+    # another seed set: only the audit is done again, on every image
+    seed_workdir(workdir, n_seeds=2)
+    calls.update(measure=0, audit=0)
+    assess(workdir, q)
+    assert calls == {"measure": 0, "audit": len(images)}
+
+    # the parts are folded into one table holding the current measures only
+    cache = MeasureCache(workdir.quality / "measures")
+    rows, parts = cache.read()
+    assert parts == [] and len(rows) == len(images)
+
+
+def test_measures_survive_the_cache_exactly():
+    rgb = phantom("malignant", 5, 96)
+    q = tiny_with_full_gate().quality
+    m = {**measures.measure(rgb, q, None), "sha256": "x"}
+    back = measures.from_row(measures.to_row("k", m, ("mk", None)), None)
+    assert back["metrics"] == m["metrics"] and back["phash"] == m["phash"] and back["pixels"] == m["pixels"]
+    for a in measures.ARRAYS:
+        assert np.array_equal(back[a], m[a])
+    assert back["skin_tone"] == m["skin_tone"] or np.isnan(m["skin_tone"].ita)
+
+
+def test_the_renderer_listens_only_in_its_own_process_and_only_when_asked(workdir):
+    on = load_config("tiny", ["runtime.quality.workers=1"])
+    off = load_config("tiny", ["runtime.quality.while_rendering=false"])
+    render, gate = pipelines.generate(workdir, on, base_model_only=True, report=False)
+    assert render.listeners == [gate]
+    copy = pickle.loads(pickle.dumps(render))  # as a Ray renderer receives it
+    assert copy.listeners == []
+    quiet = QualityStage.of(workdir, off)
+    quiet.rendering()
+    quiet.rendered([{"sample_key": "benign-000000", "path": str(workdir.synthetic / "x.png")}])
+    assert not quiet.pool.started
