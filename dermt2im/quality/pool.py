@@ -121,8 +121,9 @@ class MeasurePool:
                 self._background.append(self._executor.submit(_prepare_seeds))
             return self._executor
 
-    def _chunks(self, items: Sequence[Item], at_most: int) -> list[Sequence[Item]]:
-        size = max(1, min(at_most, math.ceil(len(items) / self.workers)))
+    def _chunks(self, items: Sequence[Item], at_least: int, at_most: int) -> list[Sequence[Item]]:
+        """``items`` spread over the workers, ``at_least`` to ``at_most`` per task."""
+        size = max(1, at_least, min(at_most, math.ceil(len(items) / self.workers)))
         return [items[i:i + size] for i in range(0, len(items), size)]
 
     def soon(self, items: Sequence[Item]) -> None:
@@ -130,8 +131,8 @@ class MeasurePool:
         if not items:
             return
         pool = self.start()
-        # small tasks spread one batch over the workers; at least 2 images each, to keep the parts few
-        for chunk in self._chunks(items, at_most=max(2, math.ceil(len(items) / self.workers))):
+        # one batch spread over the workers, at least 2 images a task (each task writes a part)
+        for chunk in self._chunks(items, at_least=2, at_most=len(items)):
             self._background.append(pool.submit(_measure, list(chunk), False))
 
     def wait(self, take_back: bool = True) -> None:
@@ -158,7 +159,7 @@ class MeasurePool:
             return measure_here(self.workdir, self.q, index_key, index, items)
         pool = self.start()
         here = len(items) // (self.workers + 1)
-        futures = [pool.submit(_measure, list(chunk), True) for chunk in self._chunks(items[here:], at_most=16)]
+        futures = [pool.submit(_measure, list(chunk), True) for chunk in self._chunks(items[here:], 1, 16)]
         mine = measure_items(self.workdir, self.q, index_key, index, items[:here])
         return mine + [m for f in futures for m in f.result()]
 
