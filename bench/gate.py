@@ -10,6 +10,11 @@
    several sizes, text in the four corners, rulers, ink strokes, a dermatoscope frame; share caught
    with the right reason or flag.
 4. Time per 512 px image: the whole gate vs the image measures alone (the gate before the detectors).
+5. Throughput of everything the gate measures per image (``quality.measures``: checks, detectors,
+   the memorisation audit against the seeds, thumbnails, skin tone) on 512 px images written as
+   PNGs: one thread in this process, then ``--workers`` worker processes (``quality.pool``; default
+   one per core but one) with this process measuring its share, as the gate does once rendering is
+   over: images/s, and images/s per core.
 """
 
 from __future__ import annotations
@@ -105,14 +110,77 @@ def timing() -> None:
           f"{1000 * measures:.0f} ms: {whole / measures:.1f}x")
 
 
+def throughput(n_images: int, n_seeds: int, workers: int) -> None:
+    """Section 5: the per-image measures on ``n_images`` generated-like 512 px images, audited against
+    ``n_seeds`` seeds (the real images when ../shared is there, else smooth lesions)."""
+    import tempfile
+
+    import cv2
+
+    from dermt2im.core.fileio import atomic_write_bytes, sha256_bytes
+    from dermt2im.core.imaging import encode_png
+    from dermt2im.core.workdir import Workdir
+    from dermt2im.quality.pool import MeasurePool, default_workers, measure_items
+    from dermt2im.quality.seeds import load_seeds
+    from tests.manifests import write_seeds
+
+    rng = np.random.default_rng(5)
+    if (REAL / "labels.csv").is_file():
+        from tests.real_images import real_images
+
+        _, real = real_images(REAL, 512)
+        seeds, bases = list(real[:n_seeds]), list(real[n_seeds:])
+        what = "real ISIC images"
+    else:
+        seeds = [artefacts.smooth_lesion(np.random.default_rng(100 + k)) for k in range(n_seeds)]
+        bases, what = [], "smooth lesions"
+    images = [artefacts.soften(bases[k % len(bases)], rng) if bases else artefacts.smooth_lesion(rng)
+              for k in range(n_images)]
+    with tempfile.TemporaryDirectory(prefix="bench-gate-") as tmp:
+        w = Workdir.at(Path(tmp) / "w")
+        rows = []
+        for k, rgb in enumerate(seeds):
+            data = encode_png(rgb)
+            path = atomic_write_bytes(w.processed / f"seed-{k}.png", data)
+            rows.append({"sample_id": sha256_bytes(data), "source_path": f"/seeds/{k}.png", "status": "accepted",
+                         "label": ("benign", "malignant")[k % 2], "split": "train", "processed_path": str(path),
+                         "preprocess_key": f"k{k}"})
+        write_seeds(w.seeds_manifest, rows)
+        items = [(f"benign-{k:06d}", atomic_write_bytes(w.synthetic / "benign" / f"benign-{k:06d}.png", encode_png(rgb)),
+                  None) for k, rgb in enumerate(images)]
+        ready = load_seeds(w, Q)  # the seeds' measures and index, kept (not timed)
+        cv2.setNumThreads(1)
+        t = time.perf_counter()
+        measure_items(w, Q, ready.key, ready.index, items)
+        one = len(items) / (time.perf_counter() - t)
+        pool = MeasurePool(w, Q, workers or default_workers())
+        pool.start()
+        pool.wait(take_back=False)
+        pool.measure(items[: pool.workers], ready.key, ready.index)  # each worker has loaded its detectors
+        t = time.perf_counter()
+        pool.measure(items, ready.key, ready.index)
+        many = len(items) / (time.perf_counter() - t)
+        pool.shutdown()
+    print(f"\n## 5. the gate's per-image measures, {len(items)} generated-like 512 px images (softened {what}), "
+          f"audited against {len(seeds)} seeds\n\none thread in one process: {one:.2f} images/s "
+          f"({1000 / one:.0f} ms per image); {pool.workers} worker process(es) and this one: {many:.2f} images/s = "
+          f"**{many / (pool.workers + 1):.2f} images/s per core** (load average {os.getloadavg()[0]:.1f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=13, help="lesions to plant each artefact on")
+    ap.add_argument("--images", type=int, default=24, help="images for the throughput (section 5)")
+    ap.add_argument("--seeds", type=int, default=32, help="seeds the throughput's audit compares with")
+    ap.add_argument("--workers", type=int, default=0, help="worker processes for the throughput (0: cores - 1)")
+    ap.add_argument("--only-throughput", action="store_true", help="section 5 alone")
     args = ap.parse_args()
     print(f"# quality gate (load average {os.getloadavg()[0]:.1f} at the start)\n")
-    cfg = real_part() if (REAL / "labels.csv").is_file() else Q
-    planted_part(args.n, cfg)
-    timing()
+    if not args.only_throughput:
+        cfg = real_part() if (REAL / "labels.csv").is_file() else Q
+        planted_part(args.n, cfg)
+        timing()
+    throughput(args.images, args.seeds, args.workers)
 
 
 if __name__ == "__main__":

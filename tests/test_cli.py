@@ -167,3 +167,19 @@ def test_import_synthetic_checks_its_source_and_name_before_creating_anything(tm
     r = runner.invoke(app, ["import-synthetic", str(tmp_path / "sd"), "--workdir", str(w), "--name", "../x"])
     assert r.exit_code == 2 and "--name '../x'" in r.output
     assert not w.exists()
+
+
+def test_generate_gates_while_rendering_and_leaves_the_fidelity_report_to_report_unless_asked(tmp_path, monkeypatch):
+    import dermt2im.cli as cli
+
+    chosen = []
+    monkeypatch.setattr(cli, "_run", lambda stages, scale=None: chosen.append(stages) or {})
+    work = tmp_path / "w"
+    assert runner.invoke(app, ["config", "--workdir", str(work), "--config", "tiny", "--save"]).exit_code == 0
+    plain = runner.invoke(app, ["generate", "--workdir", str(work)])
+    assert plain.exit_code == 0, plain.output
+    assert "`dermt2im report`" in plain.output
+    assert runner.invoke(app, ["generate", "--workdir", str(work), "--report"]).exit_code == 0
+    assert [[s.name for s in stages] for stages in chosen] == [["generate", "quality"], ["generate", "quality", "fidelity"]]
+    render, gate = chosen[0][:2]
+    assert render.listeners == [gate]  # the gate measures each batch while the next renders

@@ -169,6 +169,7 @@ def code_digest(module: str, root: Path | None = None) -> str:
     modules or version constant is kept by hand. Remembered in this process while none of the files
     changes (size and modification time): a new import is an edit of a file already listed."""
     root = Path(root) if root is not None else _package_root()
+    module = ".".join(module.split(".")[:2])  # what code_files reads: every module of a subpackage shares it
     seen = _DIGESTS.get((module, str(root)))
     try:
         if seen is not None and _versions(p for p, _, _ in seen[0]) == seen[0]:

@@ -38,8 +38,10 @@ def native_bf16_cpu() -> bool:
 # bf16 pays on a CPU for a wide UNet only. Measured on this project's development CPU (AVX512-BF16, one
 # thread): SD v1.5's architecture (widest block 1280 channels) renders much faster in bf16 than in fp32
 # (the whole `bench/generate.py --arch sd15 --size 128` command 1.81x the plain fp32 loop, 2026-11-30),
-# while the tiny test model (64 channels) renders 64 images at 64 px in 22-24 s in bf16 against
-# 17.5-18 s in fp32 (2026-12-07): on narrow layers the casts cost more than the faster products save.
+# while narrow UNets render slower in bf16 (2026-12-07, 16 images at 64 px, CPU seconds of three runs):
+# the tiny test model (64 channels, 6 steps) 3.4-3.7 s against 2.9-3.2 s in fp32, the miniature model
+# (128 channels, 10 steps) 2.1-2.6 s against 1.8-1.9 s. On narrow layers the casts cost more than the
+# faster products save.
 BF16_CPU_MIN_WIDTH = 320  # SD 1.x / 2.x and wider
 
 

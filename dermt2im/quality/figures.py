@@ -88,16 +88,21 @@ def write_audit(workdir: Workdir, df: pd.DataFrame, measured: list[dict], index:
     audit_dir.mkdir(parents=True, exist_ok=True)
     summary = _audit_summary(df, index, rows, q, closest)
     files = {"audit_json": atomic_write_text(audit_dir / "audit.json", json.dumps(summary, indent=2))}
-    files["audit_histogram"] = atomic_write_bytes(
-        audit_dir / "inlier_histogram.png",
-        histogram_png([r["inliers"] for r in rows], threshold=q.memorisation_min_inliers,
-                      title="geometrically verified matches with the best seed candidate", xlabel="RANSAC inliers"))
-    ranked = sorted(rows, key=lambda r: (not r["memorised"], -r["inliers"], r["distance"]))[:closest]
-    pairs = [(measured[r["i"]]["rgb_small"], index.thumbs[r["seed"]],
-              f"{df.at[r['i'], 'sample_key']}  {r['inliers']} inliers d={r['distance']:.2f}"
-              f"{'  FLAGGED' if r['memorised'] else ''}") for r in ranked]
-    files["audit_pairs"] = save_png(audit_dir / "closest_pairs.png",
-                                    pairs_sheet(pairs, cell=96, title="closest synthetic / seed pairs"))
+    pictures = ["inlier_histogram.png", "closest_pairs.png"]
+    if summary["skipped"]:  # nothing was compared: no pictures (left from an earlier audit: gone)
+        for name in pictures:
+            (audit_dir / name).unlink(missing_ok=True)
+    else:
+        files["audit_histogram"] = atomic_write_bytes(
+            audit_dir / pictures[0],
+            histogram_png([r["inliers"] for r in rows], threshold=q.memorisation_min_inliers,
+                          title="geometrically verified matches with the best seed candidate", xlabel="RANSAC inliers"))
+        ranked = sorted(rows, key=lambda r: (not r["memorised"], -r["inliers"], r["distance"]))[:closest]
+        pairs = [(measured[r["i"]]["rgb_small"], index.thumbs[r["seed"]],
+                  f"{df.at[r['i'], 'sample_key']}  {r['inliers']} inliers d={r['distance']:.2f}"
+                  f"{'  FLAGGED' if r['memorised'] else ''}") for r in ranked]
+        files["audit_pairs"] = save_png(audit_dir / pictures[1],
+                                        pairs_sheet(pairs, cell=96, title="closest synthetic / seed pairs"))
     if summary["skipped"]:
         head = (f"**Skipped**: this workdir has no accepted, preprocessed seed images, so the {len(df)} synthetic "
                 "images were not compared with any (ingest and preprocess the seeds, then run quality again).")
@@ -111,6 +116,7 @@ def write_audit(workdir: Workdir, df: pd.DataFrame, measured: list[dict], index:
           "| synthetic | seed | inliers | distance | method | flagged |", "|---|---|---|---|---|---|"]
     md += [f"| {c['sample_key']} | {c['seed'][:16]} | {c['inliers']} | {c['distance']:.3f} | {c['method']} | "
            f"{'yes' if c['memorised'] else ''} |" for c in summary["closest"]]
-    md += ["", "![inliers](inlier_histogram.png)", "", "![closest pairs](closest_pairs.png)"]
+    if not summary["skipped"]:
+        md += ["", "![inliers](inlier_histogram.png)", "", "![closest pairs](closest_pairs.png)"]
     files["audit_md"] = atomic_write_text(audit_dir / "audit.md", "\n".join(md) + "\n")
     return files

@@ -121,8 +121,9 @@ class MeasurePool:
                 self._background.append(self._executor.submit(_prepare_seeds))
             return self._executor
 
-    def _chunks(self, items: Sequence[Item], at_most: int) -> list[Sequence[Item]]:
-        size = max(1, min(at_most, math.ceil(len(items) / self.workers)))
+    def _chunks(self, items: Sequence[Item], at_least: int, at_most: int) -> list[Sequence[Item]]:
+        """``items`` spread over the workers, ``at_least`` to ``at_most`` per task."""
+        size = max(1, at_least, min(at_most, math.ceil(len(items) / self.workers)))
         return [items[i:i + size] for i in range(0, len(items), size)]
 
     def soon(self, items: Sequence[Item]) -> None:
@@ -130,29 +131,37 @@ class MeasurePool:
         if not items:
             return
         pool = self.start()
-        # small tasks spread one batch over the workers; at least 2 images each, to keep the parts few
-        for chunk in self._chunks(items, at_most=max(2, math.ceil(len(items) / self.workers))):
+        # one batch spread over the workers, at least 2 images a task (each task writes a part)
+        for chunk in self._chunks(items, at_least=2, at_most=len(items)):
             self._background.append(pool.submit(_measure, list(chunk), False))
 
-    def wait(self) -> None:
-        """Wait for the background tasks; one that failed is logged (its images are measured again)."""
+    def wait(self, take_back: bool = True) -> None:
+        """Wait for the background tasks a worker has taken; with ``take_back``, those still queued
+        are cancelled: their images are measured by ``measure`` when the gate runs, with this
+        process's core too (rendering is over). A task that failed is logged (its images are measured
+        again)."""
+        for future in self._background if take_back else []:
+            future.cancel()  # only those no worker has taken yet
         done, _ = wait(self._background)
         for future in done:
-            if future.exception() is not None:
+            if not future.cancelled() and future.exception() is not None:
                 log.warning("measuring images while rendering failed (%s); they are measured now",
                             future.exception())
         self._background = []
 
     def measure(self, items: Sequence[Item], index_key: str, index) -> list[Measured]:
-        """Measure ``items`` now, in the workers (in this process, in threads, when they are few and
-        no worker runs); in the items' order."""
+        """Measure ``items`` now, in the items' order: a share in this process (its core is free while
+        it waits: rendering is over), the rest in the workers; all here, in threads, when they are few
+        and no worker runs."""
         if not items:
             return []
         if not self.started and len(items) < SMALL:
             return measure_here(self.workdir, self.q, index_key, index, items)
         pool = self.start()
-        futures = [pool.submit(_measure, list(chunk), True) for chunk in self._chunks(items, at_most=16)]
-        return [m for f in futures for m in f.result()]
+        here = len(items) // (self.workers + 1)
+        futures = [pool.submit(_measure, list(chunk), True) for chunk in self._chunks(items[here:], 1, 16)]
+        mine = measure_items(self.workdir, self.q, index_key, index, items[:here])
+        return mine + [m for f in futures for m in f.result()]
 
     def shutdown(self) -> None:
         with self._lock:

@@ -4,9 +4,10 @@ synthetic image (``checks.image_metrics`` and every detector's score), for the c
 per-check rejection counts and the real flag rates of the shortcut audit.
 
 The measures are cached by content in ``W/.stamps/quality/seed-measures.json`` (per processed
-image: sample id and preprocess key; and per version of the checks' code), so a large seed set is
-measured once. A seed's ``hair_fraction`` score is the one preprocessing measured before removing
-its hair (the processed image has none left).
+image: sample id and preprocess key; and per version of the checks' code), and the index in
+``W/quality/seed-index/`` (per seed set), so a large seed set is measured and indexed once. A seed's
+``hair_fraction`` score is the one preprocessing measured before removing its hair (the processed
+image has none left).
 """
 
 from __future__ import annotations

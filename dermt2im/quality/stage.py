@@ -15,11 +15,14 @@ first word is the check that failed, every measure, score and flag, the audit's 
 ``flag_rates.parquet`` beside it (the shortcut audit). Readers join the verdicts to the images
 (``dermt2im.core.views.synthetic_view``); a verdict on bytes re-rendered since joins nothing.
 
-``QualityStage`` is the stage: one unit, the whole synthetic set. A gate that runs per shard while
-rendering goes on fits without a second writer: it appends its verdicts as parts of
-``quality.parquet`` (``core.writers.append_rows``, no lock, no read), which readers merge at once and
-this stage's ``close`` folds in; the stage's run over the whole set (duplicates across shards, the
-shortcut audit and its balancing) then replaces them.
+``QualityStage`` is the stage: one unit, the whole synthetic set. The per-image work (measures,
+detectors, the audit against the seeds, thumbnails, skin tone) is apart from the decisions
+(``measures``): in a generate pipeline it is done while rendering goes on, each batch handed to
+worker processes as soon as it is written (``pool``, ``QualityStage.rendered``), and kept by image
+bytes in ``W/quality/measures``. When the stage runs it reads what is kept, measures what is not
+(imports, renders made elsewhere), and takes the decisions on the whole set: cuts calibrated on the
+seeds, duplicates across shards, the shortcut audit and its balancing, typicality. A verdict is the
+same whether its image was measured while rendering or after (``tests/quality/test_measuring``).
 """
 
 from __future__ import annotations

@@ -219,3 +219,6 @@ def test_assess_without_seeds_or_images(workdir):
     synthetic_workdir(workdir, {"benign-000000": phantom()})
     report = assess(workdir, tiny_with_full_gate().quality)
     assert report.accepted == 1 and report.seeds_compared == 0 and "no seed images" in report.summary()
+    # nothing compared, nothing to picture: the audit says it was skipped, without histogram or pairs
+    assert "Skipped" in report.files["audit_md"].read_text() and "audit_histogram" not in report.files
+    assert not (workdir.reports / "audit" / "inlier_histogram.png").exists()
