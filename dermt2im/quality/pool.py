@@ -56,7 +56,7 @@ def measure_items(workdir: Workdir, q: QualityConfig, index_key: str, index, ite
 _WORKER: dict[str, Any] = {}
 
 
-def _start(workdir: Workdir, q: QualityConfig) -> None:
+def _start(workdir: Workdir, q: QualityConfig, fsspec_conf: dict | None = None) -> None:
     # One thread per worker for every library: the workers are the parallelism, and OpenMP threads
     # that outnumber the free cores spin against each other (the seed embedding's fit took 150 s
     # instead of a few on two busy cores). torch is imported later, and reads this then.
@@ -64,7 +64,17 @@ def _start(workdir: Workdir, q: QualityConfig) -> None:
     import cv2
 
     cv2.setNumThreads(1)
+    if fsspec_conf:  # the parent's fsspec settings (an object store's endpoint, keys): spawn does not carry them
+        import fsspec
+
+        fsspec.config.conf.update(fsspec_conf)
     _WORKER.update(workdir=workdir, q=q, index=None)
+
+
+def _fsspec_conf() -> dict:
+    import fsspec
+
+    return {k: dict(v) for k, v in fsspec.config.conf.items()}
 
 
 def _seed_index() -> tuple[str, Any]:
@@ -117,7 +127,8 @@ class MeasurePool:
         with self._lock:
             if self._executor is None:
                 self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                     initializer=_start, initargs=(self.workdir, self.q))
+                                                     initializer=_start,
+                                                     initargs=(self.workdir, self.q, _fsspec_conf()))
                 self._background.append(self._executor.submit(_prepare_seeds))
             return self._executor
 
