@@ -8,8 +8,12 @@ that never measures starts none. Each worker reads the seed index once (``seeds.
 in the workdir, built by the first process that needs it while the others wait), runs OpenCV on one
 thread (the processes are the parallelism), measures its images (``measures.measure_file``) and
 writes them as one part of the measure cache before it returns. The first task of a pool makes the
-seeds ready (``seeds.load_seeds``: their measures for the calibrated cuts and their index), so that
-work overlaps rendering too.
+seeds ready (``seeds.load_seeds``: their measures for the calibrated cuts and their index; the
+embedding typicality is measured in), so that work overlaps rendering too. Once rendering is over
+the gate takes back the batches no worker has started (``wait``) and measures them with the workers
+and its own process. If a background task fails, or the workers die, what they did not keep is
+measured when the gate runs; a render that fails leaves the workers to finish the batches handed
+over (their measures are kept for the next run) before the process exits.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +175,21 @@ class MeasurePool:
             return measure_here(self.workdir, self.q, index_key, index, items)
         pool = self.start()
         here = len(items) // (self.workers + 1)
-        futures = [pool.submit(_measure, list(chunk), True) for chunk in self._chunks(items[here:], 1, 16)]
+        try:
+            futures = [pool.submit(_measure, list(chunk), True) for chunk in self._chunks(items[here:], 1, 16)]
+        except BrokenProcessPool:
+            futures = []
         mine = measure_items(self.workdir, self.q, index_key, index, items[:here])
-        return mine + [m for f in futures for m in f.result()]
+        try:
+            if not futures:
+                raise BrokenProcessPool("a worker died earlier")
+            theirs = [m for f in futures for m in f.result()]
+        except BrokenProcessPool as err:  # a worker killed (out of memory ...): measured here instead
+            log.warning("the gate's measuring processes stopped (%s); measuring %d image(s) here", err,
+                        len(items) - here)
+            self.shutdown()
+            theirs = measure_here(self.workdir, self.q, index_key, index, items[here:])
+        return mine + theirs
 
     def shutdown(self) -> None:
         with self._lock:

@@ -148,3 +148,22 @@ def test_the_renderer_listens_only_in_its_own_process_and_only_when_asked(workdi
     quiet.rendering()
     quiet.rendered([{"sample_key": "benign-000000", "path": str(workdir.synthetic / "x.png")}])
     assert not quiet.pool.started
+
+
+def test_the_gate_measures_in_its_own_process_when_the_workers_die(workdir):
+    import os
+    import signal
+
+    from dermt2im.quality.seeds import seed_index
+
+    images = {f"benign-{i:06d}": phantom("benign", 40 + i, 64) for i in range(8)}
+    rows = synthetic_workdir(workdir, images)
+    stage = QualityStage.of(workdir, tiny_with_full_gate(["runtime.quality.workers=1"]))
+    stage.pool.start()
+    stage.pool.wait(take_back=False)  # the worker is up
+    for pid in list(stage.pool._executor._processes):
+        os.kill(pid, signal.SIGKILL)
+    items = [(k, p, None) for k, p in zip(rows["sample_key"], rows["path"])]
+    measured = stage.pool.measure(items, *seed_index(workdir))
+    assert len(measured) == 8 and all("metrics" in m and "audit" in m for m in measured)
+    assert not stage.pool.started  # given up, not left half broken
