@@ -8,8 +8,11 @@ from the same local model folder and LoRA file, each as a whole process as a use
 ``dermt2im generate`` also plans, writes PNG metadata and manifests, and runs the quality gate and
 memorisation audit (measuring each batch in worker processes while the next renders, then the
 whole-set steps and reports). With ``--seeds N`` every workdir first gets N phantom seeds, ingested
-and preprocessed (not timed), as a user's workdir has them: the gate then calibrates its cuts on
-them, audits every image against them and measures typicality. Runs are interleaved (peer, ours,
+and preprocessed (not timed), as a user's workdir has them (preprocess also prepares them for the
+gate: measured, indexed, embedded; ``gate-seeds``): the gate then calibrates its cuts on them,
+audits every image against them and measures typicality. ``--cold-seeds`` removes what gate-seeds
+made from every copy, so each run makes it while rendering (as in a workdir whose seeds were
+preprocessed before gate-seeds existed). Runs are interleaved (peer, ours,
 peer, ours ...), one torch thread each unless ``--threads`` says otherwise. Printed: wall time
 min / median / max, CPU seconds (user + system, worker processes included), the ratio of medians
 (above 1: ours is faster), each process's peak resident memory, and the pixel difference between the
@@ -135,6 +138,13 @@ def seeded_template(tmp: Path, n: int, dermt2im: str, env: dict, sets: list[str]
     return template
 
 
+def cold(work: Path) -> None:
+    """Undo what gate-seeds made in a copied workdir: the seeds' measures, index, embedding, its stamp."""
+    for path in (work / "quality" / "seed-index", work / "fidelity" / "embeddings", work / ".stamps" / "gate-seeds"):
+        shutil.rmtree(path, ignore_errors=True)
+    (work / ".stamps" / "quality" / "seed-measures.json").unlink(missing_ok=True)
+
+
 def gate_throughput(work: Path, workers: int) -> str:
     """The gate's per-image measures on the images of ``work``: one thread here, then ``workers``
     processes (started and given the seeds before the clock starts)."""
@@ -202,6 +212,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each process (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each")
     ap.add_argument("--seeds", type=int, default=0, help="phantom seeds in every workdir (0: none)")
+    ap.add_argument("--cold-seeds", action="store_true",
+                    help="with --seeds: each run measures, indexes and embeds the seeds itself (gate-seeds undone)")
     ap.add_argument("--gate-workers", type=int, default=0, help="processes for the gate's throughput (0: cores - 1)")
     ap.add_argument("--before", help="another checkout (a folder): its `dermt2im generate` runs interleaved too")
     ap.add_argument("--prepare", help=argparse.SUPPRESS)
@@ -241,6 +253,8 @@ def main() -> None:
                 # the workdir first, as a user sets one up (not timed): its config, and the seeds if any
                 if templates:
                     shutil.copytree(templates[who], work)
+                    if args.cold_seeds:
+                        cold(work)
                 else:
                     subprocess.run([dermt2im, "config", "--workdir", str(work), "--config", "tiny", *sets, "--save"],
                                    check=True, env=e, capture_output=True)
@@ -261,7 +275,8 @@ def main() -> None:
         n = len(rows)
         print(f"{args.arch} model, {n} images {args.size}x{args.size}, {args.steps} {args.sampler} steps, ours batch "
               f"{args.batch} (dtype {args.dtype or 'auto'}), plain batch 8 fp32, {args.device}, "
-              f"{args.threads or 'default'} torch thread(s), {args.seeds} seeds; {args.repeats} interleaved runs each; "
+              f"{args.threads or 'default'} torch thread(s), {args.seeds} seeds{' (cold)' if args.cold_seeds else ''}; "
+              f"{args.repeats} interleaved runs each; "
               f"load average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores")
         names = {"peer": "plain diffusers loop (whole process)", "ours": "dermt2im generate    (whole command)",
                  "before": f"dermt2im generate of {Path(args.before or '.').name}"}

@@ -131,16 +131,19 @@ def preprocess(
     overrides: SetOpt = None,
     save: SaveOpt = False,
 ) -> None:
-    """Remove hair (DullRazor) and resize / centre-crop every accepted image; cached by content."""
+    """Remove hair (DullRazor) and resize / centre-crop every accepted image; cached by content. For the
+    seeds, then measure, index and embed them for the quality gate (once per seed set)."""
     w, cfg = _session(workdir, config, overrides, save)
     from dermt2im import pipelines
 
     dataset = pipelines.dataset(w, test_set=test_set)
     if not storage.is_file(dataset.manifest):
         _fail(f"{dataset.manifest} does not exist: run `dermt2im ingest` first")
-    closing = _run(pipelines.only(pipelines.datasets(w, cfg, [dataset]), "preprocess"))["preprocess"]
-    for summary in closing.values():
+    done = _run(pipelines.only(pipelines.datasets(w, cfg, [dataset]), "preprocess", "gate-seeds"))
+    for summary in done["preprocess"].values():
         _echo(summary["hair_text"])
+    if "gate-seeds" in done:
+        _echo(done["gate-seeds"]["text"])
 
 
 @command()

@@ -16,6 +16,7 @@ Who runs them only chooses a runner:
 The pipelines:
 
 ``seeds``      (phantoms, when there is no SOURCE) -> ingest -> preprocess, for the seeds and every test set
+               -> the seeds measured, indexed and embedded for the gate (gate-seeds)
 ``train``      the LoRA(s) of the config
 ``generate``   plan and render shards -> quality gate and memorisation audit (measuring while rendering)
                -> fidelity report
@@ -37,7 +38,7 @@ from dermt2im.generate.stage import GenerateStage
 from dermt2im.ingest.stage import Dataset, IngestStage, seed_datasets
 from dermt2im.phantoms import PhantomStage
 from dermt2im.preprocess.stage import PreprocessStage
-from dermt2im.quality.stage import QualityStage
+from dermt2im.quality.stage import GateSeedsStage, QualityStage
 from dermt2im.stage import Stage
 from dermt2im.train.stage import TrainStage
 from dermt2im.validate.segmentation import SegmentationStage
@@ -58,10 +59,14 @@ def dataset(workdir: Workdir, *, source: str | Path = "", test_set: str | None =
 
 
 def datasets(workdir: Workdir, cfg: Any, ds: Sequence[Dataset]) -> list[Stage]:
-    """Ingest, then preprocess, the given datasets (seeds and / or test sets)."""
+    """Ingest, then preprocess, the given datasets (seeds and / or test sets); then, for the seeds,
+    what the gate needs of them (measured, indexed, embedded: made once per seed set, not per run)."""
     if not ds:
         return []
-    return [IngestStage.of(workdir, cfg, datasets=ds), PreprocessStage.of(workdir, cfg, datasets=ds)]
+    stages = [IngestStage.of(workdir, cfg, datasets=ds), PreprocessStage.of(workdir, cfg, datasets=ds)]
+    if any(d.split is None for d in ds):  # the seeds (test sets carry their split)
+        stages.append(GateSeedsStage.of(workdir, cfg))
+    return stages
 
 
 def seeds(workdir: Workdir, cfg: Any, *, source: str | Path | None = None,

@@ -72,9 +72,10 @@ def test_the_factory_is_its_pipelines_in_the_papers_order_and_building_it_runs_n
     w = Workdir.at(tmp_path / "w")
     cfg = load_config("smoke")
     stages = pipelines.factory(w, cfg)
-    assert [s.name for s in stages] == ["phantoms", "ingest", "preprocess", "train", "generate", "quality",
-                                        "fidelity", "validate", "segmentation"]
-    assert [s.name for s in pipelines.seeds(w, cfg, source=tmp_path / "src")] == ["ingest", "preprocess"]
+    assert [s.name for s in stages] == ["phantoms", "ingest", "preprocess", "gate-seeds", "train", "generate",
+                                        "quality", "fidelity", "validate", "segmentation"]
+    assert [s.name for s in pipelines.seeds(w, cfg, source=tmp_path / "src")] == ["ingest", "preprocess",
+                                                                                  "gate-seeds"]
     assert [s.name for s in pipelines.generate(w, cfg, gated=False)] == ["generate"]
     assert [s.name for s in pipelines.generate(w, cfg)] == ["generate", "quality", "fidelity"]
     assert [s.name for s in pipelines.fidelity(w, cfg)] == ["fidelity"]

@@ -34,8 +34,9 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,17 +96,37 @@ def _module_file(module: str, root: Path) -> Path | None:
     return None
 
 
+# A line that begins an import statement (lazy imports inside functions included). Only these
+# statements are parsed: parsing and walking every file's whole tree cost each command half a second.
+_IMPORT_LINE = re.compile(r"^[ \t]*(?:import[ \t]|from[ \t]+[\w.]+[ \t]*(?:\\[ \t]*$|import\b))", re.MULTILINE)
+
+
+def _import_statements(source: str) -> Iterator[ast.stmt]:
+    """The import statements of ``source``, each parsed on its own (continued over lines with
+    brackets or backslashes); a match that does not parse (inside a string) is skipped."""
+    lines = source.splitlines()
+    starts = {source.count("\n", 0, m.start()) for m in _IMPORT_LINE.finditer(source)}
+    for start in sorted(starts):
+        end = start
+        text = lines[start].strip()
+        while end + 1 < len(lines) and (text.endswith("\\") or text.count("(") > text.count(")")):
+            end += 1
+            text += "\n" + lines[end].strip()
+        try:
+            yield from ast.parse(text).body
+        except SyntaxError:
+            continue
+
+
 @functools.lru_cache(maxsize=1024)
 def _imports_of(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
     """Every module name an import statement of the file at ``path`` names (anywhere in it: lazy
     imports inside functions count too), relative imports resolved; ``from a import b`` names both
     ``a`` and ``a.b`` (``b`` may be a module). Memoised per file version."""
     source = Path(path).read_text(encoding="utf-8")
-    tree = ast.parse(source, filename=path)
-    rel = Path(path)
-    package = [p for p in rel.parent.parts]  # resolved below against the package root
+    package = list(Path(path).parent.parts)  # resolved below against the package root
     out: list[str] = []
-    for node in ast.walk(tree):
+    for node in _import_statements(source):
         if isinstance(node, ast.Import):
             out += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

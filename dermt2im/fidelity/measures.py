@@ -81,6 +81,11 @@ class TypicalityCut:
     calibration: Calibration | None
     held_out: int
     why_not: str = ""  # why there is no cut
+    quantile: float | None = None  # the quality.max_typicality_quantile it was made for
+
+    def __post_init__(self) -> None:
+        if self.quantile is None and self.calibration is not None:
+            object.__setattr__(self, "quantile", self.calibration.quantile)
 
     def summary(self) -> dict:
         cal = self.calibration
@@ -93,24 +98,38 @@ class TypicalityCut:
 def typicality_cut(workdir: Workdir, quantile: float) -> tuple[Embedding | None, TypicalityCut]:
     train, held = seed_rows(workdir)
     if len(train) < 2:
-        return None, TypicalityCut("", None, len(held), f"{len(train)} training seeds: no embedding to learn")
+        return None, TypicalityCut("", None, len(held), f"{len(train)} training seeds: no embedding to learn",
+                                   quantile)
     embedding = learned_embedding(workdir, train)
     if len(held) < MIN_HELD_OUT:
         return embedding, TypicalityCut(embedding.label, None, len(held),
                                         f"{len(held)} held-out real images (val + test): too few to calibrate "
-                                        f"(at least {MIN_HELD_OUT})")
+                                        f"(at least {MIN_HELD_OUT})", quantile)
     reference = embed_paths(workdir, embedding, train["processed_path"].tolist())
     held_emb = embed_paths(workdir, embedding, held["processed_path"].tolist())
     return embedding, TypicalityCut(embedding.label, calibrate(reference, held_emb, quantile=quantile), len(held))
 
 
+def prepared_cut(workdir: Workdir, quantile: float,
+                 prepared: TypicalityCut | None) -> tuple[Embedding | None, TypicalityCut]:
+    """The typicality cut ``prepared`` elsewhere (the gate's measuring processes calibrate it while
+    rendering goes on) with its embedding read back, or calibrated here when there is none."""
+    if prepared is None or prepared.quantile != quantile:
+        return typicality_cut(workdir, quantile)
+    train, _ = seed_rows(workdir)
+    if len(train) < 2 or not prepared.embedding or not embedding_kept(workdir, train):
+        return typicality_cut(workdir, quantile)
+    return learned_embedding(workdir, train), prepared
+
+
 def image_measures(workdir: Workdir, rows: pd.DataFrame, quantile: float,
-                   measured: Sequence[dict] | None = None) -> tuple[pd.DataFrame, TypicalityCut]:
+                   measured: Sequence[dict] | None = None,
+                   prepared: TypicalityCut | None = None) -> tuple[pd.DataFrame, TypicalityCut]:
     """The fidelity manifest's rows for ``rows`` (sample_key, sha256, source, label, path) and the cut.
     ``measured``, one per row, may hold what the gate measured already (``skin_tone``, a ``SkinTone``,
     and ``seed_input``, what the seed embedding sees: ``embeddings.seed_input``); the images are then
-    not read again."""
-    embedding, cut = typicality_cut(workdir, quantile)
+    not read again. ``prepared``: the cut calibrated already for these seeds (``prepared_cut``)."""
+    embedding, cut = prepared_cut(workdir, quantile, prepared)
     paths = rows["path"].tolist()
     ita, tone, fraction, distance = [], [], [], []
     for start in range(0, len(paths), BATCH):

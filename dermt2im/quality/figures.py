@@ -4,6 +4,8 @@ Fig. 5 / 7, and the memorisation audit's report (closest synthetic / seed pairs,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +80,17 @@ def _audit_summary(df: pd.DataFrame, index: SeedIndex, rows: list[dict], q: Qual
     }
 
 
+def _here(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+    done: Future = Future()
+    done.set_result(fn(*args, **kwargs))
+    return done
+
+
 def write_audit(workdir: Workdir, df: pd.DataFrame, measured: list[dict], index: SeedIndex, rows: list[dict],
-                q: QualityConfig, closest: int = 8) -> dict[str, Path]:
+                q: QualityConfig, closest: int = 8, draw: Callable[..., Future] | None = None) -> dict[str, Path]:
     """``rows``: per compared image, ``i`` (row position), ``seed``, ``distance``, ``inliers``,
-    ``method`` and ``memorised``."""
+    ``method`` and ``memorised``. ``draw(fn, *args, **kwargs)`` runs the plotting elsewhere (the
+    gate's measuring processes, ``MeasurePool.call``) while this process writes the rest."""
     from dermt2im.quality.grids import histogram_png, pairs_sheet, save_png
 
     audit_dir = workdir.reports / "audit"
@@ -93,16 +102,20 @@ def write_audit(workdir: Workdir, df: pd.DataFrame, measured: list[dict], index:
         for name in pictures:
             (audit_dir / name).unlink(missing_ok=True)
     else:
-        files["audit_histogram"] = atomic_write_bytes(
-            audit_dir / pictures[0],
-            histogram_png([r["inliers"] for r in rows], threshold=q.memorisation_min_inliers,
-                          title="geometrically verified matches with the best seed candidate", xlabel="RANSAC inliers"))
+        plot = {"values": [int(r["inliers"]) for r in rows], "threshold": q.memorisation_min_inliers,
+                "title": "geometrically verified matches with the best seed candidate", "xlabel": "RANSAC inliers"}
+        histogram = (draw or _here)(histogram_png, **plot)
         ranked = sorted(rows, key=lambda r: (not r["memorised"], -r["inliers"], r["distance"]))[:closest]
         pairs = [(measured[r["i"]]["rgb_small"], index.thumbs[r["seed"]],
                   f"{df.at[r['i'], 'sample_key']}  {r['inliers']} inliers d={r['distance']:.2f}"
                   f"{'  FLAGGED' if r['memorised'] else ''}") for r in ranked]
         files["audit_pairs"] = save_png(audit_dir / pictures[1],
                                         pairs_sheet(pairs, cell=96, title="closest synthetic / seed pairs"))
+        try:
+            png = histogram.result()
+        except Exception:  # noqa: BLE001 - the process drawing it died: drawn here instead
+            png = histogram_png(**plot)
+        files["audit_histogram"] = atomic_write_bytes(audit_dir / pictures[0], png)
     if summary["skipped"]:
         head = (f"**Skipped**: this workdir has no accepted, preprocessed seed images, so the {len(df)} synthetic "
                 "images were not compared with any (ingest and preprocess the seeds, then run quality again).")

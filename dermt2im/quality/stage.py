@@ -137,7 +137,7 @@ def _apply_duplicates(out: pd.DataFrame, measured: list[dict], reasons: list[str
 
 
 def _apply_typicality(workdir: Workdir, out: pd.DataFrame, measured: list[dict], reasons: list[str | None],
-                      q: QualityConfig) -> tuple[pd.DataFrame, dict]:
+                      q: QualityConfig, pool: MeasurePool | None = None) -> tuple[pd.DataFrame, dict]:
     """Typicality and skin tone of every readable image (``dermt2im.fidelity.measures``): the
     ``atypical`` flag where an image lies beyond the calibrated cut, a rejection when
     ``quality.reject_flags`` names it. Returns the fidelity manifest's rows and the cut's summary."""
@@ -145,7 +145,7 @@ def _apply_typicality(workdir: Workdir, out: pd.DataFrame, measured: list[dict],
 
     readable = [i for i, m in enumerate(measured) if "thumb" in m]
     rows, cut = image_measures(workdir, out.iloc[readable], q.max_typicality_quantile,
-                               [measured[i] for i in readable])
+                               [measured[i] for i in readable], pool.prepared_cut() if pool is not None else None)
     for i, atypical, typicality in zip(readable, rows["atypical"], rows["typicality"]):
         if atypical is None or pd.isna(atypical) or not atypical:
             continue
@@ -177,7 +177,7 @@ def assess(workdir: Workdir, q: QualityConfig, pool: MeasurePool | None = None) 
     reasons: list[str | None] = [m["reason"] for m in measured]
     audit_rows = _apply_audit(out, measured, reasons, seeds, q)
     _apply_duplicates(out, measured, reasons, q)
-    fidelity_rows, gate["typicality"] = _apply_typicality(workdir, out, measured, reasons, q)
+    fidelity_rows, gate["typicality"] = _apply_typicality(workdir, out, measured, reasons, q, pool)
     accepted = out[[r is None for r in reasons]]
     seed_flags = seeds.rows.assign(flags=_seed_flags(seeds, resolved.config))
     gate["rates"], shortcuts, balanced = audit_shortcuts(accepted, seed_flags, q)
@@ -192,7 +192,8 @@ def assess(workdir: Workdir, q: QualityConfig, pool: MeasurePool | None = None) 
     whole = pd.concat([out, df[df["status"] == QUARANTINED]], ignore_index=True)
     files = write_quality_reports(workdir, whole, resolved.config, gate)
     files.update(write_grids(workdir, out, measured))
-    files.update(write_audit(workdir, out, measured, seeds.index, audit_rows, q))
+    files.update(write_audit(workdir, out, measured, seeds.index, audit_rows, q,
+                             draw=pool.call if pool is not None else None))
     codes = pd.Series([reason_code(r) for r in reasons if r], dtype=object).value_counts()
     report = QualityReport(
         accepted=int((out["status"] == "accepted").sum()), rejected=int((out["status"] == "rejected").sum()),
@@ -294,9 +295,7 @@ class QualityStage:
         w = self.workdir
         made = made_synthetic(w)
         images = identity.frame_digest(made, ["sample_key", "sha256", "render_key", "source", "status"])
-        seeds = identity.frame_digest(seeds_view(w.seeds_manifest), ["source_path", "sample_id", "status", "split", "label",
-                                                                     "processed_path", "preprocess_key", "hair_fraction"])
-        return identity.content_key("assess", images, seeds, identity.spec_digest(self.spec),
+        return identity.content_key("assess", images, _seeds_digest(w), identity.spec_digest(self.spec),
                                     identity.code_digest(__name__))
 
     def finished(self, unit: str, key: str) -> dict | None:
@@ -319,7 +318,7 @@ class QualityStage:
             self.pool.wait()
             summary = report_summary(assess(self.workdir, self.spec, self.pool))
         finally:
-            self.pool.shutdown()
+            self.pool.shutdown(wait=False)  # the workers exit while the verdicts are stamped and reported
         self.stamps.write(unit, key, summary)
         return summary
 
@@ -329,3 +328,63 @@ class QualityStage:
         # shard while rendering goes on) are folded in here, by this stage, the table's one writer.
         compact(self.workdir.quality_manifest, QUALITY, self.workdir.locks)
         return results[0]
+
+
+class GateSeedsStage:
+    """What the gate needs of the seeds, made once per seed set after preprocessing (the seeds
+    pipeline), so that no generation run pays for it: the seeds measured for the calibrated cuts, their
+    index for the memorisation audit (``seeds.load_seeds``), and the typicality embedding learned from
+    the training seeds with its cut calibrated on the held-out ones (``fidelity.measures``). Each is
+    kept by its own key, so the gate (and its measuring processes) read them back; whatever is
+    missing (a new seed set, another ``quality`` spec) is still made when the gate needs it. One unit,
+    done when its stamp holds the key (seeds, ``quality`` spec, code) and the embedding is kept."""
+
+    name = "gate-seeds"
+    UNIT = "seeds"
+
+    def __init__(self, workdir: Workdir, spec: QualityConfig) -> None:
+        self.workdir, self.spec = workdir, spec
+        self.stamps = Stamps(workdir.stamps, self.name)
+
+    @classmethod
+    def of(cls, workdir: Workdir, cfg: Any) -> "GateSeedsStage":
+        return cls(workdir, cfg.quality)
+
+    def units(self) -> list[str]:
+        return [self.UNIT]
+
+    def describe(self, unit: str) -> str:
+        return "the seeds measured, indexed and embedded for the gate"
+
+    def key(self, unit: str) -> str:
+        return identity.content_key("gate-seeds", _seeds_digest(self.workdir), identity.spec_digest(self.spec),
+                                    identity.code_digest(__name__))
+
+    def finished(self, unit: str, key: str) -> dict | None:
+        from dermt2im.fidelity.measures import embedding_kept, seed_rows
+
+        train, _ = seed_rows(self.workdir)
+        if len(train) >= 2 and not embedding_kept(self.workdir, train):
+            return None
+        return self.stamps.matching(unit, key)
+
+    def run(self, unit: str, key: str) -> dict:
+        from dermt2im.fidelity.measures import typicality_cut
+
+        seeds = load_seeds(self.workdir, self.spec)
+        _, cut = typicality_cut(self.workdir, self.spec.max_typicality_quantile)
+        summary = {"seeds": int(seeds.index.size), "typicality": cut.summary(),
+                   "text": f"gate seeds: {seeds.index.size} seed(s) measured and indexed; typicality "
+                           + (f"embedding {cut.embedding}, cut {cut.calibration.cut:.3f} on {cut.held_out} held-out"
+                              if cut.calibration is not None else f"not calibrated ({cut.why_not})")}
+        self.stamps.write(unit, key, summary)
+        return summary
+
+    def close(self, results) -> dict:
+        return results[0] if results else {}
+
+
+def _seeds_digest(workdir: Workdir) -> str:
+    return identity.frame_digest(seeds_view(workdir.seeds_manifest), ["source_path", "sample_id", "status", "split",
+                                                                      "label", "processed_path", "preprocess_key",
+                                                                      "hair_fraction"])

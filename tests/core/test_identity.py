@@ -86,3 +86,34 @@ def test_a_change_to_core_imaging_re_runs_ingest(tmp_path):
         f.write("\n# decoding changed\n")
     again = ingest()
     assert "ingest seeds: up to date" not in again and "4 files (0 new)" in again
+
+
+def test_imports_are_found_in_every_form_a_module_writes_them(tmp_path):
+    source = tmp_path / "dermt2im" / "quality" / "example.py"
+    source.parent.mkdir(parents=True)
+    source.write_text('''"""A module.
+
+It says import in prose, and from here import there, which is no statement.
+"""
+import os, dermt2im.core.fileio
+from dermt2im.core import (
+    imaging,
+    manifest,  # a comment (with brackets)
+)
+from dermt2im.quality.checks \\
+    import judge
+from . import audit
+from .. import phantoms as ph
+
+
+def lazy():
+    from dermt2im.generate import plan
+    text = "import dermt2im.nothing"  # in a string, mid-line: not an import
+    return plan, text
+''')
+    st = source.stat()
+    found = set(identity._imports_of(str(source), st.st_size, st.st_mtime_ns))
+    assert found == {"dermt2im.core.fileio", "dermt2im.core", "dermt2im.core.imaging", "dermt2im.core.manifest",
+                     "dermt2im.quality.checks", "dermt2im.quality.checks.judge", "dermt2im.quality",
+                     "dermt2im.quality.audit", "dermt2im", "dermt2im.phantoms", "dermt2im.generate",
+                     "dermt2im.generate.plan"}

@@ -22,7 +22,7 @@ SMALL = [
     "validate.models=[vit]", "validate.seeds=[0]", "validate.epochs=1", "validate.image_size=32",
     "validate.segmentation_samples=1",
 ]
-SEED_STAGES = {"phantoms", "ingest", "preprocess"}
+SEED_STAGES = {"phantoms", "ingest", "preprocess", "gate-seeds"}
 GENERATE_STAGES = {"generate", "quality", "fidelity"}
 COMPUTE = SEED_STAGES | {"train"} | GENERATE_STAGES | {"validate", "segmentation"}
 

@@ -167,3 +167,57 @@ def test_the_gate_measures_in_its_own_process_when_the_workers_die(workdir):
     measured = stage.pool.measure(items, *seed_index(workdir))
     assert len(measured) == 8 and all("metrics" in m and "audit" in m for m in measured)
     assert not stage.pool.started  # given up, not left half broken
+
+
+def test_the_workers_prepare_the_typicality_cut_the_gate_would_make_itself(workdir):
+    """While rendering goes on the workers learn the seed embedding and calibrate its cut; the gate
+    then takes their cut instead of calibrating again, and judges every image as it would have."""
+    from dermt2im.fidelity.measures import image_measures, prepared_cut, typicality_cut
+
+    seed_workdir(workdir, n_seeds=14, held_out=6)
+    rows = synthetic_workdir(workdir, {f"benign-{i:06d}": phantom("benign", 60 + i, 96) for i in range(6)})
+    rows = rows.assign(source="dermt2im")
+    q = tiny_with_full_gate(["runtime.quality.workers=1"])
+    stage = QualityStage.of(workdir, q)
+    stage.pool.start()
+    stage.pool.wait(take_back=False)
+    prepared = stage.pool.prepared_cut()
+    stage.pool.shutdown()
+    assert prepared is not None and prepared.calibration is not None and prepared.held_out == 6
+
+    _, here = typicality_cut(workdir, q.quality.max_typicality_quantile)
+    np.testing.assert_allclose(prepared.calibration.held_out, here.calibration.held_out, rtol=1e-5)
+    assert prepared.embedding == here.embedding and prepared.quantile == here.quantile
+    with_prepared, _ = image_measures(workdir, rows, q.quality.max_typicality_quantile, prepared=prepared)
+    calibrated_here, _ = image_measures(workdir, rows, q.quality.max_typicality_quantile)
+    assert_frame_equal(with_prepared, calibrated_here, rtol=1e-5)
+    assert with_prepared["typicality"].notna().all()
+    # a cut made for another quantile is not taken
+    _, other = prepared_cut(workdir, 0.5, prepared)
+    assert other.quantile == 0.5 and other.calibration.quantile == 0.5
+
+
+def test_the_seeds_pipeline_prepares_what_the_gate_needs_of_the_seeds_once(workdir, monkeypatch):
+    """gate-seeds (after preprocess) measures, indexes and embeds the seeds; a generation run's gate
+    and its measuring processes then read them back instead of making them."""
+    from dermt2im.fidelity import embeddings
+    from dermt2im.fidelity.measures import embedding_kept, seed_rows, typicality_cut
+    from dermt2im.quality.seeds import load_seeds
+    from dermt2im.quality.stage import GateSeedsStage
+
+    seed_workdir(workdir, n_seeds=14, held_out=6)
+    cfg = tiny_with_full_gate()
+    first = run_pipeline([GateSeedsStage.of(workdir, cfg)])["gate-seeds"]
+    assert first.ran == 1 and first.closing["seeds"] == 14
+    assert first.closing["typicality"]["cut"] is not None and first.closing["typicality"]["held_out"] == 6
+    assert embedding_kept(workdir, seed_rows(workdir)[0])
+
+    again = run_pipeline([GateSeedsStage.of(workdir, cfg)])["gate-seeds"]
+    assert again.ran == 0 and again.cached == 1
+
+    def no_fitting(*args, **kwargs):
+        raise AssertionError("the seed embedding was fitted again")
+
+    monkeypatch.setattr(embeddings, "fit_seed_network", no_fitting)
+    _, cut = typicality_cut(workdir, cfg.quality.max_typicality_quantile)
+    assert cut.calibration is not None and load_seeds(workdir, cfg.quality).index.size == 14

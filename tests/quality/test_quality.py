@@ -122,8 +122,9 @@ def test_perceptual_hash_and_embedding_are_robust_to_small_changes():
 # assess over a workdir
 
 
-def seed_workdir(workdir, n_seeds: int = 4, size: int = 96) -> list[tuple[str, np.ndarray]]:
-    """An accepted seeds manifest with processed PNGs (phantoms), as preprocess leaves it."""
+def seed_workdir(workdir, n_seeds: int = 4, size: int = 96, held_out: int = 0) -> list[tuple[str, np.ndarray]]:
+    """An accepted seeds manifest with processed PNGs (phantoms), as preprocess leaves it; the last
+    ``held_out`` of them in the ``val`` split, the others in ``train``."""
     rows, seeds = [], []
     for i in range(n_seeds):
         label = ("benign", "malignant")[i % 2]
@@ -133,7 +134,7 @@ def seed_workdir(workdir, n_seeds: int = 4, size: int = 96) -> list[tuple[str, n
         path = workdir.processed / f"{sid}.png"
         atomic_write_bytes(path, data)
         rows.append({"sample_id": sid, "source_path": f"/seeds/{i}.png", "label": label, "status": "accepted",
-                     "split": "train", "processed_path": str(path)})
+                     "split": "val" if i >= n_seeds - held_out else "train", "processed_path": str(path)})
         seeds.append((sid, rgb))
     write_seeds(workdir.seeds_manifest, rows)
     return seeds
