@@ -160,6 +160,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, traits, recipe: MiniRecip
         idx = torch.randint(0, len(mean), (recipe.unet_batch,), generator=g)
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
         noise = torch.randn(z.shape, generator=g)
+        if recipe.noise_offset:
+            noise = noise + recipe.noise_offset * torch.randn((z.shape[0], z.shape[1], 1, 1), generator=g)
         ts = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
         texts = [dropped(traits[int(i) % n], rng, caption_dropout=recipe.caption_dropout,
                          phrase_dropout=recipe.phrase_dropout) for i in idx]

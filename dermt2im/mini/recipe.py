@@ -78,6 +78,10 @@ class MiniRecipe(Strict):
     text_learning_rate: float = 2e-4
     warmup_steps: int = 100
     snr_gamma: float = 5.0
+    # Offset noise (Guttenberg 2023; diffusers' --noise_offset): SD 1.5's schedule leaves an image's
+    # mean colour in its most-noised latent, so a model trained without it never learns to set that
+    # mean itself and draws every skin at the training set's average tone, whatever the caption says.
+    noise_offset: float = Field(0.25, ge=0)
     ema_decay: float = 0.995
     train_seed: int = 7
     threads: int = Field(1, ge=1, description="torch threads: fixed, because CPU results depend on it")

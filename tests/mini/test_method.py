@@ -101,6 +101,21 @@ def test_a_prompt_without_the_class_word_draws_no_class(method, judge):
     assert abs(share - 0.5) <= 0.15, (share, per_class)
 
 
+def test_a_skin_type_prompt_still_moves_the_skin_tone_after_dreambooth(method):
+    """The seeds are all light-skinned phantoms; the plan's skin-type transformation must still
+    move the skin the LoRA draws (the ITA of the skin around the lesion: higher is lighter)."""
+    from dermt2im.fidelity.skin_tone import skin_tone
+    from dermt2im.mini.captions import SKIN_PHRASES
+
+    cfg, w, result = method
+    medians = {}
+    for k in (1, 6):
+        rendered = render(cfg, result.lora_dir, per_class=6, prompt=f"a dermoscopic image of {{token}} {{label}} "
+                                                                      f"skin lesion, {SKIN_PHRASES[k]}")
+        medians[k] = float(np.nanmedian([skin_tone(im).ita for im in rendered.images]))
+    assert medians[1] - medians[6] >= 30, medians
+
+
 def _extra_row(w, key: str, label: str, rgb: np.ndarray) -> dict:
     path = w.root / "synthetic" / label / f"{key}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
