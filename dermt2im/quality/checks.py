@@ -13,13 +13,14 @@ Image measures, on the grey image (long side at most ``WORK_SIZE``):
   the skin around it by less than ``min_lesion_contrast`` grey levels.
 
 The grey std, the sharpness and the lesion's contrast are taken at a common brightness for images
-darker than mid-grey (``brightness_gain``; the sharpness, a variance, by its square): darker skin
+darker than mid-grey (``brightness_gain``; the sharpness, a variance, by the gain once: see
+``image_metrics``): darker skin
 gives proportionally smaller differences in grey levels for the same picture, and a gate calibrated
 on light seeds would otherwise call a lesion on dark skin blank, blurred or absent (13 of 24
 Fitzpatrick type VI phantoms were "blank" before; in the demo, once the miniature model drew the
 skin types its prompts name, all 6 type VI images were "blurred" at a sharpness 5.5 times below type
-I's, as their brightness predicts). A blank, black or blurred image stays so: its differences are
-scaled, not created, and the gain is capped.
+I's, at gains of 1.7-2.0). A blank, black or blurred image stays so: its differences are scaled,
+not created, and the gain is capped.
 
 The cuts of ``blank``, ``noise``, ``blur`` and the lesion contrast come from the accepted seeds when
 the config leaves them empty (``calibrate``); ``FALLBACK_CUTS`` when there are too few seeds.
@@ -163,7 +164,10 @@ def image_metrics(rgb: np.ndarray) -> dict[str, float]:
         "grey_std": float(grey_full.std()) * gain,
         "saturated_fraction": float(((grey_full <= 2) | (grey_full >= 253)).mean()),
         "high_frequency_ratio": high_frequency_ratio(grey),
-        "sharpness": sharpness(grey) * gain ** 2,  # a variance: it scales with the square of brightness
+        # A variance, so the picture's structure scales with the square of brightness; but what is
+        # left of a blurred picture is mostly noise, which does not darken with the skin: scaled by
+        # the gain once (squared, a blurred dark real image passed the blur cut).
+        "sharpness": sharpness(grey) * gain,
         "lesion_fraction": fraction,
         "lesion_contrast": contrast * gain,
     }
