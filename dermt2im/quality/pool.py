@@ -9,7 +9,8 @@ in the workdir, built by the first process that needs it while the others wait),
 thread (the processes are the parallelism), measures its images (``measures.measure_file``) and
 writes them as one part of the measure cache before it returns. The first task of a pool makes the
 seeds ready (``seeds.load_seeds``: their measures for the calibrated cuts and their index; the
-embedding typicality is measured in), so that work overlaps rendering too. Once rendering is over
+embedding typicality is measured in, and its cut, handed to the gate: ``prepared_cut``), so that
+work overlaps rendering too; usually ``gate-seeds`` made them already and they are read back. Once rendering is over
 the gate takes back the batches no worker has started (``wait``) and measures them with the workers
 and its own process. If a background task fails, or the workers die, what they did not keep is
 measured when the gate runs; a render that fails leaves the workers to finish the batches handed
@@ -69,8 +70,9 @@ def _start(workdir: Workdir, q: QualityConfig, fsspec_conf: dict | None = None) 
     # that outnumber the free cores spin against each other (the seed embedding's fit took 150 s
     # instead of a few on two busy cores). torch is imported later, and reads this then.
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    # Below the renderer: where the cores are all busy the renderer keeps its pace (measured on two
-    # cores: rendering 64 tiny images took a second longer beside workers at the same priority).
+    # Below the renderer: where the cores are all busy the renderer keeps its pace (on two cores,
+    # rendering 64 tiny images took about a second longer beside the workers than alone; what the
+    # lower priority gains was not measured apart).
     with contextlib.suppress(OSError):
         os.nice(NICENESS)
     import cv2
