@@ -184,11 +184,15 @@ def generate(
     """Plan, render (Euler / Euler a / PLMS ...), then quality-gate and audit synthetic lesions (measured
     while rendering goes on). The fidelity report (FRD, KID, PRDC with intervals, MLflow) is `dermt2im
     report`, or --report here."""
-    w, cfg = _session(workdir, config, overrides, save)
-    from dermt2im import pipelines
+    from dermt2im.core.loading import loading
 
-    _run(pipelines.generate(w, cfg, lora=lora, base_model_only=base_model_only, per_class=per_class, shards=shard,
-                            report=report), cfg.scale)
+    with loading():  # the command's imports and set-up, before the renderer's own loading
+        w, cfg = _session(workdir, config, overrides, save)
+        from dermt2im import pipelines
+
+        stages = pipelines.generate(w, cfg, lora=lora, base_model_only=base_model_only, per_class=per_class,
+                                    shards=shard, report=report)
+    _run(stages, cfg.scale)
     if not report:
         _echo("fidelity report: `dermt2im report` (or `dermt2im generate --report`)")
 
@@ -418,8 +422,11 @@ def show_config(
     _echo(yaml.safe_dump(resolved.cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    raise SystemExit(app())
+def main() -> None:
+    """The ``dermt2im`` console command (``app`` is the same commands, for Typer's test runner)."""
+    from dermt2im.cli_base import run_command_line
+
+    run_command_line(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

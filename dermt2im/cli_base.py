@@ -3,9 +3,12 @@ the session a command opens (its workdir, its config, the workdir lock it holds 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
+import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -123,3 +126,40 @@ def command(*args: Any, **kwargs: Any) -> Callable:
 
 def echo(text: str) -> None:
     typer.echo(text)
+
+
+def run_command_line(main: Callable[[], Any]) -> None:
+    """Run ``main`` (the Typer app) as the console command, then end the process the way Python ends
+    one, but without the interpreter's teardown (``leave``)."""
+    try:
+        main()
+        code: Any = 0
+    except SystemExit as done:
+        code = done.code
+    leave(code)
+
+
+def leave(code: Any = 0) -> None:
+    """End this process with exit status ``code`` after what Python itself does first on exit (wait
+    for the threads that are not daemons, and the callbacks concurrent.futures registered there; the
+    atexit handlers: logging's, multiprocessing's, weakref finalizers, Prefect's and MLflow's; the
+    standard streams flushed), skipping the interpreter's teardown that follows. Every file this
+    project writes is closed (and renamed into place) before a command returns, so that teardown only
+    frees memory, and with torch, diffusers and transformers imported it took 1.4-1.6 s on the
+    2-core development machine (a process that imported diffusers, measured 2026-12-07) after
+    every command, a minute's work or a second's."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # SystemExit("message"): Python prints it and exits with 1
+        print(code, file=sys.stderr)
+        status = 1
+    shutdown_threads = getattr(threading, "_shutdown", None)
+    if shutdown_threads is not None:
+        shutdown_threads()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe (`dermt2im ... | head`) is not an error here
+            stream.flush()
+    os._exit(status)

@@ -76,10 +76,10 @@ def lora_weights_for(lora: str | Path, label: str) -> Path:
 
 
 def read_header(weights: str | Path) -> dict[str, str]:
-    """The safetensors ``__metadata__`` of a weights file (strings)."""
+    """The safetensors ``__metadata__`` of a weights file (strings), read without importing torch."""
     from safetensors import safe_open
 
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
+    with safe_open(str(weights), framework="numpy") as f:
         return dict(f.metadata() or {})
 
 

@@ -371,6 +371,13 @@ def load_pipeline(base_model: str, revision: str | None = None, *, base_config: 
     A single ``.safetensors`` file takes its configuration from ``base_config`` (a local folder) when
     given, else from the hub (SD v1.5's, fetched or cached). Every failure to find a model is one line
     (``ModelError``) naming the model, where it was looked for and what to download."""
+    from dermt2im.core.loading import loading
+
+    with loading():  # the collector paused while diffusers is imported and the pipeline loaded
+        return _load_pipeline(base_model, revision, base_config=base_config, torch_dtype=torch_dtype, device=device)
+
+
+def _load_pipeline(base_model: str, revision: str | None, *, base_config: str | None, torch_dtype, device: str):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 

@@ -18,8 +18,10 @@ a mean of 2 and a maximum of 16 grey levels of fp32.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -164,10 +166,14 @@ def prepared_pipeline(model: RenderModel, runtime: GenerateRuntime, lora: LoraCh
     if pipe is not None:
         return _given_pipeline(pipe, lora, scale)
 
-    from dermt2im.diffusion.models import load_pipeline, resolve_device, unet_width
+    from dermt2im.core.loading import loading
 
-    device = resolve_device(runtime.device)
-    dtype = resolve_dtype(runtime.dtype, device, unet_width(model.base_model, model.base_config))
+    # the first call imports torch here, with the collector paused (load_pipeline pauses it too)
+    with loading() if "torch" not in sys.modules else contextlib.nullcontext():
+        from dermt2im.diffusion.models import load_pipeline, resolve_device, unet_width
+
+        device = resolve_device(runtime.device)
+        dtype = resolve_dtype(runtime.dtype, device, unet_width(model.base_model, model.base_config))
     key = (model.identity, model.revision, device, str(dtype), *_lora_state(lora.sha256, scale))
     with _CACHE_LOCK:
         if key in _CACHE:

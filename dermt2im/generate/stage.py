@@ -65,7 +65,8 @@ class GenerateReport:
 class RenderListener(Protocol):
     """What a stage after rendering may want to know while it goes on (``GenerateStage.listen``)."""
 
-    def rendering(self) -> None: ...  # this process is about to render
+    # this process is about to render, keeping ``cores`` of the host's cores busy
+    def rendering(self, cores: int) -> None: ...
 
     def rendered(self, rows: Sequence[dict]) -> None: ...  # these images are written (rows with sample_key, path)
 
@@ -176,9 +177,24 @@ class GenerateStage:
         for listener in self.listeners:
             listener.rendered(rows)
 
+    def renderer_cores(self) -> int:
+        """The host's cores rendering keeps busy: one on a GPU (the process feeding it), torch's
+        threads on a CPU (``OMP_NUM_THREADS``, else every core)."""
+        from dermt2im.core.loading import loading
+
+        with loading():  # torch's first import in this process, usually
+            import torch
+
+            from dermt2im.diffusion.models import resolve_device
+
+            device = self.pipe.device.type if self.pipe is not None else resolve_device(self.runtime.device)
+        return 1 if str(device).startswith("cuda") else torch.get_num_threads()
+
     def run(self, shard: int, key: str) -> dict[str, Any]:
-        for listener in self.listeners:
-            listener.rendering()
+        if self.listeners:
+            cores = self.renderer_cores()
+            for listener in self.listeners:
+                listener.rendering(cores)
         recorded = shards.render_shard(self.workdir, self.runtime, self.model, shard, pipe=self.pipe,
                                        on_written=self._written if self.listeners else None)
         if self.workdir.manifests_are_remote:  # keep the appended parts few, so every read stays cheap

@@ -7,20 +7,23 @@ process holds torch's threads, which a fork would copy mid-flight) at the first 
 that never measures starts none. Each worker reads the seed index once (``seeds.seed_index``: kept
 in the workdir, built by the first process that needs it while the others wait), runs OpenCV on one
 thread (the processes are the parallelism), measures its images (``measures.measure_file``) and
-writes them as one part of the measure cache before it returns. The first task of a pool makes the
-seeds ready (``seeds.load_seeds``: their measures for the calibrated cuts and their index; the
-embedding typicality is measured in, and its cut, handed to the gate: ``prepared_cut``), so that
-work overlaps rendering too; usually ``gate-seeds`` made them already and they are read back. Once rendering is over
-the gate takes back the batches no worker has started (``wait``) and measures them with the workers
-and its own process. If a background task fails, or the workers die, what they did not keep is
-measured when the gate runs; a render that fails leaves the workers to finish the batches handed
-over (their measures are kept for the next run) before the process exits.
+writes them as one part of the measure cache before it returns; a batch handed over while rendering
+also sends its measures back (``handed``), so that the gate reads none of those parts. The first
+task of a pool makes the seeds ready (``seeds.load_seeds``: their measures for the calibrated cuts
+and their index; the embedding typicality is measured in, and its cut, handed to the gate:
+``prepared_cut``), so that work overlaps rendering too; usually ``gate-seeds`` made them already and
+they are read back. Once rendering is over the gate takes back the batches no worker has started
+(``take_back``) and measures them with its own process beside the workers, which finish what they
+hold. If a background task fails, or the workers die, what they did not keep is measured when the
+gate runs; a render that fails leaves the workers to finish the batches handed over (their measures
+are kept for the next run) before the process exits.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import logging
 import math
 import multiprocessing
@@ -65,11 +68,15 @@ def measure_items(workdir: Workdir, q: QualityConfig, index_key: str, index, ite
 _WORKER: dict[str, Any] = {}
 
 
-def _start(workdir: Workdir, q: QualityConfig, fsspec_conf: dict | None = None) -> None:
+def _start(workdir: Workdir, q: QualityConfig, fsspec_conf: dict | None = None, prepare: bool = True) -> None:
     # One thread per worker for every library: the workers are the parallelism, and OpenMP threads
     # that outnumber the free cores spin against each other (the seed embedding's fit took 150 s
     # instead of a few on two busy cores). torch is imported later, and reads this then.
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    # The collector paused until the seeds are ready (``_prepare_seeds``): the worker's imports and
+    # the seeds' loading make its long-lived objects (``dermt2im.core.loading``).
+    if prepare:
+        gc.disable()
     # Below the renderer: where the cores are all busy the renderer keeps its pace (on two cores,
     # rendering 64 tiny images took about a second longer beside the workers than alone; what the
     # lower priority gains was not measured apart).
@@ -107,24 +114,40 @@ def _prepare_seeds() -> Any:
     """The seeds' measures and index, the typicality embedding learned from them (made and kept) and
     its cut calibrated on the held-out seeds (returned: ``MeasurePool.prepared_cut``); and the
     plotting library the gate's figures are drawn with here (``MeasurePool.call``) imported."""
-    from dermt2im.fidelity.measures import typicality_cut
-    from dermt2im.quality.seeds import load_seeds
+    try:
+        from dermt2im.fidelity.measures import typicality_cut
+        from dermt2im.quality.seeds import load_seeds
 
-    workdir, q = _WORKER["workdir"], _WORKER["q"]
-    seeds = load_seeds(workdir, q)
-    _WORKER["index"] = (seeds.key, seeds.index)
-    _, cut = typicality_cut(workdir, q.max_typicality_quantile)
-    import matplotlib
+        workdir, q = _WORKER["workdir"], _WORKER["q"]
+        seeds = load_seeds(workdir, q)
+        _WORKER["index"] = (seeds.key, seeds.index)
+        _, cut = typicality_cut(workdir, q.max_typicality_quantile)
+        import matplotlib
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot  # noqa: F401
-    return cut
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot  # noqa: F401
+        return cut
+    finally:  # what the worker loaded stays: frozen out of the collector's sight, which resumes
+        gc.freeze()
+        gc.enable()
 
 
 def _measure(items: Sequence[Item], keep: bool) -> list[Measured] | int:
     key, index = _seed_index()
     found = measure_items(_WORKER["workdir"], _WORKER["q"], key, index, items)
     return found if keep else len(found)
+
+
+def _measure_handed(items: Sequence[Item]) -> tuple[str, list[Measured]]:
+    """A batch handed over while rendering: measured, kept as a cache part, and sent back with the
+    key of the seed index it was audited against."""
+    key, index = _seed_index()
+    return key, measure_items(_WORKER["workdir"], _WORKER["q"], key, index, items)
+
+
+def fold_cache(folder: Path, keep: set[tuple[str, str]], measures: str) -> int:
+    """``MeasureCache.fold`` (a function, so that a worker can run it)."""
+    return MeasureCache(folder).fold(keep, measures)
 
 
 # --- in the process that renders or gates ---------------------------------------------------------
@@ -138,6 +161,7 @@ class MeasurePool:
         self.workers = workers or default_workers()
         self._executor: ProcessPoolExecutor | None = None
         self._background: list[Future] = []
+        self._handed: list[tuple[Future, list[Item]]] = []  # the batches handed over while rendering
         self._prepared: Future | None = None
         self._lock = threading.Lock()
 
@@ -145,15 +169,18 @@ class MeasurePool:
     def started(self) -> bool:
         return self._executor is not None
 
-    def start(self) -> ProcessPoolExecutor:
-        """Start the workers (if not yet) with the seeds as their first task."""
+    def start(self, prepare: bool = True) -> ProcessPoolExecutor:
+        """Start the workers (if not yet); with ``prepare``, with the seeds as their first task (while
+        rendering goes on). Started when the gate runs, they measure at once (the gate's own process
+        makes the typicality cut)."""
         with self._lock:
             if self._executor is None:
                 self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                                      initializer=_start,
-                                                     initargs=(self.workdir, self.q, _fsspec_conf()))
-                self._prepared = self._executor.submit(_prepare_seeds)
-                self._background.append(self._prepared)
+                                                     initargs=(self.workdir, self.q, _fsspec_conf(), prepare))
+                if prepare:
+                    self._prepared = self._executor.submit(_prepare_seeds)
+                    self._background.append(self._prepared)
             return self._executor
 
     def _chunks(self, items: Sequence[Item], at_least: int, at_most: int) -> list[Sequence[Item]]:
@@ -166,10 +193,15 @@ class MeasurePool:
         if not items:
             return
         pool = self.start()
-        # one batch spread over the workers, 2 to 4 images a task (each task writes a part): when
-        # rendering ends, a worker is busy with at most 4 images and the queued rest is taken back
-        for chunk in self._chunks(items, at_least=2, at_most=4):
-            self._background.append(pool.submit(_measure, list(chunk), False))
+        # one batch spread over the workers, 1 or 2 images a task: when rendering ends the workers
+        # hold at most two images each (the executor hands a task more than there are workers) and
+        # the queued rest is taken back, to be measured by the gate's own process beside them. Each
+        # task keeps its measures as a cache part and sends them back (``handed``), so the gate
+        # reads none of those parts.
+        for chunk in self._chunks(items, at_least=1, at_most=2):
+            future = pool.submit(_measure_handed, list(chunk))
+            self._background.append(future)
+            self._handed.append((future, list(chunk)))
 
     def wait(self, take_back: bool = True) -> None:
         """Wait for the background tasks a worker has taken; with ``take_back``, those still queued
@@ -185,16 +217,50 @@ class MeasurePool:
                             future.exception())
         self._background = []
 
-    def measure(self, items: Sequence[Item], index_key: str, index) -> list[Measured]:
+    def take_back(self) -> None:
+        """Cancel the background tasks no worker has taken yet (rendering is over): their images are
+        measured when the gate runs, with this process's core too."""
+        for future in self._background:
+            if future is not self._prepared:
+                future.cancel()
+
+    def handed(self, index_key: str, *, settle: bool = False) -> tuple[dict[str, Measured], set[str], set[str]]:
+        """The images handed over while rendering: their measures by sample key, from the tasks done
+        (with ``settle``, after waiting for those a worker is still on), audited against the seed
+        index ``index_key``; the keys of those still being measured; and of those taken back
+        (``take_back``: never measured). A task that failed is logged and its images are left out
+        (the gate measures them)."""
+        if settle:
+            wait([f for f, _ in self._handed if not f.cancelled()])
+        found: dict[str, Measured] = {}
+        running: set[str] = set()
+        taken_back: set[str] = set()
+        for future, items in self._handed:
+            if future.cancelled():
+                taken_back.update(key for key, _, _ in items)
+                continue
+            if not future.done():
+                running.update(key for key, _, _ in items)
+                continue
+            if future.exception() is not None:
+                log.warning("measuring images while rendering failed (%s); they are measured now", future.exception())
+                continue
+            key, measured = future.result()
+            if key == index_key:
+                found.update((k, m) for (k, _, _), m in zip(items, measured))
+        return found, running, taken_back
+
+    def measure(self, items: Sequence[Item], index_key: str, index, *, busy: int = 0) -> list[Measured]:
         """Measure ``items`` now, in the items' order: a share in this process (its core is free while
         it waits: rendering is over), the rest in the workers; all here, in threads, when they are few
-        and no worker runs."""
+        and no worker runs. ``busy``: images the workers are still measuring first (this process
+        takes a larger share)."""
         if not items:
             return []
         if not self.started and len(items) < SMALL:
             return measure_here(self.workdir, self.q, index_key, index, items)
-        pool = self.start()
-        here = len(items) // (self.workers + 1)
+        pool = self.start(prepare=False)
+        here = min(len(items), (len(items) + busy) // (self.workers + 1))
         try:
             futures = [pool.submit(_measure, list(chunk), True) for chunk in self._chunks(items[here:], 1, 16)]
         except BrokenProcessPool:
@@ -213,11 +279,14 @@ class MeasurePool:
 
     def prepared_cut(self) -> Any:
         """The typicality cut the workers calibrated while rendering went on
-        (``fidelity.measures.TypicalityCut``), or None (not started, not done, or failed)."""
+        (``fidelity.measures.TypicalityCut``, waited for), or None (not started, or failed)."""
         future = self._prepared
-        if future is None or not future.done() or future.cancelled() or future.exception() is not None:
+        if future is None or future.cancelled():
             return None
-        return future.result()
+        try:
+            return future.result()  # usually done long before; else the gate would make it here anyway
+        except Exception:  # noqa: BLE001 - a worker that failed or died: the gate calibrates itself
+            return None
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         """``fn(*args, **kwargs)`` in a worker when the pool runs (a figure drawn there while this
@@ -238,6 +307,7 @@ class MeasurePool:
                 self._executor.shutdown(wait=wait, cancel_futures=True)
                 self._executor = None
             self._background = []
+            self._handed = []
             self._prepared = None
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,10 @@ from dermt2im.core.writers import compact, writer_lock
 from dermt2im.quality.calibrate import cut_table, resolve_cuts, seed_rejections
 from dermt2im.quality.checks import SCORE_COLUMNS, flags_of, judge, reason_code
 from dermt2im.quality.dedupe import mark_duplicates, phash_hex
-from dermt2im.quality.figures import OWN, write_audit, write_grids
+from dermt2im.quality.figures import OWN, audit_histogram, write_audit, write_grids
 from dermt2im.quality.measures import MeasureCache, audit_key, measures_key
-from dermt2im.quality.pool import MeasurePool, measure_here
+from dermt2im.quality.pool import MeasurePool, default_workers, fold_cache, measure_here
+from dermt2im.quality.pool import cores as pool_cores
 from dermt2im.quality.report import QualityReport, write_quality_reports
 from dermt2im.quality.seeds import Seeds, load_seeds
 from dermt2im.quality.shortcuts import Shortcut, audit_shortcuts
@@ -73,15 +75,37 @@ def measure_all(workdir: Workdir, df: pd.DataFrame, q: QualityConfig, seeds: See
     cuts of ``q`` alone (``checks.judge``)."""
     cache = MeasureCache(workdir.quality / "measures")
     keys = (measures_key(q), audit_key(seeds.key, q))
-    found = cache.lookup(df, *keys)
+    sample_keys = [str(k) for k in df["sample_key"]]
+    found: dict[int, dict] = {}
+    running: set[str] = set()
+    taken_back: set[str] = set()
+    if pool is not None:  # what the workers measured while rendering, sent back: no cache part is read
+        pool.take_back()
+        handed, running, taken_back = pool.handed(seeds.key)
+        found = {i: m for i, (k, sha) in enumerate(zip(sample_keys, df["sha256"]))
+                 if (m := handed.get(k)) is not None and m.get("sha256") == sha and "audit" in m}
+    rest = [i for i in range(len(df)) if i not in found and sample_keys[i] not in running]
+    unknown = [i for i in rest if sample_keys[i] not in taken_back]  # not rendered by this process: maybe kept
+    if unknown:
+        kept = cache.lookup(df.iloc[unknown].reset_index(drop=True), *keys)
+        found.update((unknown[j], m) for j, m in kept.items())
     paths = [storage.resolve(p, workdir.root) if isinstance(p, str) else Path("/nonexistent") for p in df["path"]]
-    todo = [i for i in range(len(df)) if "audit" not in found.get(i, {})]
-    items = [(str(df.at[i, "sample_key"]), paths[i], found.get(i)) for i in todo]
+    todo = [i for i in rest if "audit" not in found.get(i, {})]
+    items = [(sample_keys[i], paths[i], found.get(i)) for i in todo]
     if pool is not None:
-        fresh = pool.measure(items, seeds.key, seeds.index)
+        fresh = pool.measure(items, seeds.key, seeds.index, busy=len(running))
     else:
         fresh = measure_here(workdir, q, seeds.key, seeds.index, items)
     found.update(zip(todo, fresh))
+    if running:  # the batches a worker was still on when rendering ended (measured beside this process)
+        handed, _, _ = pool.handed(seeds.key, settle=True)
+        late = [i for i in range(len(df)) if i not in found]
+        found.update((i, m) for i in late if (m := handed.get(sample_keys[i])) is not None
+                     and m.get("sha256") == df.at[i, "sha256"] and "audit" in m)
+        again = [i for i in late if i not in found]  # a task that failed, or bytes changed since
+        found.update(zip(again, measure_here(workdir, q, seeds.key, seeds.index,
+                                             [(sample_keys[i], paths[i], None) for i in again])))
+        todo += again
     if todo:
         log.info("quality gate: %d of %d image(s) measured now, %d measured before", len(todo), len(df),
                  len(df) - len(todo))
@@ -100,11 +124,22 @@ def measure_all(workdir: Workdir, df: pd.DataFrame, q: QualityConfig, seeds: See
         out.at[i, "flags"] = ",".join(m["flags"])
         if "phash" in m:
             out.at[i, "phash"] = phash_hex(m["phash"])
-    kept = {(k, m["sha256"]) for k, m in zip(df["sample_key"], measured) if "sha256" in m}
-    folded = cache.fold(kept, keys[0])
-    if folded:
-        log.debug("folded %d part(s) into the measure cache", folded)
     return out, measured
+
+
+def fold_measures(workdir: Workdir, df: pd.DataFrame, measured: list[dict], q: QualityConfig,
+                  pool: MeasurePool | None = None) -> Future:
+    """Fold the measure cache's parts into its table (the current measures of ``df``'s images only):
+    in a worker while this process writes the rest, when ``pool`` runs."""
+    kept = {(k, m["sha256"]) for k, m in zip(df["sample_key"], measured) if "sha256" in m}
+    args = (workdir.quality / "measures", kept, measures_key(q))
+    return pool.call(fold_cache, *args) if pool is not None else _done(fold_cache(*args))
+
+
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def _apply_audit(out: pd.DataFrame, measured: list[dict], reasons: list[str | None], seeds: Seeds,
@@ -174,8 +209,10 @@ def assess(workdir: Workdir, q: QualityConfig, pool: MeasurePool | None = None) 
         log.warning("memorisation audit skipped: no accepted seed images with a processed image in %s",
                     workdir.seeds_manifest)
     out, measured = measure_all(workdir, todo, resolved.config, seeds, pool)
+    folding = fold_measures(workdir, todo, measured, resolved.config, pool)
     reasons: list[str | None] = [m["reason"] for m in measured]
     audit_rows = _apply_audit(out, measured, reasons, seeds, q)
+    histogram = audit_histogram(audit_rows, q, draw=pool.call if pool is not None else None)
     _apply_duplicates(out, measured, reasons, q)
     fidelity_rows, gate["typicality"] = _apply_typicality(workdir, out, measured, reasons, q, pool)
     accepted = out[[r is None for r in reasons]]
@@ -192,8 +229,10 @@ def assess(workdir: Workdir, q: QualityConfig, pool: MeasurePool | None = None) 
     whole = pd.concat([out, df[df["status"] == QUARANTINED]], ignore_index=True)
     files = write_quality_reports(workdir, whole, resolved.config, gate)
     files.update(write_grids(workdir, out, measured))
-    files.update(write_audit(workdir, out, measured, seeds.index, audit_rows, q,
-                             draw=pool.call if pool is not None else None))
+    files.update(write_audit(workdir, out, measured, seeds.index, audit_rows, q, histogram=histogram))
+    folded = folding.result()
+    if folded:
+        log.debug("folded %d part(s) into the measure cache", folded)
     codes = pd.Series([reason_code(r) for r in reasons if r], dtype=object).value_counts()
     report = QualityReport(
         accepted=int((out["status"] == "accepted").sum()), rejected=int((out["status"] == "rejected").sum()),
@@ -268,15 +307,28 @@ class QualityStage:
 
     # --- listening to the renderer ---
 
-    def rendering(self) -> None:
-        """Rendering starts in this process: start measuring processes, and make the seeds ready."""
-        if self.runtime.while_rendering:
-            self.pool.start()
+    def rendering(self, cores: int = 1) -> None:
+        """Rendering starts in this process, keeping ``cores`` of the host's cores busy: measuring
+        processes start on the cores left (at most ``runtime.quality.workers``) and make the seeds
+        ready. With none left (a CPU renderer on every core) the gate measures once rendering is
+        over, with every core: beside a renderer whose threads fill the cores, a measuring process
+        only slows it (on 2 cores, rendering 64 tiny images on torch's 2 threads beside one took
+        1.67x the plain loop's time)."""
+        if not self.runtime.while_rendering or self.pool.started:
+            return
+        free = pool_cores() - cores
+        if free < 1:
+            log.info("the renderer keeps every core busy (%d thread(s)): the gate measures once rendering is over",
+                     cores)
+            return
+        self.pool = MeasurePool(self.workdir, self.spec, min(self.runtime.workers or default_workers(), free))
+        self.pool.start()
 
     def rendered(self, rows: Sequence[dict]) -> None:
-        """These images are written (rows with ``sample_key`` and ``path``): measure them meanwhile.
-        Never fails the renderer: whatever is not measured now is measured when the gate runs."""
-        if not self.runtime.while_rendering:
+        """These images are written (rows with ``sample_key`` and ``path``): measure them meanwhile
+        (when ``rendering`` started measuring processes). Never fails the renderer: whatever is not
+        measured now is measured when the gate runs."""
+        if not self.runtime.while_rendering or not self.pool.started:
             return
         try:
             self.pool.soon([(str(r["sample_key"]), storage.resolve(r["path"], self.workdir.root), None) for r in rows])
@@ -314,8 +366,7 @@ class QualityStage:
         return self.stamps.matching(unit, key)
 
     def run(self, unit: str, key: str) -> dict:
-        try:
-            self.pool.wait()
+        try:  # the workers' queued batches are taken back and measured beside them (measure_all)
             summary = report_summary(assess(self.workdir, self.spec, self.pool))
         finally:
             self.pool.shutdown(wait=False)  # the workers exit while the verdicts are stamped and reported

@@ -221,3 +221,56 @@ def test_the_seeds_pipeline_prepares_what_the_gate_needs_of_the_seeds_once(workd
     monkeypatch.setattr(embeddings, "fit_seed_network", no_fitting)
     _, cut = typicality_cut(workdir, cfg.quality.max_typicality_quantile)
     assert cut.calibration is not None and load_seeds(workdir, cfg.quality).index.size == 14
+
+
+def test_the_gate_takes_the_measures_the_workers_send_back_and_reads_no_part(tmp_path, monkeypatch):
+    """What the workers measured while rendering comes back with their answers: the gate reads no
+    cache part for the images this process rendered (the queued batches it took back it measures
+    itself), judges them as gating after rendering does, and the parts are folded afterwards."""
+    cfg = load_config("tiny", RENDER)
+    w = Workdir.at(tmp_path / "w").using(cfg)
+    seed_workdir(w, n_seeds=4)
+    looked_up = []
+    lookup = MeasureCache.lookup
+
+    def counted(self, images, *keys):
+        looked_up.append(len(images))
+        return lookup(self, images, *keys)
+
+    monkeypatch.setattr(MeasureCache, "lookup", counted)
+    run_pipeline(pipelines.generate(w, cfg, base_model_only=True, report=False))
+    assert looked_up == []
+    verdicts = _table(w.quality_manifest, QUALITY)
+    assert len(verdicts) == 8 and verdicts["sharpness"].notna().all() and verdicts["nearest_seed"].notna().all()
+    rows, parts = MeasureCache(w.quality / "measures").read()
+    assert parts == [] and len(rows) == 8
+    monkeypatch.setattr(MeasureCache, "lookup", lookup)
+    again = tmp_path / "again"
+    import shutil
+
+    shutil.copytree(w.root, again)
+    after = Workdir.at(again).using(cfg)
+    (after.quality / "measures" / "measures.parquet").unlink()
+    assess(after, cfg.quality)  # measured again here, in threads
+    assert_frame_equal(_table(after.quality_manifest, QUALITY), verdicts)
+
+
+def test_measuring_processes_start_only_on_the_cores_the_renderer_leaves(workdir, monkeypatch):
+    """A CPU renderer whose torch threads fill the host's cores gets no measuring process beside it
+    (the gate measures once rendering is over); one that leaves cores gets at most that many."""
+    from dermt2im.quality import stage as quality_stage
+
+    monkeypatch.setattr(quality_stage, "pool_cores", lambda: 4)
+    gate = QualityStage.of(workdir, tiny_with_full_gate(["runtime.quality.workers=3"]))
+    gate.rendering(4)
+    gate.rendered([{"sample_key": "benign-000000", "path": str(workdir.synthetic / "x.png")}])
+    assert not gate.pool.started
+    gate.rendering(3)
+    try:
+        assert gate.pool.started and gate.pool.workers == 1
+    finally:
+        gate.pool.shutdown()
+    render, _ = pipelines.generate(workdir, load_config("tiny"), base_model_only=True, report=False)
+    import torch
+
+    assert render.renderer_cores() == torch.get_num_threads()  # the tiny model renders on the CPU here

@@ -1,0 +1,71 @@
+"""The cyclic garbage collector is paused while torch and diffusers are imported and a pipeline is
+loaded, then what was loaded is frozen out of its sight and it resumes."""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import textwrap
+
+from dermt2im.core.loading import loading
+
+
+def test_loading_pauses_the_collector_then_freezes_and_resumes_it():
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        with loading():
+            assert not gc.isenabled()
+            with loading():  # nested: the outermost block resumes it
+                pass
+            assert not gc.isenabled()
+            kept = [[] for _ in range(1000)]
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(kept)
+    finally:
+        gc.unfreeze()
+    gc.disable()
+    try:
+        with loading():
+            pass
+        assert not gc.isenabled()  # paused by someone else before: left paused
+    finally:
+        gc.enable()
+
+
+def test_no_collection_runs_while_the_renderer_loads_its_pipeline(tmp_path):
+    """In a fresh process, as ``dermt2im generate`` loads: torch and diffusers imported and the
+    tiny pipeline loaded without one collection, the collector running again afterwards."""
+    code = textwrap.dedent("""
+        import gc, json
+        collections = []
+        gc.callbacks.append(lambda phase, info: collections.append(info["generation"]) if phase == "start" else None)
+        from dermt2im.core.runtime import GenerateRuntime
+        from dermt2im.generate.model import LoraChoice, RenderModel
+        from dermt2im.generate.pipeline import prepared_pipeline
+        before = len(collections)
+        model = RenderModel("tiny", None, "tiny@loading", "sks", None)
+        prepared_pipeline(model, GenerateRuntime(device="cpu"), LoraChoice(None, None), 1.0)
+        print(json.dumps({"during": len(collections) - before, "enabled": gc.isenabled(),
+                          "frozen": gc.get_freeze_count()}))
+        """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["during"] == 0 and seen["enabled"] and seen["frozen"] > 100_000
+
+
+def test_reading_a_lora_header_does_not_import_torch(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    weights = tmp_path / "lora.safetensors"
+    save_file({"unet.x.lora_A.weight": np.zeros((2, 2), np.float32)}, str(weights), metadata={"dermt2im": "{}"})
+    code = ("import sys; from dermt2im.diffusion.lora_files import read_header; "
+            f"print(read_header({str(weights)!r})); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["{'dermt2im': '{}'}", "False"]
