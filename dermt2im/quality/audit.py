@@ -21,8 +21,11 @@ different lesion (0.21 up). So, two steps, which keep thousands against thousand
 When geometry cannot decide, the global check does (distance below ``quality.memorisation_threshold``):
 an image or nearest seed too plain for keypoints (fewer than ``MIN_KEYPOINTS``), or one under
 ``MIN_SIDE`` px without twice the inliers (upscaled 32-128 px images have keypoints on interpolation
-and JPEG artefacts that a copy does not reproduce, and simple shapes line up by chance). All accepted seeds (every split) count: a
-near-copy of a validation or test image would leak it into training as well.
+and JPEG artefacts that a copy does not reproduce, and simple shapes line up by chance). Such small
+images are scaled up at most ``MAX_UPSCALE`` times for their keypoints, and keep fewer: of 132
+near-copies of the real seeds at 64 px 86 were flagged (90 upscaled to 384 px, at 3.4x the time),
+at 128 px 129 (131, at 1.5x); no different real image was flagged at either size. All accepted seeds
+(every split) count: a near-copy of a validation or test image would leak it into training as well.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ DCT_BLOCK = 8
 CROP_MARGIN = 0.05
 VARIANTS = 6 * 8  # crops x flips / quarter turns per seed in the index
 WORK_SIDE = 384  # short side at which keypoints are found (at 256 copies keep too few; 512 costs 1.5x)
+# A small image is scaled up no more than this for its keypoints: interpolation adds no detail (SIFT
+# doubles its input once more itself), only cost (SIFT on a 64 px render: 26 ms at 384 px, 6 ms at
+# 128 px with fewer keypoints).
+MAX_UPSCALE = 2
 N_FEATURES = 500
 CONTRAST_THRESHOLD = 0.01  # OpenCV's 0.04 leaves a tenth of the (low-contrast) seeds under 20 keypoints
 RATIO = 0.75  # at 0.8 a quarter of unrelated pairs reach 20 matches; copies keep ~all of theirs
@@ -150,21 +157,28 @@ def _mirror_permutation() -> np.ndarray:
 MIRROR = _mirror_permutation()
 
 
-def _to_work(rgb: np.ndarray) -> np.ndarray:
+def _to_work(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """Grey pixels with the short side at ``WORK_SIDE``, or at ``MAX_UPSCALE`` times the image's own
+    where that is less, and the factor that takes their coordinates to ``WORK_SIDE``."""
     g = cv2.cvtColor(np.ascontiguousarray(rgb[..., :3]), cv2.COLOR_RGB2GRAY)
     h, w = g.shape
-    s = WORK_SIDE / min(h, w)
-    if s == 1:
-        return g
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    return cv2.resize(g, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+    side = min(WORK_SIDE, MAX_UPSCALE * min(h, w))
+    s = side / min(h, w)
+    if s != 1:
+        size = (max(1, round(w * s)), max(1, round(h * s)))
+        g = cv2.resize(g, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+    return g, WORK_SIDE / min(g.shape)
 
 
 def local_features(rgb: np.ndarray) -> LocalFeatures:
-    """SIFT keypoints (at most ``N_FEATURES``) with the short side scaled to ``WORK_SIDE``."""
-    sift = cv2.SIFT_create(nfeatures=N_FEATURES, contrastThreshold=CONTRAST_THRESHOLD)
-    keypoints, desc = sift.detectAndCompute(_to_work(rgb), None)
-    points = np.array([kp.pt for kp in keypoints], np.float32).reshape(-1, 2)
+    """SIFT keypoints (at most ``N_FEATURES``, fewer on a small image), their coordinates at a short side of
+    ``WORK_SIDE``."""
+    grey, to_work = _to_work(rgb)
+    # fewer on a smaller work image, in proportion to its side: the keypoints a real 64 px image
+    # has are fewer anyway, a noisy one's are on its noise
+    sift = cv2.SIFT_create(nfeatures=max(1, round(N_FEATURES / to_work)), contrastThreshold=CONTRAST_THRESHOLD)
+    keypoints, desc = sift.detectAndCompute(grey, None)
+    points = np.array([kp.pt for kp in keypoints], np.float32).reshape(-1, 2) * np.float32(to_work)
     desc = np.zeros((0, 128), np.uint8) if desc is None else np.clip(desc + 0.5, 0, 255).astype(np.uint8)
     return LocalFeatures(points, desc, int(min(rgb.shape[:2])))
 

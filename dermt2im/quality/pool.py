@@ -7,8 +7,9 @@ process holds torch's threads, which a fork would copy mid-flight) at the first 
 that never measures starts none. Each worker reads the seed index once (``seeds.seed_index``: kept
 in the workdir, built by the first process that needs it while the others wait), runs OpenCV on one
 thread (the processes are the parallelism), measures its images (``measures.measure_file``) and
-writes them as one part of the measure cache before it returns; a batch handed over while rendering
-also sends its measures back (``handed``), so that the gate reads none of those parts. The first
+sends the measures back: a batch handed over while rendering is also written as one part of the
+measure cache before its task returns (``handed``: the gate reads none of those parts), and what the
+gate measures with the workers once rendering is over it keeps in one part itself. The first
 task of a pool makes the seeds ready (``seeds.load_seeds``: their measures for the calibrated cuts
 and their index; the embedding typicality is measured in, and its cut, handed to the gate:
 ``prepared_cut``), so that work overlaps rendering too; usually ``gate-seeds`` made them already and
@@ -29,7 +30,7 @@ import math
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -54,13 +55,38 @@ def default_workers() -> int:
     return max(1, cores() - 1)
 
 
-def measure_items(workdir: Workdir, q: QualityConfig, index_key: str, index, items: Sequence[Item]) -> list[Measured]:
-    """Measure ``items`` here and keep what was measured as a part of the cache."""
+@contextlib.contextmanager
+def one_thread_each() -> Iterator[None]:
+    """OpenCV and the BLAS numpy calls on one thread each while this process measures: beside the
+    workers, their threads wait on one another for a busy core (64 tiny images took 3.4 s instead of
+    1.6 s with the other core busy)."""
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        cv2.setNumThreads(before)
+
+
+def measure_items(workdir: Workdir, q: QualityConfig, index_key: str, index, items: Sequence[Item], *,
+                  keep: bool = True) -> list[Measured]:
+    """Measure ``items`` here; with ``keep``, keep what was measured as a part of the cache."""
     found = [measure_file(path, q, index, have) for _, path, have in items]
+    if keep:
+        keep_measures(workdir, q, index_key, items, found)
+    return found
+
+
+def keep_measures(workdir: Workdir, q: QualityConfig, index_key: str, items: Sequence[Item],
+                  measured: Sequence[Measured]) -> None:
+    """The measures of ``items``, audited against the seed index ``index_key``, as one part of the cache."""
     keys = (measures_key(q), audit_key(index_key, q))
     MeasureCache(workdir.quality / "measures").append(
-        [to_row(key, m, keys) for (key, _, _), m in zip(items, found) if "reason" not in m])
-    return found
+        [to_row(key, m, keys) for (key, _, _), m in zip(items, measured) if "reason" not in m])
 
 
 # --- in the worker processes ----------------------------------------------------------------------
@@ -71,8 +97,12 @@ _WORKER: dict[str, Any] = {}
 def _start(workdir: Workdir, q: QualityConfig, fsspec_conf: dict | None = None, prepare: bool = True) -> None:
     # One thread per worker for every library: the workers are the parallelism, and OpenMP threads
     # that outnumber the free cores spin against each other (the seed embedding's fit took 150 s
-    # instead of a few on two busy cores). torch is imported later, and reads this then.
+    # instead of a few on two busy cores). torch is imported later, and reads this then; numpy's
+    # BLAS was loaded with this module (spawn imports it to find this function), and is told here.
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
     # The collector paused until the seeds are ready (``_prepare_seeds``): the worker's imports and
     # the seeds' loading make its long-lived objects (``dermt2im.core.loading``).
     if prepare:
@@ -85,8 +115,8 @@ def _start(workdir: Workdir, q: QualityConfig, fsspec_conf: dict | None = None, 
     import cv2
 
     cv2.setNumThreads(1)
-    # A worker holds nothing unwritten when the pool stops (each task writes its part before it
-    # returns): it skips the interpreter's teardown of torch and the rest, which made the gate's
+    # A worker holds nothing unwritten when the pool stops (each task writes its part, or sends its
+    # measures back, before it returns): it skips the interpreter's teardown of torch and the rest, which made the gate's
     # command wait most of a second for its workers to exit.
     atexit.register(os._exit, 0)
     if fsspec_conf:  # the parent's fsspec settings (an object store's endpoint, keys): spawn does not carry them
@@ -132,17 +162,11 @@ def _prepare_seeds() -> Any:
         gc.enable()
 
 
-def _measure(items: Sequence[Item], keep: bool) -> list[Measured] | int:
+def _measure_handed(items: Sequence[Item], keep: bool = True) -> tuple[str, list[Measured]]:
+    """A batch measured, sent back with the key of the seed index it was audited against; with
+    ``keep`` (handed over while rendering) kept as a cache part too."""
     key, index = _seed_index()
-    found = measure_items(_WORKER["workdir"], _WORKER["q"], key, index, items)
-    return found if keep else len(found)
-
-
-def _measure_handed(items: Sequence[Item]) -> tuple[str, list[Measured]]:
-    """A batch handed over while rendering: measured, kept as a cache part, and sent back with the
-    key of the seed index it was audited against."""
-    key, index = _seed_index()
-    return key, measure_items(_WORKER["workdir"], _WORKER["q"], key, index, items)
+    return key, measure_items(_WORKER["workdir"], _WORKER["q"], key, index, items, keep=keep)
 
 
 def fold_cache(folder: Path, keep: set[tuple[str, str]], measures: str) -> int:
@@ -250,32 +274,51 @@ class MeasurePool:
                 found.update((k, m) for (k, _, _), m in zip(items, measured))
         return found, running, taken_back
 
-    def measure(self, items: Sequence[Item], index_key: str, index, *, busy: int = 0) -> list[Measured]:
-        """Measure ``items`` now, in the items' order: a share in this process (its core is free while
-        it waits: rendering is over), the rest in the workers; all here, in threads, when they are few
-        and no worker runs. ``busy``: images the workers are still measuring first (this process
-        takes a larger share)."""
+    def measure(self, items: Sequence[Item], index_key: str, index) -> list[Measured]:
+        """Measure ``items`` now, in the items' order, this process and the workers taking turns: the
+        items go to the workers in tasks of 1-2 images, and this process (its core is free: rendering
+        is over) takes the tasks no worker has started, from the last one back, cancelling each before
+        it measures it; so a worker still busy with what it held, or still starting, gets fewer. What
+        they measured is kept as one part of the cache (a part per task cost more than the tasks'
+        measuring of tiny images). All here, in threads, when they are few and no worker runs."""
         if not items:
             return []
         if not self.started and len(items) < SMALL:
             return measure_here(self.workdir, self.q, index_key, index, items)
         pool = self.start(prepare=False)
-        here = min(len(items), (len(items) + busy) // (self.workers + 1))
+        chunks = [list(c) for c in self._chunks(items, at_least=1, at_most=2)]
         try:
-            futures = [pool.submit(_measure, list(chunk), True) for chunk in self._chunks(items[here:], 1, 16)]
+            futures = [pool.submit(_measure_handed, chunk, False) for chunk in chunks]
         except BrokenProcessPool:
             futures = []
-        mine = measure_items(self.workdir, self.q, index_key, index, items[:here])
+        done: list[list[Measured] | None] = [None] * len(chunks)
+        with one_thread_each():
+            for i in reversed(range(len(futures))):
+                if not futures[i].cancel():  # a worker has it, and every task before it
+                    break
+                done[i] = measure_items(self.workdir, self.q, index_key, index, chunks[i], keep=False)
         try:
             if not futures:
                 raise BrokenProcessPool("a worker died earlier")
-            theirs = [m for f in futures for m in f.result()]
+            for i, future in enumerate(futures):
+                if done[i] is None:
+                    key, measured = future.result()
+                    done[i] = measured if key == index_key else measure_items(  # the seeds changed meanwhile
+                        self.workdir, self.q, index_key, index, chunks[i], keep=False)
+            keep_measures(self.workdir, self.q, index_key, [it for c in chunks for it in c],
+                          [m for part in done for m in part])
         except BrokenProcessPool as err:  # a worker killed (out of memory ...): measured here instead
+            left = [i for i in range(len(chunks)) if done[i] is None]
             log.warning("the gate's measuring processes stopped (%s); measuring %d image(s) here", err,
-                        len(items) - here)
+                        sum(len(chunks[i]) for i in left))
             self.shutdown()
-            theirs = measure_here(self.workdir, self.q, index_key, index, items[here:])
-        return mine + theirs
+            kept = [i for i in range(len(chunks)) if done[i] is not None]
+            keep_measures(self.workdir, self.q, index_key, [it for i in kept for it in chunks[i]],
+                          [m for i in kept for m in done[i]])
+            again = measure_here(self.workdir, self.q, index_key, index, [it for i in left for it in chunks[i]])
+            for i in left:
+                done[i], again = again[:len(chunks[i])], again[len(chunks[i]):]
+        return [m for part in done for m in part]
 
     def prepared_cut(self) -> Any:
         """The typicality cut the workers calibrated while rendering went on
@@ -318,5 +361,5 @@ def measure_here(workdir: Workdir, q: QualityConfig, index_key: str, index, item
     n = workers()
     size = max(1, math.ceil(len(items) / n))
     chunks = [items[i:i + size] for i in range(0, len(items), size)]
-    with ThreadPoolExecutor(n) as threads:
+    with one_thread_each(), ThreadPoolExecutor(n) as threads:
         return [m for part in threads.map(lambda c: measure_items(workdir, q, index_key, index, c), chunks) for m in part]

@@ -93,7 +93,7 @@ def measure_all(workdir: Workdir, df: pd.DataFrame, q: QualityConfig, seeds: See
     todo = [i for i in rest if "audit" not in found.get(i, {})]
     items = [(sample_keys[i], paths[i], found.get(i)) for i in todo]
     if pool is not None:
-        fresh = pool.measure(items, seeds.key, seeds.index, busy=len(running))
+        fresh = pool.measure(items, seeds.key, seeds.index)
     else:
         fresh = measure_here(workdir, q, seeds.key, seeds.index, items)
     found.update(zip(todo, fresh))
@@ -295,6 +295,7 @@ class QualityStage:
         self.runtime = runtime or QualityRuntime()
         self.stamps = Stamps(workdir.stamps, self.name)
         self.pool = MeasurePool(workdir, spec, self.runtime.workers)
+        self._hand_over = False  # images go to the measuring processes while rendering (``rendering``)
 
     @classmethod
     def of(cls, workdir: Workdir, cfg: Any) -> "QualityStage":
@@ -309,17 +310,23 @@ class QualityStage:
 
     def rendering(self, cores: int = 1) -> None:
         """Rendering starts in this process, keeping ``cores`` of the host's cores busy: measuring
-        processes start on the cores left (at most ``runtime.quality.workers``) and make the seeds
-        ready. With none left (a CPU renderer on every core) the gate measures once rendering is
-        over, with every core: beside a renderer whose threads fill the cores, a measuring process
-        only slows it (on 2 cores, rendering 64 tiny images on torch's 2 threads beside one took
-        1.67x the plain loop's time)."""
+        processes start on the cores left (at most ``runtime.quality.workers``), make the seeds
+        ready and measure each batch as it is written. With none left (a CPU renderer on every core)
+        they start all the same, make the seeds ready while the pipeline loads and wait: the gate
+        measures once rendering is over, with every core. Beside a renderer whose threads fill the
+        cores a measuring process only slows it (on 2 cores, rendering 64 tiny images on torch's 2
+        threads took 1.67x the plain loop's time beside one; at the lowest priority, SCHED_IDLE, the
+        renderer still lost 0.5 s and the worker measured 8 of the 64)."""
         if not self.runtime.while_rendering or self.pool.started:
             return
         free = pool_cores() - cores
-        if free < 1:
+        self._hand_over = free >= 1
+        if not self._hand_over:
+            # Started anyway: they make the seeds ready while the pipeline loads (one thread, mostly),
+            # then wait idle until the gate runs, so that they measure at once instead of starting then.
             log.info("the renderer keeps every core busy (%d thread(s)): the gate measures once rendering is over",
                      cores)
+            self.pool.start()
             return
         self.pool = MeasurePool(self.workdir, self.spec, min(self.runtime.workers or default_workers(), free))
         self.pool.start()
@@ -328,7 +335,7 @@ class QualityStage:
         """These images are written (rows with ``sample_key`` and ``path``): measure them meanwhile
         (when ``rendering`` started measuring processes). Never fails the renderer: whatever is not
         measured now is measured when the gate runs."""
-        if not self.runtime.while_rendering or not self.pool.started:
+        if not self.runtime.while_rendering or not self.pool.started or not self._hand_over:
             return
         try:
             self.pool.soon([(str(r["sample_key"]), storage.resolve(r["path"], self.workdir.root), None) for r in rows])

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from dermt2im.quality.audit import (
+    MIN_KEYPOINTS,
     MIN_SIDE,
     MIRROR,
+    N_FEATURES,
     WORK_SIDE,
     AuditResult,
     audit_image,
@@ -133,3 +135,15 @@ def test_no_seeds_and_featureless_images_degrade_gracefully():
     r = audit_image(flat, index)
     assert not r.memorised and r.method == "global"  # no keypoints on a flat image
     assert audit_image(phantom(0, 256), index).memorised
+
+
+def test_a_small_image_has_fewer_keypoints_found_below_the_work_side_and_placed_in_its_frame():
+    """A 96 px image is scaled up twice (not to ``WORK_SIDE``) for its keypoints, keeps at most half of
+    ``N_FEATURES``, and its keypoints lie where those of the same image scaled to ``WORK_SIDE`` lie."""
+    rgb = phantom(3, 96, "malignant")
+    small = local_features(rgb)
+    large = local_features(cv2.resize(rgb, (WORK_SIDE, WORK_SIDE), interpolation=cv2.INTER_CUBIC))
+    assert MIN_KEYPOINTS <= len(small.points) <= N_FEATURES / 2 and small.side == 96
+    assert 0.8 * WORK_SIDE < small.points.max() <= WORK_SIDE
+    nearest = np.linalg.norm(small.points[:, None] - large.points[None], axis=2).min(axis=1)
+    assert np.median(nearest) < 2.0, np.median(nearest)

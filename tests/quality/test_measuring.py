@@ -18,7 +18,7 @@ from dermt2im.core.manifest import FIDELITY, FLAG_RATES, QUALITY, SYNTHETIC, rea
 from dermt2im.core.views import synthetic_view
 from dermt2im.core.workdir import Workdir
 from dermt2im.quality import measures
-from dermt2im.quality.measures import MeasureCache
+from dermt2im.quality.measures import MeasureCache, audit_key, measures_key
 from dermt2im.quality.stage import QualityStage, assess
 from dermt2im.runners.sequential import run_pipeline
 from tests.quality.gate_config import tiny_with_full_gate
@@ -256,21 +256,98 @@ def test_the_gate_takes_the_measures_the_workers_send_back_and_reads_no_part(tmp
 
 
 def test_measuring_processes_start_only_on_the_cores_the_renderer_leaves(workdir, monkeypatch):
-    """A CPU renderer whose torch threads fill the host's cores gets no measuring process beside it
-    (the gate measures once rendering is over); one that leaves cores gets at most that many."""
+    """A CPU renderer whose torch threads fill the host's cores gets no image measured beside it: the
+    measuring processes start (they make the seeds ready while the pipeline loads) and wait for the
+    gate; one that leaves cores gets at most that many processes, and its images handed over."""
     from dermt2im.quality import stage as quality_stage
+    from dermt2im.quality.seeds import seed_index
 
     monkeypatch.setattr(quality_stage, "pool_cores", lambda: 4)
+    written = [{"sample_key": "benign-000000", "path": str(workdir.synthetic / "x.png")}]
     gate = QualityStage.of(workdir, tiny_with_full_gate(["runtime.quality.workers=3"]))
     gate.rendering(4)
-    gate.rendered([{"sample_key": "benign-000000", "path": str(workdir.synthetic / "x.png")}])
-    assert not gate.pool.started
+    gate.rendered(written)
+    try:
+        assert gate.pool.started and gate.pool.workers == 3
+        assert gate.pool.handed("any") == ({}, set(), set())  # nothing handed over while rendering
+    finally:
+        gate.pool.shutdown()
+    gate = QualityStage.of(workdir, tiny_with_full_gate(["runtime.quality.workers=3"]))
     gate.rendering(3)
+    gate.rendered(written)
     try:
         assert gate.pool.started and gate.pool.workers == 1
+        found, _, _ = gate.pool.handed(seed_index(workdir)[0], settle=True)
+        assert list(found) == ["benign-000000"] and found["benign-000000"]["reason"].startswith("missing")
     finally:
         gate.pool.shutdown()
     render, _ = pipelines.generate(workdir, load_config("tiny"), base_model_only=True, report=False)
     import torch
 
     assert render.renderer_cores() == torch.get_num_threads()  # the tiny model renders on the CPU here
+
+
+def test_the_gate_takes_the_tasks_a_busy_worker_has_not_started(workdir, monkeypatch):
+    """Once rendering is over the gate's own process measures, from the last task back, whatever no
+    worker has started: a worker still busy gets none of a small batch, and the measures come back
+    in the items' order."""
+    import time
+
+    from dermt2im.core.fileio import sha256_file
+    from dermt2im.quality import pool as quality_pool
+    from dermt2im.quality.seeds import seed_index
+
+    images = {f"benign-{i:06d}": phantom("benign", 70 + i, 64) for i in range(8)}
+    rows = synthetic_workdir(workdir, images)
+    stage = QualityStage.of(workdir, tiny_with_full_gate(["runtime.quality.workers=1"]))
+    here = []
+    measure_items = quality_pool.measure_items
+
+    def counted(w, q, key, index, items, **kw):
+        here.extend(k for k, _, _ in items)
+        return measure_items(w, q, key, index, items, **kw)
+
+    monkeypatch.setattr(quality_pool, "measure_items", counted)
+    stage.pool.start(prepare=False)
+    try:
+        busy = [stage.pool.call(time.sleep, 4) for _ in range(2)]  # the worker, and the task queued behind it
+        items = [(k, p, None) for k, p in zip(rows["sample_key"], rows["path"])]
+        measured = stage.pool.measure(items, *seed_index(workdir))
+        assert all(not f.done() for f in busy)  # done before the worker was free
+    finally:
+        stage.pool.shutdown()
+    assert sorted(here) == sorted(rows["sample_key"])
+    assert [m["sha256"] for m in measured] == [sha256_file(p) for p in rows["path"]]
+    # kept for the next run, with their audits, though the workers measured some of them
+    key = seed_index(workdir)[0]
+    q = stage.spec
+    kept = MeasureCache(workdir.quality / "measures").lookup(rows, measures_key(q), audit_key(key, q))
+    assert sorted(kept) == list(range(len(rows))) and all("audit" in m for m in kept.values())
+
+
+def test_measuring_runs_one_thread_per_library_in_the_workers_and_here(workdir):
+    """The workers' numpy BLAS (loaded before their initializer runs) and OpenCV run one thread each,
+    and this process's while it measures beside them: threads of one library that outnumber the free
+    cores wait on each other (64 tiny images took twice as long with the other core busy)."""
+    import cv2
+    from threadpoolctl import threadpool_info
+
+    from dermt2im.quality.pool import MeasurePool, one_thread_each
+
+    pool = MeasurePool(workdir, load_config("tiny").quality, 1)
+    pool.start(prepare=False)
+    try:
+        libraries = pool.call(threadpool_info).result()
+        assert libraries and {lib["num_threads"] for lib in libraries} == {1}
+        assert pool.call(cv2.getNumThreads).result() == 1
+    finally:
+        pool.shutdown()
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        with one_thread_each():
+            assert cv2.getNumThreads() == 1
+            assert {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"} == {1}
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)
