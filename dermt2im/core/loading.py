@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 from collections.abc import Iterator
 
 
@@ -33,3 +34,10 @@ def loading() -> Iterator[None]:
         if enabled:
             gc.freeze()
             gc.enable()
+
+
+def first_import(module: str) -> contextlib.AbstractContextManager[None]:
+    """``loading()`` for a block that may import ``module`` for the first time in this process; once it
+    is imported, a plain block (freezing again would also freeze the garbage made since, such as a
+    finished shard's)."""
+    return loading() if module not in sys.modules else contextlib.nullcontext()

@@ -18,10 +18,8 @@ a mean of 2 and a maximum of 16 grey levels of fp32.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
-import sys
 import threading
 import time
 import weakref
@@ -166,10 +164,10 @@ def prepared_pipeline(model: RenderModel, runtime: GenerateRuntime, lora: LoraCh
     if pipe is not None:
         return _given_pipeline(pipe, lora, scale)
 
-    from dermt2im.core.loading import loading
+    from dermt2im.core.loading import first_import
 
     # the first call imports torch here, with the collector paused (load_pipeline pauses it too)
-    with loading() if "torch" not in sys.modules else contextlib.nullcontext():
+    with first_import("torch"):
         from dermt2im.diffusion.models import load_pipeline, resolve_device, unet_width
 
         device = resolve_device(runtime.device)

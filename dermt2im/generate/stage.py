@@ -27,7 +27,6 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from dermt2im.core import identity
 from dermt2im.core.manifest import PLAN, SYNTHETIC, read_manifest
 from dermt2im.core.runtime import GenerateRuntime
 from dermt2im.core.specs import LABELS, GenerateConfig, TrainConfig
@@ -180,9 +179,9 @@ class GenerateStage:
     def renderer_cores(self) -> int:
         """The host's cores rendering keeps busy: one on a GPU (the process feeding it), torch's
         threads on a CPU (``OMP_NUM_THREADS``, else every core)."""
-        from dermt2im.core.loading import loading
+        from dermt2im.core.loading import first_import
 
-        with loading():  # torch's first import in this process, usually
+        with first_import("torch"):  # before the first shard, usually
             import torch
 
             from dermt2im.diffusion.models import resolve_device

@@ -80,12 +80,6 @@ def _audit_summary(df: pd.DataFrame, index: SeedIndex, rows: list[dict], q: Qual
     }
 
 
-def _here(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-    done: Future = Future()
-    done.set_result(fn(*args, **kwargs))
-    return done
-
-
 def _histogram_plot(rows: list[dict], q: QualityConfig) -> dict[str, Any]:
     return {"values": [int(r["inliers"]) for r in rows], "threshold": q.memorisation_min_inliers,
             "title": "geometrically verified matches with the best seed candidate", "xlabel": "RANSAC inliers"}
@@ -96,16 +90,16 @@ def audit_histogram(rows: list[dict], q: QualityConfig, draw: Callable[..., Futu
     plotting elsewhere (the gate's measuring processes, ``MeasurePool.call``) while this process
     goes on; None when nothing was compared."""
     from dermt2im.quality.grids import histogram_png
+    from dermt2im.quality.pool import call_here
 
-    return (draw or _here)(histogram_png, **_histogram_plot(rows, q)) if rows else None
+    return (draw or call_here)(histogram_png, **_histogram_plot(rows, q)) if rows else None
 
 
 def write_audit(workdir: Workdir, df: pd.DataFrame, measured: list[dict], index: SeedIndex, rows: list[dict],
-                q: QualityConfig, closest: int = 8, draw: Callable[..., Future] | None = None,
-                histogram: Future | None = None) -> dict[str, Path]:
+                q: QualityConfig, closest: int = 8, histogram: Future | None = None) -> dict[str, Path]:
     """``rows``: per compared image, ``i`` (row position), ``seed``, ``distance``, ``inliers``,
     ``method`` and ``memorised``. ``histogram``: the inlier histogram already being drawn
-    (``audit_histogram``), else drawn now, by ``draw`` when given."""
+    (``audit_histogram``), else drawn here."""
     from dermt2im.quality.grids import histogram_png, pairs_sheet, save_png
 
     audit_dir = workdir.reports / "audit"
@@ -118,7 +112,7 @@ def write_audit(workdir: Workdir, df: pd.DataFrame, measured: list[dict], index:
             (audit_dir / name).unlink(missing_ok=True)
     else:
         plot = _histogram_plot(rows, q)
-        histogram = histogram or audit_histogram(rows, q, draw)
+        histogram = histogram or audit_histogram(rows, q)
         ranked = sorted(rows, key=lambda r: (not r["memorised"], -r["inliers"], r["distance"]))[:closest]
         pairs = [(measured[r["i"]]["rgb_small"], index.thumbs[r["seed"]],
                   f"{df.at[r['i'], 'sample_key']}  {r['inliers']} inliers d={r['distance']:.2f}"

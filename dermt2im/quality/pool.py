@@ -162,7 +162,7 @@ def _prepare_seeds() -> Any:
         gc.enable()
 
 
-def _measure_handed(items: Sequence[Item], keep: bool = True) -> tuple[str, list[Measured]]:
+def _measure_and_send(items: Sequence[Item], keep: bool = True) -> tuple[str, list[Measured]]:
     """A batch measured, sent back with the key of the seed index it was audited against; with
     ``keep`` (handed over while rendering) kept as a cache part too."""
     key, index = _seed_index()
@@ -223,7 +223,7 @@ class MeasurePool:
         # task keeps its measures as a cache part and sends them back (``handed``), so the gate
         # reads none of those parts.
         for chunk in self._chunks(items, at_least=1, at_most=2):
-            future = pool.submit(_measure_handed, list(chunk))
+            future = pool.submit(_measure_and_send, list(chunk))
             self._background.append(future)
             self._handed.append((future, list(chunk)))
 
@@ -288,7 +288,7 @@ class MeasurePool:
         pool = self.start(prepare=False)
         chunks = [list(c) for c in self._chunks(items, at_least=1, at_most=2)]
         try:
-            futures = [pool.submit(_measure_handed, chunk, False) for chunk in chunks]
+            futures = [pool.submit(_measure_and_send, chunk, False) for chunk in chunks]
         except BrokenProcessPool:
             futures = []
         done: list[list[Measured] | None] = [None] * len(chunks)
@@ -339,9 +339,7 @@ class MeasurePool:
                 return self.start().submit(fn, *args, **kwargs)
             except (BrokenProcessPool, RuntimeError):
                 pass
-        done: Future = Future()
-        done.set_result(fn(*args, **kwargs))
-        return done
+        return call_here(fn, *args, **kwargs)
 
     def shutdown(self, wait: bool = True) -> None:
         """Stop the workers; without ``wait`` they finish exiting while this process goes on."""
@@ -352,6 +350,14 @@ class MeasurePool:
             self._background = []
             self._handed = []
             self._prepared = None
+
+
+def call_here(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+    """``fn(*args, **kwargs)`` run now, in this process, as a done ``Future`` (where a pool's
+    ``call`` would have given one)."""
+    done: Future = Future()
+    done.set_result(fn(*args, **kwargs))
+    return done
 
 
 def measure_here(workdir: Workdir, q: QualityConfig, index_key: str, index, items: Sequence[Item]) -> list[Measured]:

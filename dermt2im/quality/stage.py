@@ -47,7 +47,7 @@ from dermt2im.quality.checks import SCORE_COLUMNS, flags_of, judge, reason_code
 from dermt2im.quality.dedupe import mark_duplicates, phash_hex
 from dermt2im.quality.figures import OWN, audit_histogram, write_audit, write_grids
 from dermt2im.quality.measures import MeasureCache, audit_key, measures_key
-from dermt2im.quality.pool import MeasurePool, default_workers, fold_cache, measure_here
+from dermt2im.quality.pool import MeasurePool, call_here, default_workers, fold_cache, measure_here
 from dermt2im.quality.pool import cores as pool_cores
 from dermt2im.quality.report import QualityReport, write_quality_reports
 from dermt2im.quality.seeds import Seeds, load_seeds
@@ -133,13 +133,7 @@ def fold_measures(workdir: Workdir, df: pd.DataFrame, measured: list[dict], q: Q
     in a worker while this process writes the rest, when ``pool`` runs."""
     kept = {(k, m["sha256"]) for k, m in zip(df["sample_key"], measured) if "sha256" in m}
     args = (workdir.quality / "measures", kept, measures_key(q))
-    return pool.call(fold_cache, *args) if pool is not None else _done(fold_cache(*args))
-
-
-def _done(value: Any) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
+    return (pool.call if pool is not None else call_here)(fold_cache, *args)
 
 
 def _apply_audit(out: pd.DataFrame, measured: list[dict], reasons: list[str | None], seeds: Seeds,
@@ -335,7 +329,7 @@ class QualityStage:
         """These images are written (rows with ``sample_key`` and ``path``): measure them meanwhile
         (when ``rendering`` started measuring processes). Never fails the renderer: whatever is not
         measured now is measured when the gate runs."""
-        if not self.runtime.while_rendering or not self.pool.started or not self._hand_over:
+        if not self._hand_over:  # set by ``rendering`` where measuring processes have cores of their own
             return
         try:
             self.pool.soon([(str(r["sample_key"]), storage.resolve(r["path"], self.workdir.root), None) for r in rows])

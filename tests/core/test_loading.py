@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from dermt2im.core.loading import loading
+from dermt2im.core.loading import first_import, loading
 
 
 def test_loading_pauses_the_collector_then_freezes_and_resumes_it():
@@ -31,6 +31,23 @@ def test_loading_pauses_the_collector_then_freezes_and_resumes_it():
         assert not gc.isenabled()  # paused by someone else before: left paused
     finally:
         gc.enable()
+
+
+def test_a_module_already_imported_is_not_loading_again():
+    """``first_import``: a block that may import a module for the first time is ``loading()``; once
+    it is imported the collector keeps running and nothing more is frozen (the garbage a finished
+    shard left is still collected)."""
+    frozen = gc.get_freeze_count()
+    with first_import("json"):  # imported by now
+        assert gc.isenabled()
+        garbage = [[] for _ in range(1000)]
+    assert gc.get_freeze_count() == frozen and garbage
+    try:
+        with first_import("dermt2im_no_such_module"):
+            assert not gc.isenabled()
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
 
 
 def test_no_collection_runs_while_the_renderer_loads_its_pipeline(tmp_path):
