@@ -15,8 +15,9 @@ made from every copy, so each run makes it while rendering (as in a workdir whos
 preprocessed before gate-seeds existed). Runs are interleaved (peer, ours,
 peer, ours ...), one torch thread each unless ``--threads`` says otherwise. Printed: wall time
 min / median / max, CPU seconds (user + system, worker processes included), the ratio of medians
-(above 1: ours is faster), each process's peak resident memory, and the pixel difference between the
-two sets of images (ours renders in bf16 on a CPU with native bf16, the plain loop in fp32 as a user
+(above 1: ours is faster) and the ratio run by run (each run against the plain loop's beside it),
+each process's peak resident memory, and the pixel difference between the two sets of images
+(ours renders in bf16 on a CPU with native bf16 for a wide UNet, the plain loop in fp32 as a user
 writes it; ``--dtype fp32`` makes ours fp32 too).
 
 Then the gate alone on the first run's images: the per-image measures (``quality.measures``: checks,
@@ -286,6 +287,11 @@ def main() -> None:
         for who in envs:
             ratio = statistics.median(walls['peer']) / statistics.median(walls[who])
             print(f"{who}: ratio plain / {who} (median wall): {ratio:.2f}x; whole command / plain loop: {1 / ratio:.2f}")
+            # run by run (each beside the plain loop it was interleaved with): a slow spell of the host
+            # moves both of a pair, and the medians of the two lists can fall in different spells
+            paired = [w / p for p, w in zip(walls["peer"], walls[who])]
+            print(f"{who}: whole command / plain loop run by run: {' '.join(f'{r:.2f}' for r in paired)} "
+                  f"(median {statistics.median(paired):.2f})")
         print(f"pixel difference ours vs plain: mean {mean:.2f}, max {worst} grey levels")
         print(gate_throughput(first, args.gate_workers))
 

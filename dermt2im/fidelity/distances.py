@@ -113,13 +113,21 @@ def nearest_distances(queries: np.ndarray, reference: np.ndarray, k: int = 1, *,
                       exclude_self: bool = False) -> np.ndarray:
     """Mean Euclidean distance from each query to its ``k`` nearest reference rows (leaving out a
     zero-distance match of the query with itself when ``exclude_self``, for a set against itself)."""
-    # SciPy's cdist: exact, and already imported with diffusers (scikit-learn's pairwise_distances
-    # costs the gate half a second of imports when it runs after rendering)
-    from scipy.spatial.distance import cdist
-
-    d = cdist(np.asarray(queries, np.float64).reshape(len(queries), -1),
-              np.asarray(reference, np.float64).reshape(len(reference), -1))
+    q = np.asarray(queries, np.float64).reshape(len(queries), -1)
+    r = np.asarray(reference, np.float64).reshape(len(reference), -1)
+    d = np.empty((len(q), len(r)))
+    # exact like SciPy's cdist (differences squared and summed, not |a|^2 + |b|^2 - 2ab, which loses
+    # the small distances of near-copies); NumPy alone, because the gate computes these as the
+    # command's last step and importing SciPy's distances there took 0.13 s (rendering no longer
+    # imports SciPy: dermt2im.core.loading.RENDERING_NEVER_USES)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, r.size))
+    for start in range(0, len(q), rows):
+        diff = q[start:start + rows, None, :] - r[None, :, :]
+        d[start:start + rows] = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
     if exclude_self:
         np.fill_diagonal(d, np.inf)
     k = max(1, min(k, d.shape[1] - (1 if exclude_self else 0)))
     return np.sort(d, axis=1)[:, :k].mean(axis=1)
+
+
+_CHUNK_ELEMENTS = 4_000_000  # differences held at once by nearest_distances (32 MB of float64)

@@ -164,7 +164,7 @@ def prepared_pipeline(model: RenderModel, runtime: GenerateRuntime, lora: LoraCh
     if pipe is not None:
         return _given_pipeline(pipe, lora, scale)
 
-    from dermt2im.core.loading import first_import
+    from dermt2im.core.loading import first_import, without_unused_libraries
 
     # the first call imports torch here, with the collector paused (load_pipeline pauses it too)
     with first_import("torch"):
@@ -186,11 +186,12 @@ def prepared_pipeline(model: RenderModel, runtime: GenerateRuntime, lora: LoraCh
 
         # fp32 is every loader's default: passing it would only make diffusers warn about casting
         torch_dtype = None if dtype == torch.float32 else dtype
-        base = load_pipeline(model.base_model, model.revision, base_config=model.base_config, torch_dtype=torch_dtype,
-                             device=device)
-        base.set_progress_bar_config(disable=True)
-        if lora.weights is not None:
-            _fuse(base, lora, scale, keep_adapter=False)
+        with without_unused_libraries():  # what diffusers imports and rendering never calls
+            base = load_pipeline(model.base_model, model.revision, base_config=model.base_config,
+                                 torch_dtype=torch_dtype, device=device)
+            base.set_progress_bar_config(disable=True)
+            if lora.weights is not None:
+                _fuse(base, lora, scale, keep_adapter=False)
         applied = speed_up(base, runtime, device)
         log.info("loaded %s on %s (%s%s) in %.1f s", model.base_model, device, dtype_name(dtype),
                  "".join(f", {a}" for a in applied), time.perf_counter() - t0)

@@ -1,14 +1,18 @@
 """The cyclic garbage collector is paused while torch and diffusers are imported and a pipeline is
-loaded, then what was loaded is frozen out of its sight and it resumes."""
+loaded, then what was loaded is frozen out of its sight and it resumes; libraries rendering never
+calls are kept out of sight meanwhile."""
 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import subprocess
 import sys
 import textwrap
 
-from dermt2im.core.loading import first_import, loading
+import pytest
+
+from dermt2im.core.loading import first_import, loading, without_unused_libraries
 
 
 def test_loading_pauses_the_collector_then_freezes_and_resumes_it():
@@ -50,9 +54,11 @@ def test_a_module_already_imported_is_not_loading_again():
         gc.unfreeze()
 
 
-def test_no_collection_runs_while_the_renderer_loads_its_pipeline(tmp_path):
+def test_the_renderer_loads_its_pipeline_without_a_collection_and_without_unused_libraries(tmp_path):
     """In a fresh process, as ``dermt2im generate`` loads: torch and diffusers imported and the
-    tiny pipeline loaded without one collection, the collector running again afterwards."""
+    tiny pipeline loaded without one collection, the collector running again afterwards; and
+    without importing bitsandbytes or SciPy (``without_unused_libraries``), which both import as
+    usual afterwards."""
     code = textwrap.dedent("""
         import gc, json
         collections = []
@@ -63,8 +69,14 @@ def test_no_collection_runs_while_the_renderer_loads_its_pipeline(tmp_path):
         before = len(collections)
         model = RenderModel("tiny", None, "tiny@loading", "sks", None)
         prepared_pipeline(model, GenerateRuntime(device="cpu"), LoraChoice(None, None), 1.0)
-        print(json.dumps({"during": len(collections) - before, "enabled": gc.isenabled(),
-                          "frozen": gc.get_freeze_count()}))
+        import sys
+        during = len(collections) - before
+        unseen = [name for name in ("bitsandbytes", "scipy") if name not in sys.modules]
+        import bitsandbytes.optim
+        from scipy.spatial.distance import cdist
+        print(json.dumps({"during": during, "enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),
+                          "unseen": unseen, "adamw8bit": hasattr(bitsandbytes.optim, "AdamW8bit"),
+                          "cdist": float(cdist([[0.0, 0.0]], [[3.0, 4.0]])[0, 0])}))
         """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
@@ -73,6 +85,27 @@ def test_no_collection_runs_while_the_renderer_loads_its_pipeline(tmp_path):
 
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["during"] == 0 and seen["enabled"] and seen["frozen"] > 100_000
+    assert seen["unseen"] == ["bitsandbytes", "scipy"] and seen["adamw8bit"] and seen["cdist"] == 5.0
+
+
+def test_a_library_is_out_of_sight_only_inside_the_block_and_only_where_not_yet_imported(tmp_path, monkeypatch):
+    (tmp_path / "dermt2im_probe_library").mkdir()
+    (tmp_path / "dermt2im_probe_library" / "__init__.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = "dermt2im_probe_library"
+    try:
+        with without_unused_libraries((name,)):
+            assert importlib.util.find_spec(name) is None
+            with pytest.raises(ImportError):
+                importlib.import_module(name)
+        assert name not in sys.modules and importlib.util.find_spec(name) is not None
+        assert importlib.import_module(name).VALUE == 1
+        imported = sys.modules[name]
+        with without_unused_libraries((name,)):  # imported already: left as it is
+            assert sys.modules[name] is imported
+        assert sys.modules[name] is imported
+    finally:
+        sys.modules.pop(name, None)
 
 
 def test_reading_a_lora_header_does_not_import_torch(tmp_path):

@@ -115,6 +115,25 @@ def test_nearest_distances_can_leave_out_the_image_itself():
     assert nearest_distances(x, x, exclude_self=True).tolist() == [1.0, 1.0, 2.0]
 
 
+def test_nearest_distances_are_scipys_exact_distances_in_chunks(monkeypatch):
+    """NumPy alone, as exact as SciPy's cdist (differences, not the dot-product expansion that loses a
+    near-copy's small distance), whatever the chunking."""
+    from scipy.spatial.distance import cdist
+
+    import dermt2im.fidelity.distances as distances
+
+    rng = np.random.default_rng(11)
+    reference = rng.normal(0, 1, (40, 24)) * 1e3
+    queries = np.concatenate([reference[:5] + 1e-6, rng.normal(0, 1, (17, 24)) * 1e3])
+    expected = np.sort(cdist(queries, reference), axis=1)[:, :3].mean(axis=1)
+    for chunk in (1, 24 * 40 * 4, 10**9):
+        monkeypatch.setattr(distances, "_CHUNK_ELEMENTS", chunk)
+        got = nearest_distances(queries, reference, 3)
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+        np.testing.assert_allclose(nearest_distances(queries[:5], reference, 1), np.full(5, 1e-6 * np.sqrt(24)),
+                                   rtol=1e-6)
+
+
 def test_bootstrap_estimates_carry_their_interval_sample_sizes_and_warnings():
     rng = np.random.default_rng(6)
     a, b = rng.normal(0, 1, (80, 3)), rng.normal(0.2, 1, (60, 3))
