@@ -46,9 +46,10 @@ def first_import(module: str) -> contextlib.AbstractContextManager[None]:
 
 # Libraries that diffusers and its companions import whenever they are installed, and that a process
 # which only renders never calls. Importing diffusers and loading the tiny pipeline with its LoRA
-# (``bench/render_imports.py``, 2-core development machine, 2026-12-07, medians of six interleaved
-# runs each): 4.2 s as installed, 3.4 s without bitsandbytes, 3.1 s without SciPy either; in a slower
-# hour 5.95 s, 4.55 s (0.76) and 4.12 s (0.69):
+# (2-core development machine, 2026-12-07, medians of six interleaved runs each) took 4.2 s as
+# installed, 3.4 s without bitsandbytes and 3.1 s without SciPy either (a throw-away script of the
+# same steps); ``bench/render_imports.py`` (which also fuses the LoRA) in a slower hour: 5.95 s,
+# 4.55 s (0.76) and 4.12 s (0.69):
 # - bitsandbytes wraps its CPU kernels in torch.compile as it is imported, which brings in torch's
 #   inductor; only training's 8-bit AdamW uses it.
 # - diffusers imports scipy.stats with its multistep DPM scheduler, for beta sigmas that none of the

@@ -116,8 +116,8 @@ def _start(workdir: Workdir, q: QualityConfig, fsspec_conf: dict | None = None, 
 
     cv2.setNumThreads(1)
     # A worker holds nothing unwritten when the pool stops (each task writes its part, or sends its
-    # measures back, before it returns): it skips the interpreter's teardown of torch and the rest, which made the gate's
-    # command wait most of a second for its workers to exit.
+    # measures back, before it returns): it skips the interpreter's teardown of torch and the rest,
+    # which made the gate's command wait most of a second for its workers to exit.
     atexit.register(os._exit, 0)
     if fsspec_conf:  # the parent's fsspec settings (an object store's endpoint, keys): spawn does not carry them
         import fsspec
